@@ -1,0 +1,245 @@
+//! The command line as clap sees it: global flags and the command tree.
+//!
+//! These types only describe what was typed. They carry no defaults for anything that can also
+//! come from the environment or the config file: `settings::resolve` turns them, together with
+//! `EPHEMERAL_ADMIN_*` variables and the config file, into validated [`crate::settings::Settings`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// A throw-away AWS admin box in one command, gone afterwards.
+#[derive(Debug, Parser)]
+#[command(name = "ephemeral-admin", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// AWS profile to use (else EPHEMERAL_ADMIN_PROFILE, AWS_PROFILE, config `profile`).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// AWS region (else EPHEMERAL_ADMIN_REGION, config `region`, AWS_REGION, the profile's).
+    #[arg(long, global = true, value_name = "REGION")]
+    pub region: Option<String>,
+    /// Config file (else EPHEMERAL_ADMIN_CONFIG, else $XDG_CONFIG_HOME/ephemeral-admin/config.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// AWS endpoint override, e.g. a local cloud (else AWS_ENDPOINT_URL).
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// More logging on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Result format on stdout.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub output: Option<OutputFormat>,
+    /// No spinners or progress lines (they only show on a terminal anyway).
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Launch a spot box, open a shell on it, and tear everything down when the shell ends.
+    Launch(LaunchArgs),
+    /// Open a shell (or run a command) on a running session.
+    Connect(ConnectArgs),
+    /// Move a session's hard deadline later.
+    Extend(ExtendArgs),
+    /// List this owner's live sessions in the region.
+    List,
+    /// Show one session in detail.
+    Status(SessionIdArg),
+    /// Terminate a session and remove everything made for it.
+    Terminate(SessionIdArg),
+    /// Remove whatever a crashed or abandoned session left behind.
+    Cleanup(CleanupArgs),
+    /// Check credentials, region, config, network, AMI and permissions.
+    Doctor,
+    /// Current spot prices per availability zone for the candidate instance types.
+    Prices(PricesArgs),
+    /// Month-to-date spending and per-session costs against the monthly budget.
+    Cost,
+    /// Print an OpenSSH `Host` block for a session (for ssh, scp, rsync, editors).
+    SshConfig(SessionIdArg),
+    /// Print the least-privilege IAM policy a user needs to run every command.
+    Policy,
+    /// Write a commented config file with every key and its default.
+    Init(InitArgs),
+    /// Print shell completions.
+    Completions(CompletionsArgs),
+}
+
+/// Flags of `launch`. Every one that is also a config key has the same name in snake_case.
+#[derive(Debug, Args, Default)]
+pub struct LaunchArgs {
+    /// Instance type, repeatable, in order of preference.
+    #[arg(long = "instance-type", value_name = "TYPE")]
+    pub instance_types: Vec<String>,
+    /// AMI alias (ubuntu-24.04, al2023) or an explicit ami- id.
+    #[arg(long, value_name = "ALIAS|ami-…")]
+    pub ami: Option<String>,
+    /// Hard deadline after launch, e.g. 90m or 4h.
+    #[arg(long, value_name = "DUR")]
+    pub max_runtime: Option<String>,
+    /// How long the box stays up with no SSH connection, e.g. 2m.
+    #[arg(long, value_name = "DUR")]
+    pub idle_grace: Option<String>,
+    /// Your address as seen by AWS (skips detection), e.g. 203.0.113.7/32.
+    #[arg(long, value_name = "CIDR")]
+    pub my_ip: Option<String>,
+    /// Also allow SSH from this CIDR (repeatable). Never implied.
+    #[arg(long, value_name = "CIDR")]
+    pub allow_cidr: Vec<String>,
+    /// Login user on the box (default from the AMI).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// How to reach the box.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub connect: Option<ConnectMode>,
+    /// Run SSH over this command's stdin/stdout (%h host, %p port, %i instance id, %r user).
+    #[arg(long, value_name = "CMD")]
+    pub proxy_command: Option<String>,
+    /// Provision and print the session, open no shell, keep the box.
+    #[arg(long)]
+    pub detach: bool,
+    /// Leave the box running after the shell ends (its watchdog still ends it).
+    #[arg(long)]
+    pub keep: bool,
+    /// Attach to (or create) a tmux session on the box.
+    #[arg(long)]
+    pub tmux: bool,
+    /// Record the session as an asciicast v2 file.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Print the time each launch phase took.
+    #[arg(long)]
+    pub timings: bool,
+    /// Launch even if it would exceed the monthly budget.
+    #[arg(long)]
+    pub over_budget: bool,
+    /// Answer yes to every question.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Run this command on the box instead of a shell (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectMode {
+    PublicIp,
+    PrivateIp,
+    ProxyCommand,
+    Ssm,
+}
+
+#[derive(Debug, Args)]
+pub struct SessionIdArg {
+    /// Session id (as printed by `launch` and `list`).
+    #[arg(value_name = "ID")]
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub session: SessionIdArg,
+    /// How to reach the box.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub connect: Option<ConnectMode>,
+    /// Run SSH over this command's stdin/stdout (%h host, %p port, %i instance id, %r user).
+    #[arg(long, value_name = "CMD")]
+    pub proxy_command: Option<String>,
+    /// Attach to (or create) a tmux session on the box.
+    #[arg(long)]
+    pub tmux: bool,
+    /// Record the session as an asciicast v2 file.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Run this command on the box instead of a shell (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("how").required(true).args(["by", "until"])))]
+pub struct ExtendArgs {
+    #[command(flatten)]
+    pub session: SessionIdArg,
+    /// Add this much time to the current deadline, e.g. 1h.
+    #[arg(long, value_name = "DUR")]
+    pub by: Option<String>,
+    /// New deadline, RFC 3339 (2026-11-22T18:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Only these sessions (default: every session that is over or orphaned).
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// List what would be removed, and why; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also remove live and kept sessions of this owner.
+    #[arg(long)]
+    pub all: bool,
+    /// Scan every enabled region in parallel.
+    #[arg(long)]
+    pub all_regions: bool,
+    /// Whose sessions: `me` (default) or `any` (administrators only).
+    #[arg(long, value_name = "me|any")]
+    pub owner: Option<String>,
+    /// Also delete the security group and the IAM role/profile once nothing uses them.
+    #[arg(long)]
+    pub purge: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PricesArgs {
+    /// Instance types to price (default: the configured candidates).
+    #[arg(long = "instance-type", value_name = "TYPE")]
+    pub instance_types: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Overwrite an existing config file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+impl Command {
+    /// The launch-time flags this command carries, if any, for settings resolution.
+    pub fn launch_args(&self) -> Option<&LaunchArgs> {
+        match self {
+            Command::Launch(args) => Some(args),
+            _ => None,
+        }
+    }
+}

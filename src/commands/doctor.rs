@@ -1,0 +1,185 @@
+//! `doctor`: checks everything a launch needs, in parallel, and says how to fix what fails.
+
+use anyhow::Result;
+use aws_sdk_ec2::types::{InstanceType, IpPermission, IpRange};
+use serde::Serialize;
+
+use super::Context;
+use crate::aws::{self, Aws, ami, code_of, identity, network};
+use crate::error::ExitStatus;
+use crate::output::table;
+
+#[derive(Debug, Serialize)]
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+    /// What to do when it failed.
+    fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Check {
+        Check { name, ok: true, detail: detail.into(), fix: None }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check { name, ok: false, detail: detail.into(), fix: Some(fix.into()) }
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    ok: bool,
+    region: String,
+    checks: Vec<Check>,
+}
+
+pub async fn run(ctx: &Context) -> Result<ExitStatus> {
+    let s = &ctx.settings;
+    let config = match &s.config_path {
+        Some(path) => Check::ok("config", format!("{} parses and validates", path.display())),
+        None => Check::ok("config", "no config file; using defaults (`ephemeral-admin init` writes one)"),
+    };
+    let aws = ctx.aws().await?;
+    let step = ctx.printer.step("checking");
+    let (credentials, region, vpc, (image, probes)) =
+        tokio::join!(check_credentials(&aws), check_region(&aws), check_network(&aws), async {
+            let (check, image) = check_image(ctx, &aws).await;
+            (check, check_permissions(ctx, &aws, image.as_deref()).await)
+        });
+    drop(step);
+    let mut checks = vec![credentials, region, config, vpc, image];
+    checks.extend(probes);
+    let report = Report { ok: checks.iter().all(|c| c.ok), region: aws.region.clone(), checks };
+    ctx.printer.result(&report, || {
+        let rows: Vec<Vec<String>> = report
+            .checks
+            .iter()
+            .map(|c| {
+                let detail = match &c.fix {
+                    Some(fix) => format!("{} (fix: {fix})", c.detail),
+                    None => c.detail.clone(),
+                };
+                vec![c.name.to_string(), if c.ok { "OK" } else { "FAIL" }.to_string(), detail]
+            })
+            .collect();
+        table(&["CHECK", "STATUS", "DETAIL"], &rows)
+    });
+    Ok(if report.ok { ExitStatus::Success } else { ExitStatus::Failure })
+}
+
+async fn check_credentials(aws: &Aws) -> Check {
+    match identity::whoami(aws).await {
+        Ok(caller) => Check::ok("credentials", caller.arn),
+        Err(e) => Check::fail(
+            "credentials",
+            e.to_string(),
+            "configure credentials (aws configure / aws sso login) or pass --profile",
+        ),
+    }
+}
+
+async fn check_region(aws: &Aws) -> Check {
+    let out = aws.ec2.describe_regions().send().await;
+    match out {
+        Ok(out) if out.regions().iter().any(|r| r.region_name() == Some(aws.region.as_str())) => {
+            Check::ok("region", format!("{} is enabled", aws.region))
+        }
+        Ok(_) => Check::fail(
+            "region",
+            format!("{} is not an enabled region of this account", aws.region),
+            "pick another --region, or enable it in the AWS console",
+        ),
+        Err(e) => Check::fail(
+            "region",
+            aws::AwsError::new("listing regions", e).to_string(),
+            "check --region and your network",
+        ),
+    }
+}
+
+async fn check_network(aws: &Aws) -> Check {
+    let vpc = match network::default_vpc(aws).await {
+        Ok(Some(vpc)) => vpc,
+        Ok(None) => {
+            return Check::fail(
+                "network",
+                format!("no default VPC in {}", aws.region),
+                "run `aws ec2 create-default-vpc`, or pick another --region",
+            );
+        }
+        Err(e) => return Check::fail("network", e.to_string(), "check permissions for ec2:DescribeVpcs"),
+    };
+    match network::default_subnets(aws, &vpc).await {
+        Ok(subnets) if !subnets.is_empty() => {
+            Check::ok("network", format!("default VPC {vpc} with {} subnets", subnets.len()))
+        }
+        Ok(_) => Check::fail(
+            "network",
+            format!("default VPC {vpc} has no default subnets"),
+            "run `aws ec2 create-default-subnet --availability-zone ZONE`",
+        ),
+        Err(e) => Check::fail("network", e.to_string(), "check permissions for ec2:DescribeSubnets"),
+    }
+}
+
+async fn check_image(ctx: &Context, aws: &Aws) -> (Check, Option<String>) {
+    let s = &ctx.settings;
+    match ami::resolve(aws, &s.ami, s.arch()).await {
+        Ok(image) => {
+            (Check::ok("ami", format!("{} → {} ({})", s.ami, image.id, image.source)), Some(image.id))
+        }
+        Err(e) => (Check::fail("ami", e.to_string(), "pass another --ami, or set `ami` in the config"), None),
+    }
+}
+
+/// EC2 `DryRun` probes: AWS answers `DryRunOperation` when the call would be allowed and
+/// `UnauthorizedOperation` when it would not, without doing anything.
+async fn check_permissions(ctx: &Context, aws: &Aws, image: Option<&str>) -> Vec<Check> {
+    let instance_type = InstanceType::from(ctx.settings.instance_types[0].as_str());
+    let run = aws
+        .ec2
+        .run_instances()
+        .dry_run(true)
+        .image_id(image.unwrap_or("ami-00000000000000000"))
+        .instance_type(instance_type)
+        .min_count(1)
+        .max_count(1)
+        .send();
+    let terminate = aws.ec2.terminate_instances().dry_run(true).instance_ids("i-00000000000000000").send();
+    let group = network::find_security_group(aws, &ctx.settings.security_group_name).await.ok().flatten();
+    let authorize = aws
+        .ec2
+        .authorize_security_group_ingress()
+        .dry_run(true)
+        .group_id(group.as_deref().unwrap_or("sg-00000000000000000"))
+        .ip_permissions(
+            IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(22)
+                .to_port(22)
+                .ip_ranges(IpRange::builder().cidr_ip("192.0.2.1/32").build())
+                .build(),
+        )
+        .send();
+    let (run, terminate, authorize) = tokio::join!(run, terminate, authorize);
+    vec![
+        probe("permission:RunInstances", run.err().as_ref().and_then(code_of)),
+        probe("permission:TerminateInstances", terminate.err().as_ref().and_then(code_of)),
+        probe("permission:AuthorizeSecurityGroupIngress", authorize.err().as_ref().and_then(code_of)),
+    ]
+}
+
+fn probe(name: &'static str, code: Option<&str>) -> Check {
+    match code {
+        Some("DryRunOperation") => Check::ok(name, "allowed (dry run)"),
+        Some(code @ ("UnauthorizedOperation" | "AccessDenied" | "AuthFailure")) => Check::fail(
+            name,
+            format!("denied ({code})"),
+            "attach the policy printed by `ephemeral-admin policy`",
+        ),
+        Some(other) => Check::ok(name, format!("not denied (dry run answered {other})")),
+        None => Check::fail(name, "the dry run got no AWS answer", "check your network and --endpoint-url"),
+    }
+}

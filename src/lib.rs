@@ -1,0 +1,27 @@
+//! ephemeral-admin: a throw-away AWS admin box in one command, and the guarantee that the box and
+//! everything made for it are gone afterwards.
+//!
+//! The binary is a thin shell over this library so that integration tests can reach the pieces.
+//! Start at [`run`]: it resolves [`settings`] (no AWS call before they validate), then hands the
+//! command to its module in [`commands`].
+
+pub mod aws;
+pub mod cli;
+pub mod commands;
+pub mod error;
+
+pub mod logging;
+pub mod output;
+pub mod pricing;
+pub mod session;
+pub mod settings;
+
+use cli::Cli;
+use error::ExitStatus;
+
+/// Resolves settings, then runs the command on a multi-threaded tokio runtime.
+pub fn run(cli: Cli) -> anyhow::Result<ExitStatus> {
+    let settings = settings::resolve(&cli, &settings::ProcessEnv)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(commands::dispatch(cli, settings))
+}

@@ -1,0 +1,92 @@
+//! Money: the shipped on-demand price table, the spot max price, and session cost estimates.
+//!
+//! A session costs compute (spot or on-demand price per hour), its public IPv4 address, and its
+//! root volume, for as long as it runs. Estimates assume the session runs to its deadline.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::settings::Settings;
+
+/// AWS charges for every public IPv4 address, in use or not (since 2024-02).
+pub const PUBLIC_IPV4_PER_HOUR: f64 = 0.005;
+/// gp3 storage, USD per GB-month (us-east-1; other regions differ by cents).
+pub const GP3_PER_GB_MONTH: f64 = 0.08;
+/// The root volume every session gets.
+pub const ROOT_VOLUME_GB: i32 = 8;
+const HOURS_PER_MONTH: f64 = 730.0;
+
+#[derive(Debug, Deserialize)]
+struct Table {
+    as_of: String,
+    prices: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+fn shipped() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        toml::from_str(include_str!("../data/on-demand-prices.toml")).expect("the shipped price table parses")
+    })
+}
+
+/// When the shipped table was taken from AWS's price pages.
+pub fn table_date() -> &'static str {
+    &shipped().as_of
+}
+
+/// On-demand USD/hour of a type in a region: the config's override, else the shipped table.
+pub fn on_demand_price(settings: &Settings, region: &str, instance_type: &str) -> Option<f64> {
+    settings
+        .on_demand_prices
+        .get(region)
+        .and_then(|types| types.get(instance_type))
+        .or_else(|| shipped().prices.get(region).and_then(|types| types.get(instance_type)))
+        .copied()
+}
+
+/// The most we bid for spot: `spot_price_ratio` × on-demand, rounded up to a tenth of a cent's
+/// hundredth so the string AWS sees is short and never below the ratio.
+pub fn spot_max_price(settings: &Settings, region: &str, instance_type: &str) -> Option<f64> {
+    on_demand_price(settings, region, instance_type)
+        .map(|od| (od * settings.spot_price_ratio * 100_000.0).ceil() / 100_000.0)
+}
+
+/// The cost of running one box for `runtime` at `compute_per_hour`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Estimate {
+    pub compute: f64,
+    pub ipv4: f64,
+    pub ebs: f64,
+    pub total: f64,
+}
+
+pub fn estimate(compute_per_hour: f64, runtime: Duration) -> Estimate {
+    let hours = runtime.as_secs_f64() / 3600.0;
+    let compute = compute_per_hour * hours;
+    let ipv4 = PUBLIC_IPV4_PER_HOUR * hours;
+    let ebs = f64::from(ROOT_VOLUME_GB) * GP3_PER_GB_MONTH / HOURS_PER_MONTH * hours;
+    Estimate { compute, ipv4, ebs, total: compute + ipv4 + ebs }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_hours_of_t3_small_spot_fit_the_session_target() {
+        let e = estimate(0.0065, Duration::from_secs(4 * 3600));
+        assert!((e.compute - 0.026).abs() < 1e-9);
+        assert!((e.ipv4 - 0.02).abs() < 1e-9);
+        assert!((e.ebs - 8.0 * 0.08 / 730.0 * 4.0).abs() < 1e-9);
+        assert!(e.total < 0.33);
+    }
+
+    #[test]
+    fn shipped_table_covers_the_defaults() {
+        assert_eq!(shipped().prices["us-east-1"]["t3.small"], 0.0208);
+        assert!(!table_date().is_empty());
+    }
+}

@@ -1,0 +1,65 @@
+//! A session: one box and everything made for it, from launch to teardown.
+//!
+//! Ids are short and random; [`tags`] is the scheme that ties AWS resources to a session;
+//! [`store`] keeps the local record (written atomically, before the next step starts) and the
+//! session's private key.
+
+pub mod store;
+pub mod tags;
+
+use rand::Rng;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Id alphabet: lowercase letters and digits, minus look-alikes (0/o, 1/l/i).
+const ID_ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
+const ID_LEN: usize = 8;
+
+/// A fresh session id: 8 characters, about 39 bits, safe in tags, file names and DNS labels.
+pub fn new_id() -> String {
+    let mut rng = rand::rng();
+    (0..ID_LEN).map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char).collect()
+}
+
+/// True for strings `new_id` could have made: guards paths built from user input.
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() == ID_LEN && id.bytes().all(|b| ID_ALPHABET.contains(&b))
+}
+
+/// The wall clock, injectable so tests can pin "now".
+pub trait Clock: Send + Sync {
+    fn now(&self) -> OffsetDateTime;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+/// RFC 3339 in UTC at whole seconds: `2026-11-22T18:00:00Z`.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).expect("0 ns is valid");
+    t.format(&Rfc3339).expect("UTC times format")
+}
+
+pub fn parse_rfc3339(s: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(s, &Rfc3339).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_short_and_safe() {
+        for _ in 0..100 {
+            let id = new_id();
+            assert!(is_valid_id(&id), "{id}");
+        }
+        assert!(!is_valid_id("../etc/x"));
+        assert_eq!(rfc3339(parse_rfc3339("2026-11-22T19:00:00.5+01:00").unwrap()), "2026-11-22T18:00:00Z");
+    }
+}

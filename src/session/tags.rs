@@ -1,0 +1,74 @@
+//! The tag scheme: AWS tags are the source of truth for what belongs to which session.
+//!
+//! Keys stay within the instance-metadata tag character set (letters, digits, `+ - = . , _ : @`)
+//! so the box's watchdog can read them through IMDS.
+
+use std::collections::BTreeMap;
+
+pub const NAME: &str = "Name";
+pub const PROJECT: &str = "Project";
+pub const PROJECT_VALUE: &str = "EphemeralContainer";
+pub const AUTO_MANAGED: &str = "AutoManaged";
+pub const SESSION: &str = "ephemeral-admin:session";
+pub const OWNER: &str = "ephemeral-admin:owner";
+pub const EXPIRES_AT: &str = "ephemeral-admin:expires-at";
+/// `attached` (ends with the shell) or `kept` (`--keep`/`--detach`: ends by its watchdog).
+pub const MODE: &str = "ephemeral-admin:mode";
+/// On a shared ingress rule: one key per session that relies on it (reference counting).
+pub const RULE_REF_PREFIX: &str = "ephemeral-admin:ref:";
+
+/// Keys the tool sets itself; user tags may not use them.
+pub fn is_reserved(key: &str) -> bool {
+    matches!(key, NAME | PROJECT | AUTO_MANAGED) || key.starts_with("ephemeral-admin:")
+}
+
+/// The tags of the tool's shared resources (security group, IAM role).
+pub fn shared_resource_tags() -> Vec<(String, String)> {
+    vec![(PROJECT.into(), PROJECT_VALUE.into()), (AUTO_MANAGED.into(), "true".into())]
+}
+
+/// Everything a session's resources carry, user tags last.
+pub fn session_tags(
+    session_id: &str,
+    owner_arn: &str,
+    expires_at: &str,
+    kept: bool,
+    extra: &BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut tags = vec![
+        (NAME.to_string(), format!("ephemeral-admin-{session_id}")),
+        (PROJECT.to_string(), PROJECT_VALUE.to_string()),
+        (AUTO_MANAGED.to_string(), "true".to_string()),
+        (SESSION.to_string(), session_id.to_string()),
+        (OWNER.to_string(), owner_arn.to_string()),
+        (EXPIRES_AT.to_string(), expires_at.to_string()),
+        (MODE.to_string(), if kept { "kept" } else { "attached" }.to_string()),
+    ];
+    tags.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    tags
+}
+
+/// The reference tag a session puts on an ingress rule it uses.
+pub fn rule_ref_key(session_id: &str) -> String {
+    format!("{RULE_REF_PREFIX}{session_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_readable_through_imds() {
+        let tags = session_tags(
+            "k3x9q2ab",
+            "arn:aws:iam::1:user/a",
+            "2026-11-22T18:00:00Z",
+            false,
+            &BTreeMap::new(),
+        );
+        for (key, _) in &tags {
+            assert!(crate::settings::valid_tag_key(key), "{key}");
+        }
+        assert!(crate::settings::valid_tag_key(&rule_ref_key("k3x9q2ab")));
+    }
+}

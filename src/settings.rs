@@ -1,0 +1,899 @@
+//! The one place settings are resolved: flags > `EPHEMERAL_ADMIN_*` env > config file > defaults.
+//!
+//! [`resolve`] reads the config file, merges every source, and validates everything before any
+//! command runs, so bad input never reaches AWS. Each error names the value, where it came from
+//! (flag, variable, or file and line) and what would be accepted, and maps to exit code 2.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::cli::{Cli, Command, ConnectMode, OutputFormat};
+use crate::error::UsageError;
+
+/// Everything a command needs to know, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The config file that was read, if any.
+    pub config_path: Option<PathBuf>,
+    pub aws: AwsSettings,
+    pub output: OutputFormat,
+    /// 0 = errors only (-q), 1 = warnings and progress (default), 2 = info (-v), 3 = debug, 4 = trace.
+    pub verbosity: u8,
+    pub progress: bool,
+    pub instance_types: Vec<String>,
+    pub ami: AmiChoice,
+    pub user: String,
+    pub max_runtime: Duration,
+    pub max_runtime_cap: Duration,
+    pub idle_grace: Duration,
+    pub boot_grace: Duration,
+    pub watchdog_interval: Duration,
+    pub connect_timeout: Duration,
+    pub spot_price_ratio: f64,
+    pub on_demand_fallback: bool,
+    pub security_group_name: String,
+    pub iam_role_name: String,
+    pub tags: BTreeMap<String, String>,
+    pub monthly_budget: f64,
+    pub connect: ConnectMode,
+    pub proxy_command: Option<String>,
+    pub my_ip: Option<IpNet>,
+    pub allow_cidrs: Vec<IpNet>,
+    pub tmux: bool,
+    /// USD per hour by region and instance type, overriding the shipped table.
+    pub on_demand_prices: BTreeMap<String, BTreeMap<String, f64>>,
+    /// `$XDG_STATE_HOME/ephemeral-admin`: session records, keys, ledger.
+    pub state_dir: PathBuf,
+}
+
+/// What the AWS SDK needs beyond its own default chain.
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+/// The image to boot: a well-known alias resolved through SSM public parameters, or an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AmiChoice {
+    Alias(AmiAlias),
+    Id(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmiAlias {
+    Ubuntu2404,
+    Al2023,
+}
+
+impl AmiAlias {
+    pub const ALL: [(&'static str, AmiAlias); 2] =
+        [("ubuntu-24.04", AmiAlias::Ubuntu2404), ("al2023", AmiAlias::Al2023)];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AmiAlias::Ubuntu2404 => "ubuntu-24.04",
+            AmiAlias::Al2023 => "al2023",
+        }
+    }
+
+    /// The image's default login user.
+    pub fn default_user(self) -> &'static str {
+        match self {
+            AmiAlias::Ubuntu2404 => "ubuntu",
+            AmiAlias::Al2023 => "ec2-user",
+        }
+    }
+}
+
+impl fmt::Display for AmiChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AmiChoice::Alias(alias) => f.write_str(alias.name()),
+            AmiChoice::Id(id) => f.write_str(id),
+        }
+    }
+}
+
+/// CPU architecture, derived from the instance types (Graviton families end in `g`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Arm64,
+}
+
+impl Arch {
+    pub fn of_instance_type(instance_type: &str) -> Arch {
+        let family = instance_type.split('.').next().unwrap_or_default();
+        let family = family.split('-').next().unwrap_or_default();
+        // The letters after the generation digit are attributes; `g` means Graviton (t4g, m7gd).
+        let attributes = family.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+        let attributes = attributes.trim_start_matches(|c: char| c.is_ascii_digit());
+        if attributes.contains('g') { Arch::Arm64 } else { Arch::X86_64 }
+    }
+}
+
+impl Settings {
+    pub fn arch(&self) -> Arch {
+        Arch::of_instance_type(&self.instance_types[0])
+    }
+
+    pub fn json(&self) -> bool {
+        self.output == OutputFormat::Json
+    }
+
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.state_dir.join("sessions")
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        self.state_dir.join("ledger.jsonl")
+    }
+}
+
+/// Every key the config file accepts. Unknown keys are an error naming the key and the line.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    region: Option<String>,
+    profile: Option<String>,
+    endpoint_url: Option<String>,
+    instance_types: Option<Vec<String>>,
+    ami: Option<String>,
+    user: Option<String>,
+    max_runtime: Option<String>,
+    max_runtime_cap: Option<String>,
+    idle_grace: Option<String>,
+    boot_grace: Option<String>,
+    watchdog_interval: Option<String>,
+    connect_timeout: Option<String>,
+    spot_price_ratio: Option<Number>,
+    on_demand_fallback: Option<bool>,
+    security_group_name: Option<String>,
+    iam_role_name: Option<String>,
+    tags: Option<BTreeMap<String, String>>,
+    monthly_budget: Option<Number>,
+    connect: Option<String>,
+    proxy_command: Option<String>,
+    my_ip: Option<String>,
+    allow_cidr: Option<Vec<String>>,
+    tmux: Option<bool>,
+    output: Option<String>,
+    on_demand_prices: Option<BTreeMap<String, BTreeMap<String, Number>>>,
+}
+
+/// TOML distinguishes `2` from `2.0`; a budget or a ratio accepts either.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum Number {
+    Int(i64),
+    Float(f64),
+}
+
+impl Number {
+    fn value(self) -> f64 {
+        match self {
+            Number::Int(i) => i as f64,
+            Number::Float(f) => f,
+        }
+    }
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone)]
+enum Source {
+    Flag(&'static str),
+    Env(String),
+    File { path: PathBuf, line: Option<usize> },
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag(flag) => write!(f, "from {flag}"),
+            Source::Env(var) => write!(f, "from ${var}"),
+            Source::File { path, line: Some(line) } => write!(f, "in {}:{line}", path.display()),
+            Source::File { path, line: None } => write!(f, "in {}", path.display()),
+        }
+    }
+}
+
+/// Environment lookup, injectable so tests can resolve settings without touching the process.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Env for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+/// The `EPHEMERAL_ADMIN_*` name of a config key.
+pub fn env_name(key: &str) -> String {
+    format!("EPHEMERAL_ADMIN_{}", key.to_ascii_uppercase())
+}
+
+/// Resolves and validates every setting for this invocation. No AWS call happens before this.
+pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
+    let (config_path, file_text) = locate_config(cli, env)?;
+    let file: FileConfig = match (&config_path, &file_text) {
+        (Some(path), Some(text)) => toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|span| line_of_offset(text, span.start));
+            let at = match line {
+                Some(line) => format!("{}:{line}", path.display()),
+                None => path.display().to_string(),
+            };
+            UsageError::new(format!(
+                "config {at}: {}; see config.example.toml for every key",
+                e.message().trim()
+            ))
+        })?,
+        _ => FileConfig::default(),
+    };
+    let r = Resolver { env, path: config_path.clone(), text: file_text.unwrap_or_default() };
+    let launch = cli.command.launch_args();
+    let g = &cli.global;
+
+    let region = r.string("region", g.region.clone(), "--region", file.region)?;
+    if let Some((region, source)) = &region {
+        validate_region(region, source)?;
+    }
+    let profile = r.string("profile", g.profile.clone(), "--profile", file.profile)?;
+    let endpoint_url =
+        match r.string("endpoint_url", g.endpoint_url.clone(), "--endpoint-url", file.endpoint_url)? {
+            Some(found) => Some(found),
+            None => env.var("AWS_ENDPOINT_URL").map(|v| (v, Source::Env("AWS_ENDPOINT_URL".into()))),
+        };
+    if let Some((url, source)) = &endpoint_url {
+        validate_url(url, source)?;
+    }
+
+    let output = match r.string("output", None, "--output", file.output)? {
+        _ if g.output.is_some() => g.output.unwrap(),
+        Some((value, source)) => parse_output(&value, &source)?,
+        None => OutputFormat::Text,
+    };
+
+    let instance_types = r
+        .list(
+            "instance_types",
+            launch.map(|l| l.instance_types.clone()),
+            "--instance-type",
+            file.instance_types,
+        )?
+        .or_else(|| prices_flag_types(&cli.command))
+        .unwrap_or_else(|| (vec!["t3.small".into(), "t3.micro".into()], None));
+    let (instance_types, types_source) = instance_types;
+    validate_instance_types(&instance_types, types_source.as_ref())?;
+
+    let ami = match r.string("ami", launch.and_then(|l| l.ami.clone()), "--ami", file.ami)? {
+        Some((value, source)) => parse_ami(&value, &source)?,
+        None => AmiChoice::Alias(AmiAlias::Ubuntu2404),
+    };
+    let user = match r.string("user", launch.and_then(|l| l.user.clone()), "--user", file.user)? {
+        Some((value, source)) => validate_user(value, &source)?,
+        None => match &ami {
+            AmiChoice::Alias(alias) => alias.default_user().to_string(),
+            AmiChoice::Id(_) => "ec2-user".to_string(),
+        },
+    };
+
+    let duration = |key: &'static str,
+                    flag: Option<String>,
+                    flag_name: &'static str,
+                    file: Option<String>,
+                    default: &str| {
+        match r.string(key, flag, flag_name, file)? {
+            Some((value, source)) => parse_duration(key, &value, &source),
+            None => Ok(humantime::parse_duration(default).expect("default durations parse")),
+        }
+    };
+    let max_runtime = duration(
+        "max_runtime",
+        launch.and_then(|l| l.max_runtime.clone()),
+        "--max-runtime",
+        file.max_runtime,
+        "4h",
+    )?;
+    let max_runtime_cap = duration("max_runtime_cap", None, "", file.max_runtime_cap, "12h")?;
+    let idle_grace = duration(
+        "idle_grace",
+        launch.and_then(|l| l.idle_grace.clone()),
+        "--idle-grace",
+        file.idle_grace,
+        "2m",
+    )?;
+    let boot_grace = duration("boot_grace", None, "", file.boot_grace, "10m")?;
+    let watchdog_interval = duration("watchdog_interval", None, "", file.watchdog_interval, "5s")?;
+    let connect_timeout = duration("connect_timeout", None, "", file.connect_timeout, "3m")?;
+    if max_runtime > max_runtime_cap {
+        return Err(UsageError::new(format!(
+            "max_runtime {} is longer than max_runtime_cap {}: shorten it, or raise max_runtime_cap in the config",
+            humantime::format_duration(max_runtime),
+            humantime::format_duration(max_runtime_cap)
+        )));
+    }
+
+    let spot_price_ratio = match r.number("spot_price_ratio", None, "", file.spot_price_ratio)? {
+        Some((value, source)) if !(value > 0.0 && value <= 1.0) => {
+            return Err(UsageError::new(format!(
+                "invalid spot_price_ratio {value} ({source}): expected a fraction of the on-demand price in (0, 1], like 0.5"
+            )));
+        }
+        Some((value, _)) => value,
+        None => 0.5,
+    };
+    let monthly_budget = match r.number("monthly_budget", None, "", file.monthly_budget)? {
+        Some((value, source)) if !(value >= 0.0 && value.is_finite()) => {
+            return Err(UsageError::new(format!(
+                "invalid monthly_budget {value} ({source}): expected US dollars, like 2.00"
+            )));
+        }
+        Some((value, _)) => value,
+        None => 2.0,
+    };
+    let on_demand_fallback = r.boolean("on_demand_fallback", file.on_demand_fallback)?.unwrap_or(true);
+    let tmux = launch.is_some_and(|l| l.tmux) || r.boolean("tmux", file.tmux)?.unwrap_or(false);
+
+    let security_group_name = r
+        .string("security_group_name", None, "", file.security_group_name)?
+        .map(|(v, s)| validate_resource_name("security_group_name", v, &s))
+        .transpose()?
+        .unwrap_or_else(|| "ephemeral-admin-sg".into());
+    let iam_role_name = r
+        .string("iam_role_name", None, "", file.iam_role_name)?
+        .map(|(v, s)| validate_resource_name("iam_role_name", v, &s))
+        .transpose()?
+        .unwrap_or_else(|| "SystemAdminTestingRole".into());
+
+    let tags = match file.tags {
+        Some(tags) => {
+            let source = r.file_source("tags");
+            validate_tags(&tags, &source)?;
+            tags
+        }
+        None => BTreeMap::new(),
+    };
+
+    let proxy_command = r.string(
+        "proxy_command",
+        launch.and_then(|l| l.proxy_command.clone()),
+        "--proxy-command",
+        file.proxy_command,
+    )?;
+    let connect =
+        match (launch.and_then(|l| l.connect), r.string("connect", None, "--connect", file.connect)?) {
+            (Some(mode), _) => mode,
+            // A proxy command given on its own implies that mode.
+            (None, _) if launch.is_some_and(|l| l.proxy_command.is_some()) => ConnectMode::ProxyCommand,
+            (None, Some((value, source))) => parse_connect(&value, &source)?,
+            (None, None) if proxy_command.is_some() => ConnectMode::ProxyCommand,
+            (None, None) => ConnectMode::PublicIp,
+        };
+    if connect == ConnectMode::ProxyCommand && proxy_command.is_none() {
+        return Err(UsageError::new(
+            "connect mode proxy-command needs a command: pass --proxy-command \"CMD %h %p\" or set proxy_command",
+        ));
+    }
+
+    let my_ip = r
+        .string("my_ip", launch.and_then(|l| l.my_ip.clone()), "--my-ip", file.my_ip)?
+        .map(|(value, source)| parse_cidr("my_ip", &value, &source))
+        .transpose()?;
+    let allow_cidrs = r
+        .list("allow_cidr", launch.map(|l| l.allow_cidr.clone()), "--allow-cidr", file.allow_cidr)?
+        .map(|(values, source)| {
+            let source = source.unwrap_or(Source::Flag("--allow-cidr"));
+            values.iter().map(|v| parse_cidr("allow_cidr", v, &source)).collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+
+    let mut on_demand_prices = BTreeMap::new();
+    for (region, types) in file.on_demand_prices.unwrap_or_default() {
+        let source = r.file_source("on_demand_prices");
+        validate_region(&region, &source)?;
+        let mut prices = BTreeMap::new();
+        for (instance_type, price) in types {
+            validate_instance_types(std::slice::from_ref(&instance_type), Some(&source))?;
+            let price = price.value();
+            if !(price > 0.0 && price.is_finite()) {
+                return Err(UsageError::new(format!(
+                    "invalid on-demand price {price} for {instance_type} in {region} ({source}): expected USD per hour, like 0.0208"
+                )));
+            }
+            prices.insert(instance_type, price);
+        }
+        on_demand_prices.insert(region, prices);
+    }
+
+    let state_dir = state_dir(env)?;
+
+    Ok(Settings {
+        config_path,
+        aws: AwsSettings {
+            region: region.map(|(v, _)| v),
+            profile: profile.map(|(v, _)| v),
+            endpoint_url: endpoint_url.map(|(v, _)| v),
+        },
+        output,
+        verbosity: if g.quiet { 0 } else { 1 + g.verbose },
+        progress: !g.no_progress && !g.quiet,
+        instance_types,
+        ami,
+        user,
+        max_runtime,
+        max_runtime_cap,
+        idle_grace,
+        boot_grace,
+        watchdog_interval,
+        connect_timeout,
+        spot_price_ratio,
+        on_demand_fallback,
+        security_group_name,
+        iam_role_name,
+        tags,
+        monthly_budget,
+        connect,
+        proxy_command: proxy_command.map(|(v, _)| v),
+        my_ip,
+        allow_cidrs,
+        tmux,
+        on_demand_prices,
+        state_dir,
+    })
+}
+
+/// `prices --instance-type` also chooses the candidate types.
+fn prices_flag_types(command: &Command) -> Option<(Vec<String>, Option<Source>)> {
+    match command {
+        Command::Prices(args) if !args.instance_types.is_empty() => {
+            Some((args.instance_types.clone(), Some(Source::Flag("--instance-type"))))
+        }
+        _ => None,
+    }
+}
+
+/// Finds the config file: --config, $EPHEMERAL_ADMIN_CONFIG, then the XDG location.
+/// A file named explicitly must exist; the XDG default may be absent.
+fn locate_config(cli: &Cli, env: &dyn Env) -> Result<(Option<PathBuf>, Option<String>), UsageError> {
+    let explicit =
+        cli.global.config.clone().map(|p| (p, "--config")).or_else(|| {
+            env.var("EPHEMERAL_ADMIN_CONFIG").map(|p| (PathBuf::from(p), "$EPHEMERAL_ADMIN_CONFIG"))
+        });
+    if let Some((path, from)) = explicit {
+        return match std::fs::read_to_string(&path) {
+            Ok(text) => Ok((Some(path), Some(text))),
+            // `init` writes the file it was pointed at.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && matches!(cli.command, Command::Init(_)) => {
+                Ok((Some(path), None))
+            }
+            Err(e) => Err(UsageError::new(format!(
+                "cannot read config file {} (from {from}): {e}; run `ephemeral-admin init` to write one",
+                path.display()
+            ))),
+        };
+    }
+    let Some(path) = default_config_path(env) else { return Ok((None, None)) };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok((Some(path), Some(text))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((None, None)),
+        Err(e) => Err(UsageError::new(format!("cannot read config file {}: {e}", path.display()))),
+    }
+}
+
+/// `$XDG_CONFIG_HOME/ephemeral-admin/config.toml`, else `~/.config/ephemeral-admin/config.toml`.
+pub fn default_config_path(env: &dyn Env) -> Option<PathBuf> {
+    let base = env
+        .var("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env.var("HOME").map(|home| Path::new(&home).join(".config")))?;
+    Some(base.join("ephemeral-admin").join("config.toml"))
+}
+
+fn state_dir(env: &dyn Env) -> Result<PathBuf, UsageError> {
+    let base = env
+        .var("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env.var("HOME").map(|home| Path::new(&home).join(".local").join("state")))
+        .ok_or_else(|| {
+            UsageError::new("neither XDG_STATE_HOME nor HOME is set: set one so sessions can be recorded")
+        })?;
+    Ok(base.join("ephemeral-admin"))
+}
+
+/// A list value and where it came from (none for a default).
+type Sourced<T> = (T, Option<Source>);
+
+/// Reads one key from flag, environment and file, in that order.
+struct Resolver<'a> {
+    env: &'a dyn Env,
+    path: Option<PathBuf>,
+    text: String,
+}
+
+impl Resolver<'_> {
+    fn file_source(&self, key: &str) -> Source {
+        let path = self.path.clone().unwrap_or_default();
+        let line = self.text.lines().position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+                || l.starts_with(&format!("[{key}"))
+        });
+        Source::File { path, line: line.map(|i| i + 1) }
+    }
+
+    fn string(
+        &self,
+        key: &'static str,
+        flag: Option<String>,
+        flag_name: &'static str,
+        file: Option<String>,
+    ) -> Result<Option<(String, Source)>, UsageError> {
+        if let Some(value) = flag {
+            return Ok(Some((value, Source::Flag(flag_name))));
+        }
+        let var = env_name(key);
+        if let Some(value) = self.env.var(&var) {
+            return Ok(Some((value, Source::Env(var))));
+        }
+        Ok(file.map(|value| (value, self.file_source(key))))
+    }
+
+    fn list(
+        &self,
+        key: &'static str,
+        flag: Option<Vec<String>>,
+        flag_name: &'static str,
+        file: Option<Vec<String>>,
+    ) -> Result<Option<Sourced<Vec<String>>>, UsageError> {
+        if let Some(values) = flag.filter(|v| !v.is_empty()) {
+            return Ok(Some((values, Some(Source::Flag(flag_name)))));
+        }
+        let var = env_name(key);
+        if let Some(value) = self.env.var(&var) {
+            let values = value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            return Ok(Some((values, Some(Source::Env(var)))));
+        }
+        Ok(file.map(|values| (values, Some(self.file_source(key)))))
+    }
+
+    fn number(
+        &self,
+        key: &'static str,
+        flag: Option<f64>,
+        flag_name: &'static str,
+        file: Option<Number>,
+    ) -> Result<Option<(f64, Source)>, UsageError> {
+        if let Some(value) = flag {
+            return Ok(Some((value, Source::Flag(flag_name))));
+        }
+        let var = env_name(key);
+        if let Some(value) = self.env.var(&var) {
+            let source = Source::Env(var);
+            let number = value.trim().trim_start_matches('$').parse::<f64>().map_err(|_| {
+                UsageError::new(format!("invalid {key} {value:?} ({source}): expected a number like 0.5"))
+            })?;
+            return Ok(Some((number, source)));
+        }
+        Ok(file.map(|n| (n.value(), self.file_source(key))))
+    }
+
+    fn boolean(&self, key: &'static str, file: Option<bool>) -> Result<Option<bool>, UsageError> {
+        let var = env_name(key);
+        if let Some(value) = self.env.var(&var) {
+            return match value.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(Some(true)),
+                "0" | "false" | "no" | "off" => Ok(Some(false)),
+                _ => Err(UsageError::new(format!(
+                    "invalid {key} {value:?} (from ${var}): expected true or false"
+                ))),
+            };
+        }
+        Ok(file)
+    }
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Parses a duration; a bare number is refused because its unit would be a guess.
+pub fn parse_duration_value(value: &str) -> Result<Duration, String> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() || trimmed.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err("expected a duration like 2m".into());
+    }
+    match humantime::parse_duration(trimmed) {
+        Ok(d) if d.is_zero() => Err("expected a duration longer than zero, like 2m".into()),
+        Ok(d) => Ok(d),
+        Err(_) => Err("expected a duration like 2m, 90s or 1h30m".into()),
+    }
+}
+
+fn parse_duration(key: &str, value: &str, source: &Source) -> Result<Duration, UsageError> {
+    parse_duration_value(value)
+        .map_err(|why| UsageError::new(format!("invalid {key} {value:?} ({source}): {why}")))
+}
+
+fn parse_output(value: &str, source: &Source) -> Result<OutputFormat, UsageError> {
+    match value {
+        "text" => Ok(OutputFormat::Text),
+        "json" => Ok(OutputFormat::Json),
+        _ => Err(UsageError::new(format!("invalid output {value:?} ({source}): expected text or json"))),
+    }
+}
+
+fn parse_connect(value: &str, source: &Source) -> Result<ConnectMode, UsageError> {
+    match value {
+        "public-ip" => Ok(ConnectMode::PublicIp),
+        "private-ip" => Ok(ConnectMode::PrivateIp),
+        "proxy-command" => Ok(ConnectMode::ProxyCommand),
+        "ssm" => Ok(ConnectMode::Ssm),
+        _ => Err(UsageError::new(format!(
+            "invalid connect {value:?} ({source}): expected public-ip, private-ip, proxy-command or ssm"
+        ))),
+    }
+}
+
+fn validate_region(region: &str, source: &Source) -> Result<(), UsageError> {
+    // us-east-1, eu-central-2, us-gov-west-1, ap-southeast-4, il-central-1 ...
+    let parts: Vec<&str> = region.split('-').collect();
+    let ok = parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
+        && parts[parts.len() - 1].chars().all(|c| c.is_ascii_digit())
+        && !parts[parts.len() - 1].is_empty();
+    if ok {
+        Ok(())
+    } else {
+        Err(UsageError::new(format!(
+            "invalid region {region:?} ({source}): expected a region like us-east-1"
+        )))
+    }
+}
+
+fn validate_url(url: &str, source: &Source) -> Result<(), UsageError> {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => Ok(()),
+        _ => Err(UsageError::new(format!(
+            "invalid endpoint URL {url:?} ({source}): expected http(s)://host[:port]"
+        ))),
+    }
+}
+
+/// EC2 instance types look like `t3.small`, `m7i-flex.large`, `u-6tb1.metal`.
+pub fn looks_like_instance_type(t: &str) -> bool {
+    let Some((family, size)) = t.split_once('.') else { return false };
+    let family_ok = !family.is_empty()
+        && family.starts_with(|c: char| c.is_ascii_lowercase())
+        && family.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && family.chars().any(|c| c.is_ascii_digit());
+    let size_ok = !size.is_empty() && size.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    family_ok && size_ok
+}
+
+fn validate_instance_types(types: &[String], source: Option<&Source>) -> Result<(), UsageError> {
+    let from = source.map(|s| format!(" ({s})")).unwrap_or_default();
+    if types.is_empty() {
+        return Err(UsageError::new(format!(
+            "instance_types is empty{from}: name at least one, like t3.small"
+        )));
+    }
+    for t in types {
+        if !looks_like_instance_type(t) {
+            return Err(UsageError::new(format!(
+                "invalid instance type {t:?}{from}: expected an EC2 type like t3.small"
+            )));
+        }
+    }
+    let first = Arch::of_instance_type(&types[0]);
+    if let Some(other) = types.iter().find(|t| Arch::of_instance_type(t) != first) {
+        return Err(UsageError::new(format!(
+            "instance types {} and {other} have different CPU architectures{from}: one AMI cannot boot both; list only x86 or only Graviton types",
+            types[0]
+        )));
+    }
+    Ok(())
+}
+
+fn parse_ami(value: &str, source: &Source) -> Result<AmiChoice, UsageError> {
+    if let Some((_, alias)) = AmiAlias::ALL.iter().find(|(name, _)| *name == value) {
+        return Ok(AmiChoice::Alias(*alias));
+    }
+    if let Some(hex) = value.strip_prefix("ami-")
+        && (hex.len() == 8 || hex.len() == 17)
+        && hex.chars().all(|c| c.is_ascii_hexdigit())
+    {
+        return Ok(AmiChoice::Id(value.to_string()));
+    }
+    Err(UsageError::new(format!(
+        "invalid ami {value:?} ({source}): expected ubuntu-24.04, al2023, or an id like ami-0123456789abcdef0"
+    )))
+}
+
+fn validate_user(user: String, source: &Source) -> Result<String, UsageError> {
+    let ok = !user.is_empty()
+        && user.len() <= 32
+        && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && user.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if ok {
+        Ok(user)
+    } else {
+        Err(UsageError::new(format!("invalid user {user:?} ({source}): expected a login name like ubuntu")))
+    }
+}
+
+fn validate_resource_name(key: &str, name: String, source: &Source) -> Result<String, UsageError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c));
+    if ok {
+        Ok(name)
+    } else {
+        Err(UsageError::new(format!(
+            "invalid {key} {name:?} ({source}): use up to 64 letters, digits and + = , . @ _ -"
+        )))
+    }
+}
+
+/// Tag keys must stay within the IMDS tag character set so the box can read them.
+pub fn valid_tag_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 128
+        && !key.starts_with("aws:")
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || "+-=.,_:@".contains(c))
+}
+
+fn validate_tags(tags: &BTreeMap<String, String>, source: &Source) -> Result<(), UsageError> {
+    for (key, value) in tags {
+        if !valid_tag_key(key) {
+            return Err(UsageError::new(format!(
+                "invalid tag key {key:?} ({source}): use letters, digits and + - = . , _ : @ only (readable through instance metadata), not starting with aws:"
+            )));
+        }
+        if crate::session::tags::is_reserved(key) {
+            return Err(UsageError::new(format!(
+                "tag key {key:?} ({source}) is set by ephemeral-admin itself: pick another key"
+            )));
+        }
+        if value.chars().count() > 256 {
+            return Err(UsageError::new(format!("tag {key:?} ({source}): value longer than 256 characters")));
+        }
+    }
+    Ok(())
+}
+
+fn parse_cidr(key: &str, value: &str, source: &Source) -> Result<IpNet, UsageError> {
+    let value = value.trim();
+    if let Ok(net) = value.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(addr) = value.parse::<IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    Err(UsageError::new(format!(
+        "invalid {key} {value:?} ({source}): expected a CIDR like 203.0.113.7/32 or 2001:db8::1/128"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn resolve_with(args: &[&str], vars: &[(&str, &str)]) -> Result<Settings, UsageError> {
+        let mut argv = vec!["ephemeral-admin"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).expect("clap accepts these arguments");
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env = move |name: &str| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).or_else(|| match name {
+                "HOME" => Some("/nonexistent-home".into()),
+                _ => None,
+            })
+        };
+        resolve(&cli, &env)
+    }
+
+    #[test]
+    fn defaults_without_any_source() {
+        let s = resolve_with(&["list"], &[]).unwrap();
+        assert_eq!(s.instance_types, ["t3.small", "t3.micro"]);
+        assert_eq!(s.ami, AmiChoice::Alias(AmiAlias::Ubuntu2404));
+        assert_eq!(s.user, "ubuntu");
+        assert_eq!(s.max_runtime, Duration::from_secs(4 * 3600));
+        assert_eq!(s.max_runtime_cap, Duration::from_secs(12 * 3600));
+        assert_eq!(s.idle_grace, Duration::from_secs(120));
+        assert_eq!(s.spot_price_ratio, 0.5);
+        assert!(s.on_demand_fallback);
+        assert_eq!(s.security_group_name, "ephemeral-admin-sg");
+        assert_eq!(s.iam_role_name, "SystemAdminTestingRole");
+        assert_eq!(s.monthly_budget, 2.0);
+        assert_eq!(s.connect, ConnectMode::PublicIp);
+        assert_eq!(s.state_dir, PathBuf::from("/nonexistent-home/.local/state/ephemeral-admin"));
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        let dir = std::env::temp_dir().join(format!("ea-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.toml");
+        std::fs::write(&file, "max_runtime = \"3h\"\nidle_grace = \"5m\"\nmonthly_budget = 3\n").unwrap();
+        let f = file.to_str().unwrap();
+        let s = resolve_with(
+            &["--config", f, "launch", "--max-runtime", "1h"],
+            &[("EPHEMERAL_ADMIN_MAX_RUNTIME", "2h"), ("EPHEMERAL_ADMIN_IDLE_GRACE", "7m")],
+        )
+        .unwrap();
+        assert_eq!(s.max_runtime, Duration::from_secs(3600), "flag wins");
+        assert_eq!(s.idle_grace, Duration::from_secs(420), "env beats file");
+        assert_eq!(s.monthly_budget, 3.0, "file beats default, integers accepted");
+        let s = resolve_with(&["--config", f, "list"], &[]).unwrap();
+        assert_eq!(s.max_runtime, Duration::from_secs(3 * 3600), "file beats default");
+    }
+
+    #[test]
+    fn bare_number_duration_is_refused_with_a_hint() {
+        let e = resolve_with(&["launch", "--max-runtime", "2"], &[]).unwrap_err();
+        assert_eq!(e.0, "invalid max_runtime \"2\" (from --max-runtime): expected a duration like 2m");
+    }
+
+    #[test]
+    fn unknown_config_key_names_key_file_and_line() {
+        let dir = std::env::temp_dir().join(format!("ea-settings-unknown-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.toml");
+        std::fs::write(&file, "region = \"us-east-1\"\n\nmax_runtim = \"3h\"\n").unwrap();
+        let e = resolve_with(&["--config", file.to_str().unwrap(), "list"], &[]).unwrap_err();
+        assert!(e.0.contains(&format!("{}:3", file.display())), "{}", e.0);
+        assert!(e.0.contains("max_runtim"), "{}", e.0);
+    }
+
+    #[test]
+    fn arch_follows_the_instance_family() {
+        assert_eq!(Arch::of_instance_type("t3.small"), Arch::X86_64);
+        assert_eq!(Arch::of_instance_type("t4g.small"), Arch::Arm64);
+        assert_eq!(Arch::of_instance_type("m7gd.large"), Arch::Arm64);
+        assert_eq!(Arch::of_instance_type("m7i-flex.large"), Arch::X86_64);
+        assert_eq!(Arch::of_instance_type("g5.xlarge"), Arch::X86_64);
+        let e = resolve_with(&["launch", "--instance-type", "t3.small", "--instance-type", "t4g.small"], &[])
+            .unwrap_err();
+        assert!(e.0.contains("different CPU architectures"), "{}", e.0);
+    }
+
+    #[test]
+    fn proxy_command_alone_implies_its_mode() {
+        let s = resolve_with(&["launch", "--proxy-command", "nc %h %p"], &[]).unwrap();
+        assert_eq!(s.connect, ConnectMode::ProxyCommand);
+        let e = resolve_with(&["launch", "--connect", "proxy-command"], &[]).unwrap_err();
+        assert!(e.0.contains("--proxy-command"), "{}", e.0);
+    }
+
+    #[test]
+    fn bare_ip_becomes_a_host_cidr() {
+        let s = resolve_with(&["launch", "--my-ip", "203.0.113.7"], &[]).unwrap();
+        assert_eq!(s.my_ip.unwrap().to_string(), "203.0.113.7/32");
+        let s = resolve_with(&["launch", "--my-ip", "2001:db8::1"], &[]).unwrap();
+        assert_eq!(s.my_ip.unwrap().to_string(), "2001:db8::1/128");
+    }
+}

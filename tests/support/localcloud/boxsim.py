@@ -1,0 +1,892 @@
+"""boxsim: the "box" side of localcloud.
+
+localcloud (moto in-process) only keeps EC2 *records*. With ``--box-sim`` it calls
+``boxsim.attach(cloud)`` and every instance that reaches ``running`` becomes a
+simulated box:
+
+* its user-data (``#cloud-config``, as rendered by the CLI) is parsed;
+* a real OpenSSH ``sshd`` listens on 127.0.0.1:<free port> with the host key and
+  authorized keys from the user-data (``ssh_keys`` / ``ssh_authorized_keys``);
+* the real watchdog script and its env file are taken from ``write_files`` and run
+  with ``sh`` the way the systemd unit would run it, talking to a fake IMDSv2;
+  its power-off POSTs back to localcloud, which terminates the instance in moto.
+
+Interface expected from ``cloud``::
+
+    cloud.add_route(method, path_prefix, handler)  # handler(environ, body) -> (status, dict)
+    cloud.base_url                             # read lazily, when a box boots
+    cloud.on_shutdown(fn)
+    cloud.terminate_instance(region, instance_id[, reason="shutdown"])
+  used when present:
+    cloud.moto_lock                            # held while reading moto
+    cloud.on_reset(fn)                         # -> boxsim.reset()
+    cloud.on_instances_terminated(fn)          # faster than the 100 ms poll
+    cloud.ready_extras                         # gets boxsim_imds=<url>
+
+moto must run in the same process: boxes are found by scanning
+``moto.ec2.models.ec2_backends`` (every account and region that exists).
+
+Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box``,
+``/_localcloud/box-config`` and ``/_localcloud/box-reset``; the handler re-reads
+``environ["PATH_INFO"]``)::
+
+    GET  /_localcloud/box                      {"boxes": [summary, ...]}
+    GET  /_localcloud/box/<iid>                summary + watchdog_log, wall, sshd_log, notes
+    POST /_localcloud/box/<iid>/poweroff       what the watchdog calls; terminates in moto
+    POST /_localcloud/box/<iid>/spot-notice    {"action": "terminate", "time": "...Z"}
+                                               ({} -> terminate in 120 s; {"clear": true})
+    POST /_localcloud/box/<iid>/imds           {"available": false}
+    GET|PUT /_localcloud/box-config            {"boot_seconds": 2.5}
+    POST /_localcloud/box-reset                stop every box, forget them (= boxsim.reset())
+
+summary = {instance_id, region, account_id, state, ssh_port, dir, poweroff_reason,
+           imds_url, imds_available, error}; state is booting|up|powered-off|gone
+(or failed, with error, when the user-data cannot make a box).
+
+Module functions: attach(cloud), reset(), shutdown(). Set BOXSIM_KEEP_DIRS=1 to keep
+the box directories (logs) after shutdown.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import datetime as _dt
+import gzip
+import json
+import os
+import queue
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+import yaml
+
+SSHD = os.environ.get("BOXSIM_SSHD", "/usr/sbin/sshd")
+POLL_SECONDS = 0.1
+MARK = "EA_BOXSIM_BOX"  # set in the env of every process of a box (and its SSH sessions)
+DEFAULT_UNIT = "/etc/systemd/system/ephemeral-admin-watchdog.service"
+DEFAULT_SCRIPT = "/usr/local/sbin/ephemeral-admin-watchdog"
+DEFAULT_ENVFILE = "/etc/ephemeral-admin/watchdog.env"
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+GONE_STATES = {"shutting-down", "terminated", "stopping", "stopped"}
+
+_SIM: "BoxSim | None" = None
+
+
+def attach(cloud):
+    """Start the simulator against ``cloud``; returns the BoxSim."""
+    global _SIM
+    if _SIM is not None:
+        _SIM.shutdown()
+    _SIM = BoxSim(cloud)
+    _SIM.start()
+    return _SIM
+
+
+def reset():
+    """Stop and forget every box (localcloud's own reset should call this)."""
+    if _SIM is not None:
+        _SIM.reset()
+
+
+def shutdown():
+    if _SIM is not None:
+        _SIM.shutdown()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _now_iso(offset=0.0):
+    t = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=offset)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _decode_user_data(ud):
+    if ud is None:
+        return b""
+    if isinstance(ud, (list, tuple)):  # older moto kept a list
+        ud = ud[0] if ud else ""
+    if isinstance(ud, bytes):
+        raw = ud
+    elif isinstance(ud, str):
+        try:
+            raw = base64.b64decode(ud, validate=True)
+        except Exception:
+            raw = ud.encode()
+    else:  # moto's Base64EncodedString
+        raw = base64.b64decode(str(ud))
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return raw
+
+
+def _file_content(entry):
+    content = entry.get("content", "")
+    enc = str(entry.get("encoding", "") or "").lower()
+    data = content if isinstance(content, bytes) else str(content).encode()
+    if enc in ("b64", "base64"):
+        data = base64.b64decode(data)
+    elif enc in ("gz+b64", "gzip+base64", "gz+base64", "gzip+b64"):
+        data = gzip.decompress(base64.b64decode(data))
+    elif enc in ("gz", "gzip"):
+        data = gzip.decompress(data)
+    return data
+
+
+def _parse_env_file(text):
+    """systemd EnvironmentFile= semantics, simplified: KEY=VALUE, # comments, quotes."""
+    env = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, sep, val = line.partition("=")
+        if not sep:
+            continue
+        val = val.strip()
+        if len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
+            val = val[1:-1]
+        env[key.strip()] = val
+    return env
+
+
+def _proc_table():
+    """{pid: ppid} for every process."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            table[int(name)] = int(stat.rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return table
+
+
+def _descendants(roots, table=None):
+    table = _proc_table() if table is None else table
+    found, todo = set(), [r for r in roots if r]
+    while todo:
+        pid = todo.pop()
+        for child, parent in table.items():
+            if parent == pid and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _marked(iid, table):
+    needle = f"{MARK}={iid}\0".encode()
+    pids = set()
+    for pid in table:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read() + b"\0":
+                    pids.add(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def _kill(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+class _Spawner:
+    """Starts children from one long-lived thread: PR_SET_PDEATHSIG (via setpriv)
+    fires when the *thread* that forked dies, so this keeps children alive exactly
+    as long as localcloud and kills them if localcloud is SIGKILLed."""
+
+    def __init__(self):
+        self.q = queue.Queue()
+        self.prefix = []
+        setpriv = shutil.which("setpriv")
+        if setpriv and subprocess.run([setpriv, "--pdeathsig", "KILL", "true"],
+                                      capture_output=True).returncode == 0:
+            self.prefix = [setpriv, "--pdeathsig", "KILL", "--"]
+        self.thread = threading.Thread(target=self._run, name="boxsim-spawner", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            args, kwargs, box = item
+            try:
+                box.put(("ok", subprocess.Popen(self.prefix + args, **kwargs)))
+            except Exception as e:  # noqa: BLE001
+                box.put(("err", e))
+
+    def popen(self, args, **kwargs):
+        reply = queue.Queue(1)
+        self.q.put((args, kwargs, reply))
+        kind, value = reply.get()
+        if kind == "err":
+            raise value
+        return value
+
+    def stop(self):
+        self.q.put(None)
+
+
+WALL_SCRIPT = r'''#!__PYTHON__
+# boxsim's stand-in for wall(1): $EA_WALL_CMD "message" (or the message on stdin).
+import os, sys, time
+D = __DIR__
+msg = " ".join(sys.argv[1:]) if len(sys.argv) > 1 else sys.stdin.read()
+ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+with open(os.path.join(D, "wall.log"), "a") as f:
+    for line in msg.rstrip("\n").splitlines() or [""]:
+        f.write(ts + " " + line + "\n")
+table = {}
+for p in os.listdir("/proc"):
+    try:
+        table[int(p)] = int(open("/proc/%s/stat" % p, "rb").read().rsplit(b")", 1)[1].split()[1])
+    except Exception:
+        pass
+try:
+    roots = {int(open(os.path.join(D, "sshd.pid")).read().split()[0])}
+except Exception:
+    roots = set()
+pids, todo = set(), list(roots)
+while todo:
+    pid = todo.pop()
+    for c, pp in table.items():
+        if pp == pid and c not in pids:
+            pids.add(c)
+            todo.append(c)
+ttys = set()
+for pid in pids:
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            t = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            if t.startswith("/dev/pts/"):
+                ttys.add(t)
+    except OSError:
+        pass
+text = ("\r\nBroadcast message from root (boxsim) (%s):\r\n\r\n%s\r\n\r\n"
+        % (ts, msg.rstrip("\n").replace("\n", "\r\n"))).encode()
+for t in ttys:
+    try:
+        fd = os.open(t, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+'''
+
+
+# --------------------------------------------------------------------------- boxes
+
+
+class Box:
+    def __init__(self, iid, region, account):
+        self.iid, self.region, self.account = iid, region, account
+        self.state = "booting"
+        self.dir = None
+        self.ssh_port = None
+        self.sshd = None
+        self.watchdog = None
+        self.watchdog_cmd = None
+        self.watchdog_env = None
+        self.watchdog_restarts = 0
+        self.watchdog_exited_at = None
+        self.poweroff_reason = None
+        self.error = None
+        self.notes = []
+        self.imds_available = True
+        self.spot_notice = None
+        self.tokens = {}
+        self.stopped = False
+        self.lock = threading.RLock()
+        self.wake = threading.Event()
+
+    def note(self, msg):
+        self.notes.append(msg)
+        if self.dir:
+            try:
+                with open(os.path.join(self.dir, "boxsim.log"), "a") as f:
+                    f.write(f"{_now_iso()} {msg}\n")
+            except OSError:
+                pass
+
+    def read_lines(self, name, tail=None):
+        if not self.dir:
+            return []
+        try:
+            with open(os.path.join(self.dir, name), errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return []
+        return lines[-tail:] if tail else lines
+
+    def summary(self, imds_base):
+        return {
+            "instance_id": self.iid,
+            "region": self.region,
+            "account_id": self.account,
+            "state": self.state,
+            "ssh_port": self.ssh_port,
+            "dir": self.dir,
+            "poweroff_reason": self.poweroff_reason,
+            "imds_url": f"{imds_base}/{self.iid}",
+            "imds_available": self.imds_available,
+            "error": self.error,
+        }
+
+
+class BoxSim:
+    def __init__(self, cloud):
+        self.cloud = cloud
+        self.lock = threading.RLock()
+        self.boxes: dict[str, Box] = {}
+        self.ignored: set[str] = set()
+        self.boot_seconds = 0.0
+        self.root = tempfile.mkdtemp(prefix="localcloud-boxsim-")
+        self.spawner = _Spawner()
+        self.stop_event = threading.Event()
+        self.imds = None
+        self.poller = None
+        self._shut = False
+        self.moto_lock = getattr(cloud, "moto_lock", None) or threading.RLock()
+
+    # ---- lifecycle
+
+    def start(self):
+        try:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        except OSError:
+            pass  # not root: sshd then runs unprivileged, which is fine
+        self.imds = ThreadingHTTPServer(("127.0.0.1", 0), _ImdsHandler)
+        self.imds.daemon_threads = True
+        self.imds.sim = self
+        threading.Thread(target=self.imds.serve_forever, name="boxsim-imds", daemon=True).start()
+        self.imds_base = f"http://127.0.0.1:{self.imds.server_address[1]}"
+        for method in ("GET", "POST", "PUT"):
+            for prefix in ("/_localcloud/box-config", "/_localcloud/box-reset", "/_localcloud/box"):
+                self.cloud.add_route(method, prefix, self._route_for(prefix))
+        self.cloud.on_shutdown(self.shutdown)
+        if hasattr(self.cloud, "on_reset"):
+            self.cloud.on_reset(self.reset)
+        if hasattr(self.cloud, "on_instances_terminated"):
+            self.cloud.on_instances_terminated(self._on_terminated)
+        extras = getattr(self.cloud, "ready_extras", None)
+        if isinstance(extras, dict):
+            extras["boxsim_imds"] = self.imds_base
+        atexit.register(self.shutdown)
+        self.poller = threading.Thread(target=self._poll_loop, name="boxsim-poller", daemon=True)
+        self.poller.start()
+
+    def reset(self):
+        current = [i[2] for i in self._instances()]  # (lock order: moto, then ours)
+        with self.lock:
+            boxes = list(self.boxes.values())
+            self.ignored.update(self.boxes)
+            self.ignored.update(current)
+            self.boxes.clear()
+            self.boot_seconds = 0.0
+        for box in boxes:
+            self._stop_box(box, None)
+
+    def shutdown(self):
+        with self.lock:
+            if self._shut:
+                return
+            self._shut = True
+        self.stop_event.set()
+        self.reset()
+        if self.imds:
+            self.imds.shutdown()
+            self.imds.server_close()
+        self.spawner.stop()
+        if not os.environ.get("BOXSIM_KEEP_DIRS"):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # ---- moto scanning
+
+    def _backends(self):
+        from moto.ec2.models import ec2_backends
+
+        for account, per_account in list(dict.items(ec2_backends)):
+            for region, backend in list(dict.items(per_account)):
+                yield account, region, backend
+
+    def _backend(self, account, region):
+        from moto.ec2.models import ec2_backends
+
+        per_account = dict.get(ec2_backends, account)
+        return dict.get(per_account, region) if per_account is not None else None
+
+    def _instances(self):
+        """(account, region, instance_id, instance) for every instance in moto."""
+        out = []
+        with self.moto_lock:
+            for account, region, backend in self._backends():
+                try:
+                    for inst in backend.all_instances():
+                        out.append((account, region, inst.id, inst, inst.state))
+                except Exception:  # noqa: BLE001  (moto mutating under us: next tick)
+                    continue
+        return out
+
+    def _poll_loop(self):
+        while not self.stop_event.wait(POLL_SECONDS):
+            try:
+                self._poll_once()
+            except Exception as e:  # noqa: BLE001
+                print(f"boxsim: poll error: {e!r}", file=sys.stderr)
+
+    def _poll_once(self):
+        present = {}
+        for account, region, iid, inst, state in self._instances():
+            present[iid] = state
+            with self.lock:
+                known = iid in self.boxes or iid in self.ignored
+                if not known and state == "running" and not self._shut:
+                    box = Box(iid, region, account)
+                    self.boxes[iid] = box
+                    threading.Thread(target=self._boot, args=(box, inst),
+                                     name=f"boxsim-boot-{iid}", daemon=True).start()
+        with self.lock:
+            boxes = list(self.boxes.values())
+        for box in boxes:
+            if box.stopped:
+                continue
+            state = present.get(box.iid)
+            if state is None or state in GONE_STATES:
+                self._stop_box(box, "gone")
+            else:
+                self._check_watchdog(box)
+
+    def _on_terminated(self, region, instance_ids):
+        for iid in instance_ids:
+            with self.lock:
+                box = self.boxes.get(iid)
+            # a powered-off box is stopped by _poweroff once its reply is out
+            if box is not None and box.state != "powered-off":
+                self._stop_box(box, "gone")
+
+    # ---- boot
+
+    def _boot(self, box, inst):
+        try:
+            if self.boot_seconds > 0 and box.wake.wait(self.boot_seconds):
+                return  # stopped while booting
+            box.dir = tempfile.mkdtemp(prefix=f"{box.iid}-", dir=self.root)
+            with self.moto_lock:
+                ud = getattr(inst, "user_data", None)
+            raw = _decode_user_data(ud)
+            with open(os.path.join(box.dir, "user-data"), "wb") as f:
+                f.write(raw)
+            cfg = yaml.safe_load(raw.decode()) if raw.strip() else None
+            if not isinstance(cfg, dict):
+                raise ValueError("user-data is not a #cloud-config mapping")
+            files = self._write_files(box, cfg)
+            self._start_sshd(box, cfg)
+            self._start_watchdog(box, cfg, files)
+            with box.lock:
+                if not box.stopped:
+                    box.state = "up"
+                    box.note(f"up ssh_port={box.ssh_port}")
+        except Exception as e:  # noqa: BLE001
+            with box.lock:
+                if not box.stopped:
+                    box.state, box.error = "failed", str(e)
+            box.note(f"boot failed: {e}")
+            self._stop_box(box, None)
+
+    def _write_files(self, box, cfg):
+        files = {}
+        for entry in cfg.get("write_files") or []:
+            path = str(entry.get("path", ""))
+            if not path:
+                continue
+            data = _file_content(entry)
+            files[path] = data
+            dest = os.path.join(box.dir, "files", path.lstrip("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(data)
+            perms = entry.get("permissions")
+            if perms is not None:
+                os.chmod(dest, int(str(perms), 8) & 0o7777)
+        return files
+
+    def _start_sshd(self, box, cfg):
+        d = box.dir
+        keys = cfg.get("ssh_keys") or {}
+        host_key = keys.get("ed25519_private")
+        if not host_key:
+            raise ValueError("user-data has no ssh_keys.ed25519_private")
+        authorized = cfg.get("ssh_authorized_keys") or []
+        if not authorized:
+            raise ValueError("user-data has no ssh_authorized_keys")
+        key_path = os.path.join(d, "ssh_host_ed25519_key")
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(host_key if host_key.endswith("\n") else host_key + "\n")
+        if keys.get("ed25519_public"):
+            with open(key_path + ".pub", "w") as f:
+                f.write(keys["ed25519_public"].strip() + "\n")
+        with open(os.path.join(d, "authorized_keys"), "w") as f:
+            f.write("".join(str(k).strip() + "\n" for k in authorized))
+
+        last_err = "sshd did not start"
+        for _attempt in range(3):
+            port = _free_port()
+            conf = os.path.join(d, "sshd_config")
+            with open(conf, "w") as f:
+                f.write(_sshd_config(d, port, box.iid))
+            log = open(os.path.join(d, "sshd.log"), "ab")
+            env = dict(os.environ, **{MARK: box.iid})
+            with box.lock:
+                if box.stopped:
+                    log.close()
+                    raise RuntimeError("stopped while booting")
+                box.sshd = self.spawner.popen(
+                    [SSHD, "-D", "-e", "-f", conf], stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, env=env, start_new_session=True)
+            log.close()
+            with open(os.path.join(d, "sshd.pid"), "w") as f:
+                f.write(f"{box.sshd.pid}\n")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if box.stopped:
+                    raise RuntimeError("stopped while booting")
+                if box.sshd.poll() is not None:
+                    break
+                if f"Server listening on 127.0.0.1 port {port}" in "\n".join(box.read_lines("sshd.log")):
+                    box.ssh_port = port
+                    return
+                time.sleep(0.02)
+            last_err = "sshd failed: " + " | ".join(box.read_lines("sshd.log", tail=5))
+            self._kill_procs(box)
+        raise RuntimeError(last_err)
+
+    def _start_watchdog(self, box, cfg, files):
+        """Do what cloud-init + systemd would: the unit from write_files, enabled by
+        runcmd, runs ExecStart with EnvironmentFile."""
+        runcmd = json.dumps(cfg.get("runcmd") or [])
+        unit = files.get(DEFAULT_UNIT)
+        if unit is None or "ephemeral-admin-watchdog" not in runcmd:
+            box.note("no watchdog: unit not in write_files or not enabled by runcmd")
+            return
+        unit_text = unit.decode(errors="replace")
+        exec_start, env_path = None, DEFAULT_ENVFILE
+        for line in unit_text.splitlines():
+            k, _, v = line.strip().partition("=")
+            if k.strip() == "ExecStart":
+                exec_start = shlex.split(v.strip().lstrip("-@+!"))
+            elif k.strip() == "EnvironmentFile":
+                env_path = v.strip().lstrip("-")
+        script_path = next((a for a in (exec_start or []) if a in files), DEFAULT_SCRIPT)
+        if script_path not in files:
+            raise ValueError(f"watchdog script {script_path} not in write_files")
+        script = os.path.join(box.dir, "watchdog.sh")
+        with open(script, "wb") as f:
+            f.write(files[script_path])
+        wall = os.path.join(box.dir, "wall.py")
+        with open(wall, "w") as f:
+            f.write(WALL_SCRIPT.replace("__PYTHON__", sys.executable).replace("__DIR__", repr(box.dir)))
+        os.chmod(wall, 0o755)
+        base = str(self.cloud.base_url).rstrip("/")
+        env = {"PATH": SYSTEMD_PATH + ":" + os.environ.get("PATH", ""), "LANG": "C.UTF-8", MARK: box.iid}
+        env.update(_parse_env_file(files.get(env_path, b"").decode(errors="replace")))
+        env.update({
+            "EA_IMDS_URL": f"{self.imds_base}/{box.iid}",
+            "EA_SSH_PORT": str(box.ssh_port),
+            "EA_POWEROFF_CMD": "curl -fsS -o /dev/null -m 10 -X POST -H 'Content-Type: application/json' -d '{}' "
+                               + shlex.quote(f"{base}/_localcloud/box/{box.iid}/poweroff"),
+            "EA_WALL_CMD": shlex.quote(sys.executable) + " " + shlex.quote(wall),
+            "EA_STATE_DIR": os.path.join(box.dir, "state"),
+        })
+        box.watchdog_cmd, box.watchdog_env = ["sh", script], env
+        self._spawn_watchdog(box)
+
+    def _spawn_watchdog(self, box):
+        with box.lock:
+            if box.stopped:
+                return
+            with open(os.path.join(box.dir, "watchdog.log"), "ab") as log:
+                box.watchdog = self.spawner.popen(
+                    box.watchdog_cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    env=box.watchdog_env, cwd=box.dir, start_new_session=True)
+            box.watchdog_exited_at = None
+
+    def _check_watchdog(self, box):
+        """Restart=always: rerun a watchdog that exited, after a second."""
+        w = box.watchdog
+        if w is None or box.state != "up" or w.poll() is None:
+            return
+        if box.watchdog_exited_at is None:
+            box.watchdog_exited_at = time.monotonic()
+            box.note(f"watchdog exited rc={w.returncode}; restarting (Restart=always)")
+        elif time.monotonic() - box.watchdog_exited_at >= 1.0:
+            box.watchdog_restarts += 1
+            self._spawn_watchdog(box)
+
+    # ---- stopping
+
+    def _stop_box(self, box, state):
+        with box.lock:
+            if state and box.state in ("booting", "up"):
+                box.state = state
+            already = box.stopped
+            box.stopped = True
+            box.wake.set()
+        if not already and state:
+            box.note(f"stopped state={box.state}")
+        self._kill_procs(box)
+
+    def _kill_procs(self, box):
+        procs = [p for p in (box.sshd, box.watchdog) if p is not None]
+        roots = {p.pid for p in procs if p.poll() is None}
+        table = _proc_table()
+        pids = roots | _descendants(roots, table) | _marked(box.iid, table)
+        pids.discard(os.getpid())
+        for pid in roots:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        _kill(pids, signal.SIGTERM)
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end and any(p.poll() is None for p in procs):
+            time.sleep(0.02)
+        table = _proc_table()
+        left = (pids & set(table)) | _marked(box.iid, table)
+        left.discard(os.getpid())
+        for pid in roots:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _kill(left, signal.SIGKILL)
+        for p in procs:
+            try:
+                p.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+
+    # ---- control routes
+
+    def _route_for(self, prefix):
+        def handler(environ, body):
+            path = environ.get("PATH_INFO") or "/"
+            if not path.startswith("/_localcloud/"):  # router stripped the prefix
+                path = prefix + path
+            try:
+                data = json.loads(body) if body and body.strip() else {}
+            except ValueError:
+                return 400, {"error": "body is not JSON"}
+            method = (environ.get("REQUEST_METHOD") or "GET").upper()
+            try:
+                return self._control(method, path.rstrip("/"), data if isinstance(data, dict) else {})
+            except Exception as e:  # noqa: BLE001
+                return 500, {"error": repr(e)}
+
+        return handler
+
+    def _control(self, method, path, data):
+        if path == "/_localcloud/box" and method == "GET":
+            with self.lock:
+                boxes = list(self.boxes.values())
+            return 200, {"boxes": [b.summary(self.imds_base) for b in boxes]}
+        if path == "/_localcloud/box-config":
+            if method in ("PUT", "POST") and "boot_seconds" in data:
+                self.boot_seconds = max(0.0, float(data["boot_seconds"]))
+            return 200, {"boot_seconds": self.boot_seconds}
+        if path == "/_localcloud/box-reset" and method == "POST":
+            self.reset()
+            return 200, {"reset": True}
+        if not path.startswith("/_localcloud/box/"):
+            return 404, {"error": f"no route {method} {path}"}
+        iid, _, action = path[len("/_localcloud/box/"):].partition("/")
+        with self.lock:
+            box = self.boxes.get(iid)
+        if box is None:
+            return 404, {"error": f"no box for {iid}"}
+        if action == "" and method == "GET":
+            out = box.summary(self.imds_base)
+            out.update({
+                "spot_notice": json.loads(box.spot_notice) if box.spot_notice else None,
+                "watchdog_pid": box.watchdog.pid if box.watchdog else None,
+                "watchdog_restarts": box.watchdog_restarts,
+                "watchdog_log": box.read_lines("watchdog.log"),
+                "wall": box.read_lines("wall.log"),
+                "sshd_log": box.read_lines("sshd.log", tail=200),
+                "notes": list(box.notes),
+            })
+            return 200, out
+        if action == "poweroff" and method == "POST":
+            return self._poweroff(box, data)
+        if action == "spot-notice" and method == "POST":
+            if data.get("clear") or ("action" in data and data["action"] is None):
+                box.spot_notice = None
+            else:
+                box.spot_notice = json.dumps({"action": data.get("action") or "terminate",
+                                              "time": data.get("time") or _now_iso(120)})
+            box.note(f"spot notice {box.spot_notice}")
+            return 200, {"spot_notice": json.loads(box.spot_notice) if box.spot_notice else None}
+        if action == "imds" and method == "POST":
+            if "available" in data:
+                box.imds_available = bool(data["available"])
+                box.note(f"imds available={box.imds_available}")
+            return 200, {"imds_available": box.imds_available}
+        return 404, {"error": f"no route {method} {path}"}
+
+    def _poweroff(self, box, data):
+        reason = None
+        if box.dir:
+            try:
+                with open(os.path.join(box.dir, "state", "poweroff-reason")) as f:
+                    reason = f.read().strip() or None
+            except OSError:
+                pass
+        reason = reason or data.get("reason") or "manual"
+        with box.lock:
+            if box.state in ("booting", "up"):
+                box.state = "powered-off"
+                box.poweroff_reason = reason
+        box.note(f"poweroff reason={reason}")
+        try:
+            try:
+                self.cloud.terminate_instance(box.region, box.iid, reason="shutdown")
+            except TypeError:  # a cloud without the reason parameter
+                self.cloud.terminate_instance(box.region, box.iid)
+        except Exception as e:  # noqa: BLE001
+            box.note(f"terminate_instance failed: {e!r}")
+        # Let the reply reach the caller (the watchdog's curl) before killing it.
+        threading.Timer(0.2, self._stop_box, args=(box, "powered-off")).start()
+        return 200, {"instance_id": box.iid, "state": box.state, "poweroff_reason": box.poweroff_reason}
+
+
+def _sshd_config(d, port, iid):
+    return f"""# boxsim: one box's sshd
+ListenAddress 127.0.0.1
+Port {port}
+HostKey {d}/ssh_host_ed25519_key
+AuthorizedKeysFile {d}/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+PidFile {d}/sshd.daemon.pid
+AllowTcpForwarding yes
+PrintMotd no
+Subsystem sftp internal-sftp
+LogLevel VERBOSE
+SetEnv {MARK}={iid}
+"""
+
+
+# --------------------------------------------------------------------------- IMDS
+
+
+class _ImdsHandler(BaseHTTPRequestHandler):
+    server_version = "boxsim-imds"
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, fmt, *args):  # quiet; per-box imds.log instead
+        pass
+
+    def _reply(self, box, status, text="", ctype="text/plain"):
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if box is not None and box.dir:
+            try:
+                with open(os.path.join(box.dir, "imds.log"), "a") as f:
+                    f.write(f"{_now_iso()} {self.command} {self.path} {status}\n")
+            except OSError:
+                pass
+
+    def do_PUT(self):
+        self._handle()
+
+    def do_GET(self):
+        self._handle()
+
+    def _handle(self):
+        sim = self.server.sim
+        _, iid, rest = (self.path.split("?", 1)[0] + "/").split("/", 2)
+        rest = "/" + rest.rstrip("/")
+        with sim.lock:
+            box = sim.boxes.get(iid)
+        if box is None:
+            return self._reply(None, 404, "Not Found")
+        if not box.imds_available:
+            self.close_connection = True  # "unavailable": drop without a reply
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        if self.command == "PUT":
+            if rest != "/latest/api/token":
+                return self._reply(box, 403, "Forbidden")
+            try:
+                ttl = int(self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", ""))
+            except ValueError:
+                ttl = 0
+            if not 1 <= ttl <= 21600:
+                return self._reply(box, 400, "Bad Request")
+            token = secrets.token_urlsafe(32)
+            box.tokens[token] = time.time() + ttl
+            return self._reply(box, 200, token)
+        token = self.headers.get("X-aws-ec2-metadata-token", "")
+        if not token or box.tokens.get(token, 0) < time.time():
+            return self._reply(box, 401, "Unauthorized")
+        prefix = "/latest/meta-data/"
+        if not (rest + "/").startswith(prefix):
+            return self._reply(box, 404, "Not Found")
+        key = rest[len(prefix):]
+        if key == "instance-id":
+            return self._reply(box, 200, box.iid)
+        if key == "placement/region":
+            return self._reply(box, 200, box.region)
+        if key == "spot/instance-action":
+            if box.spot_notice:
+                return self._reply(box, 200, box.spot_notice, "application/json")
+            return self._reply(box, 404, "Not Found")
+        if key == "tags/instance" or key.startswith("tags/instance/"):
+            with sim.moto_lock:
+                backend = sim._backend(box.account, box.region)
+                tags = dict(getattr(backend, "tags", {}).get(box.iid, {})) if backend else {}
+            if key == "tags/instance":
+                return self._reply(box, 200, "\n".join(sorted(tags)))
+            name = unquote(key[len("tags/instance/"):])
+            if name in tags:
+                return self._reply(box, 200, str(tags[name]))
+        return self._reply(box, 404, "Not Found")

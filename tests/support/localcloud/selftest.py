@@ -1,0 +1,902 @@
+#!/usr/bin/env python3
+"""Self-test for localcloud.py: start it as a subprocess and exercise every feature
+with boto3. No pytest; exits non-zero if any check fails.
+
+    .venv/bin/python tests/support/localcloud/selftest.py [-v]
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOCALCLOUD = os.path.join(HERE, "localcloud.py")
+PY = sys.executable
+REGION = "us-east-1"
+
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_SESSION_TOKEN="testing", AWS_DEFAULT_REGION=REGION)
+os.environ.pop("AWS_PROFILE", None)
+
+import boto3  # noqa: E402
+import botocore.exceptions  # noqa: E402
+import botocore.session  # noqa: E402
+from botocore.config import Config  # noqa: E402
+
+VERBOSE = "-v" in sys.argv
+# botocore's "max_attempts" counts retries (max_attempts=1 still retries once);
+# total_max_attempts=1 means exactly one attempt, i.e. no retries at all.
+NO_RETRY = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=5,
+                  read_timeout=20)
+
+passed = 0
+failed: list[str] = []
+timings: dict[str, float] = {}
+
+
+def check(cond: bool, what: str, detail: object = "") -> bool:
+    global passed
+    if cond:
+        passed += 1
+        if VERBOSE:
+            print(f"  ok   {what}")
+    else:
+        failed.append(what)
+        print(f"  FAIL {what} {detail}")
+    return cond
+
+
+def section(name: str):
+    """Decorator: run a test section; an exception fails it instead of aborting."""
+    def deco(fn):
+        def run(*args, **kwargs):
+            print(f"- {name}")
+            try:
+                fn(*args, **kwargs)
+            except Exception:
+                check(False, f"{name}: raised", "\n" + traceback.format_exc())
+        return run
+    return deco
+
+
+# ---------------------------------------------------------------------------
+# process and control-API helpers
+# ---------------------------------------------------------------------------
+class Cloud:
+    def __init__(self, *args: str, script: str = LOCALCLOUD, stdin_pipe: bool = True):
+        self.stderr = tempfile.TemporaryFile()
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [PY, script, "--port", "0", *args], stdin=subprocess.PIPE if stdin_pipe else None,
+            stdout=subprocess.PIPE, stderr=self.stderr)
+        line = self._readline(timeout=30)
+        self.startup = time.monotonic() - t0
+        if not line.startswith("LOCALCLOUD READY url="):
+            raise RuntimeError(f"bad READY line {line!r}; stderr:\n{self.stderr_text()}")
+        self.ready_line = line
+        self.url = line.split()[2].split("=", 1)[1]
+
+    def _readline(self, timeout: float) -> str:
+        box: list[bytes] = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return box[0].decode().rstrip("\n") if box else ""
+
+    def stderr_text(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace")
+
+    def api(self, method: str, path: str, body: object = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                return resp.status, json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def client(self, service: str, region: str = REGION, session=None):
+        maker = session.client if session else boto3.client
+        return maker(service, endpoint_url=self.url, region_name=region, config=NO_RETRY)
+
+    def log(self, **filters: str) -> list[dict]:
+        query = "&".join(f"{k}={v}" for k, v in filters.items())
+        return self.api("GET", "/_localcloud/log" + (f"?{query}" if query else ""))[1]["calls"]
+
+    def state(self, region: str = REGION) -> dict:
+        return self.api("GET", f"/_localcloud/state?region={region}")[1]
+
+    def reset(self) -> None:
+        status, _ = self.api("POST", "/_localcloud/reset")
+        assert status == 200
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -999
+
+
+def error_code(exc: Exception) -> str | None:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return exc.response.get("Error", {}).get("Code")
+    return None
+
+
+def http_status(exc: Exception) -> int | None:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def expect_error(fn, *args, **kwargs) -> Exception | None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    return None
+
+
+def ami(region: str = REGION) -> str:
+    """The AL2023 x86_64 AMI id, resolved like the CLI will (via SSM)."""
+    return CLOUD.client("ssm", region).get_parameter(
+        Name="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+    )["Parameter"]["Value"]
+
+
+def run_one(ec2, **extra):
+    kwargs = dict(ImageId=ami(), MinCount=1, MaxCount=1, InstanceType="t3.micro")
+    kwargs.update(extra)
+    return ec2.run_instances(**kwargs)["Instances"][0]
+
+
+# ---------------------------------------------------------------------------
+# the checks
+# ---------------------------------------------------------------------------
+@section("startup, health and default VPCs")
+def t_basics():
+    status, doc = CLOUD.api("GET", "/_localcloud/health")
+    check(status == 200 and doc.get("ok") is True, "health ok", doc)
+    check(CLOUD.ready_line.startswith("LOCALCLOUD READY url=http://127.0.0.1:"),
+          "READY line format", CLOUD.ready_line)
+    for region in ("us-east-1", "eu-west-1"):
+        vpcs = CLOUD.client("ec2", region).describe_vpcs(
+            Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+        check(len(vpcs) == 1, f"one default VPC in {region}", vpcs)
+        subnets = CLOUD.client("ec2", region).describe_subnets(
+            Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+        check(len(subnets) >= 3, f"default subnets in {region}", len(subnets))
+    sts = CLOUD.client("sts").get_caller_identity()
+    check(sts["Account"] == "123456789012", "STS account is moto's default", sts)
+
+
+@section("InsufficientInstanceCapacity, times=2, matched on InstanceType")
+def t_ice():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    status, _ = CLOUD.api("PUT", "/_localcloud/rules", {"rules": [{
+        "service": "ec2", "action": "RunInstances", "match": {"InstanceType": "t3.small"},
+        "error": "InsufficientInstanceCapacity", "times": 2}]})
+    check(status == 200, "PUT rules")
+    # A t3.micro launch does not match the rule.
+    check(run_one(ec2, InstanceType="t3.micro")["InstanceType"] == "t3.micro",
+          "non-matching request passes")
+    for attempt in (1, 2):
+        exc = expect_error(run_one, ec2, InstanceType="t3.small")
+        check(error_code(exc) == "InsufficientInstanceCapacity",
+              f"attempt {attempt}: InsufficientInstanceCapacity", exc)
+        check(http_status(exc) == 500, f"attempt {attempt}: HTTP 500", http_status(exc))
+    inst = run_one(ec2, InstanceType="t3.small")
+    check(inst["InstanceType"] == "t3.small", "third attempt succeeds")
+    rules = CLOUD.api("GET", "/_localcloud/rules")[1]["rules"]
+    check(rules[0]["times"] == 0 and rules[0]["hits"] == 2, "rule shows times=0, hits=2", rules)
+    injected = [c["injected"] for c in CLOUD.log(action="RunInstances")]
+    check(injected == [None, "error:InsufficientInstanceCapacity",
+                       "error:InsufficientInstanceCapacity", None], "log marks injections",
+          injected)
+
+
+@section("RequestLimitExceeded every=3 (deterministic)")
+def t_every():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    CLOUD.api("POST", "/_localcloud/rules", {"rule": {
+        "action": "DescribeInstances", "error": "RequestLimitExceeded", "every": 3}})
+    outcomes = []
+    for _ in range(7):
+        exc = expect_error(ec2.describe_instances)
+        outcomes.append(error_code(exc) if exc else "ok")
+        if exc:
+            check(http_status(exc) == 503, "RequestLimitExceeded is HTTP 503", http_status(exc))
+    check(outcomes == ["ok", "ok", "RequestLimitExceeded", "ok", "ok", "RequestLimitExceeded",
+                       "ok"], "fails exactly every 3rd call", outcomes)
+
+
+@section("drop closes the connection without a response")
+def t_drop():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    CLOUD.api("POST", "/_localcloud/rules", {"rule": {
+        "action": "DescribeVpcs", "drop": True, "times": 1}})
+    exc = expect_error(ec2.describe_vpcs)
+    check(isinstance(exc, (botocore.exceptions.ConnectionError,
+                           botocore.exceptions.HTTPClientError)),
+          "boto3 sees a connection error", repr(exc))
+    check(len(ec2.describe_vpcs()["Vpcs"]) >= 1, "next call works")
+    calls = CLOUD.log(action="DescribeVpcs")
+    check([c["injected"] for c in calls] == ["drop", None], "log marks drop", calls)
+    status, doc = CLOUD.api("GET", "/_localcloud/health")
+    check(doc.get("internal_errors") == 0, "drop is not an internal error", doc)
+
+
+@section("latency: global delay_ms and per-rule delay_ms")
+def t_delay():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    CLOUD.api("PUT", "/_localcloud/config", {"delay_ms": 300})
+    t0 = time.monotonic()
+    ec2.describe_regions()
+    took = time.monotonic() - t0
+    entry = CLOUD.log(action="DescribeRegions")[-1]
+    check(entry["t_end"] - entry["t_start"] >= 0.3, "t_end - t_start >= delay",
+          entry["t_end"] - entry["t_start"])
+    check(took >= 0.3, "client observes the delay", took)
+    CLOUD.api("PUT", "/_localcloud/config", {"delay_ms": 0})
+    CLOUD.api("POST", "/_localcloud/rules", {"rule": {"action": "DescribeVpcs",
+                                                      "delay_ms": 250}})
+    ec2.describe_vpcs()
+    ec2.describe_regions()
+    vpc_entry = CLOUD.log(action="DescribeVpcs")[-1]
+    reg_entry = CLOUD.log(action="DescribeRegions")[-1]
+    check(vpc_entry["t_end"] - vpc_entry["t_start"] >= 0.25, "rule delay applies")
+    check(reg_entry["t_end"] - reg_entry["t_start"] < 0.25, "rule delay is per action",
+          reg_entry["t_end"] - reg_entry["t_start"])
+    check(vpc_entry["injected"] is None, "delay-only rule injects nothing")
+    # Parallel requests overlap: 6 calls x 300 ms delay must take well under 1.8 s.
+    CLOUD.api("PUT", "/_localcloud/config", {"delay_ms": 300})
+    errors: list[Exception] = []
+
+    def worker():
+        try:
+            CLOUD.client("ec2").describe_instances()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.monotonic() - t0
+    check(not errors, "parallel requests all succeed", errors)
+    check(took < 1.5, "delays overlap for parallel requests", took)
+    CLOUD.api("PUT", "/_localcloud/config", {"delay_ms": 0})
+
+
+@section("call log: order, service, region, params, JSON bodies")
+def t_log():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    CLOUD.api("DELETE", "/_localcloud/log")
+    sg = ec2.create_security_group(GroupName="log-test", Description="for the log")["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[{
+        "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+        "IpRanges": [{"CidrIp": "203.0.113.7/32", "Description": "ssh from me"}]}])
+    ec2.describe_security_groups(GroupIds=[sg])
+    CLOUD.client("ssm").get_parameter(
+        Name="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64")
+    calls = CLOUD.log()
+    check([c["action"] for c in calls] == ["CreateSecurityGroup",
+                                           "AuthorizeSecurityGroupIngress",
+                                           "DescribeSecurityGroups", "GetParameter"],
+          "actions in order", [c["action"] for c in calls])
+    check([c["seq"] for c in calls] == sorted(c["seq"] for c in calls), "seq increases")
+    check(calls[0]["service"] == "ec2" and calls[0]["region"] == REGION, "service/region")
+    check(calls[0]["params"].get("GroupName") == "log-test", "query params flattened",
+          calls[0]["params"])
+    check(calls[1]["params"].get("IpPermissions.1.IpRanges.1.CidrIp") == "203.0.113.7/32",
+          "nested params flattened", calls[1]["params"])
+    check(calls[3]["service"] == "ssm" and calls[3]["json"]["Name"].endswith("x86_64"),
+          "JSON body logged", calls[3])
+    check(all(c["status"] == 200 for c in calls), "statuses recorded")
+    check(len(CLOUD.log(action="GetParameter")) == 1, "log filter by action")
+
+
+@section("spot prices: seeded per AZ, filters, overrides, regions")
+def t_spot_prices():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    hist = ec2.describe_spot_price_history(
+        InstanceTypes=["t3.small"], ProductDescriptions=["Linux/UNIX"])["SpotPriceHistory"]
+    prices = {h["AvailabilityZone"]: float(h["SpotPrice"]) for h in hist}
+    check(len(prices) == len(hist) >= 4, "one newest price per AZ", hist)
+    check(len(set(prices.values())) == len(prices), "AZ prices differ", prices)
+    check(min(prices, key=prices.get) == "us-east-1c", "cheapest t3.small is us-east-1c", prices)
+    check("us-east-1e" not in prices, "us-east-1e offers no t3.small (as in moto's offerings)")
+    check(all(0.004 < p < 0.0208 for p in prices.values()), "prices below on-demand", prices)
+    check(all(h["InstanceType"] == "t3.small" and h["ProductDescription"] == "Linux/UNIX"
+              and h["Timestamp"].year >= 2026 for h in hist), "fields and timestamp")
+    one = ec2.describe_spot_price_history(InstanceTypes=["t3.small", "t4g.small"],
+                                          AvailabilityZone="us-east-1b",
+                                          ProductDescriptions=["Linux/UNIX"])["SpotPriceHistory"]
+    check(sorted((h["InstanceType"], h["AvailabilityZone"]) for h in one) ==
+          [("t3.small", "us-east-1b"), ("t4g.small", "us-east-1b")], "AZ + types filter", one)
+    filt = ec2.describe_spot_price_history(Filters=[
+        {"Name": "availability-zone", "Values": ["us-east-1a"]},
+        {"Name": "instance-type", "Values": ["t3*"]},
+        {"Name": "product-description", "Values": ["Linux/UNIX (Amazon VPC)"]}])["SpotPriceHistory"]
+    check(len(filt) == 6 and all(h["AvailabilityZone"] == "us-east-1a" for h in filt),
+          "Filter.N with wildcard", len(filt))
+    pager = ec2.get_paginator("describe_spot_price_history")
+    paged = [h for page in pager.paginate(PaginationConfig={"PageSize": 7})
+             for h in page["SpotPriceHistory"]]
+    everything = ec2.describe_spot_price_history()["SpotPriceHistory"]
+    check(len(paged) == len(everything) > 7, "MaxResults/NextToken pagination",
+          (len(paged), len(everything)))
+    # override
+    CLOUD.api("PUT", "/_localcloud/config", {"spot_prices": {
+        "us-east-1": {"us-east-1a": {"t3.small": 0.0031}, "us-east-1b": {"t3.small": None}}}})
+    hist = ec2.describe_spot_price_history(
+        InstanceTypes=["t3.small"], ProductDescriptions=["Linux/UNIX"])["SpotPriceHistory"]
+    prices2 = {h["AvailabilityZone"]: float(h["SpotPrice"]) for h in hist}
+    check(prices2.get("us-east-1a") == 0.0031, "override applies", prices2)
+    check("us-east-1b" not in prices2, "null override removes the offer", prices2)
+    check(prices2.get("us-east-1c") == prices["us-east-1c"], "other AZs unchanged")
+    status, table = CLOUD.api("GET", "/_localcloud/spot-prices?region=us-east-1")
+    check(table["prices"]["us-east-1a"]["t3.small"] == 0.0031, "GET spot-prices shows override")
+    for region in ("us-east-2", "us-west-2", "eu-west-1", "eu-central-1"):
+        hist = CLOUD.client("ec2", region).describe_spot_price_history(
+            InstanceTypes=["t3.small"], ProductDescriptions=["Linux/UNIX"])["SpotPriceHistory"]
+        azs = {h["AvailabilityZone"]: float(h["SpotPrice"]) for h in hist}
+        check(len(azs) >= 3 and len(set(azs.values())) == len(azs)
+              and min(azs, key=azs.get) == f"{region}c", f"prices in {region}", azs)
+
+
+@section("pending_seconds: pending, then running")
+def t_pending():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    CLOUD.api("PUT", "/_localcloud/config", {"pending_seconds": 1.0})
+    inst = run_one(ec2)
+    check(inst["State"]["Name"] == "pending", "RunInstances says pending", inst["State"])
+    state = ec2.describe_instances(InstanceIds=[inst["InstanceId"]])[
+        "Reservations"][0]["Instances"][0]["State"]
+    check(state == {"Code": 0, "Name": "pending"}, "DescribeInstances says pending", state)
+    time.sleep(1.4)
+    state = ec2.describe_instances(InstanceIds=[inst["InstanceId"]])[
+        "Reservations"][0]["Instances"][0]["State"]
+    check(state == {"Code": 16, "Name": "running"}, "running after pending_seconds", state)
+    waiter_inst = run_one(ec2)
+    t0 = time.monotonic()
+    ec2.get_waiter("instance_running").wait(InstanceIds=[waiter_inst["InstanceId"]],
+                                            WaiterConfig={"Delay": 1, "MaxAttempts": 10})
+    check(time.monotonic() - t0 >= 0.5, "instance_running waiter had to wait")
+    # Terminated while pending: stays terminated.
+    CLOUD.api("PUT", "/_localcloud/config", {"pending_seconds": 0.5})
+    doomed = run_one(ec2)
+    ec2.terminate_instances(InstanceIds=[doomed["InstanceId"]])
+    time.sleep(0.8)
+    state = ec2.describe_instances(InstanceIds=[doomed["InstanceId"]])[
+        "Reservations"][0]["Instances"][0]["State"]["Name"]
+    check(state == "terminated", "terminate during pending sticks", state)
+    CLOUD.api("PUT", "/_localcloud/config", {"pending_seconds": 0})
+    inst = run_one(ec2)
+    state = ec2.describe_instances(InstanceIds=[inst["InstanceId"]])[
+        "Reservations"][0]["Instances"][0]["State"]["Name"]
+    check(state == "running", "pending_seconds=0 keeps moto's instant running", state)
+
+
+@section("DeleteSecurityGroup in use -> DependencyViolation")
+def t_sg_dependency():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    sg = ec2.create_security_group(GroupName="in-use", Description="d")["GroupId"]
+    inst = run_one(ec2, SecurityGroupIds=[sg])
+    exc = expect_error(ec2.delete_security_group, GroupId=sg)
+    check(error_code(exc) == "DependencyViolation" and http_status(exc) == 400,
+          "DependencyViolation 400", exc)
+    ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
+    ec2.delete_security_group(GroupId=sg)
+    groups = [g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]]
+    check(sg not in groups, "deletable after the instance terminated")
+
+
+@section("spot requests: unknown ids, RunInstances spot, cancel, max price")
+def t_spot_requests():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    for fn in (ec2.describe_spot_instance_requests, ec2.cancel_spot_instance_requests):
+        exc = expect_error(fn, SpotInstanceRequestIds=["sir-12345678"])
+        check(error_code(exc) == "InvalidSpotInstanceRequestID.NotFound"
+              and http_status(exc) == 400, f"{fn.__name__}: NotFound 400", exc)
+    inst = run_one(ec2, InstanceType="t3.small", Placement={"AvailabilityZone": "us-east-1c"},
+                   InstanceMarketOptions={"MarketType": "spot", "SpotOptions": {
+                       "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate",
+                       "MaxPrice": "0.0100"}},
+                   TagSpecifications=[{"ResourceType": "spot-instances-request",
+                                       "Tags": [{"Key": "purpose", "Value": "selftest"}]}])
+    sir = inst.get("SpotInstanceRequestId")
+    check(bool(sir and sir.startswith("sir-")), "RunInstances response has SpotInstanceRequestId",
+          inst)
+    check(inst.get("InstanceLifecycle") == "spot", "InstanceLifecycle spot")
+    described = ec2.describe_instances(InstanceIds=[inst["InstanceId"]])[
+        "Reservations"][0]["Instances"][0]
+    check(described.get("SpotInstanceRequestId") == sir, "DescribeInstances has it too")
+    reqs = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[sir])[
+        "SpotInstanceRequests"]
+    check(len(reqs) == 1 and reqs[0]["State"] == "active"
+          and reqs[0]["InstanceId"] == inst["InstanceId"]
+          and reqs[0]["Status"]["Code"] == "fulfilled", "spot request active/fulfilled", reqs)
+    check({t["Key"]: t["Value"] for t in reqs[0].get("Tags", [])} == {"purpose": "selftest"},
+          "spot request tags", reqs[0].get("Tags"))
+    check(len(ec2.describe_instances()["Reservations"]) == 1, "no extra instance launched")
+    cancelled = ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[sir])[
+        "CancelledSpotInstanceRequests"]
+    check(cancelled == [{"SpotInstanceRequestId": sir, "State": "cancelled"}], "cancel", cancelled)
+    reqs = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[sir])[
+        "SpotInstanceRequests"]
+    check(reqs[0]["State"] == "cancelled"
+          and reqs[0]["Status"]["Code"] == "request-canceled-and-instance-running",
+          "cancelled request is still described", reqs[0])
+    # one-time request closes when its instance terminates
+    inst2 = run_one(ec2, InstanceMarketOptions={"MarketType": "spot"})
+    ec2.terminate_instances(InstanceIds=[inst2["InstanceId"]])
+    req2 = ec2.describe_spot_instance_requests(
+        SpotInstanceRequestIds=[inst2["SpotInstanceRequestId"]])["SpotInstanceRequests"][0]
+    check(req2["State"] == "closed" and req2["Status"]["Code"] == "instance-terminated-by-user",
+          "one-time request closed on terminate", req2)
+    exc = expect_error(run_one, ec2, InstanceType="t3.small",
+                       Placement={"AvailabilityZone": "us-east-1a"},
+                       InstanceMarketOptions={"MarketType": "spot",
+                                              "SpotOptions": {"MaxPrice": "0.001"}})
+    check(error_code(exc) == "SpotMaxPriceTooLow", "MaxPrice below spot price", exc)
+    # RequestSpotInstances: moto's own path, plus the instance's SpotInstanceRequestId
+    out = ec2.request_spot_instances(InstanceCount=1, LaunchSpecification={
+        "ImageId": ami(), "InstanceType": "t3.micro"})["SpotInstanceRequests"][0]
+    inst3 = ec2.describe_instances(InstanceIds=[out["InstanceId"]])[
+        "Reservations"][0]["Instances"][0]
+    check(inst3.get("SpotInstanceRequestId") == out["SpotInstanceRequestId"],
+          "RequestSpotInstances instance knows its request")
+
+
+@section("SSM public parameters resolve to AMIs DescribeImages knows")
+def t_ssm_amis():
+    CLOUD.reset()
+    names = {
+        "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id":
+            ("x86_64", "099720109477", "ubuntu-noble-24.04-amd64"),
+        "/aws/service/canonical/ubuntu/server/24.04/stable/current/arm64/hvm/ebs-gp3/ami-id":
+            ("arm64", "099720109477", "ubuntu-noble-24.04-arm64"),
+        "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64":
+            ("x86_64", None, "al2023"),
+        "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64":
+            ("arm64", None, "al2023"),
+    }
+    seen_ids = {}
+    for region in ("us-east-1", "eu-west-1", "eu-central-1"):
+        ssm, ec2 = CLOUD.client("ssm", region), CLOUD.client("ec2", region)
+        for name, (arch, owner, fragment) in names.items():
+            param = ssm.get_parameter(Name=name)["Parameter"]
+            images = ec2.describe_images(ImageIds=[param["Value"]])["Images"]
+            ok = (len(images) == 1 and images[0]["Architecture"] == arch
+                  and fragment in images[0]["Name"]
+                  and (owner is None or images[0]["OwnerId"] == owner))
+            check(ok, f"{region} {name.split('/')[-1] if 'amazon' in name else name.split('/')[-5]}"
+                  f" -> {param['Value']}", images)
+            seen_ids[(region, name)] = param["Value"]
+        ubuntu = ec2.describe_images(Owners=["099720109477"], Filters=[
+            {"Name": "name", "Values": ["ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-*"]}])["Images"]
+        check(len(ubuntu) == 2, f"{region}: Ubuntu noble found by owner+name filter", len(ubuntu))
+    ubuntu_amd = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+    check(seen_ids[("us-east-1", ubuntu_amd)] != seen_ids[("eu-west-1", ubuntu_amd)],
+          "AMI ids differ per region")
+    by_path = CLOUD.client("ssm").get_parameters_by_path(
+        Path="/aws/service/canonical/ubuntu/server/24.04/stable/current", Recursive=True)
+    check(len(by_path["Parameters"]) == 2, "GetParametersByPath finds both Ubuntu params")
+    inst = run_one(CLOUD.client("ec2"), ImageId=seen_ids[("us-east-1", ubuntu_amd)])
+    check(inst["ImageId"] == seen_ids[("us-east-1", ubuntu_amd)], "can launch the Ubuntu AMI")
+    exc = expect_error(run_one, CLOUD.client("ec2"), ImageId="ami-0000000000000dead")
+    check(error_code(exc) == "InvalidAMIID.NotFound", "unknown AMI is rejected (validation on)", exc)
+
+
+@section("JSON and query protocol errors parse in boto3")
+def t_protocol_errors():
+    CLOUD.reset()
+    CLOUD.api("PUT", "/_localcloud/rules", {"rules": [
+        {"service": "ssm", "action": "GetParameter", "match": {"Name": "/x/throttle"},
+         "error": "ThrottlingException", "message": "Rate exceeded"},
+        {"service": "ssm", "action": "GetParameter", "error": "InternalServerError",
+         "status": 500, "times": 1},
+        {"service": "iam", "action": "GetRole", "error": "NoSuchEntity",
+         "message": "The role with name x cannot be found.", "status": 404},
+        {"service": "sts", "action": "GetCallerIdentity", "error": "ExpiredToken"},
+        {"service": "cloudwatch", "action": "PutMetricAlarm", "error": "LimitExceeded",
+         "times": 2},
+    ]})
+    ssm = CLOUD.client("ssm")
+    exc = expect_error(ssm.get_parameter, Name="/x/throttle")
+    check(error_code(exc) == "ThrottlingException" and http_status(exc) == 400
+          and "Rate exceeded" in str(exc), "SSM JSON error (matched on JSON field)", exc)
+    exc = expect_error(ssm.get_parameter, Name="/x/other")
+    check(error_code(exc) == "InternalServerError" and http_status(exc) == 500,
+          "SSM JSON 500 error", exc)
+    exc = expect_error(ssm.get_parameter, Name="/x/other")
+    check(error_code(exc) == "ParameterNotFound", "moto answers once the rule is used up", exc)
+    exc = expect_error(CLOUD.client("iam").get_role, RoleName="x")
+    check(error_code(exc) == "NoSuchEntity" and http_status(exc) == 404, "IAM query error", exc)
+    exc = expect_error(CLOUD.client("sts").get_caller_identity)
+    check(error_code(exc) == "ExpiredToken", "STS query error", exc)
+    alarm = dict(AlarmName="a", MetricName="m", Namespace="n", Statistic="Average", Period=60,
+                 EvaluationPeriods=1, Threshold=1.0, ComparisonOperator="GreaterThanThreshold")
+    exc = expect_error(CLOUD.client("cloudwatch").put_metric_alarm, **alarm)
+    check(error_code(exc) == "LimitExceeded", "CloudWatch JSON-protocol error", exc)
+    exc = expect_error(cloudwatch_query_client().put_metric_alarm, **alarm)
+    check(error_code(exc) == "LimitExceeded", "CloudWatch awsQuery error", exc)
+
+
+_QUERY_SESSION = None
+
+
+def cloudwatch_query_client():
+    """A boto3 CloudWatch client forced onto the awsQuery protocol, which is what the
+    Rust CLI's pinned aws-sdk-cloudwatch speaks (boto3 would pick JSON)."""
+    global _QUERY_SESSION
+    if _QUERY_SESSION is None:
+        base = botocore.session.get_session()
+        model = copy.deepcopy(base.get_component("data_loader").load_service_model(
+            "cloudwatch", "service-2"))
+        model["metadata"]["protocol"] = "query"
+        model["metadata"]["protocols"] = ["query"]
+        tmp = tempfile.mkdtemp(prefix="cwquery-")
+        version = model["metadata"]["apiVersion"]
+        os.makedirs(os.path.join(tmp, "cloudwatch", version))
+        with open(os.path.join(tmp, "cloudwatch", version, "service-2.json"), "w") as f:
+            json.dump(model, f)
+        session = botocore.session.get_session()
+        session.get_component("data_loader").search_paths.insert(0, tmp)
+        _QUERY_SESSION = boto3.Session(botocore_session=session)
+    return CLOUD.client("cloudwatch", session=_QUERY_SESSION)
+
+
+@section("state dump: instances, volumes, SGs, alarms, metrics, logs, IAM, SSM")
+def t_state():
+    CLOUD.reset()
+    ec2, iam = CLOUD.client("ec2"), CLOUD.client("iam")
+    iam.create_role(RoleName="box-role", AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                                "Principal": {"Service": "ec2.amazonaws.com"}}]}))
+    iam.put_role_policy(RoleName="box-role", PolicyName="logs", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "logs:*",
+                                                "Resource": "*"}]}))
+    iam.attach_role_policy(RoleName="box-role",
+                           PolicyArn="arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore")
+    iam.create_instance_profile(InstanceProfileName="box-profile")
+    iam.add_role_to_instance_profile(InstanceProfileName="box-profile", RoleName="box-role")
+    sg = ec2.create_security_group(GroupName="box", Description="box",
+                                   TagSpecifications=[{"ResourceType": "security-group",
+                                                       "Tags": [{"Key": "k", "Value": "v"}]}])
+    ec2.authorize_security_group_ingress(GroupId=sg["GroupId"], IpPermissions=[{
+        "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+        "IpRanges": [{"CidrIp": "198.51.100.9/32", "Description": "ssh"}]}])
+    user_data = "#cloud-config\nruncmd:\n  - echo hello\n"
+    inst = run_one(
+        ec2, InstanceType="t3.small", SecurityGroupIds=[sg["GroupId"]], UserData=user_data,
+        IamInstanceProfile={"Name": "box-profile"},
+        InstanceInitiatedShutdownBehavior="terminate",
+        MetadataOptions={"HttpTokens": "required", "HttpPutResponseHopLimit": 1,
+                         "HttpEndpoint": "enabled"},
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {
+            "VolumeSize": 20, "VolumeType": "gp3", "Encrypted": True,
+            "DeleteOnTermination": True}}],
+        InstanceMarketOptions={"MarketType": "spot", "SpotOptions": {
+            "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}},
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "Name", "Value": "box-1"}, {"Key": "ephemeral-admin", "Value": "true"}]},
+            {"ResourceType": "volume", "Tags": [{"Key": "ephemeral-admin", "Value": "true"}]}])
+    gz_inst = run_one(ec2, UserData=gzip.compress(b"#!/bin/sh\necho gz\n"))
+    cw = CLOUD.client("cloudwatch")
+    cw.put_metric_alarm(AlarmName="box-1-idle", Namespace="AWS/EC2", MetricName="CPUUtilization",
+                        Dimensions=[{"Name": "InstanceId", "Value": inst["InstanceId"]}],
+                        Statistic="Average", Period=300, EvaluationPeriods=6, Threshold=2.0,
+                        ComparisonOperator="LessThanThreshold", TreatMissingData="breaching",
+                        AlarmActions=[f"arn:aws:automate:{REGION}:ec2:terminate"])
+    cw.put_metric_data(Namespace="EphemeralAdmin", MetricData=[{
+        "MetricName": "Heartbeat", "Value": 1.0, "Unit": "Count",
+        "Dimensions": [{"Name": "InstanceId", "Value": inst["InstanceId"]}]}])
+    cwq = cloudwatch_query_client()
+    cwq.put_metric_alarm(AlarmName="via-query", Namespace="AWS/EC2", MetricName="CPUUtilization",
+                         Statistic="Maximum", Period=60, EvaluationPeriods=1, Threshold=90.0,
+                         ComparisonOperator="GreaterThanThreshold")
+    cwq.put_metric_data(Namespace="EphemeralAdmin", MetricData=[{
+        "MetricName": "QueryBeat", "Value": 7.0}])
+    cw.put_dashboard(DashboardName="boxes", DashboardBody=json.dumps({"widgets": []}))
+    logs = CLOUD.client("logs")
+    logs.create_log_group(logGroupName="/ephemeral-admin/box-1")
+    logs.put_retention_policy(logGroupName="/ephemeral-admin/box-1", retentionInDays=7)
+    logs.create_log_stream(logGroupName="/ephemeral-admin/box-1", logStreamName="boot")
+    logs.put_log_events(logGroupName="/ephemeral-admin/box-1", logStreamName="boot",
+                        logEvents=[{"timestamp": int(time.time() * 1000), "message": "booted"}])
+    CLOUD.client("ssm").put_parameter(Name="/ephemeral-admin/test", Value="v", Type="String")
+
+    state = CLOUD.state()
+    by_id = {i["id"]: i for i in state["instances"]}
+    i = by_id.get(inst["InstanceId"], {})
+    check(i.get("tags") == {"Name": "box-1", "ephemeral-admin": "true"}, "instance tags",
+          i.get("tags"))
+    check(i.get("user_data") == user_data, "user_data decoded", i.get("user_data"))
+    check(by_id.get(gz_inst["InstanceId"], {}).get("user_data") == "#!/bin/sh\necho gz\n",
+          "gzip user_data decoded")
+    check(i.get("instance_type") == "t3.small" and i.get("az", "").startswith(REGION)
+          and i.get("subnet_id") and i.get("vpc_id") == state["default_vpc_id"],
+          "type/az/subnet/vpc", i)
+    check(i.get("lifecycle") == "spot" and i.get("market") == "spot"
+          and (i.get("spot_instance_request_id") or "").startswith("sir-"), "spot fields")
+    check(i.get("instance_initiated_shutdown_behavior") == "terminate", "shutdown behaviour")
+    check((i.get("metadata_options") or {}).get("http_tokens") == "required"
+          and i["metadata_options"].get("http_put_response_hop_limit") == 1, "metadata options",
+          i.get("metadata_options"))
+    check((i.get("iam_instance_profile") or {}).get("name") == "box-profile", "instance profile",
+          i.get("iam_instance_profile"))
+    bdm = {b["device_name"]: b for b in i.get("block_device_mappings", [])}
+    root = bdm.get("/dev/xvda", {})
+    check(root.get("size") == 20 and root.get("volume_type") == "gp3" and root.get("encrypted")
+          and root.get("delete_on_termination") and root.get("volume_id", "").startswith("vol-"),
+          "root volume", bdm)
+    check(root.get("tags") == {"ephemeral-admin": "true"}, "volume tags", root.get("tags"))
+    check(i.get("security_group_ids") == [sg["GroupId"]], "security groups",
+          i.get("security_group_ids"))
+    check(bool(i.get("public_ip")) and bool(i.get("private_ip")) and bool(i.get("launch_time")),
+          "ips and launch time")
+    check((i.get("launch_request") or {}).get(
+        "InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior") == "terminate",
+        "launch_request keeps what moto drops")
+    vols = {v["id"]: v for v in state["volumes"]}
+    check(vols.get(root.get("volume_id"), {}).get("attached_instance") == inst["InstanceId"],
+          "volume attachment")
+    groups = {g["id"]: g for g in state["security_groups"]}
+    g = groups.get(sg["GroupId"], {})
+    ingress = g.get("ingress", [])
+    check(g.get("tags") == {"k": "v"} and len(ingress) == 1
+          and ingress[0]["cidr_ipv4"] == "198.51.100.9/32" and ingress[0]["from_port"] == 22
+          and ingress[0]["description"] == "ssh" and ingress[0]["protocol"] == "tcp"
+          and ingress[0]["security_group_rule_id"].startswith("sgr-"), "SG ingress rule", g)
+    check(any(r["id"] == i.get("spot_instance_request_id") for r in state["spot_requests"]),
+          "spot request in dump")
+    alarms = {a["name"]: a for a in state["alarms"]}
+    a = alarms.get("box-1-idle", {})
+    check(a.get("metric_name") == "CPUUtilization" and a.get("namespace") == "AWS/EC2"
+          and a.get("dimensions") == {"InstanceId": inst["InstanceId"]}
+          and a.get("threshold") == 2.0 and a.get("evaluation_periods") == 6
+          and a.get("period") == 300 and a.get("statistic") == "Average"
+          and a.get("comparison_operator") == "LessThanThreshold"
+          and a.get("treat_missing_data") == "breaching"
+          and a.get("alarm_actions") == [f"arn:aws:automate:{REGION}:ec2:terminate"],
+          "alarm via PutMetricAlarm (JSON protocol)", a)
+    check(alarms.get("via-query", {}).get("statistic") == "Maximum",
+          "alarm via PutMetricAlarm (awsQuery)", alarms.get("via-query"))
+    metrics = {m["name"]: m for m in state["metrics"]}
+    m = metrics.get("Heartbeat", {})
+    check(m.get("namespace") == "EphemeralAdmin" and float(m.get("value")) == 1.0
+          and m.get("dimensions") == {"InstanceId": inst["InstanceId"]} and m.get("timestamp"),
+          "custom metric via PutMetricData", m)
+    check(float(metrics.get("QueryBeat", {}).get("value", 0)) == 7.0, "metric via awsQuery")
+    check(state["dashboards"] == [{"name": "boxes", "body": json.dumps({"widgets": []}),
+                                   "body_json": {"widgets": []}}], "dashboard",
+          state["dashboards"])
+    lg = {x["name"]: x for x in state["log_groups"]}.get("/ephemeral-admin/box-1", {})
+    check(lg.get("retention_in_days") == 7
+          and lg.get("streams", [{}])[0].get("events", [{}])[0].get("message") == "booted",
+          "log group, retention, events", lg)
+    roles = {r["name"]: r for r in state["iam"]["roles"]}
+    r = roles.get("box-role", {})
+    check(r.get("assume_role_policy_document", {}).get("Statement", [{}])[0].get("Principal")
+          == {"Service": "ec2.amazonaws.com"}, "role trust policy", r)
+    check("logs" in r.get("inline_policies", {}) and
+          r["inline_policies"]["logs"]["Statement"][0]["Action"] == "logs:*", "inline policy")
+    check(r.get("attached_policies") == ["arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"],
+          "attached policy", r.get("attached_policies"))
+    profiles = {p["name"]: p for p in state["iam"]["instance_profiles"]}
+    check(profiles.get("box-profile", {}).get("roles") == ["box-role"], "instance profile roles")
+    check([p["name"] for p in state["ssm_parameters"]] == ["/ephemeral-admin/test"],
+          "SSM parameters (own, not public)", state["ssm_parameters"])
+    check(len(state["ssm_public_parameters"]) == 4, "public SSM parameters listed")
+    eu = CLOUD.state("eu-west-1")
+    check(eu["instances"] == [] and eu["region"] == "eu-west-1"
+          and eu["iam"]["roles"] == state["iam"]["roles"], "other region; IAM is global")
+    status, health = CLOUD.api("GET", "/_localcloud/health")
+    check(health.get("internal_errors") == 0, "no internal errors so far", CLOUD.stderr_text())
+
+
+@section("control API validation and errors")
+def t_control():
+    status, doc = CLOUD.api("PUT", "/_localcloud/rules", {"rules": [{"acton": "X"}]})
+    check(status == 400 and "acton" in doc.get("error", ""), "typo in a rule is rejected", doc)
+    status, doc = CLOUD.api("PUT", "/_localcloud/config", {"delay": 1})
+    check(status == 400, "unknown config key rejected", doc)
+    status, doc = CLOUD.api("GET", "/_localcloud/nope")
+    check(status == 404, "unknown route is 404", doc)
+    status, doc = CLOUD.api("GET", "/_localcloud/config")
+    check(status == 200 and "delay_ms" in doc, "GET config", doc)
+    CLOUD.api("PUT", "/_localcloud/rules", {"rules": [{"action": "DescribeVpcs", "error": "X1"}]})
+    CLOUD.api("DELETE", "/_localcloud/rules")
+    check(CLOUD.api("GET", "/_localcloud/rules")[1]["rules"] == [], "DELETE rules")
+    CLOUD.client("ec2").describe_vpcs()
+    n = len(CLOUD.log())
+    CLOUD.api("GET", "/_localcloud/health")
+    check(len(CLOUD.log()) == n, "control calls are not logged")
+    CLOUD.api("DELETE", "/_localcloud/log")
+    check(CLOUD.log() == [], "DELETE log")
+
+
+@section("reset clears everything, quickly")
+def t_reset():
+    ec2 = CLOUD.client("ec2")
+    run_one(ec2)
+    CLOUD.client("iam").create_role(RoleName="r", AssumeRolePolicyDocument="{}")
+    CLOUD.client("cloudwatch").put_metric_alarm(
+        AlarmName="x", MetricName="m", Namespace="n", Statistic="Average", Period=60,
+        EvaluationPeriods=1, Threshold=1.0, ComparisonOperator="GreaterThanThreshold")
+    CLOUD.api("POST", "/_localcloud/rules", {"rule": {"action": "X", "error": "Y"}})
+    CLOUD.api("PUT", "/_localcloud/config", {"delay_ms": 5, "pending_seconds": 3,
+                                             "spot_prices": {"us-east-1": {"us-east-1a": {
+                                                 "t3.small": 1}}}})
+    times = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        CLOUD.reset()
+        times.append(time.monotonic() - t0)
+    timings["reset (3 runs, s)"] = max(times)
+    check(max(times) < 1.0, "reset < 1 s", times)
+    state = CLOUD.state()
+    check(state["instances"] == [] and state["alarms"] == [] and state["iam"]["roles"] == []
+          and state["spot_requests"] == [], "state is empty after reset", state["instances"])
+    check(CLOUD.api("GET", "/_localcloud/rules")[1]["rules"] == [], "rules cleared")
+    check(CLOUD.log() == [], "log cleared")
+    config = CLOUD.api("GET", "/_localcloud/config")[1]
+    check(config == {"delay_ms": 0.0, "pending_seconds": 0.0, "spot_prices": {}},
+          "config back to startup values", config)
+    check(ami().startswith("ami-"), "public parameters reseeded")
+    t0 = time.monotonic()
+    run_one(ec2)
+    timings["first RunInstances after reset (s)"] = time.monotonic() - t0
+    check(CLOUD.log()[0]["seq"] == 1, "seq restarts at 1")
+
+
+@section("stdout carries only the READY line; SIGTERM exits cleanly")
+def t_sigterm(cloud: Cloud):
+    rc = cloud.stop()
+    rest = cloud.proc.stdout.read()
+    check(rc == 0, "SIGTERM exit code 0", (rc, cloud.stderr_text()[-2000:]))
+    check(rest == b"", "nothing else on stdout", rest)
+
+
+@section("--exit-on-stdin-eof")
+def t_stdin_eof():
+    cloud = Cloud("--exit-on-stdin-eof")
+    timings["startup (s)"] = cloud.startup
+    cloud.proc.stdin.close()
+    try:
+        rc = cloud.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        cloud.proc.kill()
+        rc = None
+    check(rc == 0, "exits with 0 when stdin closes", rc)
+
+
+@section("--box-sim hook (with a throw-away boxsim.py in a temp copy)")
+def t_boxsim():
+    real = os.path.join(HERE, "boxsim.py")
+    if not os.path.exists(real):
+        cloud_proc = subprocess.run([PY, LOCALCLOUD, "--box-sim", "--port", "0"],
+                                    stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        check(cloud_proc.returncode != 0 and b"boxsim.py" in cloud_proc.stderr
+              and cloud_proc.stdout == b"", "--box-sim without boxsim.py is an error",
+              cloud_proc.stderr[-500:])
+    tmp = tempfile.mkdtemp(prefix="localcloud-boxsim-")
+    try:
+        shutil.copy(LOCALCLOUD, tmp)
+        marker = os.path.join(tmp, "shutdown-ran")
+        with open(os.path.join(tmp, "boxsim.py"), "w") as f:
+            f.write(FAKE_BOXSIM.replace("@MARKER@", marker))
+        cloud = Cloud("--box-sim", script=os.path.join(tmp, "localcloud.py"))
+        check(" box=fake" in cloud.ready_line
+              and cloud.ready_line.split()[:2] == ["LOCALCLOUD", "READY"],
+              "READY line keeps its first words and gets extras", cloud.ready_line)
+        global CLOUD
+        saved, CLOUD = CLOUD, cloud
+        try:
+            inst = run_one(cloud.client("ec2"))
+            status, doc = cloud.api("POST", "/_localcloud/box/kill",
+                                    {"region": REGION, "instance_id": inst["InstanceId"]})
+            check(status == 200 and doc.get("launched") == [inst["InstanceId"]],
+                  "boxsim route + launch hook", doc)
+            state = cloud.client("ec2").describe_instances(InstanceIds=[inst["InstanceId"]])[
+                "Reservations"][0]["Instances"][0]
+            check(state["State"]["Name"] == "terminated"
+                  and state["StateReason"]["Code"] == "Server.SpotInstanceTermination",
+                  "terminate_instance(reason='spot')", state.get("StateReason"))
+            status, doc = cloud.api("GET", "/_localcloud/box/info")
+            check(doc.get("base_url") == cloud.url and doc.get("vpc", "").startswith("vpc-"),
+                  "base_url and ec2_backend()", doc)
+        finally:
+            CLOUD = saved
+        rc = cloud.stop()
+        check(rc == 0 and os.path.exists(marker), "on_shutdown hook ran", rc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+FAKE_BOXSIM = '''
+import json
+launched = []
+
+def attach(cloud):
+    cloud.ready_extras["box"] = "fake"
+    cloud.on_instances_launched(lambda region, ids: launched.extend(ids))
+
+    def kill(environ, body):
+        doc = json.loads(body)
+        cloud.terminate_instance(doc["region"], doc["instance_id"], reason="spot")
+        return 200, {"launched": launched}
+
+    def info(environ, body):
+        with cloud.moto_lock:
+            vpc = cloud.ec2_backend("us-east-1").get_default_vpc().id
+        return 200, {"base_url": cloud.base_url, "vpc": vpc}
+
+    cloud.add_route("POST", "/_localcloud/box/kill", kill)
+    cloud.add_route("GET", "/_localcloud/box/info", info)
+    cloud.on_shutdown(lambda: open("@MARKER@", "w").write("ok"))
+'''
+
+
+CLOUD: Cloud
+
+
+def main() -> int:
+    global CLOUD
+    t0 = time.monotonic()
+    CLOUD = Cloud()
+    timings["startup to READY (s)"] = CLOUD.startup
+    try:
+        for test in (t_basics, t_ice, t_every, t_drop, t_delay, t_log, t_spot_prices, t_pending,
+                     t_sg_dependency, t_spot_requests, t_ssm_amis, t_protocol_errors, t_state,
+                     t_control, t_reset):
+            test()
+    finally:
+        t_sigterm(CLOUD)
+    t_stdin_eof()
+    t_boxsim()
+    if failed and not VERBOSE:
+        print("---- localcloud stderr (tail) ----")
+        print(CLOUD.stderr_text()[-6000:])
+    for name, value in timings.items():
+        print(f"timing: {name}: {value:.3f}")
+    print(f"total: {time.monotonic() - t0:.1f} s")
+    print(f"{passed} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
