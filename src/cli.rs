@@ -218,6 +218,9 @@ pub struct PricesArgs {
     /// Instance types to price (default: the configured candidates).
     #[arg(long = "instance-type", value_name = "TYPE")]
     pub instance_types: Vec<String>,
+    /// Session length the estimate assumes (default: max_runtime).
+    #[arg(long, value_name = "DUR")]
+    pub max_runtime: Option<String>,
 }
 
 #[derive(Debug, Args)]

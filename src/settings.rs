@@ -305,13 +305,11 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
             None => Ok(humantime::parse_duration(default).expect("default durations parse")),
         }
     };
-    let max_runtime = duration(
-        "max_runtime",
-        launch.and_then(|l| l.max_runtime.clone()),
-        "--max-runtime",
-        file.max_runtime,
-        "4h",
-    )?;
+    let max_runtime_flag = match &cli.command {
+        Command::Prices(args) => args.max_runtime.clone(),
+        _ => launch.and_then(|l| l.max_runtime.clone()),
+    };
+    let max_runtime = duration("max_runtime", max_runtime_flag, "--max-runtime", file.max_runtime, "4h")?;
     let max_runtime_cap = duration("max_runtime_cap", None, "", file.max_runtime_cap, "12h")?;
     let idle_grace = duration(
         "idle_grace",

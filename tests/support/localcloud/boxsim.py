@@ -34,7 +34,9 @@ Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box`
     GET  /_localcloud/box/<iid>                summary + watchdog_log, wall, sshd_log, notes
     POST /_localcloud/box/<iid>/poweroff       what the watchdog calls; terminates in moto
     POST /_localcloud/box/<iid>/spot-notice    {"action": "terminate", "time": "...Z"}
-                                               ({} -> terminate in 120 s; {"clear": true})
+                                               ({} -> terminate, time now+120 s; {"clear": true};
+                                               "terminate_in": S -> terminate_instance(reason="spot")
+                                               S seconds later)
     POST /_localcloud/box/<iid>/imds           {"available": false}
     GET|PUT /_localcloud/box-config            {"boot_seconds": 2.5}
     POST /_localcloud/box-reset                stop every box, forget them (= boxsim.reset())
@@ -222,6 +224,7 @@ class _Spawner:
 
     def __init__(self):
         self.q = queue.Queue()
+        self.closed = False
         self.prefix = []
         setpriv = shutil.which("setpriv")
         if setpriv and subprocess.run([setpriv, "--pdeathsig", "KILL", "true"],
@@ -242,14 +245,20 @@ class _Spawner:
                 box.put(("err", e))
 
     def popen(self, args, **kwargs):
+        if self.closed:
+            raise RuntimeError("boxsim is shutting down")
         reply = queue.Queue(1)
         self.q.put((args, kwargs, reply))
-        kind, value = reply.get()
+        try:
+            kind, value = reply.get(timeout=30)
+        except queue.Empty:
+            raise RuntimeError("boxsim spawner did not answer") from None
         if kind == "err":
             raise value
         return value
 
     def stop(self):
+        self.closed = True
         self.q.put(None)
 
 
@@ -752,6 +761,8 @@ class BoxSim:
             else:
                 box.spot_notice = json.dumps({"action": data.get("action") or "terminate",
                                               "time": data.get("time") or _now_iso(120)})
+                if data.get("terminate_in") is not None:  # then AWS reclaims the box
+                    threading.Timer(float(data["terminate_in"]), self._spot_reclaim, args=(box,)).start()
             box.note(f"spot notice {box.spot_notice}")
             return 200, {"spot_notice": json.loads(box.spot_notice) if box.spot_notice else None}
         if action == "imds" and method == "POST":
@@ -760,6 +771,19 @@ class BoxSim:
                 box.note(f"imds available={box.imds_available}")
             return 200, {"imds_available": box.imds_available}
         return 404, {"error": f"no route {method} {path}"}
+
+    def _spot_reclaim(self, box):
+        if box.stopped:
+            return
+        box.note("spot: reclaimed")
+        try:
+            try:
+                self.cloud.terminate_instance(box.region, box.iid, reason="spot")
+            except TypeError:
+                self.cloud.terminate_instance(box.region, box.iid)
+        except Exception as e:  # noqa: BLE001
+            box.note(f"terminate_instance failed: {e!r}")
+        self._stop_box(box, "gone")
 
     def _poweroff(self, box, data):
         reason = None
@@ -787,8 +811,29 @@ class BoxSim:
         return 200, {"instance_id": box.iid, "state": box.state, "poweroff_reason": box.poweroff_reason}
 
 
+_SSHD_VERSION = None
+
+
+def _sshd_version():
+    """(major, minor) of SSHD, e.g. (9, 2); (0, 0) if unknown."""
+    global _SSHD_VERSION
+    if _SSHD_VERSION is None:
+        import re
+
+        try:
+            out = subprocess.run([SSHD, "-V"], capture_output=True, text=True, timeout=5)
+            m = re.search(r"OpenSSH_(\d+)\.(\d+)", out.stderr + out.stdout)
+            _SSHD_VERSION = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        except (OSError, subprocess.SubprocessError):
+            _SSHD_VERSION = (0, 0)
+    return _SSHD_VERSION
+
+
 def _sshd_config(d, port, iid):
-    return f"""# boxsim: one box's sshd
+    # OpenSSH >= 9.8 penalises sources whose connections fail or close early; every
+    # test connects from 127.0.0.1, so switch that off where it exists.
+    extra = "PerSourcePenalties no\n" if _sshd_version() >= (9, 8) else ""
+    return extra + f"""# boxsim: one box's sshd
 ListenAddress 127.0.0.1
 Port {port}
 HostKey {d}/ssh_host_ed25519_key

@@ -564,8 +564,21 @@ def scenario_spot_external(E):
     return f"spot notice walled once (gz+b64/b64 write_files); TerminateInstances -> box gone in {took:.2f}s, sessions cut"
 
 
+def scenario_spot_reclaim(E):
+    iid = E.launch(region="eu-west-1")
+    E.wait_box(iid, {"up"}, 10)
+    p = E.hold(iid)
+    st, body = http("POST", f"{E.base}/_localcloud/box/{iid}/spot-notice", {"terminate_in": 1.5})
+    check(st == 200 and body["spot_notice"]["action"] == "terminate", f"spot-notice: {st} {body}")
+    E.wait_log(iid, "spot interruption", 4, key="wall")
+    E.wait_box(iid, {"gone"}, 5)
+    check(E.ec2_state("eu-west-1", iid) == "terminated", "spot reclaim did not terminate")
+    p.wait(5)
+    return "spot notice with terminate_in: walled, then reclaimed (terminated, box gone)"
+
+
 SCENARIOS = [scenario_never_connected, scenario_hostkey_idle, scenario_deadline,
-             scenario_imds_down, scenario_spot_external]
+             scenario_imds_down, scenario_spot_external, scenario_spot_reclaim]
 
 
 # --------------------------------------------------------------------------- main

@@ -502,6 +502,32 @@ class _RunInstancesSpotRequest:
             kw.get("interruption") or "terminate", linked_instance=instance)
 
 
+def _reset_moto() -> None:
+    """Forget all moto state, like POST /moto-api/reset, but faster.
+
+    moto's own reset re-initialises every region backend that was ever used (for
+    EC2 that reloads ~1200 AMIs per region) and then throws them away. We drop
+    them instead; they are re-created lazily on next use. Backends that release
+    resources in reset() (s3 file handles, batch threads) still get it called.
+    """
+    try:
+        from moto.core.base_backend import BackendDict, BaseBackend, backend_lock
+        from moto.core.model_instances import reset_model_data
+    except ImportError:  # a moto whose internals moved: take the slow, official path
+        moto_api_backend.reset()
+        return
+    with backend_lock:
+        for backend_dict in list(BackendDict._instances):
+            for account_backend in backend_dict.values():
+                for region_backend in list(account_backend.values()):
+                    if type(region_backend).reset is not BaseBackend.reset:
+                        region_backend.reset()
+                account_backend.clear()
+            backend_dict.clear()
+        BackendDict._instances.clear()
+    reset_model_data()
+
+
 class LocalCloud:
     """Owns moto, the fault rules, the call log and the control API.
 
@@ -689,13 +715,43 @@ class LocalCloud:
             self.ensure_region(region)
             self.availability_zones(region)
 
+    def warm_up_background(self) -> None:
+        """After READY: send moto one harmless call per service, straight to moto
+        (not logged), so botocore's service models are loaded before a test needs
+        them (the first EC2 call otherwise takes ~0.6 s)."""
+        from werkzeug.test import EnvironBuilder
+
+        calls = [("ec2", "Action=DescribeRegions&Version=2016-11-15", None),
+                 ("sts", "Action=GetCallerIdentity&Version=2011-06-15", None),
+                 ("iam", "Action=ListRoles&Version=2010-05-08", None),
+                 ("monitoring", "Action=DescribeAlarms&Version=2010-08-01", None),
+                 ("ssm", "{}", "AmazonSSM.DescribeParameters"),
+                 ("logs", "{}", "Logs_20140328.DescribeLogGroups")]
+
+        def run() -> None:
+            for service, body, target in calls:
+                headers = {"Authorization": "AWS4-HMAC-SHA256 Credential=localcloud/20260101/"
+                           f"us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0"}
+                ctype = "application/x-www-form-urlencoded"
+                if target:
+                    headers["X-Amz-Target"] = target
+                    ctype = "application/x-amz-json-1.1"
+                environ = EnvironBuilder(method="POST", path="/", headers=headers,
+                                         data=body.encode(), content_type=ctype).get_environ()
+                try:
+                    self._call_moto(environ)
+                except Exception:
+                    log.warning("warm-up call to %s failed:\n%s", service, traceback.format_exc())
+
+        threading.Thread(target=run, name="warm-up", daemon=True).start()
+
     # -- reset / shutdown -----------------------------------------------------
     def reset(self) -> float:
         t0 = time.monotonic()
         with self.moto_lock:
             self._cancel_timers()
             self.generation += 1
-            moto_api_backend.reset()  # what POST /moto-api/reset does
+            _reset_moto()
             self.seeded_regions.clear()
             self.public_params.clear()
             self.launch_requests.clear()
@@ -715,7 +771,7 @@ class LocalCloud:
         return time.monotonic() - t0
 
     def shutdown(self) -> None:
-        for hook in self._shutdown_hooks:
+        for hook in list(self._shutdown_hooks):
             self._call_hook(hook)
         self._cancel_timers()
         for proc in self._children:
@@ -780,7 +836,7 @@ class LocalCloud:
             entry: dict[str, Any] = {
                 "seq": self.seq, "service": req.service, "region": req.region,
                 "action": req.action, "t_start": t_start, "t_end": None, "status": None,
-                "injected": None}
+                "injected": None, "delay_ms": 0.0}
             if req.protocol == "json":
                 entry["json"] = req.json
             else:
@@ -791,41 +847,40 @@ class LocalCloud:
             self.calls.append(entry)
             rule = self._match_rule(req)
             delay_ms = self.delay_ms + (rule.delay_ms if rule else 0.0)
-        entry["delay_ms"] = delay_ms
+            entry["delay_ms"] = delay_ms
+            if rule is not None and rule.drop:
+                entry["injected"] = "drop"
+            elif rule is not None and rule.error:
+                entry["injected"] = f"error:{rule.error}"
         try:
             if delay_ms > 0:
                 time.sleep(delay_ms / 1000.0)
             if rule is not None and rule.drop:
-                entry["injected"] = "drop"
                 self._drop(environ)
             if rule is not None and rule.error:
-                entry["injected"] = f"error:{rule.error}"
                 resp = error_response(req, rule.error, rule.message
                                       or default_message(rule.error, req), rule.status or 400)
             else:
                 resp = self._forward(req, environ)
         except _DropConnection:
-            entry["t_end"] = time.time()
-            self._log_request(entry)
+            self._finish(entry, status=None)
             raise
         except Exception as exc:
-            entry["t_end"] = time.time()
-            entry["status"] = 500
-            entry["localcloud_error"] = f"{type(exc).__name__}: {exc}"
             with self.state_lock:
                 self.internal_errors += 1
+            self._finish(entry, status=500, localcloud_error=f"{type(exc).__name__}: {exc}")
             sys.stderr.write(f"localcloud: internal error in {req.service}:{req.action}:\n"
                              f"{traceback.format_exc()}")
             sys.stderr.flush()
-            self._log_request(entry)
             return error_response(req, "InternalError",
                                   f"localcloud internal error: {type(exc).__name__}: {exc}", 500)
-        entry["t_end"] = time.time()
-        entry["status"] = resp.status
-        self._log_request(entry)
+        self._finish(entry, status=resp.status)
         return resp
 
-    def _log_request(self, entry: dict[str, Any]) -> None:
+    def _finish(self, entry: dict[str, Any], **fields: Any) -> None:
+        """Complete a call-log entry (under the lock: GET /log may be copying it)."""
+        with self.state_lock:
+            entry.update(fields, t_end=time.time())
         if self.verbose:
             took = (entry["t_end"] - entry["t_start"]) * 1000 if entry["t_end"] else 0
             log.info("#%s %s %s %s -> %s%s (%.0f ms)", entry["seq"], entry["region"],
@@ -872,14 +927,12 @@ class LocalCloud:
     @staticmethod
     def _drop(environ: dict[str, Any]) -> None:
         """Close the TCP connection without sending a byte back."""
+        # werkzeug's dev server exposes the client socket. We only shut it down;
+        # the server closes it once our handler returns (closing it here would make
+        # the server's own cleanup trip over a dead file descriptor). The client
+        # sees the connection end with no response bytes at all.
         sock = environ.get("werkzeug.socket")
         if isinstance(sock, socket.socket):
-            try:
-                # RST rather than FIN, like a load balancer giving up.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            except OSError:
-                pass
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -1778,8 +1831,9 @@ def main(argv: list[str] | None = None) -> int:
     extras = "".join(f" {k}={v}" for k, v in cloud.ready_extras.items())
     ready_out.write(f"LOCALCLOUD READY url={cloud.base_url}{extras}\n")
     ready_out.flush()
+    cloud.warm_up_background()
 
-    while not stop.wait(0.5):
+    while not stop.wait(0.1):
         pass
     log.info("shutting down")
     cloud.shutdown()

@@ -7,7 +7,6 @@ with boto3. No pytest; exits non-zero if any check fails.
 
 from __future__ import annotations
 
-import base64
 import copy
 import gzip
 import json
@@ -871,7 +870,7 @@ def attach(cloud):
 '''
 
 
-CLOUD: Cloud
+CLOUD: Cloud = None  # type: ignore[assignment]  # set by main()
 
 
 def main() -> int:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Shared by scripts/test, scripts/demo and scripts/bench: installs what the local cloud needs,
+# once. Re-running is fast: nothing already present is installed again.
+
+MOTO_VERSION=5.2.1
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$REPO_ROOT/.venv"
+
+# Debian packages: OpenSSH's sshd plays the box, shellcheck lints the watchdog, tmux and asciinema
+# drive and replay the interactive shell in the tests.
+ensure_packages() {
+  local missing=()
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+  command -v ssh >/dev/null || missing+=(openssh-client)
+  command -v shellcheck >/dev/null || missing+=(shellcheck)
+  command -v tmux >/dev/null || missing+=(tmux)
+  command -v asciinema >/dev/null || missing+=(asciinema)
+  command -v curl >/dev/null || missing+=(curl)
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
+    return 1
+  fi
+  echo "installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# moto[server], pinned, in the repo's own venv.
+ensure_venv() {
+  if "$VENV/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
+    return 0
+  fi
+  echo "creating $VENV with moto[server]==$MOTO_VERSION" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+}
+
+# sshd refuses to start without its privilege separation directory.
+ensure_sshd_dirs() {
+  [ -d /run/sshd ] || mkdir -p /run/sshd 2>/dev/null || true
+}

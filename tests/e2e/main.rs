@@ -1,0 +1,6 @@
+//! End-to-end tests: the real binary against the local cloud (moto behind our fault and latency
+//! proxy, the box simulator, real OpenSSH sshd). One test binary keeps link time down.
+
+mod support;
+
+mod foundation;

@@ -1,0 +1,116 @@
+//! The local cloud for one test: moto + fault/latency proxy (+ box simulator), in a Python
+//! process of its own, killed when the test ends (and on its own when our stdin closes).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+use serde_json::{Value, json};
+
+use super::http::request;
+
+pub struct LocalCloud {
+    pub url: String,
+    child: Child,
+    _stdin: ChildStdin,
+}
+
+/// The Python that has moto: `EPHEMERAL_ADMIN_TEST_PYTHON`, else the repo's `.venv`.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("EPHEMERAL_ADMIN_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = repo().join(".venv/bin/python");
+    assert!(venv.exists(), "no {}: run scripts/test (it creates the venv with moto)", venv.display());
+    venv
+}
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl LocalCloud {
+    /// Starts moto and the proxy with the box simulator on a free loopback port.
+    pub fn start() -> LocalCloud {
+        Self::start_with(&["--box-sim"])
+    }
+
+    pub fn start_with(args: &[&str]) -> LocalCloud {
+        let script = repo().join("tests/support/localcloud/localcloud.py");
+        let mut child = Command::new(python())
+            .arg(script)
+            .args(["--port", "0", "--exit-on-stdin-eof"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start localcloud.py");
+        let stdin = child.stdin.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read READY line");
+        let url = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("url="))
+            .unwrap_or_else(|| panic!("localcloud did not start: {line:?}"))
+            .to_string();
+        LocalCloud { url, child, _stdin: stdin }
+    }
+
+    pub fn control(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, value) = request(&self.url, method, &format!("/_localcloud/{path}"), body.as_ref());
+        assert!((200..300).contains(&status), "{method} /_localcloud/{path}: HTTP {status}: {value}");
+        value
+    }
+
+    /// Replaces the fault rules.
+    pub fn rules(&self, rules: Value) {
+        self.control("PUT", "rules", Some(json!({ "rules": rules })));
+    }
+
+    pub fn config(&self, config: Value) {
+        self.control("PUT", "config", Some(config));
+    }
+
+    /// Every AWS call the proxy saw, in order.
+    pub fn calls(&self) -> Vec<Value> {
+        self.control("GET", "log", None)["calls"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn clear_log(&self) {
+        self.control("DELETE", "log", None);
+    }
+
+    /// Action names seen, in order.
+    pub fn actions(&self) -> Vec<String> {
+        self.calls().iter().map(|c| c["action"].as_str().unwrap_or_default().to_string()).collect()
+    }
+
+    pub fn count(&self, action: &str) -> usize {
+        self.actions().iter().filter(|a| *a == action).count()
+    }
+
+    /// Everything moto holds in the region, as JSON.
+    pub fn state(&self) -> Value {
+        self.control("GET", "state?region=us-east-1", None)
+    }
+}
+
+impl Drop for LocalCloud {
+    fn drop(&mut self) {
+        // SIGTERM lets it stop its sshd and watchdog children; then make sure.
+        unsafe_kill(self.child.id(), 15);
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: i32) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
