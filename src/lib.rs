@@ -8,13 +8,18 @@
 pub mod aws;
 pub mod cli;
 pub mod commands;
+pub mod crash;
 pub mod error;
+pub mod ip;
+pub mod keys;
 
 pub mod logging;
 pub mod output;
 pub mod pricing;
 pub mod session;
 pub mod settings;
+pub mod teardown;
+pub mod userdata;
 
 use cli::Cli;
 use error::ExitStatus;

@@ -12,6 +12,16 @@ pub struct Image {
     pub id: String,
     /// Where the id came from: the SSM parameter, or "explicit".
     pub source: String,
+    /// The root volume's device name, which the block device mapping must name.
+    pub root_device_name: String,
+}
+
+/// Root device names of the aliased images (fixed by their publishers).
+fn alias_root_device(alias: AmiAlias) -> &'static str {
+    match alias {
+        AmiAlias::Ubuntu2404 => "/dev/sda1",
+        AmiAlias::Al2023 => "/dev/xvda",
+    }
 }
 
 /// The public SSM parameter that names the current image of an alias.
@@ -64,7 +74,7 @@ pub async fn resolve(aws: &Aws, choice: &AmiChoice, arch: Arch) -> Result<Image,
             if !id.starts_with("ami-") {
                 return Err(AmiError::EmptyParameter(name));
             }
-            Ok(Image { id, source: name })
+            Ok(Image { id, source: name, root_device_name: alias_root_device(*alias).into() })
         }
         AmiChoice::Id(id) => {
             let out = aws
@@ -97,7 +107,8 @@ pub async fn resolve(aws: &Aws, choice: &AmiChoice, arch: Arch) -> Result<Image,
                     wanted: wanted.as_str().into(),
                 });
             }
-            Ok(Image { id: id.clone(), source: "explicit".into() })
+            let root_device_name = image.root_device_name().unwrap_or("/dev/xvda").to_string();
+            Ok(Image { id: id.clone(), source: "explicit".into(), root_device_name })
         }
     }
 }

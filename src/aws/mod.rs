@@ -4,9 +4,13 @@
 //! Errors are classified by their typed AWS error code ([`code_of`]), never by message text, and
 //! turned into one actionable line by [`AwsError`].
 
+pub mod alarm;
 pub mod ami;
+pub mod iam;
 
 pub mod identity;
+pub mod instances;
+pub mod launch;
 
 pub mod network;
 pub mod permissions;

@@ -6,10 +6,13 @@
 //! revoked only when the last reference goes, so ending one session never cuts another off.
 
 use aws_sdk_ec2::types::{Filter, IpPermission, IpRange, Ipv6Range, ResourceType, Tag, TagSpecification};
+use std::time::Duration;
+
 use ipnet::IpNet;
+use time::OffsetDateTime;
 
 use super::{Aws, AwsError, AwsResultExt, code_of};
-use crate::session::tags;
+use crate::session::{self, tags};
 
 pub const SSH_PORT: i32 = 22;
 
@@ -130,8 +133,9 @@ pub async fn authorize_ssh(
     session_id: &str,
     session_tags: &[(String, String)],
 ) -> Result<IngressRule, AwsError> {
+    let since = session::rfc3339(OffsetDateTime::now_utc());
     let mut rule_tags = session_tags.to_vec();
-    rule_tags.push((tags::rule_ref_key(session_id), "1".into()));
+    rule_tags.push((tags::rule_ref_key(session_id), since.clone()));
     let out = aws
         .ec2
         .authorize_security_group_ingress()
@@ -158,7 +162,7 @@ pub async fn authorize_ssh(
             aws.ec2
                 .create_tags()
                 .resources(&rule_id)
-                .tags(Tag::builder().key(tags::rule_ref_key(session_id)).value("1").build())
+                .tags(Tag::builder().key(tags::rule_ref_key(session_id)).value(since).build())
                 .send()
                 .await
                 .doing(format!("sharing SSH rule {rule_id}"))?;
@@ -193,7 +197,14 @@ async fn find_ssh_rule(aws: &Aws, group_id: &str, cidr: IpNet) -> Result<Option<
 pub struct SshRule {
     pub rule_id: String,
     pub cidr: String,
-    pub session_refs: Vec<String>,
+    pub refs: Vec<SessionRef>,
+}
+
+/// One session's reference to a shared rule, and when it took it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionRef {
+    pub session_id: String,
+    pub since: Option<String>,
 }
 
 /// Every SSH ingress rule in the group with its references.
@@ -211,12 +222,15 @@ pub async fn ssh_rules(aws: &Aws, group_id: &str) -> Result<Vec<SshRule>, AwsErr
         .filter(|r| r.is_egress() != Some(true) && r.from_port() == Some(SSH_PORT))
         .filter_map(|r| {
             let cidr = r.cidr_ipv4().or(r.cidr_ipv6())?.to_string();
-            let session_refs = r
+            let refs = r
                 .tags()
                 .iter()
-                .filter_map(|t| t.key()?.strip_prefix(tags::RULE_REF_PREFIX).map(str::to_string))
+                .filter_map(|t| {
+                    let session_id = t.key()?.strip_prefix(tags::RULE_REF_PREFIX)?.to_string();
+                    Some(SessionRef { session_id, since: t.value().map(str::to_string) })
+                })
                 .collect();
-            Some(SshRule { rule_id: r.security_group_rule_id()?.to_string(), cidr, session_refs })
+            Some(SshRule { rule_id: r.security_group_rule_id()?.to_string(), cidr, refs })
         })
         .collect())
 }
@@ -231,21 +245,19 @@ pub enum Release {
     AlreadyGone,
 }
 
-/// Drops this session's reference to the rule and revokes it when no other session holds one.
-/// `is_live` tells whether another session's reference still counts.
-pub async fn release_ssh(
-    aws: &Aws,
-    group_id: &str,
-    rule_id: &str,
-    session_id: &str,
-    is_live: impl Fn(&str) -> bool,
-) -> Result<Release, AwsError> {
+/// A reference from a session still launching (no instance yet) counts for this long.
+const LAUNCHING_REF_GRACE: Duration = Duration::from_secs(600);
+
+/// Drops this session's reference to the rule and revokes the rule when no other live session
+/// holds one. Another session counts as live while its instance is pending or running, or while
+/// its reference is younger than a launch can take (it may still be starting).
+pub async fn release_ssh(aws: &Aws, group_id: &str, rule_id: &str, session_id: &str) -> Result<Release, AwsError> {
     let rules = ssh_rules(aws, group_id).await?;
     let Some(rule) = rules.into_iter().find(|r| r.rule_id == rule_id) else {
         return Ok(Release::AlreadyGone);
     };
-    let others_live = rule.session_refs.iter().any(|other| other != session_id && is_live(other));
-    if others_live {
+    let others: Vec<&SessionRef> = rule.refs.iter().filter(|r| r.session_id != session_id).collect();
+    if !others.is_empty() && any_live(aws, &others).await? {
         aws.ec2
             .delete_tags()
             .resources(rule_id)
@@ -256,6 +268,29 @@ pub async fn release_ssh(
         return Ok(Release::StillShared);
     }
     revoke_rule(aws, group_id, rule_id).await
+}
+
+async fn any_live(aws: &Aws, refs: &[&SessionRef]) -> Result<bool, AwsError> {
+    let now = OffsetDateTime::now_utc();
+    let recent = refs.iter().any(|r| {
+        r.since.as_deref().and_then(session::parse_rfc3339).is_some_and(|t| now - t < LAUNCHING_REF_GRACE)
+    });
+    if recent {
+        return Ok(true);
+    }
+    let mut filter = Filter::builder().name(format!("tag:{}", tags::SESSION));
+    for r in refs {
+        filter = filter.values(&r.session_id);
+    }
+    let out = aws
+        .ec2
+        .describe_instances()
+        .filters(filter.build())
+        .filters(Filter::builder().name("instance-state-name").values("pending").values("running").build())
+        .send()
+        .await
+        .doing("checking who else uses the SSH rule")?;
+    Ok(out.reservations().iter().any(|r| !r.instances().is_empty()))
 }
 
 /// Revokes one rule by id; a rule already gone is fine.

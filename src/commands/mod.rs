@@ -3,8 +3,13 @@
 mod completions;
 mod doctor;
 mod init;
+mod launch;
 mod policy;
 mod prices;
+mod sessions;
+mod view;
+
+pub use view::SessionView;
 
 use anyhow::Result;
 
@@ -36,12 +41,12 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::Policy => policy::run(&ctx),
         Command::Completions(args) => completions::run(args),
         Command::Init(args) => init::run(&ctx, args),
-        Command::Launch(_) => not_built("launch", 3),
+        Command::Launch(args) => launch::run(&ctx, &args).await,
         Command::Connect(_) => not_built("connect", 5),
         Command::Extend(_) => not_built("extend", 4),
-        Command::List => not_built("list", 3),
-        Command::Status(_) => not_built("status", 3),
-        Command::Terminate(_) => not_built("terminate", 3),
+        Command::List => sessions::list(&ctx).await,
+        Command::Status(args) => sessions::status(&ctx, &args.id).await,
+        Command::Terminate(args) => sessions::terminate(&ctx, &args.id).await,
         Command::Cleanup(_) => not_built("cleanup", 6),
         Command::Cost => not_built("cost", 7),
         Command::SshConfig(_) => not_built("ssh-config", 5),

@@ -7,7 +7,7 @@
 pub mod store;
 pub mod tags;
 
-use rand::Rng;
+use rand::RngExt;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 

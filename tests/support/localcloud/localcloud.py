@@ -28,11 +28,11 @@ Sections of this file:
   2. Small helpers (time, XML/JSON bodies, AWS request parsing)
   3. Fault rules
   4. Spot price model
-  5. LocalCloud: the central object (seeding, reset, hooks for boxsim)
-  6. Middleware (the fault and latency proxy)
-  7. Where moto differs from AWS (moto-gap fixes)
-  8. Control API
-  9. State dump
+  5. Middleware: the fault and latency proxy
+  6. Where moto differs from AWS (all moto-gap fixes)
+  7. Control API
+  8. State dump
+  9. LocalCloud: the central object (combines 5-8; reset; the boxsim hook API)
  10. CLI / server bootstrap
 """
 
@@ -80,12 +80,15 @@ for _k, _v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "test
     os.environ.setdefault(_k, _v)
 
 from moto.core.utils import utcnow  # noqa: E402
+from moto.ec2.models.spot_requests import SpotInstanceRequest  # noqa: E402
+from moto.ec2.utils import random_spot_request_id  # noqa: E402
 from moto.moto_api._internal.models import moto_api_backend  # noqa: E402
 from moto.moto_server.werkzeug_app import (  # noqa: E402
     DomainDispatcherApplication,
     create_backend_app,
 )
 from werkzeug.serving import WSGIRequestHandler, make_server  # noqa: E402
+
 
 ACCOUNT_ID = "123456789012"  # moto's default account (any non-numeric access key maps to it)
 CANONICAL_OWNER_ID = "099720109477"  # owner of the official Ubuntu AMIs
@@ -458,351 +461,14 @@ def seeded_spot_price(region: str, az: str, itype: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------
-# 5. LocalCloud: the central object
+# 5. Middleware: the fault and latency proxy
 # ---------------------------------------------------------------------------
-class _RunInstancesSpotRequest:
-    """Factory for spot requests that RunInstances (market type spot) implies.
+class Middleware:
+    """The WSGI entry point. Every AWS request (anything not under /_localcloud/)
+    is parsed, logged, delayed, possibly failed or dropped by a fault rule, and
+    otherwise handed to moto, through a fix from section 6 where one exists.
+    (Mixed into LocalCloud, section 9, which owns the state used here.)"""
 
-    Real AWS creates a one-time (or persistent) spot request for every instance
-    launched with InstanceMarketOptions.MarketType=spot and reports its id as
-    the instance's SpotInstanceRequestId; moto only marks the instance as spot.
-    We create a moto SpotInstanceRequest that points at the existing instance
-    (the subclass below stops moto from launching a second one).
-    """
-
-    _cls: Any = None
-
-    @classmethod
-    def make(cls, backend: Any, instance: Any, **kw: Any) -> Any:
-        if cls._cls is None:
-            from moto.ec2.models.spot_requests import SpotInstanceRequest
-
-            class LinkedSpotInstanceRequest(SpotInstanceRequest):
-                # moto files model classes by the service in their module path
-                __module__ = SpotInstanceRequest.__module__
-                created_by = "RunInstances"
-
-                def __init__(self, *a: Any, linked_instance: Any, **k: Any):
-                    self._linked_instance = linked_instance
-                    super().__init__(*a, **k)
-
-                def launch_instance(self) -> Any:
-                    return self._linked_instance
-
-            cls._cls = LinkedSpotInstanceRequest
-        from moto.ec2.utils import random_spot_request_id
-
-        groups = [g.id for g in (instance.security_groups or [])]
-        return cls._cls(
-            backend, random_spot_request_id(), kw.get("price"), instance.image_id,
-            kw.get("spot_type") or "one-time", None, None, None, None, instance.key_name,
-            groups, instance.user_data, instance.instance_type,
-            instance.placement.zone, None, None, False, instance.subnet_id,
-            {"spot-instances-request": kw.get("tags") or {}}, None,
-            kw.get("interruption") or "terminate", linked_instance=instance)
-
-
-def _reset_moto() -> None:
-    """Forget all moto state, like POST /moto-api/reset, but faster.
-
-    moto's own reset re-initialises every region backend that was ever used (for
-    EC2 that reloads ~1200 AMIs per region) and then throws them away. We drop
-    them instead; they are re-created lazily on next use. Backends that release
-    resources in reset() (s3 file handles, batch threads) still get it called.
-    """
-    try:
-        from moto.core.base_backend import BackendDict, BaseBackend, backend_lock
-        from moto.core.model_instances import reset_model_data
-    except ImportError:  # a moto whose internals moved: take the slow, official path
-        moto_api_backend.reset()
-        return
-    with backend_lock:
-        for backend_dict in list(BackendDict._instances):
-            for account_backend in backend_dict.values():
-                for region_backend in list(account_backend.values()):
-                    if type(region_backend).reset is not BaseBackend.reset:
-                        region_backend.reset()
-                account_backend.clear()
-            backend_dict.clear()
-        BackendDict._instances.clear()
-    reset_model_data()
-
-
-class LocalCloud:
-    """Owns moto, the fault rules, the call log and the control API.
-
-    boxsim.py (see README.md) gets this object through attach(cloud) and may use:
-    base_url, ec2_backend(region), add_route(), on_shutdown(), on_reset(),
-    on_instances_launched(), on_instances_terminated(), terminate_instance(),
-    spawn()/register_child(), moto_lock, ready_extras.
-    """
-
-    def __init__(self, delay_ms: float = 0.0, pending_seconds: float = 0.0,
-                 verbose: bool = False):
-        self.verbose = verbose
-        self.base_url = ""
-        self.moto_app = DomainDispatcherApplication(create_backend_app)
-        # moto's backends are not thread-safe: every touch of them (requests,
-        # seeding, state dumps, timers) holds this lock. Delays happen outside it,
-        # so parallel requests still overlap in time the way they do against AWS.
-        self.moto_lock = threading.RLock()
-        self.state_lock = threading.Lock()  # rules, log and config
-        self.start_delay_ms = float(delay_ms)
-        self.start_pending_seconds = float(pending_seconds)
-        self.delay_ms = float(delay_ms)
-        self.pending_seconds = float(pending_seconds)
-        self.rules: list[FaultRule] = []
-        self.calls: list[dict[str, Any]] = []
-        self.seq = 0
-        self.internal_errors = 0
-        self.price_overrides: dict[str, dict[str, dict[str, tuple[float | None, float]]]] = {}
-        self.prices_epoch = time.time()
-        self.generation = 0  # bumped on reset; stale timers check it
-        self.timers: set[threading.Timer] = set()
-        self.seeded_regions: set[str] = set()
-        self.public_params: dict[str, dict[str, str]] = {}
-        self.launch_requests: dict[str, dict[str, str]] = {}  # instance id -> RunInstances params
-        self.routes: list[tuple[str, str, Callable[[dict, bytes], tuple[int, Any]]]] = []
-        self.ready_extras: dict[str, str] = {}
-        self._shutdown_hooks: list[Callable[[], None]] = []
-        self._reset_hooks: list[Callable[[], None]] = []
-        self._launch_hooks: list[Callable[[str, list[str]], None]] = []
-        self._terminate_hooks: list[Callable[[str, list[str]], None]] = []
-        self._children: list[subprocess.Popen] = []
-        self._az_cache: dict[str, list[str]] = {}
-        self._offerings_cache: dict[str, dict[str, set[str]] | None] = {}
-
-    # -- API for boxsim and the control API --------------------------------
-    def ec2_backend(self, region: str) -> Any:
-        """moto's EC2 backend for the default account (hold moto_lock to mutate it)."""
-        from moto.ec2.models import ec2_backends
-
-        self.ensure_region(region)
-        return ec2_backends[ACCOUNT_ID][region]
-
-    def add_route(self, method: str, path_prefix: str,
-                  handler: Callable[[dict, bytes], tuple[int, Any]]) -> None:
-        """Route METHOD /_localcloud/<...>prefix to handler(environ, body) -> (status, json)."""
-        if not path_prefix.startswith("/_localcloud/"):
-            raise ValueError("extra routes must live under /_localcloud/")
-        self.routes.append((method.upper(), path_prefix, handler))
-        self.routes.sort(key=lambda r: -len(r[1]))  # longest prefix wins
-
-    def on_shutdown(self, fn: Callable[[], None]) -> None:
-        self._shutdown_hooks.append(fn)
-
-    def on_reset(self, fn: Callable[[], None]) -> None:
-        self._reset_hooks.append(fn)
-
-    def on_instances_launched(self, fn: Callable[[str, list[str]], None]) -> None:
-        """fn(region, instance_ids) after a successful RunInstances/RequestSpotInstances."""
-        self._launch_hooks.append(fn)
-
-    def on_instances_terminated(self, fn: Callable[[str, list[str]], None]) -> None:
-        """fn(region, instance_ids) after TerminateInstances or terminate_instance()."""
-        self._terminate_hooks.append(fn)
-
-    def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        """Start a child process that is killed when localcloud exits."""
-        proc = subprocess.Popen(argv, **kwargs)
-        self.register_child(proc)
-        return proc
-
-    def register_child(self, proc: subprocess.Popen) -> None:
-        self._children.append(proc)
-
-    def terminate_instance(self, region: str, instance_id: str,
-                           reason: str | None = None) -> None:
-        """Terminate as if from outside the API (e.g. spot interruption, in-guest shutdown).
-
-        reason: None / "user" (user-initiated), "spot" (Server.SpotInstanceTermination)
-        or "shutdown" (Client.InstanceInitiatedShutdown).
-        """
-        with self.moto_lock:
-            backend = self.ec2_backend(region)
-            backend.terminate_instances([instance_id])
-            instance = backend.get_instance(instance_id)
-            self._set_termination_reason(instance, reason)
-            self._close_spot_requests(backend, [instance_id], reason)
-        self._fire(self._terminate_hooks, region, [instance_id])
-
-    # -- seeding --------------------------------------------------------------
-    def ensure_region(self, region: str | None) -> None:
-        """Seed the public SSM parameters and their AMIs into a region (once per reset).
-
-        moto creates a region's backends lazily; we seed lazily too, on the first
-        request (or state dump) that names the region, which keeps reset fast.
-        """
-        if not region or region in self.seeded_regions:
-            return
-        from moto.ec2.models import ec2_backends
-        from moto.ssm.models import ssm_backends
-
-        with self.moto_lock:
-            if region in self.seeded_regions:
-                return
-            if region not in ec2_backends[ACCOUNT_ID].regions:
-                return  # not an EC2 region (e.g. "aws" for global services)
-            ec2 = ec2_backends[ACCOUNT_ID][region]
-            params = ssm_backends[ACCOUNT_ID][region]._parameters
-            seeded: dict[str, str] = {}
-            # Ubuntu 24.04 (noble): moto ships neither the AMIs nor the parameters.
-            for arch, machine in (("amd64", "x86_64"), ("arm64", "arm64")):
-                ami_id = self._register_ami(
-                    ec2, region, key=f"ubuntu-noble/{arch}",
-                    name=f"ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-{arch}-server-20261101",
-                    description=f"Canonical, Ubuntu, 24.04, {arch} noble image",
-                    owner=CANONICAL_OWNER_ID, alias=None, arch=machine,
-                    root_device="/dev/sda1", created="2026-11-01T00:00:00.000Z")
-                name = (f"/aws/service/canonical/ubuntu/server/24.04/stable/current/"
-                        f"{arch}/hvm/ebs-gp3/ami-id")
-                self._put_public_param(params, name, ami_id)
-                seeded[name] = ami_id
-            # Amazon Linux 2023: moto ships these for its known regions (lazily
-            # loaded on first access, which the membership test triggers).
-            for machine in ("x86_64", "arm64"):
-                name = f"/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{machine}"
-                value = params[name][-1].value if name in params and params[name] else None
-                if not value or value not in ec2.amis:
-                    value = self._register_ami(
-                        ec2, region, key=f"al2023/{machine}",
-                        name=f"al2023-ami-2023.9.20261101.0-kernel-6.1-{machine}",
-                        description="Amazon Linux 2023 AMI", owner=AMAZON_OWNER_ID,
-                        alias="amazon", arch=machine, root_device="/dev/xvda",
-                        created="2026-11-01T00:00:00.000Z")
-                    self._put_public_param(params, name, value)
-                seeded[name] = value
-            self.public_params[region] = seeded
-            self.seeded_regions.add(region)
-
-    @staticmethod
-    def _register_ami(ec2: Any, region: str, key: str, name: str, description: str,
-                      owner: str, alias: str | None, arch: str, root_device: str,
-                      created: str) -> str:
-        from moto.core.parse import default_timestamp_parser
-        from moto.ec2.models.amis import Ami
-
-        # Deterministic per region, so repeated runs see the same ids.
-        ami_id = "ami-0" + hashlib.sha256(f"localcloud/{key}/{region}".encode()).hexdigest()[:16]
-        if ami_id not in ec2.amis:
-            ec2.amis[ami_id] = Ami(
-                ec2, ami_id, name=name, description=description, owner_id=owner,
-                owner_alias=alias, public=True, virtualization_type="hvm",
-                architecture=arch, root_device_type="ebs", root_device_name=root_device,
-                hypervisor="xen", image_location=f"{owner}/{name}",
-                creation_date=default_timestamp_parser(created), region_name=f"{region}a",
-                boot_mode="uefi-preferred" if arch == "x86_64" else "uefi")
-        return ami_id
-
-    @staticmethod
-    def _put_public_param(params: Any, name: str, value: str) -> None:
-        from moto.ssm.models import Parameter
-
-        # moto refuses PutParameter under /aws/, so write into its store directly.
-        params[name].clear()
-        params[name].append(Parameter(
-            account_id=ACCOUNT_ID, name=name, value=value, parameter_type="String",
-            description=None, allowed_pattern=None, keyid=None,
-            last_modified_date=time.time(), version=1, data_type="aws:ec2:image"))
-
-    def warm_up(self) -> None:
-        """Build moto's per-service apps and the default region up front."""
-        for service in PREWARM_SERVICES:
-            with self.moto_app.lock:
-                if service not in self.moto_app.app_instances:
-                    self.moto_app.app_instances[service] = create_backend_app(service)
-        for region in PREWARM_REGIONS:
-            self.ensure_region(region)
-            self.availability_zones(region)
-
-    def warm_up_background(self) -> None:
-        """After READY: send moto one harmless call per service, straight to moto
-        (not logged), so botocore's service models are loaded before a test needs
-        them (the first EC2 call otherwise takes ~0.6 s)."""
-        from werkzeug.test import EnvironBuilder
-
-        calls = [("ec2", "Action=DescribeRegions&Version=2016-11-15", None),
-                 ("sts", "Action=GetCallerIdentity&Version=2011-06-15", None),
-                 ("iam", "Action=ListRoles&Version=2010-05-08", None),
-                 ("monitoring", "Action=DescribeAlarms&Version=2010-08-01", None),
-                 ("ssm", "{}", "AmazonSSM.DescribeParameters"),
-                 ("logs", "{}", "Logs_20140328.DescribeLogGroups")]
-
-        def run() -> None:
-            for service, body, target in calls:
-                headers = {"Authorization": "AWS4-HMAC-SHA256 Credential=localcloud/20260101/"
-                           f"us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0"}
-                ctype = "application/x-www-form-urlencoded"
-                if target:
-                    headers["X-Amz-Target"] = target
-                    ctype = "application/x-amz-json-1.1"
-                environ = EnvironBuilder(method="POST", path="/", headers=headers,
-                                         data=body.encode(), content_type=ctype).get_environ()
-                try:
-                    self._call_moto(environ)
-                except Exception:
-                    log.warning("warm-up call to %s failed:\n%s", service, traceback.format_exc())
-
-        threading.Thread(target=run, name="warm-up", daemon=True).start()
-
-    # -- reset / shutdown -----------------------------------------------------
-    def reset(self) -> float:
-        t0 = time.monotonic()
-        with self.moto_lock:
-            self._cancel_timers()
-            self.generation += 1
-            _reset_moto()
-            self.seeded_regions.clear()
-            self.public_params.clear()
-            self.launch_requests.clear()
-            with self.state_lock:
-                self.rules = []
-                self.calls = []
-                self.seq = 0
-                self.internal_errors = 0
-                self.delay_ms = self.start_delay_ms
-                self.pending_seconds = self.start_pending_seconds
-                self.price_overrides = {}
-                self.prices_epoch = time.time()
-            for region in PREWARM_REGIONS:
-                self.ensure_region(region)
-        for hook in self._reset_hooks:
-            self._call_hook(hook)
-        return time.monotonic() - t0
-
-    def shutdown(self) -> None:
-        for hook in list(self._shutdown_hooks):
-            self._call_hook(hook)
-        self._cancel_timers()
-        for proc in self._children:
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + 3
-        for proc in self._children:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def _cancel_timers(self) -> None:
-        for timer in list(self.timers):
-            timer.cancel()
-        self.timers.clear()
-
-    def _call_hook(self, fn: Callable, *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception:
-            log.error("hook %r failed:\n%s", fn, traceback.format_exc())
-
-    def _fire(self, hooks: list[Callable], *args: Any) -> None:
-        for hook in hooks:
-            self._call_hook(hook, *args)
-
-    # ---------------------------------------------------------------------------
-    # 6. Middleware: the fault and latency proxy
-    # ---------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> list[bytes]:
         path = environ.get("PATH_INFO", "") or ""
         is_control = path == "/_localcloud" or path.startswith("/_localcloud/")
@@ -966,12 +632,194 @@ class LocalCloud:
                 return self._call_moto(environ)
             return fix(self, req, environ)
 
-    # ---------------------------------------------------------------------------
-    # 7. Where moto differs from AWS
-    # ---------------------------------------------------------------------------
-    # Every function here is called with moto_lock held, instead of handing the
-    # request straight to moto. Each either answers itself, checks something
-    # first, or patches up moto's result afterwards.
+
+# ---------------------------------------------------------------------------
+# 6. Where moto differs from AWS
+# ---------------------------------------------------------------------------
+# Everything that makes moto behave more like the real AWS lives here:
+#  * moto settings (AMI/key pair/instance type validation, AWS-managed IAM
+#    policies) are set in section 1, before moto is imported;
+#  * public SSM parameters and their AMIs: Ubuntu 24.04 is seeded, AL2023 checked;
+#  * DescribeSpotPriceHistory answers seeded, per-AZ prices;
+#  * RunInstances: SpotMaxPriceTooLow, spot requests for spot launches,
+#    "pending" for pending_seconds, request parameters kept for the state dump;
+#  * TerminateInstances closes one-time spot requests;
+#  * Describe/CancelSpotInstanceRequests: NotFound errors; cancel keeps the request;
+#  * DeleteSecurityGroup: DependencyViolation while an instance uses the group;
+#  * two speed fixes: a faster reset and cheaper AWS-managed IAM policies.
+# The fix functions run with moto_lock held, instead of handing the request
+# straight to moto; each either answers itself, checks something first, or
+# patches up moto's result afterwards.
+
+
+def _patch_moto_iam_managed_policies() -> None:
+    """Speed: moto builds the ~1500 AWS-managed IAM policies for every partition
+    (aws, aws-cn, aws-us-gov, ...) the first time any request after a reset looks
+    up its account, re-parsing a 3 MB JSON string each time (~0.6 s). We build
+    them for the "aws" partition only, from JSON parsed once."""
+    try:
+        from moto.iam import models as iam_models
+        from moto.settings import load_iam_aws_managed_policies
+    except ImportError:
+        return
+    if not hasattr(iam_models.IAMBackend, "_init_aws_policies"):
+        return
+    parsed: dict[str, Any] = {}
+
+    def _init_aws_policies(self: Any) -> list:
+        if not load_iam_aws_managed_policies() or self.region_name != "aws":
+            return []
+        if not parsed:
+            parsed.update(json.loads(iam_models.aws_managed_policies_data))
+        return [iam_models.AWSManagedPolicy.from_data(name, self.account_id, self.region_name, d)
+                for name, d in parsed.items()]
+
+    iam_models.IAMBackend._init_aws_policies = _init_aws_policies
+
+
+_patch_moto_iam_managed_policies()
+
+
+def _reset_moto() -> None:
+    """Forget all moto state, like POST /moto-api/reset, but faster.
+
+    moto's own reset re-initialises every region backend that was ever used (for
+    EC2 that reloads ~1200 AMIs per region) and then throws them away. We drop
+    them instead; they are re-created lazily on next use. Backends that release
+    resources in reset() (s3 file handles, batch threads) still get it called.
+    """
+    try:
+        from moto.core.base_backend import BackendDict, BaseBackend, backend_lock
+        from moto.core.model_instances import reset_model_data
+    except ImportError:  # a moto whose internals moved: take the slow, official path
+        moto_api_backend.reset()
+        return
+    with backend_lock:
+        for backend_dict in list(BackendDict._instances):
+            for account_backend in backend_dict.values():
+                for region_backend in list(account_backend.values()):
+                    if type(region_backend).reset is not BaseBackend.reset:
+                        region_backend.reset()
+                account_backend.clear()
+            backend_dict.clear()
+        BackendDict._instances.clear()
+    reset_model_data()
+
+
+class LinkedSpotInstanceRequest(SpotInstanceRequest):
+    """The spot request that RunInstances with MarketType=spot implies.
+
+    Real AWS creates a one-time (or persistent) spot request for every instance
+    launched with InstanceMarketOptions.MarketType=spot and reports its id as the
+    instance's SpotInstanceRequestId; moto only marks the instance as spot. This
+    moto SpotInstanceRequest points at the already launched instance instead of
+    launching one of its own.
+    """
+
+    __module__ = SpotInstanceRequest.__module__  # moto files models by module path
+    created_by = "RunInstances"
+
+    def __init__(self, backend: Any, instance: Any, price: str | None,
+                 spot_type: str | None, interruption: str | None,
+                 tags: dict[str, str] | None):
+        self._linked_instance = instance
+        super().__init__(
+            ec2_backend=backend, spot_request_id=random_spot_request_id(), price=price,
+            image_id=instance.image_id, spot_instance_type=spot_type or "one-time",
+            valid_from=None, valid_until=None, launch_group=None,
+            availability_zone_group=None, key_name=instance.key_name,
+            security_groups=[g.id for g in (instance.security_groups or [])],
+            user_data=instance.user_data, instance_type=instance.instance_type,
+            placement=instance.placement.zone, kernel_id=None, ramdisk_id=None,
+            monitoring_enabled=False, subnet_id=instance.subnet_id,
+            tags={"spot-instances-request": tags or {}}, spot_fleet_id=None,
+            instance_interruption_behaviour=interruption or "terminate")
+
+    def launch_instance(self) -> Any:
+        return self._linked_instance
+
+
+class MotoFixes:
+    """moto-gap fixes (mixed into LocalCloud, section 9)."""
+
+    # -- public SSM parameters and AMIs ---------------------------------------
+    def ensure_region(self, region: str | None) -> None:
+        """Seed the public SSM parameters and their AMIs into a region (once per reset).
+
+        moto creates a region's backends lazily; we seed lazily too, on the first
+        request (or state dump) that names the region, which keeps reset fast.
+        """
+        if not region or region in self.seeded_regions:
+            return
+        from moto.ec2.models import ec2_backends
+        from moto.ssm.models import ssm_backends
+
+        with self.moto_lock:
+            if region in self.seeded_regions:
+                return
+            if region not in ec2_backends[ACCOUNT_ID].regions:
+                return  # not an EC2 region (e.g. "aws" for global services)
+            ec2 = ec2_backends[ACCOUNT_ID][region]
+            params = ssm_backends[ACCOUNT_ID][region]._parameters
+            seeded: dict[str, str] = {}
+            # Ubuntu 24.04 (noble): moto ships neither the AMIs nor the parameters.
+            for arch, machine in (("amd64", "x86_64"), ("arm64", "arm64")):
+                ami_id = self._register_ami(
+                    ec2, region, key=f"ubuntu-noble/{arch}",
+                    name=f"ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-{arch}-server-20261101",
+                    description=f"Canonical, Ubuntu, 24.04, {arch} noble image",
+                    owner=CANONICAL_OWNER_ID, alias=None, arch=machine,
+                    root_device="/dev/sda1", created="2026-11-01T00:00:00.000Z")
+                name = (f"/aws/service/canonical/ubuntu/server/24.04/stable/current/"
+                        f"{arch}/hvm/ebs-gp3/ami-id")
+                self._put_public_param(params, name, ami_id)
+                seeded[name] = ami_id
+            # Amazon Linux 2023: moto ships these for its known regions (lazily
+            # loaded on first access, which the membership test triggers).
+            for machine in ("x86_64", "arm64"):
+                name = f"/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{machine}"
+                value = params[name][-1].value if name in params and params[name] else None
+                if not value or value not in ec2.amis:
+                    value = self._register_ami(
+                        ec2, region, key=f"al2023/{machine}",
+                        name=f"al2023-ami-2023.9.20261101.0-kernel-6.1-{machine}",
+                        description="Amazon Linux 2023 AMI", owner=AMAZON_OWNER_ID,
+                        alias="amazon", arch=machine, root_device="/dev/xvda",
+                        created="2026-11-01T00:00:00.000Z")
+                    self._put_public_param(params, name, value)
+                seeded[name] = value
+            self.public_params[region] = seeded
+            self.seeded_regions.add(region)
+
+    @staticmethod
+    def _register_ami(ec2: Any, region: str, key: str, name: str, description: str,
+                      owner: str, alias: str | None, arch: str, root_device: str,
+                      created: str) -> str:
+        from moto.core.parse import default_timestamp_parser
+        from moto.ec2.models.amis import Ami
+
+        # Deterministic per region, so repeated runs see the same ids.
+        ami_id = "ami-0" + hashlib.sha256(f"localcloud/{key}/{region}".encode()).hexdigest()[:16]
+        if ami_id not in ec2.amis:
+            ec2.amis[ami_id] = Ami(
+                ec2, ami_id, name=name, description=description, owner_id=owner,
+                owner_alias=alias, public=True, virtualization_type="hvm",
+                architecture=arch, root_device_type="ebs", root_device_name=root_device,
+                hypervisor="xen", image_location=f"{owner}/{name}",
+                creation_date=default_timestamp_parser(created), region_name=f"{region}a",
+                boot_mode="uefi-preferred" if arch == "x86_64" else "uefi")
+        return ami_id
+
+    @staticmethod
+    def _put_public_param(params: Any, name: str, value: str) -> None:
+        from moto.ssm.models import Parameter
+
+        # moto refuses PutParameter under /aws/, so write into its store directly.
+        params[name].clear()
+        params[name].append(Parameter(
+            account_id=ACCOUNT_ID, name=name, value=value, parameter_type="String",
+            description=None, allowed_pattern=None, keyid=None,
+            last_modified_date=time.time(), version=1, data_type="aws:ec2:image"))
 
     # -- spot prices ------------------------------------------------------------
     def availability_zones(self, region: str) -> list[str]:
@@ -1126,7 +974,7 @@ class LocalCloud:
                 if not price:
                     od = on_demand_price(region, itype)
                     price = f"{od}" if od is not None else None
-                request = _RunInstancesSpotRequest.make(
+                request = LinkedSpotInstanceRequest(
                     backend, instance, price=price,
                     spot_type=p.get("InstanceMarketOptions.SpotOptions.SpotInstanceType"),
                     interruption=p.get(
@@ -1290,9 +1138,52 @@ class LocalCloud:
                         f"resource {group.id} has a dependent object", 400)
         return self._call_moto(environ)
 
-    # ---------------------------------------------------------------------------
-    # 8. Control API (JSON in/out under /_localcloud/; not logged, not delayed)
-    # ---------------------------------------------------------------------------
+
+MOTO_FIXES: dict[tuple[str, str], Callable[[LocalCloud, AwsRequest, dict], Resp]] = {
+    ("ec2", "DescribeSpotPriceHistory"): MotoFixes._fix_describe_spot_price_history,
+    ("ec2", "RunInstances"): MotoFixes._fix_run_instances,
+    ("ec2", "RequestSpotInstances"): MotoFixes._fix_request_spot_instances,
+    ("ec2", "TerminateInstances"): MotoFixes._fix_terminate_instances,
+    ("ec2", "DescribeSpotInstanceRequests"): MotoFixes._fix_describe_spot_instance_requests,
+    ("ec2", "CancelSpotInstanceRequests"): MotoFixes._fix_cancel_spot_instance_requests,
+    ("ec2", "DeleteSecurityGroup"): MotoFixes._fix_delete_security_group,
+}
+
+
+def _instance_group_ids(instance: Any) -> list[str]:
+    ids = [g.id for g in (getattr(instance, "security_groups", None) or [])]
+    for nic in (getattr(instance, "nics", None) or {}).values():
+        for group in getattr(nic, "group_set", None) or []:
+            gid = getattr(group, "id", group)
+            if gid not in ids:
+                ids.append(gid)
+    return ids
+
+
+# ---------------------------------------------------------------------------
+# 7. Control API (JSON in/out under /_localcloud/; not logged, not delayed)
+# ---------------------------------------------------------------------------
+class ControlError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _json_body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ControlError(400, f"body is not JSON: {exc}")
+    if not isinstance(doc, dict):
+        raise ControlError(400, "body must be a JSON object")
+    return doc
+
+
+class ControlAPI:
+    """GET/POST/PUT/DELETE /_localcloud/... (mixed into LocalCloud, section 9)."""
+
     def _control(self, environ: dict[str, Any]) -> Resp:
         method = environ.get("REQUEST_METHOD", "GET").upper()
         path = (environ.get("PATH_INFO", "") or "").rstrip("/")
@@ -1405,163 +1296,12 @@ class LocalCloud:
 
         raise ControlError(404, f"no control route {method} {path}")
 
-    # ---------------------------------------------------------------------------
-    # 9. State dump (helpers below the class)
-    # ---------------------------------------------------------------------------
-    def state_dump(self, region: str) -> dict[str, Any]:
-        from moto.budgets.models import budgets_backends
-        from moto.cloudwatch.models import cloudwatch_backends
-        from moto.iam.models import iam_backends
-        from moto.logs.models import logs_backends
-        from moto.ssm.models import ssm_backends
-
-        with self.moto_lock:
-            backend = self.ec2_backend(region)
-            doc: dict[str, Any] = {"region": region, "account_id": ACCOUNT_ID}
-            doc["instances"] = [_dump_instance(self, backend, i) for i in backend.all_instances()]
-            doc["volumes"] = [{
-                "id": v.id, "tags": _tags(backend, v.id), "encrypted": bool(_get(v, "encrypted")),
-                "type": _get(v, "volume_type"), "size": _get(v, "size"),
-                "az": _safe(lambda: v.zone.name), "state": _safe(lambda: v.status),
-                "kms_key_id": _get(v, "kms_key_id"), "iops": _get(v, "iops"),
-                "throughput": _get(v, "throughput"),
-                "attached_instance": _safe(lambda: v.attachment.instance.id),
-                "device": _safe(lambda: v.attachment.device),
-            } for v in backend.volumes.values()]
-            doc["security_groups"] = [_dump_security_group(backend, g)
-                                      for groups in backend.groups.values()
-                                      for g in groups.values()]
-            doc["spot_requests"] = [_dump_spot_request(backend, r)
-                                    for r in backend.spot_instance_requests.values()]
-            doc["key_pairs"] = _safe(lambda: [{"name": k.name if hasattr(k, "name") else name,
-                                               "id": _get(k, "id"), "tags": _tags(backend, _get(k, "id", default=""))}
-                                              for name, k in backend.key_pairs.items()], [])
-            doc["default_vpc_id"] = _safe(lambda: backend.get_default_vpc().id)
-
-            cw = cloudwatch_backends[ACCOUNT_ID][region]
-            doc["alarms"] = [{
-                "name": a.name, "arn": _get(a, "alarm_arn"), "namespace": _get(a, "namespace"),
-                "metric_name": _get(a, "metric_name"), "dimensions": _dims(_get(a, "dimensions")),
-                "statistic": _get(a, "statistic"), "extended_statistic": _get(a, "extended_statistic"),
-                "period": _get(a, "period"), "evaluation_periods": _get(a, "evaluation_periods"),
-                "datapoints_to_alarm": _get(a, "datapoints_to_alarm"),
-                "threshold": _get(a, "threshold"), "comparison_operator": _get(a, "comparison_operator"),
-                "alarm_actions": list(_get(a, "alarm_actions", default=[])),
-                "ok_actions": list(_get(a, "ok_actions", default=[])),
-                "insufficient_data_actions": list(_get(a, "insufficient_data_actions", default=[])),
-                "treat_missing_data": _get(a, "treat_missing_data"), "unit": _get(a, "unit"),
-                "description": _get(a, "description"), "actions_enabled": _get(a, "actions_enabled"),
-                "state": _get(a, "state_value"),
-            } for a in cw.alarms.values()]
-            doc["metrics"] = [{
-                "namespace": _get(m, "namespace"), "name": _get(m, "name"),
-                "dimensions": _dims(_get(m, "dimensions")), "value": _get(m, "value"),
-                "unit": _get(m, "unit"), "timestamp": iso(_get(m, "timestamp")),
-                "statistic_values": ({"min": m.min, "max": m.max, "sum": m.sum,
-                                      "sample_count": m.sample_count}
-                                     if hasattr(m, "sample_count") else None),
-            } for m in cw.metric_data]
-            doc["dashboards"] = [{"name": d.name, "body": d.body,
-                                  "body_json": parse_json_maybe(d.body)}
-                                 for d in cw.dashboards.values()]
-
-            logs = logs_backends[ACCOUNT_ID][region]
-            doc["log_groups"] = [{
-                "name": g.name, "retention_in_days": _get(g, "retention_in_days"),
-                "kms_key_id": _get(g, "kms_key_id"), "tags": _safe(lambda: dict(g.tags or {})),
-                "streams": [{"name": s_name, "events": [
-                    {"timestamp": _get(e, "timestamp"), "message": _get(e, "message")}
-                    for e in _get(s, "events", default=[])]}
-                    for s_name, s in g.streams.items()],
-            } for g in logs.groups.values()]
-
-            iam = iam_backends[ACCOUNT_ID]["global"]
-            doc["iam"] = {
-                "roles": [{
-                    "name": r.name, "arn": _get(r, "arn"), "path": _get(r, "path"),
-                    "assume_role_policy_document": parse_json_maybe(
-                        _get(r, "assume_role_policy_document")),
-                    "inline_policies": {n: parse_json_maybe(d) for n, d in r.policies.items()},
-                    "attached_policies": list(r.managed_policies.keys()),
-                    "tags": _safe(lambda: {k: v["Value"] for k, v in r.tags.items()}, {}),
-                    "max_session_duration": _get(r, "max_session_duration"),
-                    "description": _get(r, "description"),
-                } for r in iam.roles.values()],
-                "instance_profiles": [{
-                    "name": p.name, "arn": _get(p, "arn"), "path": _get(p, "path"),
-                    "roles": [r.name for r in p.roles],
-                    "tags": _safe(lambda: {k: v["Value"] for k, v in p.tags.items()}, {}),
-                } for p in iam.instance_profiles.values()],
-                "policies": [{
-                    "name": p.name, "arn": p.arn,
-                    "document": _safe(lambda: parse_json_maybe(p.default_version.document)),
-                } for p in iam.managed_policies.values()
-                    if not p.arn.startswith("arn:aws:iam::aws:policy")],
-            }
-
-            ssm = ssm_backends[ACCOUNT_ID][region]
-            params = []
-            for name in list(dict.keys(ssm._parameters)):
-                versions = dict.get(ssm._parameters, name) or []
-                if name.startswith("/aws/") or not versions:
-                    continue
-                latest = versions[-1]
-                params.append({"name": name, "type": _get(latest, "parameter_type"),
-                               "value": _safe(lambda: latest.decrypt(latest.value)),
-                               "version": _get(latest, "version")})
-            doc["ssm_parameters"] = params
-            doc["ssm_public_parameters"] = dict(self.public_params.get(region, {}))
-
-            budgets = _safe(lambda: budgets_backends[ACCOUNT_ID]["global"].budgets[ACCOUNT_ID], {})
-            doc["budgets"] = [_safe(lambda: b.to_dict(), {"name": n}) for n, b in budgets.items()]
-        return doc
-
-
-MOTO_FIXES: dict[tuple[str, str], Callable[[LocalCloud, AwsRequest, dict], Resp]] = {
-    ("ec2", "DescribeSpotPriceHistory"): LocalCloud._fix_describe_spot_price_history,
-    ("ec2", "RunInstances"): LocalCloud._fix_run_instances,
-    ("ec2", "RequestSpotInstances"): LocalCloud._fix_request_spot_instances,
-    ("ec2", "TerminateInstances"): LocalCloud._fix_terminate_instances,
-    ("ec2", "DescribeSpotInstanceRequests"): LocalCloud._fix_describe_spot_instance_requests,
-    ("ec2", "CancelSpotInstanceRequests"): LocalCloud._fix_cancel_spot_instance_requests,
-    ("ec2", "DeleteSecurityGroup"): LocalCloud._fix_delete_security_group,
-}
-
-
-def _instance_group_ids(instance: Any) -> list[str]:
-    ids = [g.id for g in (getattr(instance, "security_groups", None) or [])]
-    for nic in (getattr(instance, "nics", None) or {}).values():
-        for group in getattr(nic, "group_set", None) or []:
-            gid = getattr(group, "id", group)
-            if gid not in ids:
-                ids.append(gid)
-    return ids
-
 
 # ---------------------------------------------------------------------------
-# 8. Control API helpers
+# 8. State dump
 # ---------------------------------------------------------------------------
-class ControlError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _json_body(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
-        return {}
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise ControlError(400, f"body is not JSON: {exc}")
-    if not isinstance(doc, dict):
-        raise ControlError(400, "body must be a JSON object")
-    return doc
-
-
-# ---------------------------------------------------------------------------
-# 9. State dump helpers
-# ---------------------------------------------------------------------------
+# Read straight from moto's backends. Every field is fetched defensively:
+# whatever moto does not keep comes back as null instead of failing the dump.
 # Read straight from moto's backends. Every field is fetched defensively:
 # whatever moto does not keep comes back as null instead of failing the dump.
 def _get(obj: Any, *names: str, default: Any = None) -> Any:
@@ -1733,6 +1473,323 @@ def _dump_spot_request(backend: Any, req: Any) -> dict[str, Any]:
             "image_id": _get(spec, "image_id") if spec else None,
             "created_by": getattr(req, "created_by", "RequestSpotInstances"),
             "tags": _tags(backend, req.id)}
+
+
+class StateDump:
+    """GET /_localcloud/state (mixed into LocalCloud, section 9)."""
+
+    def state_dump(self, region: str) -> dict[str, Any]:
+        from moto.budgets.models import budgets_backends
+        from moto.cloudwatch.models import cloudwatch_backends
+        from moto.iam.models import iam_backends
+        from moto.logs.models import logs_backends
+        from moto.ssm.models import ssm_backends
+
+        with self.moto_lock:
+            backend = self.ec2_backend(region)
+            doc: dict[str, Any] = {"region": region, "account_id": ACCOUNT_ID}
+            doc["instances"] = [_dump_instance(self, backend, i) for i in backend.all_instances()]
+            doc["volumes"] = [{
+                "id": v.id, "tags": _tags(backend, v.id), "encrypted": bool(_get(v, "encrypted")),
+                "type": _get(v, "volume_type"), "size": _get(v, "size"),
+                "az": _safe(lambda: v.zone.name), "state": _safe(lambda: v.status),
+                "kms_key_id": _get(v, "kms_key_id"), "iops": _get(v, "iops"),
+                "throughput": _get(v, "throughput"),
+                "attached_instance": _safe(lambda: v.attachment.instance.id),
+                "device": _safe(lambda: v.attachment.device),
+            } for v in backend.volumes.values()]
+            doc["security_groups"] = [_dump_security_group(backend, g)
+                                      for groups in backend.groups.values()
+                                      for g in groups.values()]
+            doc["spot_requests"] = [_dump_spot_request(backend, r)
+                                    for r in backend.spot_instance_requests.values()]
+            doc["key_pairs"] = _safe(lambda: [{"name": k.name if hasattr(k, "name") else name,
+                                               "id": _get(k, "id"), "tags": _tags(backend, _get(k, "id", default=""))}
+                                              for name, k in backend.key_pairs.items()], [])
+            doc["default_vpc_id"] = _safe(lambda: backend.get_default_vpc().id)
+
+            cw = cloudwatch_backends[ACCOUNT_ID][region]
+            doc["alarms"] = [{
+                "name": a.name, "arn": _get(a, "alarm_arn"), "namespace": _get(a, "namespace"),
+                "metric_name": _get(a, "metric_name"), "dimensions": _dims(_get(a, "dimensions")),
+                "statistic": _get(a, "statistic"), "extended_statistic": _get(a, "extended_statistic"),
+                "period": _get(a, "period"), "evaluation_periods": _get(a, "evaluation_periods"),
+                "datapoints_to_alarm": _get(a, "datapoints_to_alarm"),
+                "threshold": _get(a, "threshold"), "comparison_operator": _get(a, "comparison_operator"),
+                "alarm_actions": list(_get(a, "alarm_actions", default=[])),
+                "ok_actions": list(_get(a, "ok_actions", default=[])),
+                "insufficient_data_actions": list(_get(a, "insufficient_data_actions", default=[])),
+                "treat_missing_data": _get(a, "treat_missing_data"), "unit": _get(a, "unit"),
+                "description": _get(a, "description"), "actions_enabled": _get(a, "actions_enabled"),
+                "state": _get(a, "state_value"),
+            } for a in cw.alarms.values()]
+            doc["metrics"] = [{
+                "namespace": _get(m, "namespace"), "name": _get(m, "name"),
+                "dimensions": _dims(_get(m, "dimensions")), "value": _get(m, "value"),
+                "unit": _get(m, "unit"), "timestamp": iso(_get(m, "timestamp")),
+                "statistic_values": ({"min": m.min, "max": m.max, "sum": m.sum,
+                                      "sample_count": m.sample_count}
+                                     if hasattr(m, "sample_count") else None),
+            } for m in cw.metric_data]
+            doc["dashboards"] = [{"name": d.name, "body": d.body,
+                                  "body_json": parse_json_maybe(d.body)}
+                                 for d in cw.dashboards.values()]
+
+            logs = logs_backends[ACCOUNT_ID][region]
+            doc["log_groups"] = [{
+                "name": g.name, "retention_in_days": _get(g, "retention_in_days"),
+                "kms_key_id": _get(g, "kms_key_id"), "tags": _safe(lambda: dict(g.tags or {})),
+                "streams": [{"name": s_name, "events": [
+                    {"timestamp": _get(e, "timestamp"), "message": _get(e, "message")}
+                    for e in _get(s, "events", default=[])]}
+                    for s_name, s in g.streams.items()],
+            } for g in logs.groups.values()]
+
+            iam = iam_backends[ACCOUNT_ID]["global"]
+            doc["iam"] = {
+                "roles": [{
+                    "name": r.name, "arn": _get(r, "arn"), "path": _get(r, "path"),
+                    "assume_role_policy_document": parse_json_maybe(
+                        _get(r, "assume_role_policy_document")),
+                    "inline_policies": {n: parse_json_maybe(d) for n, d in r.policies.items()},
+                    "attached_policies": list(r.managed_policies.keys()),
+                    "tags": _safe(lambda: {k: v["Value"] for k, v in r.tags.items()}, {}),
+                    "max_session_duration": _get(r, "max_session_duration"),
+                    "description": _get(r, "description"),
+                } for r in iam.roles.values()],
+                "instance_profiles": [{
+                    "name": p.name, "arn": _get(p, "arn"), "path": _get(p, "path"),
+                    "roles": [r.name for r in p.roles],
+                    "tags": _safe(lambda: {k: v["Value"] for k, v in p.tags.items()}, {}),
+                } for p in iam.instance_profiles.values()],
+                "policies": [{
+                    "name": p.name, "arn": p.arn,
+                    "document": _safe(lambda: parse_json_maybe(p.default_version.document)),
+                } for p in iam.managed_policies.values()
+                    if not p.arn.startswith("arn:aws:iam::aws:policy")],
+            }
+
+            ssm = ssm_backends[ACCOUNT_ID][region]
+            params = []
+            for name in list(dict.keys(ssm._parameters)):
+                versions = dict.get(ssm._parameters, name) or []
+                if name.startswith("/aws/") or not versions:
+                    continue
+                latest = versions[-1]
+                params.append({"name": name, "type": _get(latest, "parameter_type"),
+                               "value": _safe(lambda: latest.decrypt(latest.value)),
+                               "version": _get(latest, "version")})
+            doc["ssm_parameters"] = params
+            doc["ssm_public_parameters"] = dict(self.public_params.get(region, {}))
+
+            budgets = _safe(lambda: budgets_backends[ACCOUNT_ID]["global"].budgets[ACCOUNT_ID], {})
+            doc["budgets"] = [_safe(lambda: b.to_dict(), {"name": n}) for n, b in budgets.items()]
+        return doc
+
+
+# ---------------------------------------------------------------------------
+# 9. LocalCloud: the central object
+# ---------------------------------------------------------------------------
+class LocalCloud(Middleware, MotoFixes, ControlAPI, StateDump):
+    """Owns moto, the fault rules, the call log and the control API.
+    
+    boxsim.py (see README.md) gets this object through attach(cloud) and may use:
+    base_url, ec2_backend(region), add_route(), on_shutdown(), on_reset(),
+    on_instances_launched(), on_instances_terminated(), terminate_instance(),
+    spawn()/register_child(), moto_lock, ready_extras.
+    """
+
+    def __init__(self, delay_ms: float = 0.0, pending_seconds: float = 0.0,
+                 verbose: bool = False):
+        self.verbose = verbose
+        self.base_url = ""
+        self.moto_app = DomainDispatcherApplication(create_backend_app)
+        # moto's backends are not thread-safe: every touch of them (requests,
+        # seeding, state dumps, timers) holds this lock. Delays happen outside it,
+        # so parallel requests still overlap in time the way they do against AWS.
+        self.moto_lock = threading.RLock()
+        self.state_lock = threading.Lock()  # rules, log and config
+        self.start_delay_ms = float(delay_ms)
+        self.start_pending_seconds = float(pending_seconds)
+        self.delay_ms = float(delay_ms)
+        self.pending_seconds = float(pending_seconds)
+        self.rules: list[FaultRule] = []
+        self.calls: list[dict[str, Any]] = []
+        self.seq = 0
+        self.internal_errors = 0
+        self.price_overrides: dict[str, dict[str, dict[str, tuple[float | None, float]]]] = {}
+        self.prices_epoch = time.time()
+        self.generation = 0  # bumped on reset; stale timers check it
+        self.timers: set[threading.Timer] = set()
+        self.seeded_regions: set[str] = set()
+        self.public_params: dict[str, dict[str, str]] = {}
+        self.launch_requests: dict[str, dict[str, str]] = {}  # instance id -> RunInstances params
+        self.routes: list[tuple[str, str, Callable[[dict, bytes], tuple[int, Any]]]] = []
+        self.ready_extras: dict[str, str] = {}
+        self._shutdown_hooks: list[Callable[[], None]] = []
+        self._reset_hooks: list[Callable[[], None]] = []
+        self._launch_hooks: list[Callable[[str, list[str]], None]] = []
+        self._terminate_hooks: list[Callable[[str, list[str]], None]] = []
+        self._children: list[subprocess.Popen] = []
+        self._az_cache: dict[str, list[str]] = {}
+        self._offerings_cache: dict[str, dict[str, set[str]] | None] = {}
+
+    # -- API for boxsim and the control API --------------------------------
+    def ec2_backend(self, region: str) -> Any:
+        """moto's EC2 backend for the default account (hold moto_lock to mutate it)."""
+        from moto.ec2.models import ec2_backends
+
+        self.ensure_region(region)
+        return ec2_backends[ACCOUNT_ID][region]
+
+    def add_route(self, method: str, path_prefix: str,
+                  handler: Callable[[dict, bytes], tuple[int, Any]]) -> None:
+        """Route METHOD /_localcloud/<...>prefix to handler(environ, body) -> (status, json)."""
+        if not path_prefix.startswith("/_localcloud/"):
+            raise ValueError("extra routes must live under /_localcloud/")
+        self.routes.append((method.upper(), path_prefix, handler))
+        self.routes.sort(key=lambda r: -len(r[1]))  # longest prefix wins
+
+    def on_shutdown(self, fn: Callable[[], None]) -> None:
+        self._shutdown_hooks.append(fn)
+
+    def on_reset(self, fn: Callable[[], None]) -> None:
+        self._reset_hooks.append(fn)
+
+    def on_instances_launched(self, fn: Callable[[str, list[str]], None]) -> None:
+        """fn(region, instance_ids) after a successful RunInstances/RequestSpotInstances."""
+        self._launch_hooks.append(fn)
+
+    def on_instances_terminated(self, fn: Callable[[str, list[str]], None]) -> None:
+        """fn(region, instance_ids) after TerminateInstances or terminate_instance()."""
+        self._terminate_hooks.append(fn)
+
+    def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a child process that is killed when localcloud exits."""
+        proc = subprocess.Popen(argv, **kwargs)
+        self.register_child(proc)
+        return proc
+
+    def register_child(self, proc: subprocess.Popen) -> None:
+        self._children.append(proc)
+
+    def terminate_instance(self, region: str, instance_id: str,
+                           reason: str | None = None) -> None:
+        """Terminate as if from outside the API (e.g. spot interruption, in-guest shutdown).
+
+        reason: None / "user" (user-initiated), "spot" (Server.SpotInstanceTermination)
+        or "shutdown" (Client.InstanceInitiatedShutdown).
+        """
+        with self.moto_lock:
+            backend = self.ec2_backend(region)
+            backend.terminate_instances([instance_id])
+            instance = backend.get_instance(instance_id)
+            self._set_termination_reason(instance, reason)
+            self._close_spot_requests(backend, [instance_id], reason)
+        self._fire(self._terminate_hooks, region, [instance_id])
+
+    # -- startup ---------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Build moto's per-service apps and the default region up front."""
+        for service in PREWARM_SERVICES:
+            with self.moto_app.lock:
+                if service not in self.moto_app.app_instances:
+                    self.moto_app.app_instances[service] = create_backend_app(service)
+        self._prewarm_backends()
+
+    def _prewarm_backends(self) -> None:
+        """Create the backends every test needs now, not in its first request."""
+        from moto.iam.models import iam_backends
+
+        with self.moto_lock:
+            iam_backends[ACCOUNT_ID]["global"]  # noqa: B018 - creates it (~0.05 s)
+            for region in PREWARM_REGIONS:
+                self.ensure_region(region)
+                self.availability_zones(region)
+
+    def warm_up_background(self) -> None:
+        """After READY: send moto one harmless call per service, straight to moto
+        (not logged), so botocore's service models are loaded before a test needs
+        them (the first EC2 call otherwise takes ~0.6 s)."""
+        from werkzeug.test import EnvironBuilder
+
+        calls = [("ec2", "Action=DescribeRegions&Version=2016-11-15", None),
+                 ("sts", "Action=GetCallerIdentity&Version=2011-06-15", None),
+                 ("iam", "Action=ListRoles&Version=2010-05-08", None),
+                 ("monitoring", "Action=DescribeAlarms&Version=2010-08-01", None),
+                 ("ssm", "{}", "AmazonSSM.DescribeParameters"),
+                 ("logs", "{}", "Logs_20140328.DescribeLogGroups")]
+
+        def run() -> None:
+            for service, body, target in calls:
+                headers = {"Authorization": "AWS4-HMAC-SHA256 Credential=localcloud/20260101/"
+                           f"us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0"}
+                ctype = "application/x-www-form-urlencoded"
+                if target:
+                    headers["X-Amz-Target"] = target
+                    ctype = "application/x-amz-json-1.1"
+                environ = EnvironBuilder(method="POST", path="/", headers=headers,
+                                         data=body.encode(), content_type=ctype).get_environ()
+                try:
+                    self._call_moto(environ)
+                except Exception:
+                    log.warning("warm-up call to %s failed:\n%s", service, traceback.format_exc())
+
+        threading.Thread(target=run, name="warm-up", daemon=True).start()
+
+    # -- reset / shutdown -----------------------------------------------------
+    def reset(self) -> float:
+        t0 = time.monotonic()
+        with self.moto_lock:
+            self._cancel_timers()
+            self.generation += 1
+            _reset_moto()
+            self.seeded_regions.clear()
+            self.public_params.clear()
+            self.launch_requests.clear()
+            with self.state_lock:
+                self.rules = []
+                self.calls = []
+                self.seq = 0
+                self.internal_errors = 0
+                self.delay_ms = self.start_delay_ms
+                self.pending_seconds = self.start_pending_seconds
+                self.price_overrides = {}
+                self.prices_epoch = time.time()
+            self._prewarm_backends()
+        for hook in self._reset_hooks:
+            self._call_hook(hook)
+        return time.monotonic() - t0
+
+    def shutdown(self) -> None:
+        for hook in list(self._shutdown_hooks):
+            self._call_hook(hook)
+        self._cancel_timers()
+        for proc in self._children:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 3
+        for proc in self._children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _cancel_timers(self) -> None:
+        for timer in list(self.timers):
+            timer.cancel()
+        self.timers.clear()
+
+    def _call_hook(self, fn: Callable, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.error("hook %r failed:\n%s", fn, traceback.format_exc())
+
+    def _fire(self, hooks: list[Callable], *args: Any) -> None:
+        for hook in hooks:
+            self._call_hook(hook, *args)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+//! The box's IAM role and instance profile, created once and reused.
+//!
+//! The role trusts only EC2, and its one inline policy allows only what the box itself may do:
+//! publish metrics in the tool's namespace and write to its own log groups. Nothing on the box
+//! can touch other AWS resources (the watchdog ends the box by powering off, which needs no IAM).
+
+use aws_sdk_iam::types::Tag;
+use serde_json::json;
+
+use super::{Aws, AwsError, AwsResultExt, code_of};
+use crate::session::tags;
+
+pub const INLINE_POLICY_NAME: &str = "ephemeral-admin-box";
+pub const METRIC_NAMESPACE: &str = "EphemeralAdmin";
+pub const LOG_GROUP_PREFIX: &str = "/aws/ephemeral-container/";
+
+/// The instance profile the box launches with.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstanceProfile {
+    pub name: String,
+    /// True when this call created the profile (or linked its role): EC2 may not see it for a
+    /// few seconds, so RunInstances retries the resulting error (see `launch`).
+    pub fresh: bool,
+}
+
+pub fn trust_policy() -> String {
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Principal": {"Service": "ec2.amazonaws.com"},
+            "Action": "sts:AssumeRole"
+        }]
+    })
+    .to_string()
+}
+
+pub fn box_policy() -> String {
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "OwnMetricsOnly",
+                "Effect": "Allow",
+                "Action": "cloudwatch:PutMetricData",
+                "Resource": "*",
+                "Condition": {"StringEquals": {"cloudwatch:namespace": METRIC_NAMESPACE}}
+            },
+            {
+                "Sid": "OwnLogsOnly",
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": format!("arn:aws:logs:*:*:log-group:{LOG_GROUP_PREFIX}*")
+            }
+        ]
+    })
+    .to_string()
+}
+
+/// Finds the profile (one call when it exists and has its role), else creates what is missing.
+/// Safe against a concurrent launch doing the same.
+pub async fn ensure_instance_profile(aws: &Aws, name: &str) -> Result<InstanceProfile, AwsError> {
+    let found = aws.iam.get_instance_profile().instance_profile_name(name).send().await;
+    let has_role = match found {
+        Ok(out) => {
+            let linked = out.instance_profile().is_some_and(|p| p.roles().iter().any(|r| r.role_name() == name));
+            if linked {
+                return Ok(InstanceProfile { name: name.into(), fresh: false });
+            }
+            true
+        }
+        Err(e) if code_of(&e) == Some("NoSuchEntity") => false,
+        Err(e) => return Err(AwsError::new(format!("looking up instance profile {name}"), e)),
+    };
+    let (role, profile) = tokio::join!(ensure_role(aws, name), async {
+        if has_role { Ok(()) } else { create_profile(aws, name).await }
+    });
+    role?;
+    profile?;
+    let linked = aws.iam.add_role_to_instance_profile().instance_profile_name(name).role_name(name).send().await;
+    match linked {
+        Ok(_) => {}
+        // Already linked (by a concurrent launch): an instance profile holds one role.
+        Err(e) if code_of(&e) == Some("LimitExceeded") => {}
+        Err(e) => return Err(AwsError::new(format!("adding role {name} to its instance profile"), e)),
+    }
+    Ok(InstanceProfile { name: name.into(), fresh: true })
+}
+
+async fn ensure_role(aws: &Aws, name: &str) -> Result<(), AwsError> {
+    let created = aws
+        .iam
+        .create_role()
+        .role_name(name)
+        .description("ephemeral-admin boxes: own metrics and logs only")
+        .assume_role_policy_document(trust_policy())
+        .set_tags(Some(iam_tags()))
+        .send()
+        .await;
+    match created {
+        Ok(_) => {}
+        Err(e) if code_of(&e) == Some("EntityAlreadyExists") => {}
+        Err(e) => return Err(AwsError::new(format!("creating IAM role {name}"), e)),
+    }
+    // Idempotent: also repairs a role whose policy someone edited.
+    aws.iam
+        .put_role_policy()
+        .role_name(name)
+        .policy_name(INLINE_POLICY_NAME)
+        .policy_document(box_policy())
+        .send()
+        .await
+        .doing(format!("setting the policy of IAM role {name}"))?;
+    Ok(())
+}
+
+async fn create_profile(aws: &Aws, name: &str) -> Result<(), AwsError> {
+    let created = aws.iam.create_instance_profile().instance_profile_name(name).set_tags(Some(iam_tags())).send().await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if code_of(&e) == Some("EntityAlreadyExists") => Ok(()),
+        Err(e) => Err(AwsError::new(format!("creating instance profile {name}"), e)),
+    }
+}
+
+fn iam_tags() -> Vec<Tag> {
+    tags::shared_resource_tags()
+        .into_iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build().expect("key and value are set"))
+        .collect()
+}
+
+/// Removes the profile and role (cleanup --purge). Missing pieces are fine.
+pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<(), AwsError> {
+    let ignore_missing = |r: Result<(), AwsError>| match r {
+        Err(e) if e.code() == Some("NoSuchEntity") => Ok(()),
+        other => other,
+    };
+    ignore_missing(
+        aws.iam
+            .remove_role_from_instance_profile()
+            .instance_profile_name(name)
+            .role_name(name)
+            .send()
+            .await
+            .map(|_| ())
+            .doing(format!("unlinking role {name}")),
+    )?;
+    ignore_missing(
+        aws.iam.delete_instance_profile().instance_profile_name(name).send().await.map(|_| ()).doing(format!(
+            "deleting instance profile {name}"
+        )),
+    )?;
+    ignore_missing(
+        aws.iam
+            .delete_role_policy()
+            .role_name(name)
+            .policy_name(INLINE_POLICY_NAME)
+            .send()
+            .await
+            .map(|_| ())
+            .doing(format!("deleting the policy of role {name}")),
+    )?;
+    ignore_missing(aws.iam.delete_role().role_name(name).send().await.map(|_| ()).doing(format!("deleting role {name}")))
+}

@@ -1,0 +1,209 @@
+//! Session instances: find them by tag, wait for them to run, move their deadline, end them.
+//!
+//! Listing is one paginated DescribeInstances filtered by tags, so it costs the same number of
+//! calls whatever the number of sessions.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{Filter, Instance, InstanceLifecycleType, Tag};
+
+use super::{Aws, AwsError, AwsResultExt, code_of};
+use crate::session::tags;
+
+/// What AWS knows about one session's instance.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstanceInfo {
+    pub instance_id: String,
+    pub session_id: Option<String>,
+    pub owner: Option<String>,
+    pub state: String,
+    pub instance_type: String,
+    pub availability_zone: Option<String>,
+    pub market: &'static str,
+    pub spot_request_id: Option<String>,
+    pub public_ip: Option<String>,
+    pub private_ip: Option<String>,
+    pub launch_time: Option<String>,
+    pub expires_at: Option<String>,
+    pub kept: bool,
+    pub state_reason: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+impl InstanceInfo {
+    fn from_sdk(i: &Instance) -> InstanceInfo {
+        let tags: BTreeMap<String, String> = i
+            .tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+            .collect();
+        InstanceInfo {
+            instance_id: i.instance_id().unwrap_or_default().to_string(),
+            session_id: tags.get(tags::SESSION).cloned(),
+            owner: tags.get(tags::OWNER).cloned(),
+            state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
+            instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
+            availability_zone: i.placement().and_then(|p| p.availability_zone()).map(str::to_string),
+            market: match i.instance_lifecycle() {
+                Some(InstanceLifecycleType::Spot) => "spot",
+                _ if i.spot_instance_request_id().is_some() => "spot",
+                _ => "on-demand",
+            },
+            spot_request_id: i.spot_instance_request_id().map(str::to_string),
+            public_ip: i.public_ip_address().map(str::to_string),
+            private_ip: i.private_ip_address().map(str::to_string),
+            launch_time: i.launch_time().and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()),
+            expires_at: tags.get(tags::EXPIRES_AT).cloned(),
+            kept: tags.get(tags::MODE).is_some_and(|m| m == "kept"),
+            state_reason: i.state_reason().and_then(|r| r.message()).map(str::to_string),
+            tags,
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self.state.as_str(), "pending" | "running")
+    }
+}
+
+/// Which session instances to find.
+#[derive(Debug, Clone, Default)]
+pub struct Query<'a> {
+    /// Only this owner's (the caller's ARN), or anyone's.
+    pub owner: Option<&'a str>,
+    pub session_id: Option<&'a str>,
+    /// Include terminated instances (AWS keeps them visible for about an hour).
+    pub include_terminated: bool,
+}
+
+/// Session instances matching the query, newest first.
+pub async fn find(aws: &Aws, query: Query<'_>) -> Result<Vec<InstanceInfo>, AwsError> {
+    let mut request = aws
+        .ec2
+        .describe_instances()
+        .filters(Filter::builder().name(format!("tag:{}", tags::PROJECT)).values(tags::PROJECT_VALUE).build())
+        .filters(Filter::builder().name("tag-key").values(tags::SESSION).build());
+    if let Some(owner) = query.owner {
+        request = request.filters(Filter::builder().name(format!("tag:{}", tags::OWNER)).values(owner).build());
+    }
+    if let Some(session) = query.session_id {
+        request = request.filters(Filter::builder().name(format!("tag:{}", tags::SESSION)).values(session).build());
+    }
+    if !query.include_terminated {
+        request = request.filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .values("shutting-down")
+                .values("stopping")
+                .values("stopped")
+                .build(),
+        );
+    }
+    let mut found = Vec::new();
+    let mut pages = request.into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.doing("listing session instances")?;
+        for reservation in page.reservations() {
+            found.extend(reservation.instances().iter().map(InstanceInfo::from_sdk));
+        }
+    }
+    found.sort_by(|a, b| b.launch_time.cmp(&a.launch_time));
+    Ok(found)
+}
+
+/// One instance by id, or None if AWS does not know it (yet, or any more).
+pub async fn describe(aws: &Aws, instance_id: &str) -> Result<Option<InstanceInfo>, AwsError> {
+    match aws.ec2.describe_instances().instance_ids(instance_id).send().await {
+        Ok(out) => Ok(out.reservations().iter().flat_map(|r| r.instances()).next().map(InstanceInfo::from_sdk)),
+        // Just launched and not yet visible (EC2 is eventually consistent), or long gone.
+        Err(e) if code_of(&e) == Some("InvalidInstanceID.NotFound") => Ok(None),
+        Err(e) => Err(AwsError::new(format!("checking instance {instance_id}"), e)),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    #[error("instance {instance_id} ended while starting ({state}{}); run `ephemeral-admin launch` again", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Ended { instance_id: String, state: String, reason: Option<String> },
+    #[error("instance {instance_id} did not start within {}; it will be terminated", humantime::format_duration(*.waited))]
+    TimedOut { instance_id: String, waited: Duration },
+}
+
+/// How often to ask whether the instance runs yet.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Polls until the instance runs and has the address we will connect to.
+pub async fn wait_running(
+    aws: &Aws,
+    instance_id: &str,
+    need_public_ip: bool,
+    timeout: Duration,
+    on_state: &(dyn Fn(&str) + Sync),
+) -> Result<InstanceInfo, WaitError> {
+    let started = tokio::time::Instant::now();
+    let mut last_state = String::new();
+    loop {
+        if let Some(info) = describe(aws, instance_id).await? {
+            if info.state != last_state {
+                on_state(&info.state);
+                last_state = info.state.clone();
+            }
+            match info.state.as_str() {
+                "running" if !need_public_ip || info.public_ip.is_some() => return Ok(info),
+                "pending" | "running" => {}
+                _ => {
+                    return Err(WaitError::Ended {
+                        instance_id: instance_id.into(),
+                        state: info.state,
+                        reason: info.state_reason,
+                    });
+                }
+            }
+        }
+        if started.elapsed() >= timeout {
+            return Err(WaitError::TimedOut { instance_id: instance_id.into(), waited: timeout });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Terminates instances; ids AWS no longer knows are fine.
+pub async fn terminate(aws: &Aws, instance_ids: &[String]) -> Result<(), AwsError> {
+    if instance_ids.is_empty() {
+        return Ok(());
+    }
+    match aws.ec2.terminate_instances().set_instance_ids(Some(instance_ids.to_vec())).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if code_of(&e) == Some("InvalidInstanceID.NotFound") => Ok(()),
+        Err(e) => Err(AwsError::new(format!("terminating {}", instance_ids.join(", ")), e)),
+    }
+}
+
+/// Cancels spot requests so a one-time request cannot start another instance.
+pub async fn cancel_spot_requests(aws: &Aws, request_ids: &[String]) -> Result<(), AwsError> {
+    if request_ids.is_empty() {
+        return Ok(());
+    }
+    match aws.ec2.cancel_spot_instance_requests().set_spot_instance_request_ids(Some(request_ids.to_vec())).send().await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if code_of(&e) == Some("InvalidSpotInstanceRequestID.NotFound") => Ok(()),
+        Err(e) => Err(AwsError::new("cancelling the spot request", e)),
+    }
+}
+
+/// Rewrites the deadline tag the watchdog reads (extend).
+pub async fn set_expiry(aws: &Aws, instance_id: &str, expires_at: &str) -> Result<(), AwsError> {
+    aws.ec2
+        .create_tags()
+        .resources(instance_id)
+        .tags(Tag::builder().key(tags::EXPIRES_AT).value(expires_at).build())
+        .send()
+        .await
+        .doing(format!("moving the deadline of {instance_id}"))?;
+    Ok(())
+}

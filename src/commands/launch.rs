@@ -1,0 +1,300 @@
+//! `launch`: provision a locked-down spot box for this caller, fast, tagged, and never half-made.
+//!
+//! Independent steps run at once (caller identity, IP, security group, IAM profile, keys, AMI,
+//! spot prices); the SSH rule is opened while RunInstances is in flight; the alarm is created
+//! while the instance boots. Every resource is tagged at creation and written to the local record
+//! before the next step starts, so a crash at any point leaves nothing `cleanup` cannot find.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use base64::Engine;
+use ipnet::IpNet;
+use serde::Serialize;
+use time::Duration as TimeDuration;
+
+use super::{Context, SessionView};
+use crate::aws::launch::{self as ec2_launch, LaunchEvent, LaunchSpec};
+use crate::aws::{alarm, ami, iam, identity, instances, network, spot};
+use crate::cli::{ConnectMode, LaunchArgs};
+use crate::error::{ExitStatus, UsageError};
+use crate::keys::SessionKeys;
+use crate::output::{short_duration, usd};
+use crate::session::store::{SessionRecord, Store, process_start_ticks};
+use crate::session::{self, Clock, SystemClock, tags};
+use crate::teardown::{self, SessionResources};
+use crate::{crash, ip, pricing, userdata};
+
+/// The local record, saved atomically after every change.
+#[derive(Clone)]
+struct Recorder {
+    store: Store,
+    record: Arc<Mutex<SessionRecord>>,
+}
+
+impl Recorder {
+    fn update(&self, change: impl FnOnce(&mut SessionRecord)) -> Result<()> {
+        let mut record = self.record.lock().expect("record lock");
+        change(&mut record);
+        self.store.save(&record)
+    }
+
+    fn snapshot(&self) -> SessionRecord {
+        self.record.lock().expect("record lock").clone()
+    }
+}
+
+#[derive(Serialize)]
+struct Launched {
+    #[serde(flatten)]
+    session: SessionView,
+    estimate: Option<pricing::Estimate>,
+    launch_attempts: u32,
+    timings_ms: Vec<(String, u128)>,
+}
+
+pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
+    if !args.detach {
+        // The embedded shell lands with the SSH session work; until then say so before doing anything.
+        return Err(UsageError::new(
+            "the interactive shell is not built yet (planned in issue #5): use `launch --detach` to provision and print the session",
+        )
+        .into());
+    }
+    let s = &ctx.settings;
+    let started = Instant::now();
+    let mut timings: Vec<(String, u128)> = Vec::new();
+    let mark = |name: &str, timings: &mut Vec<(String, u128)>| {
+        timings.push((name.to_string(), started.elapsed().as_millis()));
+    };
+    let aws = ctx.aws().await?;
+    let clock = SystemClock;
+    let store = Store::new(s.sessions_dir());
+    let session_id = session::new_id();
+    let created = clock.now();
+    let expires = created + TimeDuration::try_from(s.max_runtime).context("max_runtime is too long")?;
+    let kept = args.detach || args.keep;
+    // Through SSM no inbound port is needed at all.
+    let need_ingress = s.connect != ConnectMode::Ssm;
+    mark("settings", &mut timings);
+
+    // Phase 1: everything independent, at once.
+    let step = ctx.printer.step("preparing (identity, address, security group, IAM profile, keys, image, prices)");
+    let detect_ip = async {
+        match (s.my_ip, need_ingress) {
+            (Some(net), _) => Ok(Some(net)),
+            (None, false) => Ok(None),
+            (None, true) => ip::detect(&ip_services(), ip::TIMEOUT).await.map(Some).map_err(anyhow::Error::from),
+        }
+    };
+    let keys = {
+        let id = session_id.clone();
+        async move { tokio::task::spawn_blocking(move || SessionKeys::generate(&id)).await.context("key generation")? }
+    };
+    let (caller, my_ip, group, profile, keys, image, prices) = tokio::try_join!(
+        async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
+        detect_ip,
+        async { network::ensure_security_group(&aws, &s.security_group_name).await.map_err(anyhow::Error::from) },
+        async { iam::ensure_instance_profile(&aws, &s.iam_role_name).await.map_err(anyhow::Error::from) },
+        keys,
+        async { ami::resolve(&aws, &s.ami, s.arch()).await.map_err(anyhow::Error::from) },
+        async { spot::current_prices(&aws, &s.instance_types).await.map_err(anyhow::Error::from) },
+    )?;
+    drop(step);
+    mark("prepare", &mut timings);
+
+    let expires_at = session::rfc3339(expires);
+    let session_tags = tags::session_tags(&session_id, &caller.arn, &expires_at, kept, &s.tags);
+    let pid = std::process::id();
+    let recorder = Recorder {
+        store: store.clone(),
+        record: Arc::new(Mutex::new(SessionRecord {
+            id: session_id.clone(),
+            region: aws.region.clone(),
+            owner_arn: caller.arn.clone(),
+            created_at: session::rfc3339(created),
+            expires_at: expires_at.clone(),
+            kept,
+            user: s.user.clone(),
+            pid: Some(pid),
+            pid_start: process_start_ticks(pid),
+            host_key_public: keys.host.public_openssh.clone(),
+            host_key_fingerprint: keys.host.fingerprint.clone(),
+            client_key_public: keys.client.public_openssh.clone(),
+            security_group_id: Some(group.id.clone()),
+            instance_profile_name: Some(profile.name.clone()),
+            ..Default::default()
+        })),
+    };
+    store.save_private_key(&session_id, &keys.client.private_openssh)?;
+    recorder.update(|_| {})?;
+    crash::point("prepare");
+
+    let candidates = ec2_launch::plan(
+        &s.instance_types,
+        &prices,
+        s.on_demand_fallback,
+        |t| pricing::spot_max_price(s, &aws.region, t),
+        |t| pricing::on_demand_price(s, &aws.region, t),
+    );
+    if let Some(first) = candidates.first() {
+        let price = first.expected_price.map(|p| format!(" at {}/h", usd(p))).unwrap_or_default();
+        let estimate = first
+            .expected_price
+            .map(|p| format!(", at most {} for {}", usd(pricing::estimate(p, s.max_runtime).total), short_duration(s.max_runtime)))
+            .unwrap_or_default();
+        ctx.printer.status(format!("session {session_id}: {first}{price}{estimate}"));
+    }
+
+    let user_data = userdata::render(&userdata::BoxConfig {
+        session_id: &session_id,
+        host_key_private: &keys.host.private_openssh,
+        host_key_public: &keys.host.public_openssh,
+        client_key_public: &keys.client.public_openssh,
+        deadline_epoch: expires.unix_timestamp(),
+        idle_grace_secs: s.idle_grace.as_secs(),
+        boot_grace_secs: s.boot_grace.as_secs(),
+        interval_secs: s.watchdog_interval.as_secs().max(1),
+        install_tmux: s.tmux,
+    });
+    let spec = LaunchSpec {
+        session_id: session_id.clone(),
+        image_id: image.id.clone(),
+        root_device_name: image.root_device_name.clone(),
+        security_group_id: group.id.clone(),
+        instance_profile_name: profile.name.clone(),
+        instance_profile_fresh: profile.fresh,
+        user_data: base64::engine::general_purpose::STANDARD.encode(user_data),
+        tags: session_tags.clone(),
+    };
+
+    // Phase 2: the SSH rule(s) while RunInstances is in flight.
+    let step = ctx.printer.step("requesting the instance");
+    let sources: Vec<IpNet> = my_ip.into_iter().chain(s.allow_cidrs.iter().copied()).collect();
+    let sources: Vec<IpNet> = if need_ingress { sources } else { s.allow_cidrs.clone() };
+    let open_ssh = async {
+        let mut opened = Vec::new();
+        for cidr in &sources {
+            let rule = network::authorize_ssh(&aws, &group.id, *cidr, &session_id, &session_tags).await?;
+            recorder.update(|r| r.ingress_rule_ids.push(rule.rule_id.clone()))?;
+            crash::point("rule");
+            opened.push(rule);
+        }
+        anyhow::Ok(opened)
+    };
+    let on_event = |event: LaunchEvent| match event {
+        LaunchEvent::Trying(c) => step.set(format!("requesting {c}")),
+        LaunchEvent::NoCapacity { candidate, code } => step.println(format!("no capacity: {candidate} ({code}); trying the next")),
+        LaunchEvent::Retrying { candidate, why, after } => {
+            step.println(format!("{candidate}: {why}; retrying in {}", humantime::format_duration(after)))
+        }
+    };
+    let run_instance = async {
+        let launched = ec2_launch::run_first_available(&aws, &spec, &candidates, &on_event).await?;
+        recorder.update(|r| {
+            r.instance_id = Some(launched.instance_id.clone());
+            r.spot_request_id = launched.spot_request_id.clone();
+            r.instance_type = Some(launched.instance_type.clone());
+            r.availability_zone = launched.availability_zone.clone();
+            r.market = Some(launched.market.as_str().into());
+            r.price_per_hour = launched.price_per_hour;
+            r.launched_at = Some(session::rfc3339(clock.now()));
+        })?;
+        crash::point("run-instances");
+        anyhow::Ok(launched)
+    };
+    let (opened, launched) = tokio::join!(open_ssh, run_instance);
+    drop(step);
+    mark("run-instances", &mut timings);
+    let launched = match (opened, launched) {
+        (Ok(_), Ok(launched)) => launched,
+        (opened, launched) => {
+            let error = launched.err().or(opened.err()).expect("one side failed");
+            return Err(undo(ctx, &aws, &store, &recorder, error, &clock).await);
+        }
+    };
+
+    // Phase 3: the fail-safe alarm while the instance starts.
+    let step = ctx.printer.step(format!("starting {} ({})", launched.instance_id, launched.instance_type));
+    let create_alarm = async {
+        let name = alarm::create_failsafe(&aws, &session_id, &launched.instance_id, &session_tags).await?;
+        recorder.update(|r| r.alarm_name = Some(name.clone()))?;
+        crash::point("alarm");
+        anyhow::Ok(name)
+    };
+    let need_public_ip = s.connect == ConnectMode::PublicIp;
+    let on_state = |state: &str| step.set(format!("instance {} is {state}", launched.instance_id));
+    let wait = async {
+        instances::wait_running(&aws, &launched.instance_id, need_public_ip, s.connect_timeout, &on_state)
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    let (alarm_result, running) = tokio::join!(create_alarm, wait);
+    drop(step);
+    mark("running", &mut timings);
+    let running = match (alarm_result, running) {
+        (Ok(_), Ok(running)) => running,
+        (alarm_result, running) => {
+            let error = running.err().or(alarm_result.err()).expect("one side failed");
+            return Err(undo(ctx, &aws, &store, &recorder, error, &clock).await);
+        }
+    };
+    recorder.update(|r| {
+        r.public_ip = running.public_ip.clone();
+        r.private_ip = running.private_ip.clone();
+        if r.spot_request_id.is_none() {
+            r.spot_request_id = running.spot_request_id.clone();
+        }
+    })?;
+
+    let record = recorder.snapshot();
+    let view = SessionView::new(&record, Some(&running), clock.now());
+    let result = Launched {
+        estimate: launched.price_per_hour.map(|p| pricing::estimate(p, s.max_runtime)),
+        launch_attempts: launched.attempts,
+        timings_ms: timings.clone(),
+        session: view,
+    };
+    ctx.printer.result(&result, || {
+        let mut text = result.session.describe();
+        if args.timings {
+            text.push_str("\ntimings:");
+            for (name, ms) in &result.timings_ms {
+                text.push_str(&format!(" {name}={ms}ms"));
+            }
+        }
+        text
+    });
+    Ok(ExitStatus::Success)
+}
+
+/// A failed launch removes what it made so far, then reports the original error.
+async fn undo(
+    ctx: &Context,
+    aws: &crate::aws::Aws,
+    store: &Store,
+    recorder: &Recorder,
+    error: anyhow::Error,
+    clock: &dyn Clock,
+) -> anyhow::Error {
+    let record = recorder.snapshot();
+    let resources = SessionResources::from_record(&record);
+    let report = teardown::teardown(aws, store, &resources, "launch-failed", clock).await;
+    if report.is_clean() {
+        let _ = store.forget(&record.id);
+        ctx.printer.status(format!("launch failed; removed what it had made ({})", report.summary()));
+    } else {
+        ctx.printer.warn(report.summary());
+    }
+    error
+}
+
+/// The IP echo services: `EPHEMERAL_ADMIN_IP_SERVICES` (comma-separated URLs) replaces the
+/// defaults, for networks that block them and for tests.
+fn ip_services() -> Vec<String> {
+    match std::env::var("EPHEMERAL_ADMIN_IP_SERVICES") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').map(|u| u.trim().to_string()).collect(),
+        _ => ip::DEFAULT_SERVICES.iter().map(|u| u.to_string()).collect(),
+    }
+}

@@ -1,0 +1,126 @@
+//! `list`, `status ID` and `terminate ID`: sessions as AWS tags and local records see them.
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use super::Context;
+use super::view::{SessionView, list_table};
+use crate::aws::{Aws, alarm, identity, instances, network};
+use crate::error::{ExitStatus, UsageError};
+use crate::session::store::{SessionRecord, Store};
+use crate::session::{self, Clock, SystemClock};
+use crate::teardown::{self, SessionResources, TeardownReport};
+
+fn check_id(id: &str) -> Result<()> {
+    if session::is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(UsageError::new(format!("{id:?} is not a session id (8 letters and digits, as `list` shows)")).into())
+    }
+}
+
+#[derive(Serialize)]
+struct ListReport {
+    region: String,
+    sessions: Vec<SessionView>,
+}
+
+/// One DescribeInstances (filtered by tags) and one GetCallerIdentity, at once, whatever the
+/// number of sessions.
+pub async fn list(ctx: &Context) -> Result<ExitStatus> {
+    let aws = ctx.aws().await?;
+    let store = Store::new(ctx.settings.sessions_dir());
+    let (caller, found) = tokio::try_join!(
+        async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
+        async { instances::find(&aws, instances::Query::default()).await.map_err(anyhow::Error::from) },
+    )?;
+    let records = store.all();
+    let now = SystemClock.now();
+    let sessions: Vec<SessionView> = found
+        .iter()
+        .filter(|i| i.owner.as_deref() == Some(caller.arn.as_str()))
+        .map(|i| {
+            let record = records.iter().find(|r| Some(&r.id) == i.session_id.as_ref());
+            SessionView::build(record, Some(i), now)
+        })
+        .collect();
+    let report = ListReport { region: aws.region.clone(), sessions };
+    ctx.printer.result(&report, || {
+        if report.sessions.is_empty() {
+            format!("no live sessions in {}", report.region)
+        } else {
+            list_table(&report.sessions)
+        }
+    });
+    Ok(ExitStatus::Success)
+}
+
+pub async fn status(ctx: &Context, id: &str) -> Result<ExitStatus> {
+    check_id(id)?;
+    let aws = ctx.aws().await?;
+    let store = Store::new(ctx.settings.sessions_dir());
+    let record = store.load(id)?;
+    let query = instances::Query { session_id: Some(id), include_terminated: true, ..Default::default() };
+    let found = instances::find(&aws, query).await?;
+    if record.is_none() && found.is_empty() {
+        bail!("no session {id} in {} (neither AWS nor this machine knows it); `ephemeral-admin list` shows live ones", aws.region);
+    }
+    let view = SessionView::build(record.as_ref(), found.first(), SystemClock.now());
+    ctx.printer.result(&view, || view.describe());
+    Ok(ExitStatus::Success)
+}
+
+pub async fn terminate(ctx: &Context, id: &str) -> Result<ExitStatus> {
+    check_id(id)?;
+    let aws = ctx.aws().await?;
+    let store = Store::new(ctx.settings.sessions_dir());
+    let record = store.load(id)?;
+    let resources = discover(&aws, &ctx.settings.security_group_name, id, record.as_ref()).await?;
+    if record.is_none() && resources.instance_ids.is_empty() && resources.rule_ids.is_empty() && resources.alarm_names.is_empty() {
+        bail!("no session {id} in {}: nothing to terminate", aws.region);
+    }
+    let report = teardown::teardown(&aws, &store, &resources, "terminate", &SystemClock).await;
+    print_teardown(ctx, &report);
+    Ok(if report.is_clean() { ExitStatus::Success } else { ExitStatus::Failure })
+}
+
+pub fn print_teardown(ctx: &Context, report: &TeardownReport) {
+    ctx.printer.result(report, || report.summary());
+}
+
+/// Everything AWS and the local record know a session owns: its live instances (by tag), its
+/// references on SSH rules, its alarms.
+pub async fn discover(
+    aws: &Aws,
+    group_name: &str,
+    id: &str,
+    record: Option<&SessionRecord>,
+) -> Result<SessionResources> {
+    let query = instances::Query { session_id: Some(id), ..Default::default() };
+    let group_id = match record.and_then(|r| r.security_group_id.clone()) {
+        Some(group) => Some(group),
+        None => network::find_security_group(aws, group_name).await?,
+    };
+    let rules = async {
+        match &group_id {
+            Some(group) => network::ssh_rules(aws, group).await.map_err(anyhow::Error::from),
+            None => Ok(Vec::new()),
+        }
+    };
+    let (found, rules, alarms) = tokio::try_join!(
+        async { instances::find(aws, query).await.map_err(anyhow::Error::from) },
+        rules,
+        async { alarm::list_ours(aws).await.map_err(anyhow::Error::from) },
+    )?;
+    let mut resources = record.map(SessionResources::from_record).unwrap_or_default();
+    resources.session_id = id.to_string();
+    resources.merge(SessionResources {
+        session_id: id.to_string(),
+        instance_ids: found.iter().map(|i| i.instance_id.clone()).collect(),
+        spot_request_ids: found.iter().filter_map(|i| i.spot_request_id.clone()).collect(),
+        security_group_id: group_id,
+        rule_ids: rules.iter().filter(|r| r.refs.iter().any(|x| x.session_id == id)).map(|r| r.rule_id.clone()).collect(),
+        alarm_names: alarms.iter().filter(|a| a.session_id.as_deref() == Some(id)).map(|a| a.name.clone()).collect(),
+    });
+    Ok(resources)
+}

@@ -1,0 +1,165 @@
+//! The single way a session ends: terminate the instance (and its spot request), release the SSH
+//! rule, delete the alarm, delete the private key, and mark the local record ended.
+//!
+//! Every step runs even when another fails; independent steps run concurrently. Nothing waits
+//! for the instance to reach `terminated`: the user gets the prompt back at once.
+
+use serde::Serialize;
+
+use crate::aws::network::Release;
+use crate::aws::{Aws, alarm, instances, network};
+use crate::session::store::{SessionRecord, Store};
+use crate::session::{self, Clock};
+
+/// What a session owns in AWS, from its local record, its tags, or both.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SessionResources {
+    pub session_id: String,
+    pub instance_ids: Vec<String>,
+    pub spot_request_ids: Vec<String>,
+    pub security_group_id: Option<String>,
+    pub rule_ids: Vec<String>,
+    pub alarm_names: Vec<String>,
+}
+
+impl SessionResources {
+    pub fn from_record(record: &SessionRecord) -> SessionResources {
+        SessionResources {
+            session_id: record.id.clone(),
+            instance_ids: record.instance_id.iter().cloned().collect(),
+            spot_request_ids: record.spot_request_id.iter().cloned().collect(),
+            security_group_id: record.security_group_id.clone(),
+            rule_ids: record.ingress_rule_ids.clone(),
+            alarm_names: record.alarm_name.iter().cloned().collect(),
+        }
+    }
+
+    /// Adds what AWS knows that the record does not (e.g. a record from before a crash).
+    pub fn merge(&mut self, other: SessionResources) {
+        fn add(into: &mut Vec<String>, from: Vec<String>) {
+            for item in from {
+                if !into.contains(&item) {
+                    into.push(item);
+                }
+            }
+        }
+        add(&mut self.instance_ids, other.instance_ids);
+        add(&mut self.spot_request_ids, other.spot_request_ids);
+        add(&mut self.rule_ids, other.rule_ids);
+        add(&mut self.alarm_names, other.alarm_names);
+        if self.security_group_id.is_none() {
+            self.security_group_id = other.security_group_id;
+        }
+    }
+}
+
+/// What teardown did, for the summary line and `--output json`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TeardownReport {
+    pub session_id: String,
+    pub terminated: Vec<String>,
+    pub cancelled_spot_requests: Vec<String>,
+    pub rules: Vec<(String, Release)>,
+    pub alarms_deleted: Vec<String>,
+    pub key_deleted: bool,
+    /// Steps that failed; their resources may remain (the watchdog and `cleanup` are the net).
+    pub errors: Vec<String>,
+}
+
+impl TeardownReport {
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.terminated.is_empty() {
+            parts.push(format!("terminated {}", self.terminated.join(", ")));
+        }
+        let revoked = self.rules.iter().filter(|(_, r)| *r == Release::Revoked).count();
+        let shared = self.rules.iter().filter(|(_, r)| *r == Release::StillShared).count();
+        if revoked > 0 {
+            parts.push("closed SSH".into());
+        }
+        if shared > 0 {
+            parts.push("left the shared SSH rule to the other session".into());
+        }
+        if !self.alarms_deleted.is_empty() {
+            parts.push("deleted the alarm".into());
+        }
+        if self.key_deleted {
+            parts.push("deleted the key".into());
+        }
+        if parts.is_empty() {
+            parts.push("nothing was left to remove".into());
+        }
+        let mut line = format!("session {}: {}", self.session_id, parts.join(", "));
+        if !self.errors.is_empty() {
+            line.push_str(&format!(
+                "; FAILED: {} (run `ephemeral-admin cleanup {}`)",
+                self.errors.join("; "),
+                self.session_id
+            ));
+        }
+        line
+    }
+}
+
+/// Ends a session and everything it owns. `reason` goes into the local record.
+pub async fn teardown(
+    aws: &Aws,
+    store: &Store,
+    resources: &SessionResources,
+    reason: &str,
+    clock: &dyn Clock,
+) -> TeardownReport {
+    let mut report = TeardownReport { session_id: resources.session_id.clone(), ..Default::default() };
+    let end_instances = async {
+        let terminated = instances::terminate(aws, &resources.instance_ids).await;
+        // A one-time spot request closes when its instance ends; cancelling makes sure.
+        let cancelled = instances::cancel_spot_requests(aws, &resources.spot_request_ids).await;
+        (terminated, cancelled)
+    };
+    let release_rules = async {
+        let mut released = Vec::new();
+        if let Some(group) = &resources.security_group_id {
+            for rule in &resources.rule_ids {
+                released.push((rule.clone(), network::release_ssh(aws, group, rule, &resources.session_id).await));
+            }
+        }
+        released
+    };
+    let delete_alarms = alarm::delete(aws, &resources.alarm_names);
+    let ((terminated, cancelled), released, alarms) = tokio::join!(end_instances, release_rules, delete_alarms);
+
+    match terminated {
+        Ok(()) => report.terminated = resources.instance_ids.clone(),
+        Err(e) => report.errors.push(e.to_string()),
+    }
+    match cancelled {
+        Ok(()) => report.cancelled_spot_requests = resources.spot_request_ids.clone(),
+        Err(e) => report.errors.push(e.to_string()),
+    }
+    for (rule, result) in released {
+        match result {
+            Ok(release) => report.rules.push((rule, release)),
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    match alarms {
+        Ok(()) => report.alarms_deleted = resources.alarm_names.clone(),
+        Err(e) => report.errors.push(e.to_string()),
+    }
+    match store.delete_private_key(&resources.session_id) {
+        Ok(()) => report.key_deleted = true,
+        Err(e) => report.errors.push(format!("{e:#}")),
+    }
+    if let Ok(Some(mut record)) = store.load(&resources.session_id) {
+        record.ended_at = Some(session::rfc3339(clock.now()));
+        record.end_reason = Some(reason.to_string());
+        if let Err(e) = store.save(&record) {
+            report.errors.push(format!("{e:#}"));
+        }
+    }
+    report
+}

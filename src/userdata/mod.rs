@@ -1,0 +1,119 @@
+//! The box's user-data: a `#cloud-config` document that installs our pinned host key (and no
+//! other), authorizes the session's client key, turns password login off, and installs and
+//! starts the watchdog that ends the box.
+//!
+//! Rendered deterministically (same inputs, same bytes) so it can be snapshot-tested. The only
+//! secret in it is the host private key: no AWS credentials, no client private key.
+
+use std::fmt::Write as _;
+
+/// The on-box watchdog (POSIX sh, linted by shellcheck in CI).
+pub const WATCHDOG_SCRIPT: &str = include_str!("watchdog.sh");
+/// Its systemd unit.
+pub const WATCHDOG_UNIT: &str = include_str!("watchdog.service");
+
+pub const WATCHDOG_PATH: &str = "/usr/local/sbin/ephemeral-admin-watchdog";
+pub const WATCHDOG_ENV_PATH: &str = "/etc/ephemeral-admin/watchdog.env";
+pub const WATCHDOG_UNIT_PATH: &str = "/etc/systemd/system/ephemeral-admin-watchdog.service";
+
+/// AWS refuses user-data above 16 KB (before base64).
+pub const MAX_USER_DATA: usize = 16 * 1024;
+
+/// Everything the box needs to know, decided on the laptop.
+#[derive(Debug, Clone)]
+pub struct BoxConfig<'a> {
+    pub session_id: &'a str,
+    pub host_key_private: &'a str,
+    pub host_key_public: &'a str,
+    pub client_key_public: &'a str,
+    /// The hard deadline baked in, for when instance metadata does not answer (Unix seconds).
+    pub deadline_epoch: i64,
+    pub idle_grace_secs: u64,
+    pub boot_grace_secs: u64,
+    pub interval_secs: u64,
+    pub install_tmux: bool,
+}
+
+/// Renders the cloud-config.
+pub fn render(config: &BoxConfig) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    out.push_str("#cloud-config\n");
+    out.push_str("# ephemeral-admin session ");
+    out.push_str(config.session_id);
+    out.push_str(": pinned host key, session key, watchdog.\n");
+    out.push_str("ssh_pwauth: false\n");
+    out.push_str("ssh_deletekeys: true\n");
+    out.push_str("ssh_genkeytypes: []\n");
+    out.push_str("ssh_keys:\n");
+    out.push_str("  ed25519_private: |\n");
+    indent(&mut out, config.host_key_private, 4);
+    let _ = writeln!(out, "  ed25519_public: {}", config.host_key_public.trim());
+    out.push_str("ssh_authorized_keys:\n");
+    let _ = writeln!(out, "  - {}", config.client_key_public.trim());
+    if config.install_tmux {
+        out.push_str("packages: [tmux]\n");
+    }
+    out.push_str("write_files:\n");
+    let env = format!(
+        "EA_SESSION_ID={}\nEA_DEADLINE={}\nEA_IDLE_GRACE={}\nEA_BOOT_GRACE={}\nEA_INTERVAL={}\n",
+        config.session_id,
+        config.deadline_epoch,
+        config.idle_grace_secs,
+        config.boot_grace_secs,
+        config.interval_secs
+    );
+    write_file(&mut out, WATCHDOG_ENV_PATH, "0644", &env);
+    write_file(&mut out, WATCHDOG_PATH, "0755", WATCHDOG_SCRIPT);
+    write_file(&mut out, WATCHDOG_UNIT_PATH, "0644", WATCHDOG_UNIT);
+    out.push_str("runcmd:\n");
+    out.push_str("  - [systemctl, daemon-reload]\n");
+    out.push_str("  - [systemctl, enable, --now, ephemeral-admin-watchdog.service]\n");
+    out
+}
+
+fn write_file(out: &mut String, path: &str, permissions: &str, content: &str) {
+    let _ = writeln!(out, "  - path: {path}");
+    let _ = writeln!(out, "    permissions: '{permissions}'");
+    out.push_str("    content: |\n");
+    indent(out, content, 6);
+}
+
+fn indent(out: &mut String, text: &str, spaces: usize) {
+    let pad = " ".repeat(spaces);
+    for line in text.trim_end_matches('\n').lines() {
+        if !line.is_empty() {
+            out.push_str(&pad);
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SessionKeys;
+
+    fn sample(keys: &SessionKeys) -> String {
+        render(&BoxConfig {
+            session_id: "abcdefgh",
+            host_key_private: &keys.host.private_openssh,
+            host_key_public: &keys.host.public_openssh,
+            client_key_public: &keys.client.public_openssh,
+            deadline_epoch: 1_795_370_400,
+            idle_grace_secs: 120,
+            boot_grace_secs: 600,
+            interval_secs: 5,
+            install_tmux: true,
+        })
+    }
+
+    #[test]
+    fn renders_identically_for_the_same_inputs_and_fits_the_limit() {
+        let keys = SessionKeys::generate("abcdefgh").unwrap();
+        let a = sample(&keys);
+        assert_eq!(a, sample(&keys));
+        assert!(a.len() < MAX_USER_DATA / 2, "user-data is {} bytes", a.len());
+        assert!(a.starts_with("#cloud-config\n"));
+    }
+}
