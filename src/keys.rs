@@ -19,7 +19,8 @@ pub struct KeyPair {
 
 impl KeyPair {
     pub fn generate(comment: &str) -> Result<KeyPair> {
-        let mut private = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).context("generating an Ed25519 key")?;
+        let mut private =
+            PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).context("generating an Ed25519 key")?;
         private.set_comment(comment);
         let private_openssh = private.to_openssh(LineEnding::LF).context("encoding the private key")?;
         let public_openssh = private.public_key().to_openssh().context("encoding the public key")?;

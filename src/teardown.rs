@@ -124,13 +124,17 @@ pub async fn teardown(
         let mut released = Vec::new();
         if let Some(group) = &resources.security_group_id {
             for rule in &resources.rule_ids {
-                released.push((rule.clone(), network::release_ssh(aws, group, rule, &resources.session_id).await));
+                released.push((
+                    rule.clone(),
+                    network::release_ssh(aws, group, rule, &resources.session_id).await,
+                ));
             }
         }
         released
     };
     let delete_alarms = alarm::delete(aws, &resources.alarm_names);
-    let ((terminated, cancelled), released, alarms) = tokio::join!(end_instances, release_rules, delete_alarms);
+    let ((terminated, cancelled), released, alarms) =
+        tokio::join!(end_instances, release_rules, delete_alarms);
 
     match terminated {
         Ok(()) => report.terminated = resources.instance_ids.clone(),

@@ -63,7 +63,8 @@ pub async fn ensure_instance_profile(aws: &Aws, name: &str) -> Result<InstancePr
     let found = aws.iam.get_instance_profile().instance_profile_name(name).send().await;
     let has_role = match found {
         Ok(out) => {
-            let linked = out.instance_profile().is_some_and(|p| p.roles().iter().any(|r| r.role_name() == name));
+            let linked =
+                out.instance_profile().is_some_and(|p| p.roles().iter().any(|r| r.role_name() == name));
             if linked {
                 return Ok(InstanceProfile { name: name.into(), fresh: false });
             }
@@ -77,7 +78,8 @@ pub async fn ensure_instance_profile(aws: &Aws, name: &str) -> Result<InstancePr
     });
     role?;
     profile?;
-    let linked = aws.iam.add_role_to_instance_profile().instance_profile_name(name).role_name(name).send().await;
+    let linked =
+        aws.iam.add_role_to_instance_profile().instance_profile_name(name).role_name(name).send().await;
     match linked {
         Ok(_) => {}
         // Already linked (by a concurrent launch): an instance profile holds one role.
@@ -115,7 +117,8 @@ async fn ensure_role(aws: &Aws, name: &str) -> Result<(), AwsError> {
 }
 
 async fn create_profile(aws: &Aws, name: &str) -> Result<(), AwsError> {
-    let created = aws.iam.create_instance_profile().instance_profile_name(name).set_tags(Some(iam_tags())).send().await;
+    let created =
+        aws.iam.create_instance_profile().instance_profile_name(name).set_tags(Some(iam_tags())).send().await;
     match created {
         Ok(_) => Ok(()),
         Err(e) if code_of(&e) == Some("EntityAlreadyExists") => Ok(()),
@@ -147,9 +150,13 @@ pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<(
             .doing(format!("unlinking role {name}")),
     )?;
     ignore_missing(
-        aws.iam.delete_instance_profile().instance_profile_name(name).send().await.map(|_| ()).doing(format!(
-            "deleting instance profile {name}"
-        )),
+        aws.iam
+            .delete_instance_profile()
+            .instance_profile_name(name)
+            .send()
+            .await
+            .map(|_| ())
+            .doing(format!("deleting instance profile {name}")),
     )?;
     ignore_missing(
         aws.iam
@@ -161,5 +168,7 @@ pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<(
             .map(|_| ())
             .doing(format!("deleting the policy of role {name}")),
     )?;
-    ignore_missing(aws.iam.delete_role().role_name(name).send().await.map(|_| ()).doing(format!("deleting role {name}")))
+    ignore_missing(
+        aws.iam.delete_role().role_name(name).send().await.map(|_| ()).doing(format!("deleting role {name}")),
+    )
 }

@@ -53,7 +53,9 @@ impl InstanceInfo {
             spot_request_id: i.spot_instance_request_id().map(str::to_string),
             public_ip: i.public_ip_address().map(str::to_string),
             private_ip: i.private_ip_address().map(str::to_string),
-            launch_time: i.launch_time().and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()),
+            launch_time: i
+                .launch_time()
+                .and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()),
             expires_at: tags.get(tags::EXPIRES_AT).cloned(),
             kept: tags.get(tags::MODE).is_some_and(|m| m == "kept"),
             state_reason: i.state_reason().and_then(|r| r.message()).map(str::to_string),
@@ -84,10 +86,12 @@ pub async fn find(aws: &Aws, query: Query<'_>) -> Result<Vec<InstanceInfo>, AwsE
         .filters(Filter::builder().name(format!("tag:{}", tags::PROJECT)).values(tags::PROJECT_VALUE).build())
         .filters(Filter::builder().name("tag-key").values(tags::SESSION).build());
     if let Some(owner) = query.owner {
-        request = request.filters(Filter::builder().name(format!("tag:{}", tags::OWNER)).values(owner).build());
+        request =
+            request.filters(Filter::builder().name(format!("tag:{}", tags::OWNER)).values(owner).build());
     }
     if let Some(session) = query.session_id {
-        request = request.filters(Filter::builder().name(format!("tag:{}", tags::SESSION)).values(session).build());
+        request =
+            request.filters(Filter::builder().name(format!("tag:{}", tags::SESSION)).values(session).build());
     }
     if !query.include_terminated {
         request = request.filters(
@@ -116,7 +120,9 @@ pub async fn find(aws: &Aws, query: Query<'_>) -> Result<Vec<InstanceInfo>, AwsE
 /// One instance by id, or None if AWS does not know it (yet, or any more).
 pub async fn describe(aws: &Aws, instance_id: &str) -> Result<Option<InstanceInfo>, AwsError> {
     match aws.ec2.describe_instances().instance_ids(instance_id).send().await {
-        Ok(out) => Ok(out.reservations().iter().flat_map(|r| r.instances()).next().map(InstanceInfo::from_sdk)),
+        Ok(out) => {
+            Ok(out.reservations().iter().flat_map(|r| r.instances()).next().map(InstanceInfo::from_sdk))
+        }
         // Just launched and not yet visible (EC2 is eventually consistent), or long gone.
         Err(e) if code_of(&e) == Some("InvalidInstanceID.NotFound") => Ok(None),
         Err(e) => Err(AwsError::new(format!("checking instance {instance_id}"), e)),
@@ -188,7 +194,12 @@ pub async fn cancel_spot_requests(aws: &Aws, request_ids: &[String]) -> Result<(
     if request_ids.is_empty() {
         return Ok(());
     }
-    match aws.ec2.cancel_spot_instance_requests().set_spot_instance_request_ids(Some(request_ids.to_vec())).send().await
+    match aws
+        .ec2
+        .cancel_spot_instance_requests()
+        .set_spot_instance_request_ids(Some(request_ids.to_vec()))
+        .send()
+        .await
     {
         Ok(_) => Ok(()),
         Err(e) if code_of(&e) == Some("InvalidSpotInstanceRequestID.NotFound") => Ok(()),

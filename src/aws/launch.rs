@@ -15,8 +15,8 @@ use aws_sdk_ec2::operation::run_instances::RunInstancesError;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
     InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceMetadataTagsState, InstanceType, MarketType, Placement, ResourceType,
-    ShutdownBehavior, SpotInstanceType, SpotMarketOptions, VolumeType,
+    InstanceMetadataOptionsRequest, InstanceMetadataTagsState, InstanceType, MarketType, Placement,
+    ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, VolumeType,
 };
 
 use super::network::tag_spec;
@@ -77,8 +77,11 @@ pub fn plan(
     let mut candidates = Vec::new();
     for instance_type in instance_types {
         let max_price = spot_max_price(instance_type);
-        let mut zones: Vec<&SpotPrice> = prices.iter().filter(|p| &p.instance_type == instance_type).collect();
-        zones.sort_by(|a, b| a.price.total_cmp(&b.price).then_with(|| a.availability_zone.cmp(&b.availability_zone)));
+        let mut zones: Vec<&SpotPrice> =
+            prices.iter().filter(|p| &p.instance_type == instance_type).collect();
+        zones.sort_by(|a, b| {
+            a.price.total_cmp(&b.price).then_with(|| a.availability_zone.cmp(&b.availability_zone))
+        });
         if zones.is_empty() {
             // No price data: let EC2 choose the zone.
             candidates.push(Candidate {
@@ -171,8 +174,14 @@ const CAPACITY_CODES: &[&str] = &[
 ];
 
 /// Throttling and transient server trouble: retry the same candidate.
-const TRANSIENT_CODES: &[&str] =
-    &["RequestLimitExceeded", "Throttling", "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable"];
+const TRANSIENT_CODES: &[&str] = &[
+    "RequestLimitExceeded",
+    "Throttling",
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "Unavailable",
+];
 
 const MAX_TRANSIENT_RETRIES: u32 = 6;
 /// How long to keep retrying a freshly created instance profile (IAM propagation).
@@ -214,7 +223,7 @@ pub async fn run_first_available(
     on_event: &(dyn Fn(LaunchEvent) + Sync),
 ) -> Result<Launched, LaunchError> {
     let started = Instant::now();
-    let mut tried: Vec<String> = Vec::new();
+    let mut tried: Vec<(&Candidate, String)> = Vec::new();
     let mut attempts = 0;
     let mut spot_quota_reached = false;
     for (index, candidate) in candidates.iter().enumerate() {
@@ -240,7 +249,9 @@ pub async fn run_first_available(
                             .or_else(|| candidate.availability_zone.clone()),
                         market: candidate.market,
                         price_per_hour: candidate.expected_price,
-                        spot_request_id: instance.and_then(|i| i.spot_instance_request_id()).map(str::to_string),
+                        spot_request_id: instance
+                            .and_then(|i| i.spot_instance_request_id())
+                            .map(str::to_string),
                         attempts,
                     });
                 }
@@ -252,7 +263,7 @@ pub async fn run_first_available(
                     if code == "MaxSpotInstanceCountExceeded" {
                         spot_quota_reached = true;
                     }
-                    tried.push(format!("{candidate} ({code})"));
+                    tried.push((candidate, code));
                     break;
                 }
                 Outcome::Transient(why) if transient_retries < MAX_TRANSIENT_RETRIES => {
@@ -263,7 +274,11 @@ pub async fn run_first_available(
                 }
                 Outcome::ProfileNotReady => {
                     let after = Duration::from_secs(2);
-                    on_event(LaunchEvent::Retrying { candidate, why: "instance profile not visible to EC2 yet", after });
+                    on_event(LaunchEvent::Retrying {
+                        candidate,
+                        why: "instance profile not visible to EC2 yet",
+                        after,
+                    });
                     tokio::time::sleep(after).await;
                 }
                 Outcome::Transient(_) | Outcome::Fatal => {
@@ -272,8 +287,34 @@ pub async fn run_first_available(
             }
         }
     }
-    Err(CapacityExhausted { tried: if tried.is_empty() { "nothing (no candidates)".into() } else { tried.join(", ") } }
-        .into())
+    Err(CapacityExhausted { tried: summarize(&tried) }.into())
+}
+
+/// "t3.small spot in us-east-1c, us-east-1a (InsufficientInstanceCapacity); t3.small on-demand (…)":
+/// consecutive zones of one type, market and error read as one item.
+fn summarize(tried: &[(&Candidate, String)]) -> String {
+    if tried.is_empty() {
+        return "nothing (no candidates)".into();
+    }
+    let mut items: Vec<(String, Vec<String>, String)> = Vec::new();
+    for (candidate, code) in tried {
+        let head = format!("{} {}", candidate.instance_type, candidate.market.as_str());
+        let zone = candidate.availability_zone.clone();
+        match items.last_mut() {
+            Some((last_head, zones, last_code)) if *last_head == head && last_code == code => {
+                zones.extend(zone)
+            }
+            _ => items.push((head, zone.into_iter().collect(), code.clone())),
+        }
+    }
+    items
+        .into_iter()
+        .map(|(head, zones, code)| match zones.is_empty() {
+            true => format!("{head} ({code})"),
+            false => format!("{head} in {} ({code})", zones.join(", ")),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// 200 ms, 400 ms, 800 ms … capped at 3 s.
@@ -300,7 +341,9 @@ fn request(
         .min_count(1)
         .max_count(1)
         .security_group_ids(&spec.security_group_id)
-        .iam_instance_profile(IamInstanceProfileSpecification::builder().name(&spec.instance_profile_name).build())
+        .iam_instance_profile(
+            IamInstanceProfileSpecification::builder().name(&spec.instance_profile_name).build(),
+        )
         .user_data(&spec.user_data)
         .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
         .metadata_options(
@@ -346,7 +389,9 @@ fn request(
             .tag_specifications(tag_spec(ResourceType::SpotInstancesRequest, &spec.tags));
     }
     // Our own classification above replaces the SDK's retries for this one call.
-    builder.customize().config_override(aws_sdk_ec2::config::Builder::default().retry_config(RetryConfig::disabled()))
+    builder
+        .customize()
+        .config_override(aws_sdk_ec2::config::Builder::default().retry_config(RetryConfig::disabled()))
 }
 
 /// A price as AWS expects it: plain decimal, no trailing zeros.

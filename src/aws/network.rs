@@ -251,7 +251,12 @@ const LAUNCHING_REF_GRACE: Duration = Duration::from_secs(600);
 /// Drops this session's reference to the rule and revokes the rule when no other live session
 /// holds one. Another session counts as live while its instance is pending or running, or while
 /// its reference is younger than a launch can take (it may still be starting).
-pub async fn release_ssh(aws: &Aws, group_id: &str, rule_id: &str, session_id: &str) -> Result<Release, AwsError> {
+pub async fn release_ssh(
+    aws: &Aws,
+    group_id: &str,
+    rule_id: &str,
+    session_id: &str,
+) -> Result<Release, AwsError> {
     let rules = ssh_rules(aws, group_id).await?;
     let Some(rule) = rules.into_iter().find(|r| r.rule_id == rule_id) else {
         return Ok(Release::AlreadyGone);

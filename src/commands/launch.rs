@@ -80,22 +80,29 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     mark("settings", &mut timings);
 
     // Phase 1: everything independent, at once.
-    let step = ctx.printer.step("preparing (identity, address, security group, IAM profile, keys, image, prices)");
+    let step =
+        ctx.printer.step("preparing (identity, address, security group, IAM profile, keys, image, prices)");
     let detect_ip = async {
         match (s.my_ip, need_ingress) {
             (Some(net), _) => Ok(Some(net)),
             (None, false) => Ok(None),
-            (None, true) => ip::detect(&ip_services(), ip::TIMEOUT).await.map(Some).map_err(anyhow::Error::from),
+            (None, true) => {
+                ip::detect(&ip_services(), ip::TIMEOUT).await.map(Some).map_err(anyhow::Error::from)
+            }
         }
     };
     let keys = {
         let id = session_id.clone();
-        async move { tokio::task::spawn_blocking(move || SessionKeys::generate(&id)).await.context("key generation")? }
+        async move {
+            tokio::task::spawn_blocking(move || SessionKeys::generate(&id)).await.context("key generation")?
+        }
     };
     let (caller, my_ip, group, profile, keys, image, prices) = tokio::try_join!(
         async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
         detect_ip,
-        async { network::ensure_security_group(&aws, &s.security_group_name).await.map_err(anyhow::Error::from) },
+        async {
+            network::ensure_security_group(&aws, &s.security_group_name).await.map_err(anyhow::Error::from)
+        },
         async { iam::ensure_instance_profile(&aws, &s.iam_role_name).await.map_err(anyhow::Error::from) },
         keys,
         async { ami::resolve(&aws, &s.ami, s.arch()).await.map_err(anyhow::Error::from) },
@@ -142,7 +149,13 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         let price = first.expected_price.map(|p| format!(" at {}/h", usd(p))).unwrap_or_default();
         let estimate = first
             .expected_price
-            .map(|p| format!(", at most {} for {}", usd(pricing::estimate(p, s.max_runtime).total), short_duration(s.max_runtime)))
+            .map(|p| {
+                format!(
+                    ", at most {} for {}",
+                    usd(pricing::estimate(p, s.max_runtime).total),
+                    short_duration(s.max_runtime)
+                )
+            })
             .unwrap_or_default();
         ctx.printer.status(format!("session {session_id}: {first}{price}{estimate}"));
     }
@@ -185,13 +198,21 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     };
     let on_event = |event: LaunchEvent| match event {
         LaunchEvent::Trying(c) => step.set(format!("requesting {c}")),
-        LaunchEvent::NoCapacity { candidate, code } => step.println(format!("no capacity: {candidate} ({code}); trying the next")),
+        LaunchEvent::NoCapacity { candidate, code } => {
+            step.println(format!("no capacity: {candidate} ({code}); trying the next"))
+        }
         LaunchEvent::Retrying { candidate, why, after } => {
             step.println(format!("{candidate}: {why}; retrying in {}", humantime::format_duration(after)))
         }
     };
     let run_instance = async {
-        let launched = ec2_launch::run_first_available(&aws, &spec, &candidates, &on_event).await?;
+        let launched = ec2_launch::run_first_available(&aws, &spec, &candidates, &on_event).await.map_err(
+            |e| match e {
+                // Keep the typed error at the top of the chain: it chooses the exit code.
+                ec2_launch::LaunchError::Capacity(c) => anyhow::Error::from(c),
+                ec2_launch::LaunchError::Aws(a) => anyhow::Error::from(a),
+            },
+        )?;
         recorder.update(|r| {
             r.instance_id = Some(launched.instance_id.clone());
             r.spot_request_id = launched.spot_request_id.clone();

@@ -15,7 +15,8 @@ fn check_id(id: &str) -> Result<()> {
     if session::is_valid_id(id) {
         Ok(())
     } else {
-        Err(UsageError::new(format!("{id:?} is not a session id (8 letters and digits, as `list` shows)")).into())
+        Err(UsageError::new(format!("{id:?} is not a session id (8 letters and digits, as `list` shows)"))
+            .into())
     }
 }
 
@@ -30,10 +31,10 @@ struct ListReport {
 pub async fn list(ctx: &Context) -> Result<ExitStatus> {
     let aws = ctx.aws().await?;
     let store = Store::new(ctx.settings.sessions_dir());
-    let (caller, found) = tokio::try_join!(
-        async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
-        async { instances::find(&aws, instances::Query::default()).await.map_err(anyhow::Error::from) },
-    )?;
+    let (caller, found) =
+        tokio::try_join!(async { identity::whoami(&aws).await.map_err(anyhow::Error::from) }, async {
+            instances::find(&aws, instances::Query::default()).await.map_err(anyhow::Error::from)
+        },)?;
     let records = store.all();
     let now = SystemClock.now();
     let sessions: Vec<SessionView> = found
@@ -63,7 +64,10 @@ pub async fn status(ctx: &Context, id: &str) -> Result<ExitStatus> {
     let query = instances::Query { session_id: Some(id), include_terminated: true, ..Default::default() };
     let found = instances::find(&aws, query).await?;
     if record.is_none() && found.is_empty() {
-        bail!("no session {id} in {} (neither AWS nor this machine knows it); `ephemeral-admin list` shows live ones", aws.region);
+        bail!(
+            "no session {id} in {} (neither AWS nor this machine knows it); `ephemeral-admin list` shows live ones",
+            aws.region
+        );
     }
     let view = SessionView::build(record.as_ref(), found.first(), SystemClock.now());
     ctx.printer.result(&view, || view.describe());
@@ -76,7 +80,11 @@ pub async fn terminate(ctx: &Context, id: &str) -> Result<ExitStatus> {
     let store = Store::new(ctx.settings.sessions_dir());
     let record = store.load(id)?;
     let resources = discover(&aws, &ctx.settings.security_group_name, id, record.as_ref()).await?;
-    if record.is_none() && resources.instance_ids.is_empty() && resources.rule_ids.is_empty() && resources.alarm_names.is_empty() {
+    if record.is_none()
+        && resources.instance_ids.is_empty()
+        && resources.rule_ids.is_empty()
+        && resources.alarm_names.is_empty()
+    {
         bail!("no session {id} in {}: nothing to terminate", aws.region);
     }
     let report = teardown::teardown(&aws, &store, &resources, "terminate", &SystemClock).await;
@@ -119,8 +127,16 @@ pub async fn discover(
         instance_ids: found.iter().map(|i| i.instance_id.clone()).collect(),
         spot_request_ids: found.iter().filter_map(|i| i.spot_request_id.clone()).collect(),
         security_group_id: group_id,
-        rule_ids: rules.iter().filter(|r| r.refs.iter().any(|x| x.session_id == id)).map(|r| r.rule_id.clone()).collect(),
-        alarm_names: alarms.iter().filter(|a| a.session_id.as_deref() == Some(id)).map(|a| a.name.clone()).collect(),
+        rule_ids: rules
+            .iter()
+            .filter(|r| r.refs.iter().any(|x| x.session_id == id))
+            .map(|r| r.rule_id.clone())
+            .collect(),
+        alarm_names: alarms
+            .iter()
+            .filter(|a| a.session_id.as_deref() == Some(id))
+            .map(|a| a.name.clone())
+            .collect(),
     });
     Ok(resources)
 }

@@ -39,13 +39,18 @@ impl SessionView {
         SessionView::build(Some(record), instance, now)
     }
 
-    pub fn build(record: Option<&SessionRecord>, instance: Option<&InstanceInfo>, now: OffsetDateTime) -> SessionView {
+    pub fn build(
+        record: Option<&SessionRecord>,
+        instance: Option<&InstanceInfo>,
+        now: OffsetDateTime,
+    ) -> SessionView {
         let pick = |from_instance: Option<String>, from_record: Option<String>| from_instance.or(from_record);
         let launched_at = pick(
             instance.and_then(|i| i.launch_time.clone()),
             record.and_then(|r| r.launched_at.clone().or(Some(r.created_at.clone()))),
         );
-        let expires_at = pick(instance.and_then(|i| i.expires_at.clone()), record.map(|r| r.expires_at.clone()));
+        let expires_at =
+            pick(instance.and_then(|i| i.expires_at.clone()), record.map(|r| r.expires_at.clone()));
         let state = match (instance, record) {
             (Some(i), _) => i.state.clone(),
             (None, Some(r)) if r.ended_at.is_some() => "ended".into(),
@@ -55,8 +60,11 @@ impl SessionView {
         let live = matches!(state.as_str(), "pending" | "running");
         let started = launched_at.as_deref().and_then(session::parse_rfc3339);
         let age_seconds = started.map(|t| (now - t).whole_seconds().max(0));
-        let time_left_seconds =
-            expires_at.as_deref().and_then(session::parse_rfc3339).filter(|_| live).map(|t| (t - now).whole_seconds());
+        let time_left_seconds = expires_at
+            .as_deref()
+            .and_then(session::parse_rfc3339)
+            .filter(|_| live)
+            .map(|t| (t - now).whole_seconds());
         let price_per_hour = record.and_then(|r| r.price_per_hour);
         let cost_so_far = match (price_per_hour, age_seconds) {
             (Some(price), Some(age)) if live => {
@@ -69,7 +77,10 @@ impl SessionView {
                 .and_then(|i| i.session_id.clone())
                 .or_else(|| record.map(|r| r.id.clone()))
                 .unwrap_or_default(),
-            instance_id: pick(instance.map(|i| i.instance_id.clone()), record.and_then(|r| r.instance_id.clone())),
+            instance_id: pick(
+                instance.map(|i| i.instance_id.clone()),
+                record.and_then(|r| r.instance_id.clone()),
+            ),
             state,
             region: record.map(|r| r.region.clone()),
             instance_type: pick(
@@ -82,8 +93,14 @@ impl SessionView {
             ),
             market: pick(instance.map(|i| i.market.to_string()), record.and_then(|r| r.market.clone())),
             price_per_hour,
-            public_ip: pick(instance.and_then(|i| i.public_ip.clone()), record.and_then(|r| r.public_ip.clone())),
-            private_ip: pick(instance.and_then(|i| i.private_ip.clone()), record.and_then(|r| r.private_ip.clone())),
+            public_ip: pick(
+                instance.and_then(|i| i.public_ip.clone()),
+                record.and_then(|r| r.public_ip.clone()),
+            ),
+            private_ip: pick(
+                instance.and_then(|i| i.private_ip.clone()),
+                record.and_then(|r| r.private_ip.clone()),
+            ),
             user: record.map(|r| r.user.clone()),
             launched_at,
             expires_at,
@@ -123,7 +140,10 @@ impl SessionView {
             ("price", self.price_per_hour.map(|p| format!("{}/h", usd(p))).unwrap_or_else(dash)),
             ("address", self.public_ip.clone().or(self.private_ip.clone()).unwrap_or_else(dash)),
             ("user", self.user.clone().unwrap_or_else(dash)),
-            ("expires", format!("{} ({} left)", self.expires_at.clone().unwrap_or_else(dash), self.time_left())),
+            (
+                "expires",
+                format!("{} ({} left)", self.expires_at.clone().unwrap_or_else(dash), self.time_left()),
+            ),
             ("host key", self.host_key_fingerprint.clone().unwrap_or_else(dash)),
         ];
         if let Some(cost) = self.cost_so_far {
@@ -145,7 +165,9 @@ pub fn list_table(views: &[SessionView]) -> String {
                 v.market.clone().unwrap_or_default(),
                 v.availability_zone.clone().unwrap_or_default(),
                 v.public_ip.clone().or(v.private_ip.clone()).unwrap_or_default(),
-                v.age_seconds.map(|s| short_duration(std::time::Duration::from_secs(s as u64))).unwrap_or_default(),
+                v.age_seconds
+                    .map(|s| short_duration(std::time::Duration::from_secs(s as u64)))
+                    .unwrap_or_default(),
                 v.time_left(),
                 v.cost_so_far.map(usd).unwrap_or_default(),
             ]

@@ -5,12 +5,15 @@ use serde_json::{Value, json};
 
 use crate::support::{LocalCloud, User};
 
+/// Arguments, environment, and the words the one-line error must contain.
+type BadInput = (&'static [&'static str], &'static [(&'static str, &'static str)], &'static str);
+
 /// Bad inputs, each with the words its one-line error must contain. All exit 2 with no AWS call.
 #[test]
 fn bad_input_exits_2_before_any_aws_call() {
     let cloud = LocalCloud::start_with(&[]);
     let user = User::new(&cloud);
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[BadInput] = &[
         (
             &["launch", "--max-runtime", "2"],
             &[],

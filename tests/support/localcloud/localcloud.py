@@ -1866,7 +1866,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_on_stdin_eof:
         def watch_stdin() -> None:
             try:
-                while sys.stdin.buffer.read(4096):
+                # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader makes
+                # the interpreter abort at shutdown ("could not acquire lock").
+                while os.read(0, 4096):
                     pass
             except (OSError, ValueError):
                 pass

@@ -1,0 +1,347 @@
+//! Getting an authenticated connection: the readiness loop that waits for a freshly booted box's
+//! sshd, the transports (TCP or a ProxyCommand child), and the host-key pin.
+//!
+//! Each attempt opens the transport, runs the SSH handshake and authenticates. Transient failures
+//! (refused, reset, unreachable, early EOF, timeouts, the proxy command exiting) are retried with a
+//! short capped backoff until `connect_timeout`; a wrong host key or a rejected client key stops at
+//! once, since neither fixes itself.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use russh::client::{self, Handle};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+use super::{ConnectOptions, Session, SshError, Transport};
+
+/// First pause between attempts; doubled after each failure up to the cap.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// TCP retries are cheap (a refused SYN), so keep polling tight: a box whose sshd starts
+/// accepting is noticed within about half a second.
+const BACKOFF_CAP_TCP: Duration = Duration::from_millis(500);
+/// Each proxy attempt spawns a process (and may call an API, e.g. SSM), so pace it more gently.
+const BACKOFF_CAP_PROXY: Duration = Duration::from_secs(1);
+/// How long one TCP connect may take before it counts as a failed attempt.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
+/// How long the SSH handshake plus authentication may take on one attempt.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Lines of proxy-command stderr kept to explain a failure.
+const PROXY_STDERR_LINES: usize = 5;
+
+/// Connects to the box, retrying until sshd is ready or `opts.connect_timeout` runs out.
+///
+/// `on_attempt(n, error)` is called after each failed attempt that will be retried, with the
+/// attempt's number (from 1) and what went wrong, so the caller can show progress.
+pub async fn connect(
+    opts: &ConnectOptions,
+    on_attempt: &(dyn Fn(u32, &str) + Sync),
+) -> Result<Session, SshError> {
+    let started = Instant::now();
+    let deadline = started + opts.connect_timeout;
+    let target = opts.transport.to_string();
+    let config = Arc::new(client_config(opts));
+    let key = Arc::new(opts.client_key.clone());
+    let cap = match opts.transport {
+        Transport::Tcp { .. } => BACKOFF_CAP_TCP,
+        Transport::ProxyCommand(_) => BACKOFF_CAP_PROXY,
+    };
+    let mut backoff = BACKOFF_START;
+    let mut attempts = 0u32;
+    let mut last = String::from("no attempt finished before the deadline");
+    loop {
+        attempts += 1;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let outcome = if remaining.is_zero() {
+            Err(Failure::Retry(last.clone()))
+        } else {
+            match tokio::time::timeout(remaining, attempt(opts, &config, &key)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(Failure::Retry(format!("{last} (then the deadline passed mid-attempt)"))),
+            }
+        };
+        match outcome {
+            Ok(session) => {
+                tracing::debug!(attempts, elapsed = ?started.elapsed(), "ssh connected to {target}");
+                return Ok(session);
+            }
+            Err(Failure::Fatal(error)) => return Err(error),
+            Err(Failure::Retry(why)) => {
+                tracing::debug!(attempt = attempts, "ssh attempt failed: {why}");
+                last = why;
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(SshError::TimedOut {
+                target,
+                waited: format_duration(opts.connect_timeout),
+                attempts,
+                last,
+            });
+        }
+        on_attempt(attempts, &last);
+        tokio::time::sleep(backoff.min(deadline - now)).await;
+        backoff = (backoff * 2).min(cap);
+    }
+}
+
+fn client_config(opts: &ConnectOptions) -> client::Config {
+    let mut preferred = russh::Preferred::default();
+    // Ask only for the pinned key's algorithm, so a box with several host keys presents ours.
+    preferred.key = match opts.host_key.algorithm() {
+        russh::keys::Algorithm::Rsa { .. } => vec![
+            russh::keys::Algorithm::Rsa { hash: Some(HashAlg::Sha512) },
+            russh::keys::Algorithm::Rsa { hash: Some(HashAlg::Sha256) },
+        ]
+        .into(),
+        algorithm => vec![algorithm].into(),
+    };
+    client::Config {
+        inactivity_timeout: None,
+        keepalive_interval: (!opts.keepalive_interval.is_zero()).then_some(opts.keepalive_interval),
+        keepalive_max: opts.keepalive_max,
+        // Keystrokes should not wait for Nagle.
+        nodelay: true,
+        preferred,
+        ..Default::default()
+    }
+}
+
+enum Failure {
+    /// Worth another attempt; the text says what happened.
+    Retry(String),
+    Fatal(SshError),
+}
+
+async fn attempt(
+    opts: &ConnectOptions,
+    config: &Arc<client::Config>,
+    key: &Arc<PrivateKey>,
+) -> Result<Session, Failure> {
+    let pinned = Pinned { expected: opts.host_key.clone() };
+    let (handshake, proxy) = match &opts.transport {
+        Transport::Tcp { host, port } => {
+            let stream =
+                match tokio::time::timeout(TCP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), *port)))
+                    .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return Err(Failure::Retry(format!("TCP connect to {}: {e}", opts.transport))),
+                    Err(_) => {
+                        return Err(Failure::Retry(format!(
+                            "TCP connect to {} timed out after {}",
+                            opts.transport,
+                            format_duration(TCP_CONNECT_TIMEOUT)
+                        )));
+                    }
+                };
+            let _ = stream.set_nodelay(true);
+            (handshake(opts, config.clone(), stream, pinned, key).await, None)
+        }
+        Transport::ProxyCommand(command) => {
+            let (mut proxy, stream) = ProxyProcess::spawn(command).map_err(Failure::Fatal)?;
+            let result = handshake(opts, config.clone(), stream, pinned, key).await;
+            if let Err(Failure::Retry(why)) = &result {
+                // Most handshake failures over a proxy are the proxy giving up: say so.
+                if let Some(exit) = proxy.exited().await {
+                    return Err(Failure::Retry(format!("proxy command {exit}")));
+                }
+                return Err(Failure::Retry(format!("{why} (via the proxy command)")));
+            }
+            (result, Some(proxy))
+        }
+    };
+    let handle = handshake?;
+    Ok(Session { handle, proxy })
+}
+
+async fn handshake<S>(
+    opts: &ConnectOptions,
+    config: Arc<client::Config>,
+    stream: S,
+    pinned: Pinned,
+    key: &Arc<PrivateKey>,
+) -> Result<Handle<Pinned>, Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let steps = async {
+        let mut handle = client::connect_stream(config, stream, pinned).await.map_err(|e| match e {
+            HandlerError::HostKeyMismatch { presented } => Failure::Fatal(SshError::HostKeyMismatch {
+                target: opts.transport.to_string(),
+                expected: super::fingerprint(&opts.host_key),
+                presented,
+            }),
+            HandlerError::Russh(e) => Failure::Retry(format!("SSH handshake: {}", describe(&e))),
+        })?;
+        let hash = match handle.best_supported_rsa_hash().await {
+            Ok(hash) => hash.flatten(),
+            Err(e) => return Err(Failure::Retry(format!("SSH handshake: {}", describe(&e)))),
+        };
+        let auth = handle
+            .authenticate_publickey(opts.user.clone(), PrivateKeyWithHashAlg::new(key.clone(), hash))
+            .await
+            .map_err(|e| Failure::Retry(format!("SSH authentication: {}", describe(&e))))?;
+        match auth {
+            client::AuthResult::Success => Ok(handle),
+            // The reply channel closes (and reads as a failure) when the connection dropped.
+            _ if handle.is_closed() => {
+                Err(Failure::Retry("the connection closed during authentication".to_string()))
+            }
+            client::AuthResult::Failure { remaining_methods, partial_success } => {
+                let methods: Vec<&str> = remaining_methods.iter().map(<&str>::from).collect();
+                let detail = if partial_success {
+                    "it wants a further authentication step".to_string()
+                } else if methods.is_empty() {
+                    "public key refused".to_string()
+                } else {
+                    format!("public key refused; it offers: {}", methods.join(", "))
+                };
+                Err(Failure::Fatal(SshError::AuthRejected { user: opts.user.clone(), detail }))
+            }
+        }
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, steps).await {
+        Ok(result) => result,
+        Err(_) => Err(Failure::Retry(format!(
+            "SSH handshake with {} timed out after {}",
+            opts.transport,
+            format_duration(HANDSHAKE_TIMEOUT)
+        ))),
+    }
+}
+
+/// Russh's errors, in words that say what happened on the wire.
+fn describe(error: &russh::Error) -> String {
+    match error {
+        russh::Error::IO(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the connection closed before the handshake finished".to_string()
+        }
+        russh::Error::Disconnect => "the connection closed before the handshake finished".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The client handler: accepts exactly the pinned host key.
+pub(crate) struct Pinned {
+    expected: PublicKey,
+}
+
+#[derive(Debug)]
+pub(crate) enum HandlerError {
+    Russh(russh::Error),
+    HostKeyMismatch { presented: String },
+}
+
+impl From<russh::Error> for HandlerError {
+    fn from(e: russh::Error) -> Self {
+        HandlerError::Russh(e)
+    }
+}
+
+impl client::Handler for Pinned {
+    type Error = HandlerError;
+
+    async fn check_server_key(&mut self, server: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        match server {
+            PublicKeyOrCertificate::PublicKey { key, .. } if key.key_data() == self.expected.key_data() => {
+                Ok(true)
+            }
+            PublicKeyOrCertificate::PublicKey { key, .. } => {
+                Err(HandlerError::HostKeyMismatch { presented: super::fingerprint(key) })
+            }
+            PublicKeyOrCertificate::Certificate(cert) => Err(HandlerError::HostKeyMismatch {
+                presented: format!("a certificate for {}", cert.public_key().fingerprint(HashAlg::Sha256)),
+            }),
+        }
+    }
+}
+
+/// The running proxy command: its stdin/stdout carry the SSH stream (owned by russh), its stderr
+/// is logged and the last lines kept to explain a failure. Killed when dropped.
+pub(crate) struct ProxyProcess {
+    child: Child,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+}
+
+type ProxyStream = tokio::io::Join<tokio::process::ChildStdout, tokio::process::ChildStdin>;
+
+impl ProxyProcess {
+    fn spawn(command: &str) -> Result<(ProxyProcess, ProxyStream), SshError> {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| SshError::Other(format!("cannot start the proxy command with sh -c: {e}")))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(SshError::Other("the proxy command started without its pipes".to_string()));
+        };
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let keep = tail.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::debug!("proxy command: {line}");
+                let mut kept = keep.lock().unwrap_or_else(|p| p.into_inner());
+                if kept.len() == PROXY_STDERR_LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
+        Ok((ProxyProcess { child, stderr: tail }, tokio::io::join(stdout, stdin)))
+    }
+
+    /// If the proxy has exited (or does so within a moment), how: e.g. "exited with exit status:
+    /// 1: nc: connection refused".
+    async fn exited(&mut self) -> Option<String> {
+        let status = tokio::time::timeout(Duration::from_millis(300), self.child.wait()).await.ok()?.ok()?;
+        // Let the stderr reader catch up with the last lines.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let kept = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        let said = kept.iter().map(String::as_str).collect::<Vec<_>>().join(" / ");
+        Some(if said.is_empty() { format!("exited ({status})") } else { format!("exited ({status}): {said}") })
+    }
+
+    pub(crate) async fn shutdown(mut self) {
+        if tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// `2.5s`, `20s`, `3m`, `2m30s`.
+pub(crate) fn format_duration(d: Duration) -> String {
+    let millis = d.as_millis();
+    if millis < 10_000 && millis % 1000 != 0 {
+        return format!("{:.1}s", d.as_secs_f64());
+    }
+    let secs = d.as_secs();
+    match (secs / 60, secs % 60) {
+        (0, s) => format!("{s}s"),
+        (m, 0) => format!("{m}m"),
+        (m, s) => format!("{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(format_duration(Duration::from_millis(2500)), "2.5s");
+        assert_eq!(format_duration(Duration::from_secs(20)), "20s");
+        assert_eq!(format_duration(Duration::from_secs(180)), "3m");
+        assert_eq!(format_duration(Duration::from_secs(150)), "2m30s");
+    }
+}

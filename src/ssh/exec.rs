@@ -1,0 +1,168 @@
+//! Running one command on the box without a PTY (`connect ID -- cmd …`): the argv is
+//! shell-quoted into one command line, remote stdout and stderr stream to local stdout and stderr
+//! as they arrive, and local stdin is forwarded until EOF.
+//!
+//! Reading the channel and writing to it run as two concurrent futures: a writer waiting for the
+//! remote window must never stop us draining output, or a command like `cat` that echoes its
+//! input could stall both directions.
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use anyhow::Context;
+use russh::client::Msg;
+use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::io::AsyncWriteExt;
+
+use super::stdin::StdinPump;
+use super::{RemoteExit, Session, shell_quote};
+
+/// Where the remote command's standard streams go.
+pub enum ExecIo<'a> {
+    /// The process's own stdin, stdout and stderr: stdin is forwarded until local EOF, output is
+    /// written and flushed chunk by chunk.
+    Inherit,
+    /// Send `stdin` followed by EOF; collect stdout and stderr into `output`.
+    Capture { stdin: Vec<u8>, output: &'a mut Captured },
+}
+
+/// What an [`ExecIo::Capture`] run printed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Captured {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Session {
+    /// Runs `argv` on the box without a PTY and waits for it to end.
+    ///
+    /// Each argument is quoted for the remote shell ([`shell_quote`]), so `["sh", "-c", "exit 7"]`
+    /// runs exactly that and yields `Status(7)`. If local stdout is closed early (`| head`), the
+    /// channel is closed and the result is `Signal { name: "PIPE" }` unless the remote reported
+    /// its own status first.
+    pub async fn exec(&self, argv: &[String], io: ExecIo<'_>) -> anyhow::Result<RemoteExit> {
+        anyhow::ensure!(!argv.is_empty(), "no remote command given");
+        let channel = self.handle.channel_open_session().await.context("cannot open an SSH channel on the box")?;
+        channel.exec(true, shell_quote(argv)).await.context("the SSH connection dropped before the command started")?;
+        let (mut reader, writer) = channel.split();
+        match io {
+            ExecIo::Inherit => {
+                let mut sink = Sink::Inherit { stdout: tokio::io::stdout(), stderr: tokio::io::stderr() };
+                pump(&mut reader, &writer, forward_stdin(&writer), &mut sink).await
+            }
+            ExecIo::Capture { stdin, output } => {
+                let input = async {
+                    if writer.data_bytes(stdin).await.is_ok() {
+                        let _ = writer.eof().await;
+                    }
+                };
+                pump(&mut reader, &writer, input, &mut Sink::Capture(output)).await
+            }
+        }
+    }
+}
+
+enum Sink<'a> {
+    Inherit { stdout: tokio::io::Stdout, stderr: tokio::io::Stderr },
+    Capture(&'a mut Captured),
+}
+
+impl Sink<'_> {
+    async fn write(&mut self, to_stderr: bool, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Inherit { stdout, stderr } => {
+                let out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send) =
+                    if to_stderr { stderr } else { stdout };
+                out.write_all(data).await?;
+                out.flush().await
+            }
+            Sink::Capture(captured) => {
+                let out = if to_stderr { &mut captured.stderr } else { &mut captured.stdout };
+                out.extend_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Local stdin to the channel until EOF, then the channel's EOF.
+pub(super) async fn forward_stdin(writer: &ChannelWriteHalf<Msg>) {
+    match StdinPump::start() {
+        Ok(mut stdin) => {
+            while let Some(chunk) = stdin.recv().await {
+                match chunk {
+                    Ok(bytes) => {
+                        if writer.data_bytes(bytes).await.is_err() {
+                            return; // the channel is gone; the output side will say how
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("reading local stdin: {e}; sending EOF to the remote command");
+                        break;
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::warn!("cannot start reading local stdin: {e}; sending EOF to the remote command"),
+    }
+    let _ = writer.eof().await;
+}
+
+/// Drains the channel into `sink` while `input` feeds it, until the channel closes.
+async fn pump(
+    reader: &mut ChannelReadHalf,
+    writer: &ChannelWriteHalf<Msg>,
+    input: impl Future<Output = ()>,
+    sink: &mut Sink<'_>,
+) -> anyhow::Result<RemoteExit> {
+    let output = async {
+        let mut exit = None;
+        let mut started = false;
+        let mut stdout_gone = false;
+        while let Some(msg) = reader.wait().await {
+            let (to_stderr, data) = match msg {
+                ChannelMsg::Data { data } => (false, data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => (true, data),
+                ChannelMsg::ExitStatus { exit_status } => {
+                    exit = Some(RemoteExit::Status(exit_status));
+                    continue;
+                }
+                ChannelMsg::ExitSignal { signal_name, .. } => {
+                    exit = Some(RemoteExit::Signal { name: super::signal_name(&signal_name) });
+                    continue;
+                }
+                ChannelMsg::Success => {
+                    started = true;
+                    continue;
+                }
+                ChannelMsg::Failure if !started => anyhow::bail!("the box refused to run the command"),
+                ChannelMsg::Close => break,
+                _ => continue,
+            };
+            if stdout_gone && !to_stderr {
+                continue;
+            }
+            match sink.write(to_stderr, &data).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe && !to_stderr => {
+                    // Like a local pipeline: the reader went away, so stop the writer.
+                    stdout_gone = true;
+                    let _ = writer.close().await;
+                }
+                Err(e) => {
+                    let stream = if to_stderr { "stderr" } else { "stdout" };
+                    return Err(e).with_context(|| format!("cannot write the remote command's output to {stream}"));
+                }
+            }
+        }
+        Ok(exit.unwrap_or(if stdout_gone { RemoteExit::Signal { name: "PIPE".into() } } else { RemoteExit::Lost }))
+    };
+    let input = async {
+        input.await;
+        std::future::pending::<Infallible>().await
+    };
+    tokio::select! {
+        result = output => result,
+        never = input => match never {},
+    }
+}

@@ -1,0 +1,399 @@
+//! `launch --detach`, `list`, `status`, `terminate` against moto through the fault proxy: what
+//! is created (every attribute), what is reused, how the fallback chain moves on, and that a
+//! failed launch leaves nothing behind.
+
+use serde_json::{Value, json};
+
+use crate::support::{LocalCloud, User};
+
+const MY_IP: &str = "203.0.113.7";
+
+fn launch(user: &User, extra: &[&str]) -> Value {
+    let mut args = vec!["launch", "--detach", "--output", "json", "--my-ip", MY_IP];
+    args.extend_from_slice(extra);
+    user.run(&args).success().json()
+}
+
+fn instance<'a>(state: &'a Value, id: &str) -> &'a Value {
+    state["instances"].as_array().unwrap().iter().find(|i| i["id"] == id).unwrap_or_else(|| panic!("no {id}"))
+}
+
+fn our_group(state: &Value) -> Value {
+    state["security_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "ephemeral-admin-sg")
+        .cloned()
+        .unwrap()
+}
+
+/// Live instances, open rules and alarms a session left in moto.
+fn leftovers(cloud: &LocalCloud, session: &str) -> Vec<String> {
+    let state = cloud.state();
+    let mut left = Vec::new();
+    for i in state["instances"].as_array().unwrap() {
+        if i["tags"]["ephemeral-admin:session"] == session && i["state"] != "terminated" {
+            left.push(format!("instance {} ({})", i["id"], i["state"]));
+        }
+    }
+    for g in state["security_groups"].as_array().unwrap() {
+        for r in g["ingress"].as_array().unwrap() {
+            if r["tags"].as_object().unwrap().keys().any(|k| k == &format!("ephemeral-admin:ref:{session}")) {
+                left.push(format!("rule {}", r["security_group_rule_id"]));
+            }
+        }
+    }
+    for a in state["alarms"].as_array().unwrap() {
+        if a["name"].as_str().unwrap().contains(session) {
+            left.push(format!("alarm {}", a["name"]));
+        }
+    }
+    for s in state["spot_requests"].as_array().unwrap() {
+        if s["tags"]["ephemeral-admin:session"] == session
+            && matches!(s["state"].as_str(), Some("open" | "active"))
+        {
+            left.push(format!("spot request {}", s["id"]));
+        }
+    }
+    left
+}
+
+#[test]
+fn detached_launch_creates_exactly_a_locked_down_tagged_spot_box() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    user.write_config("[tags]\nCostCenter = \"ops\"\n");
+    let out = launch(&user, &[]);
+    let session = out["session_id"].as_str().unwrap();
+    let instance_id = out["instance_id"].as_str().unwrap();
+    // Printed: the cheapest zone (the local cloud seeds us-east-1c cheapest), market, price, address.
+    assert_eq!(out["instance_type"], "t3.small");
+    assert_eq!(out["availability_zone"], "us-east-1c");
+    assert_eq!(out["market"], "spot");
+    assert_eq!(out["state"], "running");
+    assert!(
+        out["public_ip"].is_string() && out["host_key_fingerprint"].as_str().unwrap().starts_with("SHA256:")
+    );
+    assert!(out["price_per_hour"].as_f64().unwrap() > 0.0);
+    assert!(out["time_left_seconds"].as_i64().unwrap() > 4 * 3600 - 60);
+
+    let state = cloud.state();
+    let box_ = instance(&state, instance_id);
+    assert_eq!(box_["state"], "running");
+    assert_eq!(box_["market"], "spot");
+    assert_eq!(box_["instance_initiated_shutdown_behavior"], "terminate");
+    assert_eq!(box_["metadata_options"]["http_tokens"], "required");
+    assert_eq!(box_["metadata_options"]["http_put_response_hop_limit"], 1);
+    assert_eq!(box_["metadata_options"]["instance_metadata_tags"], "enabled");
+    assert_eq!(box_["iam_instance_profile"]["name"], "SystemAdminTestingRole");
+    let root = &box_["block_device_mappings"][0];
+    assert_eq!((root["volume_type"].as_str(), root["encrypted"].as_bool()), (Some("gp3"), Some(true)));
+    assert_eq!((root["delete_on_termination"].as_bool(), root["size"].as_i64()), (Some(true), Some(8)));
+    // Spot: one-time, terminate on interruption, max price = 0.5 x on-demand (0.0208).
+    let request = &box_["launch_request"];
+    assert_eq!(request["InstanceMarketOptions.MarketType"], "spot");
+    assert_eq!(request["InstanceMarketOptions.SpotOptions.SpotInstanceType"], "one-time");
+    assert_eq!(request["InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"], "terminate");
+    assert_eq!(request["InstanceMarketOptions.SpotOptions.MaxPrice"], "0.0104");
+    assert!(request["ClientToken"].as_str().unwrap().starts_with(&format!("ea-{session}-")));
+
+    // The same tags on instance, volume and spot request.
+    let expected_tags = json!({
+        "Name": format!("ephemeral-admin-{session}"),
+        "Project": "EphemeralContainer",
+        "AutoManaged": "true",
+        "ephemeral-admin:session": session,
+        "ephemeral-admin:owner": "arn:aws:sts::123456789012:user/moto",
+        "ephemeral-admin:expires-at": out["expires_at"],
+        "ephemeral-admin:mode": "kept",
+        "CostCenter": "ops",
+    });
+    assert_eq!(box_["tags"], expected_tags);
+    assert_eq!(root["tags"], expected_tags);
+    let spot =
+        state["spot_requests"].as_array().unwrap().iter().find(|s| s["instance_id"] == instance_id).unwrap();
+    assert_eq!(spot["tags"], expected_tags);
+    assert_eq!(spot["type"], "one-time");
+
+    // SSH from the given address only, tagged with the session.
+    let group = our_group(&state);
+    assert_eq!(group["tags"], json!({"Project": "EphemeralContainer", "AutoManaged": "true"}));
+    assert!(box_["security_group_ids"].as_array().unwrap().contains(&group["id"]));
+    let rules = group["ingress"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:#?}");
+    assert_eq!(rules[0]["cidr_ipv4"], format!("{MY_IP}/32"));
+    assert_eq!((rules[0]["from_port"].as_i64(), rules[0]["to_port"].as_i64()), (Some(22), Some(22)));
+    assert_eq!(rules[0]["description"], format!("ephemeral-admin session {session}"));
+    assert_eq!(rules[0]["tags"]["ephemeral-admin:session"], session);
+
+    // The outside fail-safe.
+    let alarms = state["alarms"].as_array().unwrap();
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0]["metric_name"], "NetworkIn");
+    assert_eq!(alarms[0]["dimensions"]["InstanceId"], instance_id);
+    assert_eq!(alarms[0]["comparison_operator"], "LessThanThreshold");
+    assert_eq!(alarms[0]["alarm_actions"], json!(["arn:aws:automate:us-east-1:ec2:terminate"]));
+
+    // The box's role: EC2 only, own metrics and logs only.
+    let role = &state["iam"]["roles"][0];
+    assert_eq!(
+        role["assume_role_policy_document"]["Statement"][0]["Principal"]["Service"],
+        "ec2.amazonaws.com"
+    );
+    let policy = &role["inline_policies"]["ephemeral-admin-box"];
+    assert_eq!(policy["Statement"][0]["Action"], "cloudwatch:PutMetricData");
+    assert_eq!(policy["Statement"][1]["Resource"], "arn:aws:logs:*:*:log-group:/aws/ephemeral-container/*");
+    assert_eq!(state["iam"]["instance_profiles"][0]["roles"], json!(["SystemAdminTestingRole"]));
+
+    // The user-data installs exactly the pinned host key and the session's client key.
+    let user_data = box_["user_data"].as_str().unwrap();
+    assert!(user_data.starts_with("#cloud-config\n"));
+    let record_path = user.state_dir().join(format!("sessions/{session}/session.toml"));
+    let record: toml::Value = toml::from_str(&std::fs::read_to_string(&record_path).unwrap()).unwrap();
+    assert!(user_data.contains(record["host_key_public"].as_str().unwrap().trim()));
+    assert!(user_data.contains(record["client_key_public"].as_str().unwrap().trim()));
+    assert!(
+        !user_data.contains("AWS_SECRET") && !user_data.contains("testing"),
+        "no credentials in user-data"
+    );
+    let key = user.state_dir().join(format!("sessions/{session}/id_ed25519"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(&record_path).unwrap().permissions().mode() & 0o777, 0o600);
+
+    crate::foundation::assert_policy_covers(
+        &cloud,
+        &serde_json::from_str(&user.run(&["policy"]).stdout).unwrap(),
+    );
+}
+
+#[test]
+fn a_second_launch_reuses_group_role_and_profile_and_shares_the_rule() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let first = launch(&user, &[]);
+    for create in ["CreateSecurityGroup", "CreateRole", "CreateInstanceProfile", "AddRoleToInstanceProfile"] {
+        assert_eq!(cloud.count(create), 1, "{create} on a cold account");
+    }
+    cloud.clear_log();
+    let second = launch(&user, &[]);
+    for create in [
+        "CreateSecurityGroup",
+        "CreateRole",
+        "PutRolePolicy",
+        "CreateInstanceProfile",
+        "AddRoleToInstanceProfile",
+    ] {
+        assert_eq!(cloud.count(create), 0, "{create} must not run on a warm account: {:?}", cloud.actions());
+    }
+    // Warm: one round of lookups, then RunInstances.
+    assert_eq!(cloud.count("GetInstanceProfile"), 1);
+    assert_eq!(cloud.count("DescribeSecurityGroups"), 1);
+
+    // Same address: both sessions hold a reference to one rule.
+    let rules = our_group(&cloud.state())["ingress"].as_array().unwrap().clone();
+    assert_eq!(rules.len(), 1);
+    let (a, b) = (first["session_id"].as_str().unwrap(), second["session_id"].as_str().unwrap());
+    assert!(rules[0]["tags"].get(format!("ephemeral-admin:ref:{a}")).is_some());
+    assert!(rules[0]["tags"].get(format!("ephemeral-admin:ref:{b}")).is_some());
+
+    // list: both, from one tag-filtered DescribeInstances.
+    cloud.clear_log();
+    let listed = user.run(&["list", "--output", "json"]).success().json();
+    let ids: Vec<&str> =
+        listed["sessions"].as_array().unwrap().iter().map(|s| s["session_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&a) && ids.contains(&b));
+    assert_eq!(cloud.count("DescribeInstances"), 1);
+    let text = user.run(&["list"]).success().stdout;
+    assert!(text.starts_with("ID ") && text.contains(a) && text.contains("running"), "{text}");
+
+    // Ending the first keeps the rule for the second; ending the second closes it.
+    let ended = user.run(&["terminate", a, "--output", "json"]).success().json();
+    assert_eq!(ended["rules"][0][1], "still-shared");
+    assert_eq!(our_group(&cloud.state())["ingress"].as_array().unwrap().len(), 1);
+    assert!(leftovers(&cloud, a).is_empty(), "{:?}", leftovers(&cloud, a));
+    let ended = user.run(&["terminate", b, "--output", "json"]).success().json();
+    assert_eq!(ended["rules"][0][1], "revoked");
+    assert!(our_group(&cloud.state())["ingress"].as_array().unwrap().is_empty());
+    assert!(leftovers(&cloud, b).is_empty(), "{:?}", leftovers(&cloud, b));
+    assert!(!user.state_dir().join(format!("sessions/{b}/id_ed25519")).exists(), "key deleted");
+
+    // status still knows an ended session; list no longer shows it.
+    let status = user.run(&["status", b, "--output", "json"]).success().json();
+    assert_eq!(status["state"], "terminated");
+    assert!(
+        user.run(&["list", "--output", "json"]).success().json()["sessions"].as_array().unwrap().is_empty()
+    );
+    assert_eq!(user.run(&["status", "zzzzzzzz"]).code, 1);
+    assert_eq!(user.run(&["status", "../etc"]).code, 2);
+}
+
+#[test]
+fn throttling_on_a_third_of_calls_still_launches() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    cloud.rules(json!([{ "action": "*", "error": "RequestLimitExceeded", "every": 3 }]));
+    let out = launch(&user, &[]);
+    assert_eq!(out["state"], "running");
+    let throttled = cloud.calls().iter().filter(|c| c["injected"] == "error:RequestLimitExceeded").count();
+    assert!(throttled >= 3, "the rule really throttled: {throttled}");
+}
+
+#[test]
+fn capacity_errors_move_to_the_next_zone_then_the_next_type_then_on_demand() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    // The cheapest zone has no capacity: the next cheapest zone of the same type.
+    cloud.rules(json!([{ "action": "RunInstances", "match": { "Placement.AvailabilityZone": "us-east-1c" }, "error": "InsufficientInstanceCapacity" }]));
+    let out = launch(&user, &[]);
+    assert_eq!(
+        (out["instance_type"].as_str(), out["availability_zone"].as_str()),
+        (Some("t3.small"), Some("us-east-1a"))
+    );
+    assert_eq!(out["launch_attempts"], 2);
+
+    // No t3.small spot anywhere: the next type's cheapest zone.
+    cloud.rules(json!([
+        { "action": "RunInstances", "match": { "InstanceType": "t3.small" }, "error": "InsufficientInstanceCapacity" }
+    ]));
+    let out = launch(&user, &[]);
+    assert_eq!(
+        (out["instance_type"].as_str(), out["availability_zone"].as_str()),
+        (Some("t3.micro"), Some("us-east-1c"))
+    );
+    assert_eq!(out["market"], "spot");
+
+    // No spot at all: on-demand of the first type.
+    cloud.rules(json!([
+        { "action": "RunInstances", "match": { "InstanceMarketOptions.MarketType": "spot" }, "error": "SpotMaxPriceTooLow" }
+    ]));
+    let out = launch(&user, &[]);
+    assert_eq!(
+        (out["instance_type"].as_str(), out["market"].as_str()),
+        (Some("t3.small"), Some("on-demand"))
+    );
+    let box_ = instance(&cloud.state(), out["instance_id"].as_str().unwrap()).clone();
+    assert!(box_["launch_request"].get("InstanceMarketOptions.MarketType").is_none());
+}
+
+#[test]
+fn exhausted_capacity_exits_3_and_leaves_nothing() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    cloud.rules(json!([{ "action": "RunInstances", "error": "InsufficientInstanceCapacity" }]));
+    let run = user.run(&["launch", "--detach", "--my-ip", MY_IP]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    let line = run.stderr.lines().last().unwrap();
+    assert_eq!(
+        line,
+        "error: no capacity anywhere: tried t3.small spot in us-east-1c, us-east-1a, us-east-1b, us-east-1d, us-east-1f \
+         (InsufficientInstanceCapacity); t3.micro spot in us-east-1c, us-east-1a, us-east-1b, us-east-1d, us-east-1f \
+         (InsufficientInstanceCapacity); t3.small on-demand (InsufficientInstanceCapacity); t3.micro on-demand \
+         (InsufficientInstanceCapacity); try other --instance-type values, another --region, or later"
+    );
+    let state = cloud.state();
+    assert!(state["instances"].as_array().unwrap().is_empty());
+    assert!(our_group(&state)["ingress"].as_array().unwrap().is_empty(), "the rule was revoked");
+    assert!(state["alarms"].as_array().unwrap().is_empty());
+    let sessions = user.state_dir().join("sessions");
+    let left: Vec<_> = std::fs::read_dir(&sessions).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "no local record or key: {left:?}");
+}
+
+#[test]
+fn an_auth_error_on_run_instances_stops_at_once_and_revokes_the_rule() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    cloud.rules(json!([{ "action": "RunInstances", "error": "UnauthorizedOperation", "message": "not allowed to launch" }]));
+    let run = user.run(&["launch", "--detach", "--my-ip", MY_IP]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(cloud.count("RunInstances"), 1, "no retry, no fallback");
+    let line = run.stderr.lines().last().unwrap();
+    assert!(
+        line.contains("UnauthorizedOperation: not allowed to launch")
+            && line.contains("ephemeral-admin policy"),
+        "{line}"
+    );
+    assert!(our_group(&cloud.state())["ingress"].as_array().unwrap().is_empty());
+    assert_eq!(cloud.count("RevokeSecurityGroupIngress"), 1);
+}
+
+#[test]
+fn a_fresh_instance_profile_is_waited_for_and_server_errors_are_retried() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    // IAM propagation: EC2 does not see the new profile for a moment.
+    cloud.rules(json!([
+        { "action": "RunInstances", "error": "InvalidParameterValue", "message": "Invalid IAM Instance Profile name", "times": 1 },
+        { "action": "RunInstances", "error": "InternalError", "times": 1 },
+        { "action": "RunInstances", "drop": true, "times": 1 }
+    ]));
+    let out = launch(&user, &[]);
+    assert_eq!(out["launch_attempts"], 4);
+    assert_eq!(out["availability_zone"], "us-east-1c", "retries stay on the same candidate");
+    let tokens: Vec<String> = cloud
+        .calls()
+        .iter()
+        .filter(|c| c["action"] == "RunInstances")
+        .map(|c| c["params"]["ClientToken"].as_str().unwrap().to_string())
+        .collect();
+    assert!(tokens.windows(2).all(|w| w[0] == w[1]), "one idempotency token across retries: {tokens:?}");
+
+    // On a warm account the same error is a real bad parameter: no retry.
+    cloud.clear_log();
+    cloud.rules(json!([{ "action": "RunInstances", "error": "InvalidParameterValue", "times": 1 }]));
+    assert_eq!(user.run(&["launch", "--detach", "--my-ip", MY_IP]).code, 1);
+    assert_eq!(cloud.count("RunInstances"), 1);
+}
+
+#[test]
+fn the_caller_ip_is_detected_from_echo_services() {
+    let cloud = LocalCloud::start();
+    let echo = EchoServer::start("198.51.100.23\n");
+    let garbage = EchoServer::start("<html>captive portal</html>");
+    let user = User::new(&cloud).env("EPHEMERAL_ADMIN_IP_SERVICES", &format!("{},{}", garbage.url, echo.url));
+    let out = user.run(&["launch", "--detach", "--output", "json"]).success().json();
+    let rules = our_group(&cloud.state())["ingress"].as_array().unwrap().clone();
+    assert_eq!(rules[0]["cidr_ipv4"], "198.51.100.23/32");
+    user.run(&["terminate", out["session_id"].as_str().unwrap()]).success();
+
+    // Nothing usable: one line naming --my-ip, and nothing created for a session.
+    let user = User::new(&cloud).env("EPHEMERAL_ADMIN_IP_SERVICES", &garbage.url);
+    cloud.clear_log();
+    let run = user.run(&["launch", "--detach"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("cannot detect your public IP") && run.stderr.contains("--my-ip"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(cloud.count("RunInstances"), 0);
+    assert_eq!(cloud.count("AuthorizeSecurityGroupIngress"), 0);
+}
+
+/// A loopback HTTP server standing in for an IP echo service.
+struct EchoServer {
+    url: String,
+}
+
+impl EchoServer {
+    fn start(body: &'static str) -> EchoServer {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut buf = [0u8; 2048];
+                let _ = stream.read(&mut buf);
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes());
+            }
+        });
+        EchoServer { url }
+    }
+}
