@@ -2,6 +2,7 @@
 
 mod completions;
 mod doctor;
+mod extend;
 mod init;
 mod launch;
 mod policy;
@@ -43,7 +44,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::Init(args) => init::run(&ctx, args),
         Command::Launch(args) => launch::run(&ctx, &args).await,
         Command::Connect(_) => not_built("connect", 5),
-        Command::Extend(_) => not_built("extend", 4),
+        Command::Extend(args) => extend::run(&ctx, &args).await,
         Command::List => sessions::list(&ctx).await,
         Command::Status(args) => sessions::status(&ctx, &args.id).await,
         Command::Terminate(args) => sessions::terminate(&ctx, &args.id).await,

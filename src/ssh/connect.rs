@@ -90,16 +90,15 @@ pub async fn connect(
 }
 
 fn client_config(opts: &ConnectOptions) -> client::Config {
-    let mut preferred = russh::Preferred::default();
     // Ask only for the pinned key's algorithm, so a box with several host keys presents ours.
-    preferred.key = match opts.host_key.algorithm() {
+    let host_key_algorithms = match opts.host_key.algorithm() {
         russh::keys::Algorithm::Rsa { .. } => vec![
             russh::keys::Algorithm::Rsa { hash: Some(HashAlg::Sha512) },
             russh::keys::Algorithm::Rsa { hash: Some(HashAlg::Sha256) },
-        ]
-        .into(),
-        algorithm => vec![algorithm].into(),
+        ],
+        algorithm => vec![algorithm],
     };
+    let preferred = russh::Preferred { key: host_key_algorithms.into(), ..Default::default() };
     client::Config {
         inactivity_timeout: None,
         keepalive_interval: (!opts.keepalive_interval.is_zero()).then_some(opts.keepalive_interval),
@@ -125,20 +124,22 @@ async fn attempt(
     let pinned = Pinned { expected: opts.host_key.clone() };
     let (handshake, proxy) = match &opts.transport {
         Transport::Tcp { host, port } => {
-            let stream =
-                match tokio::time::timeout(TCP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), *port)))
-                    .await
-                {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => return Err(Failure::Retry(format!("TCP connect to {}: {e}", opts.transport))),
-                    Err(_) => {
-                        return Err(Failure::Retry(format!(
-                            "TCP connect to {} timed out after {}",
-                            opts.transport,
-                            format_duration(TCP_CONNECT_TIMEOUT)
-                        )));
-                    }
-                };
+            let stream = match tokio::time::timeout(
+                TCP_CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect((host.as_str(), *port)),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(Failure::Retry(format!("TCP connect to {}: {e}", opts.transport))),
+                Err(_) => {
+                    return Err(Failure::Retry(format!(
+                        "TCP connect to {} timed out after {}",
+                        opts.transport,
+                        format_duration(TCP_CONNECT_TIMEOUT)
+                    )));
+                }
+            };
             let _ = stream.set_nodelay(true);
             (handshake(opts, config.clone(), stream, pinned, key).await, None)
         }
@@ -281,7 +282,8 @@ impl ProxyProcess {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| SshError::Other(format!("cannot start the proxy command with sh -c: {e}")))?;
-        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(SshError::Other("the proxy command started without its pipes".to_string()));
         };
@@ -309,7 +311,11 @@ impl ProxyProcess {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let kept = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
         let said = kept.iter().map(String::as_str).collect::<Vec<_>>().join(" / ");
-        Some(if said.is_empty() { format!("exited ({status})") } else { format!("exited ({status}): {said}") })
+        Some(if said.is_empty() {
+            format!("exited ({status})")
+        } else {
+            format!("exited ({status}): {said}")
+        })
     }
 
     pub(crate) async fn shutdown(mut self) {

@@ -42,8 +42,12 @@ impl Session {
     /// its own status first.
     pub async fn exec(&self, argv: &[String], io: ExecIo<'_>) -> anyhow::Result<RemoteExit> {
         anyhow::ensure!(!argv.is_empty(), "no remote command given");
-        let channel = self.handle.channel_open_session().await.context("cannot open an SSH channel on the box")?;
-        channel.exec(true, shell_quote(argv)).await.context("the SSH connection dropped before the command started")?;
+        let channel =
+            self.handle.channel_open_session().await.context("cannot open an SSH channel on the box")?;
+        channel
+            .exec(true, shell_quote(argv))
+            .await
+            .context("the SSH connection dropped before the command started")?;
         let (mut reader, writer) = channel.split();
         match io {
             ExecIo::Inherit => {
@@ -151,11 +155,16 @@ async fn pump(
                 }
                 Err(e) => {
                     let stream = if to_stderr { "stderr" } else { "stdout" };
-                    return Err(e).with_context(|| format!("cannot write the remote command's output to {stream}"));
+                    return Err(e)
+                        .with_context(|| format!("cannot write the remote command's output to {stream}"));
                 }
             }
         }
-        Ok(exit.unwrap_or(if stdout_gone { RemoteExit::Signal { name: "PIPE".into() } } else { RemoteExit::Lost }))
+        Ok(exit.unwrap_or(if stdout_gone {
+            RemoteExit::Signal { name: "PIPE".into() }
+        } else {
+            RemoteExit::Lost
+        }))
     };
     let input = async {
         input.await;

@@ -24,7 +24,10 @@ pub use shell::ShellOptions;
 /// How to reach the box.
 #[derive(Debug, Clone)]
 pub enum Transport {
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+    },
     /// OpenSSH-style ProxyCommand, already expanded; SSH runs over its stdin/stdout (spawned via
     /// `sh -c`).
     ProxyCommand(String),

@@ -64,7 +64,10 @@ mod tests {
     #[test]
     fn plain_words_stay_plain() {
         assert_eq!(shell_quote(&args(&["echo", "hello"])), "echo hello");
-        assert_eq!(shell_quote(&args(&["ls", "-la", "/var/log", "a.b_c-d:1,2+3@x%y"])), "ls -la /var/log a.b_c-d:1,2+3@x%y");
+        assert_eq!(
+            shell_quote(&args(&["ls", "-la", "/var/log", "a.b_c-d:1,2+3@x%y"])),
+            "ls -la /var/log a.b_c-d:1,2+3@x%y"
+        );
     }
 
     #[test]
@@ -72,15 +75,22 @@ mod tests {
         assert_eq!(shell_quote(&args(&["sh", "-c", "exit 7"])), "sh -c 'exit 7'");
         assert_eq!(shell_quote(&args(&["it's"])), r"'it'\''s'");
         assert_eq!(shell_quote(&args(&[""])), "''");
-        assert_eq!(shell_quote(&args(&["$HOME", "`id`", "a;b", "*", "~", "#x", "A=b", "{a,b}"])), "'$HOME' '`id`' 'a;b' '*' '~' '#x' 'A=b' '{a,b}'");
-        assert_eq!(shell_quote(&args(&["line\nbreak", "tab\there", "naïve"])), "'line\nbreak' 'tab\there' 'naïve'");
+        assert_eq!(
+            shell_quote(&args(&["$HOME", "`id`", "a;b", "*", "~", "#x", "A=b", "{a,b}"])),
+            "'$HOME' '`id`' 'a;b' '*' '~' '#x' 'A=b' '{a,b}'"
+        );
+        assert_eq!(
+            shell_quote(&args(&["line\nbreak", "tab\there", "naïve"])),
+            "'line\nbreak' 'tab\there' 'naïve'"
+        );
         assert_eq!(shell_quote(&args(&["''"])), r"''\'''\'''");
         assert_eq!(shell_quote(&[]), "");
     }
 
     #[test]
     fn quoted_words_survive_a_real_shell() {
-        let cases = args(&["a b", "it's", "", "$HOME", "`id`", "\\", "\"q\"", "x\ny", "A=b", "*", "'", "''", "%^@"]);
+        let cases =
+            args(&["a b", "it's", "", "$HOME", "`id`", "\\", "\"q\"", "x\ny", "A=b", "*", "'", "''", "%^@"]);
         let mut argv = args(&["printf", "<%s>\\n"]);
         argv.extend(cases.iter().cloned());
         let out = std::process::Command::new("sh").arg("-c").arg(shell_quote(&argv)).output().unwrap();

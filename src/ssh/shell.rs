@@ -42,6 +42,7 @@ impl Session {
     pub async fn shell(&self, opts: ShellOptions) -> anyhow::Result<RemoteExit> {
         let interactive = is_terminal(libc::STDIN_FILENO);
         let (cols, rows) = terminal_size();
+        let local_shell = std::env::var("SHELL").ok();
         let recorder = match &opts.record {
             Some(path) => Some(Recorder::create(
                 path,
@@ -51,7 +52,7 @@ impl Session {
                     timestamp: super::record::unix_now(),
                     command: opts.command.as_deref(),
                     term: &opts.term,
-                    shell: std::env::var("SHELL").ok().as_deref(),
+                    shell: local_shell.as_deref(),
                 },
             )?),
             None => None,
@@ -152,10 +153,10 @@ impl Session {
             guard.ended_cleanly();
         }
         drop(guard);
-        if let Some(recorder) = recorder.into_inner().unwrap_or_else(|p| p.into_inner())
-            && let Err(e) = recorder.finish()
-        {
-            tracing::warn!("the session recording may be incomplete: {e}");
+        if let Some(recorder) = recorder.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            if let Err(e) = recorder.finish() {
+                tracing::warn!("the session recording may be incomplete: {e}");
+            }
         }
         result
     }
@@ -163,11 +164,16 @@ impl Session {
 
 /// Runs `event` on the recorder, if any; a recording that cannot be written is dropped with one
 /// warning rather than ending the session.
-fn record(recorder: &Mutex<Option<FileRecorder>>, event: impl FnOnce(&mut FileRecorder) -> std::io::Result<()>) {
+fn record(
+    recorder: &Mutex<Option<FileRecorder>>,
+    event: impl FnOnce(&mut FileRecorder) -> std::io::Result<()>,
+) {
     let mut slot = recorder.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(rec) = slot.as_mut()
-        && let Err(e) = event(rec)
-    {
+    let failed = match slot.as_mut() {
+        Some(rec) => event(rec).err(),
+        None => None,
+    };
+    if let Some(e) = failed {
         tracing::warn!("stopped recording the session: {e}");
         *slot = None;
     }
@@ -218,9 +224,6 @@ fn install_panic_hook() {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if crossterm::terminal::is_raw_mode_enabled().unwrap_or(false) {
-                let _ = crossterm::terminal::disable_raw_mode();
-            }
             previous(info);
         }));
     });

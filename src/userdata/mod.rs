@@ -116,4 +116,78 @@ mod tests {
         assert!(a.len() < MAX_USER_DATA / 2, "user-data is {} bytes", a.len());
         assert!(a.starts_with("#cloud-config\n"));
     }
+
+    /// A fixed test-only host key and client key, so the rendering can be compared byte for byte
+    /// with the committed snapshot. `UPDATE_SNAPSHOTS=1 cargo test` rewrites it after a change.
+    #[test]
+    fn matches_the_committed_snapshot() {
+        let rendered = render(&BoxConfig {
+            session_id: "abcdefgh",
+            host_key_private: include_str!("testdata/host_ed25519"),
+            host_key_public: include_str!("testdata/host_ed25519.pub"),
+            client_key_public: include_str!("testdata/client_ed25519.pub"),
+            deadline_epoch: 1_795_370_400,
+            idle_grace_secs: 120,
+            boot_grace_secs: 600,
+            interval_secs: 5,
+            install_tmux: false,
+        });
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/userdata/testdata/user-data.snapshot");
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(path, &rendered).unwrap();
+        }
+        let snapshot = std::fs::read_to_string(path).expect("snapshot exists (UPDATE_SNAPSHOTS=1 writes it)");
+        assert_eq!(rendered, snapshot, "user-data changed: review, then UPDATE_SNAPSHOTS=1 cargo test");
+    }
+
+    #[test]
+    fn parses_as_yaml_and_installs_exactly_the_pinned_host_key() {
+        let keys = SessionKeys::generate("abcdefgh").unwrap();
+        let text = sample(&keys);
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("valid YAML");
+        assert_eq!(doc["ssh_deletekeys"], serde_yaml_ng::Value::Bool(true));
+        assert_eq!(doc["ssh_pwauth"], serde_yaml_ng::Value::Bool(false));
+        assert_eq!(
+            doc["ssh_genkeytypes"].as_sequence().map(Vec::len),
+            Some(0),
+            "sshd generates no other key"
+        );
+        let host_keys = doc["ssh_keys"].as_mapping().unwrap();
+        assert_eq!(host_keys.len(), 2, "only the Ed25519 pair: {host_keys:?}");
+        let public = crate::keys::parse_public(doc["ssh_keys"]["ed25519_public"].as_str().unwrap()).unwrap();
+        assert_eq!(crate::keys::fingerprint(&public), keys.host.fingerprint);
+        let private =
+            russh::keys::PrivateKey::from_openssh(doc["ssh_keys"]["ed25519_private"].as_str().unwrap())
+                .unwrap();
+        assert_eq!(private.public_key(), &public, "the private half matches the pinned public key");
+        let authorized = doc["ssh_authorized_keys"].as_sequence().unwrap();
+        assert_eq!(authorized.len(), 1);
+        assert_eq!(authorized[0].as_str().unwrap(), keys.client.public_openssh);
+
+        let files = doc["write_files"].as_sequence().unwrap();
+        let file =
+            |path: &str| files.iter().find(|f| f["path"].as_str() == Some(path)).unwrap()["content"].clone();
+        assert_eq!(
+            file(WATCHDOG_PATH).as_str().unwrap(),
+            WATCHDOG_SCRIPT,
+            "the script arrives byte for byte"
+        );
+        assert_eq!(file(WATCHDOG_UNIT_PATH).as_str().unwrap(), WATCHDOG_UNIT);
+        let env = file(WATCHDOG_ENV_PATH);
+        assert!(env.as_str().unwrap().contains("EA_DEADLINE=1795370400\n"));
+        let runcmd = serde_yaml_ng::to_string(&doc["runcmd"]).unwrap();
+        assert!(runcmd.contains("ephemeral-admin-watchdog.service"));
+    }
+
+    #[test]
+    fn carries_no_credentials_and_no_client_private_key() {
+        let keys = SessionKeys::generate("abcdefgh").unwrap();
+        let text = sample(&keys);
+        assert!(!text.contains(keys.client.private_openssh.as_str()));
+        // Exactly one private key block: the host key's.
+        assert_eq!(text.matches("BEGIN OPENSSH PRIVATE KEY").count(), 1);
+        for secret in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "aws_secret"] {
+            assert!(!text.contains(secret), "{secret}");
+        }
+    }
 }

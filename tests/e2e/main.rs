@@ -5,3 +5,5 @@ mod support;
 
 mod foundation;
 mod launch;
+mod lifecycle;
+mod ssh;

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod cloud;
 pub mod http;
+pub mod sshd;
 
 pub use cli::User;
 pub use cloud::LocalCloud;
