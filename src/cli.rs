@@ -150,6 +150,24 @@ pub enum ConnectMode {
     Ssm,
 }
 
+impl ConnectMode {
+    pub const ALL: [ConnectMode; 4] =
+        [ConnectMode::PublicIp, ConnectMode::PrivateIp, ConnectMode::ProxyCommand, ConnectMode::Ssm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectMode::PublicIp => "public-ip",
+            ConnectMode::PrivateIp => "private-ip",
+            ConnectMode::ProxyCommand => "proxy-command",
+            ConnectMode::Ssm => "ssm",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ConnectMode> {
+        ConnectMode::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct SessionIdArg {
     /// Session id (as printed by `launch` and `list`).

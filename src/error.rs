@@ -71,8 +71,15 @@ pub struct OverBudget(pub String);
 
 /// The user pressed Ctrl-C (or the process got SIGTERM/SIGHUP) and we stopped cleanly.
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted")]
-pub struct Interrupted;
+#[error("{what}; {done}")]
+pub struct Interrupted {
+    /// "interrupted", "terminated (SIGTERM)", ...
+    pub what: &'static str,
+    /// What was cleaned up.
+    pub done: String,
+    /// 130 for Ctrl-C, 128 + the signal number otherwise.
+    pub code: u8,
+}
 
 /// The exit status an error should produce.
 pub fn exit_code_for(error: &anyhow::Error) -> ExitStatus {
@@ -86,8 +93,8 @@ pub fn exit_code_for(error: &anyhow::Error) -> ExitStatus {
         if cause.is::<OverBudget>() {
             return ExitStatus::OverBudget;
         }
-        if cause.is::<Interrupted>() {
-            return ExitStatus::Interrupted;
+        if let Some(stop) = cause.downcast_ref::<Interrupted>() {
+            return if stop.code == 130 { ExitStatus::Interrupted } else { ExitStatus::Remote(stop.code) };
         }
     }
     ExitStatus::Failure

@@ -18,6 +18,7 @@ pub mod output;
 pub mod pricing;
 pub mod session;
 pub mod settings;
+pub mod signals;
 pub mod ssh;
 pub mod teardown;
 pub mod userdata;

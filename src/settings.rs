@@ -640,12 +640,9 @@ fn parse_output(value: &str, source: &Source) -> Result<OutputFormat, UsageError
 }
 
 fn parse_connect(value: &str, source: &Source) -> Result<ConnectMode, UsageError> {
-    match value {
-        "public-ip" => Ok(ConnectMode::PublicIp),
-        "private-ip" => Ok(ConnectMode::PrivateIp),
-        "proxy-command" => Ok(ConnectMode::ProxyCommand),
-        "ssm" => Ok(ConnectMode::Ssm),
-        _ => Err(UsageError::new(format!(
+    match ConnectMode::from_name(value) {
+        Some(mode) => Ok(mode),
+        None => Err(UsageError::new(format!(
             "invalid connect {value:?} ({source}): expected public-ip, private-ip, proxy-command or ssm"
         ))),
     }

@@ -14,15 +14,17 @@ use ipnet::IpNet;
 use serde::Serialize;
 use time::Duration as TimeDuration;
 
+use super::attach::{self, Outcome, Route, Work};
 use super::{Context, SessionView};
 use crate::aws::launch::{self as ec2_launch, LaunchEvent, LaunchSpec};
 use crate::aws::{alarm, ami, iam, identity, instances, network, spot};
 use crate::cli::{ConnectMode, LaunchArgs};
-use crate::error::{ExitStatus, UsageError};
+use crate::error::{ExitStatus, Interrupted};
 use crate::keys::SessionKeys;
 use crate::output::{short_duration, usd};
 use crate::session::store::{SessionRecord, Store, process_start_ticks};
 use crate::session::{self, Clock, SystemClock, tags};
+use crate::signals::Signals;
 use crate::teardown::{self, SessionResources};
 use crate::{crash, ip, pricing, userdata};
 
@@ -55,13 +57,104 @@ struct Launched {
 }
 
 pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
-    if !args.detach {
-        // The embedded shell lands with the SSH session work; until then say so before doing anything.
-        return Err(UsageError::new(
-            "the interactive shell is not built yet (planned in issue #5): use `launch --detach` to provision and print the session",
-        )
-        .into());
+    let signals = Signals::install().context("listening for Ctrl-C")?;
+    let (aws, store, record, result) = provision(ctx, args, &signals).await?;
+    if args.detach {
+        ctx.printer.result(&result, || {
+            let mut text = result.session.describe();
+            if args.timings {
+                text.push_str(&timings_line(&result.timings_ms));
+            }
+            text
+        });
+        return Ok(ExitStatus::Success);
     }
+    if args.timings {
+        ctx.printer.status(timings_line(&result.timings_ms).trim_start());
+    }
+    let keep = args.keep;
+    let clock = SystemClock;
+    let outcome = async {
+        let route = Route::resolve(ctx, &record, None, None);
+        let options = attach::connect_options(ctx, &store, &record, &route)?;
+        crash::point("connecting");
+        let session = attach::open(ctx, &options, &signals).await?;
+        if args.command.is_empty() {
+            ctx.printer.status(attach::banner(&record, keep));
+        }
+        let work = Work { command: &args.command, tmux: args.tmux, record: args.record.clone() };
+        let outcome = attach::work(&session, work, &signals).await;
+        session.close().await;
+        outcome
+    }
+    .await;
+    if keep && matches!(outcome, Ok(Outcome::Exited(_))) {
+        ctx.printer.status(format!(
+            "left session {} running (--keep): it ends after {} idle or at {}; `ephemeral-admin terminate {}` ends it now",
+            record.id,
+            short_duration(ctx.settings.idle_grace),
+            record.expires_at,
+            record.id
+        ));
+    } else {
+        let reason = match &outcome {
+            Ok(Outcome::Exited(_)) => "exit",
+            Ok(Outcome::Stopped(_)) | Err(_) => "interrupted",
+        };
+        let resources = SessionResources::from_record(&store.load(&record.id)?.unwrap_or(record.clone()));
+        let report = teardown::teardown(&aws, &store, &resources, reason, &clock).await;
+        if report.is_clean() {
+            ctx.printer.status(report.summary());
+        } else {
+            ctx.printer.warn(report.summary());
+        }
+    }
+    match outcome? {
+        Outcome::Exited(exit) => Ok(ExitStatus::Remote(exit.exit_code())),
+        Outcome::Stopped(stop) => Err(Interrupted {
+            what: stop.name(),
+            done: "the session was torn down".into(),
+            code: stop.exit_code(),
+        }
+        .into()),
+    }
+}
+
+fn timings_line(timings: &[(String, u128)]) -> String {
+    let mut text = String::from("\ntimings:");
+    for (name, ms) in timings {
+        text.push_str(&format!(" {name}={ms}ms"));
+    }
+    text
+}
+
+/// Stops provisioning at a step boundary when a signal came, undoing what was made.
+async fn checkpoint(
+    ctx: &Context,
+    aws: &crate::aws::Aws,
+    recorder: &Recorder,
+    signals: &Signals,
+    clock: &dyn Clock,
+) -> Result<()> {
+    match signals.received() {
+        None => Ok(()),
+        Some(stop) => {
+            let error = Interrupted {
+                what: stop.name(),
+                done: "removed what the launch had made".into(),
+                code: stop.exit_code(),
+            };
+            Err(undo(ctx, aws, &recorder.store, recorder, error.into(), clock).await)
+        }
+    }
+}
+
+/// Provisions the box; on any failure or signal, removes what it made before returning.
+async fn provision(
+    ctx: &Context,
+    args: &LaunchArgs,
+    signals: &Signals,
+) -> Result<(crate::aws::Aws, Store, SessionRecord, Launched)> {
     let s = &ctx.settings;
     let started = Instant::now();
     let mut timings: Vec<(String, u128)> = Vec::new();
@@ -129,6 +222,8 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
             host_key_public: keys.host.public_openssh.clone(),
             host_key_fingerprint: keys.host.fingerprint.clone(),
             client_key_public: keys.client.public_openssh.clone(),
+            connect: Some(s.connect.as_str().to_string()),
+            proxy_command: s.proxy_command.clone(),
             security_group_id: Some(group.id.clone()),
             instance_profile_name: Some(profile.name.clone()),
             ..Default::default()
@@ -137,6 +232,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     store.save_private_key(&session_id, &keys.client.private_openssh)?;
     recorder.update(|_| {})?;
     crash::point("prepare");
+    checkpoint(ctx, &aws, &recorder, signals, &clock).await?;
 
     let candidates = ec2_launch::plan(
         &s.instance_types,
@@ -235,6 +331,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
             return Err(undo(ctx, &aws, &store, &recorder, error, &clock).await);
         }
     };
+    checkpoint(ctx, &aws, &recorder, signals, &clock).await?;
 
     // Phase 3: the fail-safe alarm while the instance starts.
     let step = ctx.printer.step(format!("starting {} ({})", launched.instance_id, launched.instance_type));
@@ -247,9 +344,16 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let need_public_ip = s.connect == ConnectMode::PublicIp;
     let on_state = |state: &str| step.set(format!("instance {} is {state}", launched.instance_id));
     let wait = async {
-        instances::wait_running(&aws, &launched.instance_id, need_public_ip, s.connect_timeout, &on_state)
-            .await
-            .map_err(anyhow::Error::from)
+        tokio::select! {
+            running = instances::wait_running(&aws, &launched.instance_id, need_public_ip, s.connect_timeout, &on_state) => {
+                running.map_err(anyhow::Error::from)
+            }
+            stop = signals.stopped() => Err(Interrupted {
+                what: stop.name(),
+                done: "removed what the launch had made".into(),
+                code: stop.exit_code(),
+            }.into()),
+        }
     };
     let (alarm_result, running) = tokio::join!(create_alarm, wait);
     drop(step);
@@ -269,6 +373,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         }
     })?;
 
+    checkpoint(ctx, &aws, &recorder, signals, &clock).await?;
     let record = recorder.snapshot();
     let view = SessionView::new(&record, Some(&running), clock.now());
     let result = Launched {
@@ -277,17 +382,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         timings_ms: timings.clone(),
         session: view,
     };
-    ctx.printer.result(&result, || {
-        let mut text = result.session.describe();
-        if args.timings {
-            text.push_str("\ntimings:");
-            for (name, ms) in &result.timings_ms {
-                text.push_str(&format!(" {name}={ms}ms"));
-            }
-        }
-        text
-    });
-    Ok(ExitStatus::Success)
+    Ok((aws, store, record, result))
 }
 
 /// A failed launch removes what it made so far, then reports the original error.

@@ -1,6 +1,8 @@
 //! One module per subcommand, each a thin script over the modules that do the work.
 
+mod attach;
 mod completions;
+mod connect;
 mod doctor;
 mod extend;
 mod init;
@@ -43,14 +45,14 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::Completions(args) => completions::run(args),
         Command::Init(args) => init::run(&ctx, args),
         Command::Launch(args) => launch::run(&ctx, &args).await,
-        Command::Connect(_) => not_built("connect", 5),
+        Command::Connect(args) => connect::connect(&ctx, &args).await,
         Command::Extend(args) => extend::run(&ctx, &args).await,
         Command::List => sessions::list(&ctx).await,
         Command::Status(args) => sessions::status(&ctx, &args.id).await,
         Command::Terminate(args) => sessions::terminate(&ctx, &args.id).await,
         Command::Cleanup(_) => not_built("cleanup", 6),
         Command::Cost => not_built("cost", 7),
-        Command::SshConfig(_) => not_built("ssh-config", 5),
+        Command::SshConfig(args) => connect::ssh_config(&ctx, &args.id).await,
     }
 }
 

@@ -24,6 +24,10 @@ pub struct SessionRecord {
     /// Kept on purpose (`--keep`/`--detach`): not an orphan when its launcher is gone.
     pub kept: bool,
     pub user: String,
+    /// How `connect` reaches the box unless told otherwise: the mode and proxy command template
+    /// the session was launched with.
+    pub connect: Option<String>,
+    pub proxy_command: Option<String>,
     /// The process that launched or last attached to the session, and its start time (clock
     /// ticks since boot) so a recycled pid is not mistaken for it.
     pub pid: Option<u32>,

@@ -51,31 +51,10 @@ pub async fn connect(
     };
     let mut backoff = BACKOFF_START;
     let mut attempts = 0u32;
-    let mut last = String::from("no attempt finished before the deadline");
+    let mut last = String::from("no attempt was made");
     loop {
-        attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let outcome = if remaining.is_zero() {
-            Err(Failure::Retry(last.clone()))
-        } else {
-            match tokio::time::timeout(remaining, attempt(opts, &config, &key)).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(Failure::Retry(format!("{last} (then the deadline passed mid-attempt)"))),
-            }
-        };
-        match outcome {
-            Ok(session) => {
-                tracing::debug!(attempts, elapsed = ?started.elapsed(), "ssh connected to {target}");
-                return Ok(session);
-            }
-            Err(Failure::Fatal(error)) => return Err(error),
-            Err(Failure::Retry(why)) => {
-                tracing::debug!(attempt = attempts, "ssh attempt failed: {why}");
-                last = why;
-            }
-        }
-        let now = Instant::now();
-        if now >= deadline {
+        if remaining.is_zero() {
             return Err(SshError::TimedOut {
                 target,
                 waited: format_duration(opts.connect_timeout),
@@ -83,9 +62,26 @@ pub async fn connect(
                 last,
             });
         }
-        on_attempt(attempts, &last);
-        tokio::time::sleep(backoff.min(deadline - now)).await;
-        backoff = (backoff * 2).min(cap);
+        attempts += 1;
+        match tokio::time::timeout(remaining, attempt(opts, &config, &key)).await {
+            Ok(Ok(session)) => {
+                tracing::debug!(attempts, elapsed = ?started.elapsed(), "ssh connected to {target}");
+                return Ok(session);
+            }
+            Ok(Err(Failure::Fatal(error))) => return Err(error),
+            Ok(Err(Failure::Retry(why))) => {
+                tracing::debug!(attempt = attempts, "ssh attempt failed: {why}");
+                last = why;
+            }
+            Err(_) if attempts == 1 => last = format!("no answer from {target} yet"),
+            Err(_) => last = format!("{last} (and attempt {attempts} was cut off by the deadline)"),
+        }
+        let now = Instant::now();
+        if now < deadline {
+            on_attempt(attempts, &last);
+            tokio::time::sleep(backoff.min(deadline - now)).await;
+            backoff = (backoff * 2).min(cap);
+        }
     }
 }
 

@@ -224,6 +224,9 @@ fn install_panic_hook() {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
+            if crossterm::terminal::is_raw_mode_enabled().unwrap_or(false) {
+                let _ = crossterm::terminal::disable_raw_mode();
+            }
             previous(info);
         }));
     });

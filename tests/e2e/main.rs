@@ -6,4 +6,5 @@ mod support;
 mod foundation;
 mod launch;
 mod lifecycle;
+mod session;
 mod ssh;

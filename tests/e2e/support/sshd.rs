@@ -25,6 +25,8 @@ struct State {
     child: Option<Child>,
     /// When sshd was spawned (for the late-start variant, after its delay).
     spawned_at: Option<Instant>,
+    /// When its port first accepted a connection (late-start variant only).
+    listening_at: Option<Instant>,
     stopped: bool,
 }
 
@@ -52,10 +54,21 @@ impl Sshd {
         // Not joined on drop: once `stopped` is set the thread wakes up to nothing to do.
         std::thread::spawn(move || {
             std::thread::sleep(delay);
-            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-            if !state.stopped {
+            {
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                if state.stopped {
+                    return;
+                }
                 state.child = Some(spawn_sshd(&dir, port));
                 state.spawned_at = Some(Instant::now());
+            }
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    state.lock().unwrap_or_else(|p| p.into_inner()).listening_at = Some(Instant::now());
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
         });
         sshd
@@ -75,6 +88,11 @@ impl Sshd {
     /// When sshd was spawned, once it has been.
     pub fn spawned_at(&self) -> Option<Instant> {
         self.state.lock().unwrap().spawned_at
+    }
+
+    /// For [`Sshd::start_after`]: when the port first accepted a connection (probed every 5 ms).
+    pub fn listening_at(&self) -> Option<Instant> {
+        self.state.lock().unwrap().listening_at
     }
 
     fn prepare(host_key: &str, authorized_key_line: &str) -> Sshd {

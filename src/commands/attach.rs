@@ -1,0 +1,189 @@
+//! Reaching a session's box and using it: SSH with the session's own key and pinned host key,
+//! then one command or an interactive shell. Shared by `launch` and `connect`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+
+use super::Context;
+use crate::cli::ConnectMode;
+use crate::error::Interrupted;
+use crate::output::{short_duration, usd};
+use crate::session::store::{SessionRecord, Store};
+use crate::session::{self, Clock, SystemClock};
+use crate::signals::Signals;
+use crate::ssh::{self, ConnectOptions, ExecIo, RemoteExit, ShellOptions, Transport};
+
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+pub const KEEPALIVE_MAX: usize = 4;
+/// The tmux session `--tmux` attaches to (or creates).
+pub const TMUX_SESSION: &str = "ephemeral-admin";
+
+/// How to reach the box, resolved from flags, the session record and settings.
+pub struct Route {
+    pub mode: ConnectMode,
+    pub proxy_command: Option<String>,
+}
+
+impl Route {
+    /// Flags first, then what the session was launched with, then the settings.
+    pub fn resolve(
+        ctx: &Context,
+        record: &SessionRecord,
+        flag_mode: Option<ConnectMode>,
+        flag_proxy: Option<&str>,
+    ) -> Route {
+        let s = &ctx.settings;
+        let proxy_command = flag_proxy
+            .map(str::to_string)
+            .or_else(|| record.proxy_command.clone())
+            .or_else(|| s.proxy_command.clone());
+        let mode = flag_mode
+            .or_else(|| flag_proxy.map(|_| ConnectMode::ProxyCommand))
+            .or_else(|| record.connect.as_deref().and_then(ConnectMode::from_name))
+            .unwrap_or(s.connect);
+        Route { mode, proxy_command }
+    }
+}
+
+/// The SSM preset: OpenSSH's usual Session Manager proxy, for users with the plugin installed.
+pub fn ssm_proxy_command(region: &str, profile: Option<&str>) -> String {
+    let mut command = format!(
+        "aws ssm start-session --target %i --document-name AWS-StartSSHSession --parameters portNumber=%p --region {region}"
+    );
+    if let Some(profile) = profile {
+        command.push_str(&format!(" --profile {profile}"));
+    }
+    command
+}
+
+/// Builds the SSH options for a session from its record and local key file.
+pub fn connect_options(
+    ctx: &Context,
+    store: &Store,
+    record: &SessionRecord,
+    route: &Route,
+) -> Result<ConnectOptions> {
+    let key_path = store.key_path(&record.id);
+    let key_text = std::fs::read_to_string(&key_path).with_context(|| {
+        format!(
+            "session {}'s private key {} is gone (the session was torn down, or launched on another machine)",
+            record.id,
+            key_path.display()
+        )
+    })?;
+    let client_key =
+        russh::keys::PrivateKey::from_openssh(&key_text).context("the session's private key is damaged")?;
+    let host_key = crate::keys::parse_public(&record.host_key_public)?;
+    let instance_id = record.instance_id.as_deref().unwrap_or_default();
+    let address = match route.mode {
+        ConnectMode::PrivateIp => record.private_ip.clone(),
+        _ => record.public_ip.clone().or(record.private_ip.clone()),
+    };
+    let transport = match route.mode {
+        ConnectMode::PublicIp | ConnectMode::PrivateIp => {
+            let Some(host) = address else {
+                bail!(
+                    "session {} has no {} address: try --connect private-ip, or --proxy-command",
+                    record.id,
+                    route.mode.as_str()
+                );
+            };
+            Transport::Tcp { host, port: 22 }
+        }
+        ConnectMode::ProxyCommand | ConnectMode::Ssm => {
+            let template = match route.mode {
+                ConnectMode::Ssm => ssm_proxy_command(&record.region, ctx.settings.aws.profile.as_deref()),
+                _ => {
+                    route.proxy_command.clone().context("connect mode proxy-command needs --proxy-command")?
+                }
+            };
+            let host = address.unwrap_or_else(|| instance_id.to_string());
+            Transport::ProxyCommand(ssh::expand_proxy_command(
+                &template,
+                &host,
+                22,
+                instance_id,
+                &record.user,
+            ))
+        }
+    };
+    Ok(ConnectOptions {
+        transport,
+        user: record.user.clone(),
+        client_key,
+        host_key,
+        connect_timeout: ctx.settings.connect_timeout,
+        keepalive_interval: KEEPALIVE_INTERVAL,
+        keepalive_max: KEEPALIVE_MAX,
+    })
+}
+
+/// Connects, showing progress, until sshd answers, the timeout passes, or a signal arrives.
+pub async fn open(ctx: &Context, options: &ConnectOptions, signals: &Signals) -> Result<ssh::Session> {
+    let step = ctx.printer.step(format!("waiting for ssh on {}", options.transport));
+    let on_attempt = |n: u32, last: &str| {
+        if n > 1 {
+            step.set(format!("waiting for ssh (attempt {n}: {last})"));
+        }
+    };
+    let session = tokio::select! {
+        session = ssh::connect(options, &on_attempt) => session?,
+        stop = signals.stopped() => {
+            return Err(Interrupted { what: stop.name(), done: "stopped while connecting".into(), code: stop.exit_code() }.into());
+        }
+    };
+    drop(step);
+    Ok(session)
+}
+
+/// What to do once connected.
+pub struct Work<'a> {
+    pub command: &'a [String],
+    pub tmux: bool,
+    pub record: Option<PathBuf>,
+}
+
+/// Runs the command or the shell; returns how it ended, or the signal that stopped it.
+pub async fn work(session: &ssh::Session, work: Work<'_>, signals: &Signals) -> Result<Outcome> {
+    let run = async {
+        if !work.command.is_empty() {
+            return session.exec(work.command, ExecIo::Inherit).await;
+        }
+        let term =
+            std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "xterm-256color".into());
+        let command = work.tmux.then(|| format!("tmux new-session -A -s {TMUX_SESSION}"));
+        session.shell(ShellOptions { term, command, record: work.record }).await
+    };
+    tokio::select! {
+        exit = run => Ok(Outcome::Exited(exit?)),
+        stop = signals.stopped() => Ok(Outcome::Stopped(stop)),
+    }
+}
+
+pub enum Outcome {
+    Exited(RemoteExit),
+    Stopped(crate::signals::Stop),
+}
+
+/// The line shown before a shell opens: where, what it costs, how long is left.
+pub fn banner(record: &SessionRecord, keep: bool) -> String {
+    let now = SystemClock.now();
+    let left = session::parse_rfc3339(&record.expires_at)
+        .map(|t| short_duration(Duration::from_secs((t - now).whole_seconds().max(0) as u64)))
+        .unwrap_or_else(|| "?".into());
+    let price = record.price_per_hour.map(|p| format!(", {}/h", usd(p))).unwrap_or_default();
+    let what = format!(
+        "{} {} in {}",
+        record.instance_type.as_deref().unwrap_or("?"),
+        record.market.as_deref().unwrap_or("?"),
+        record.availability_zone.as_deref().unwrap_or("?")
+    );
+    let after = if keep {
+        format!("the box stays up when you leave; `ephemeral-admin connect {}` comes back", record.id)
+    } else {
+        "leaving the shell ends the session and removes everything".to_string()
+    };
+    format!("session {} ({what}{price}): {left} left until {}; {after}", record.id, record.expires_at)
+}

@@ -1,0 +1,147 @@
+//! `connect ID [-- CMD]` and `ssh-config ID`: back to a running session with the same pinned
+//! keys, through the embedded client or through the user's own OpenSSH.
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use super::Context;
+use super::attach::{self, Outcome, Route, Work};
+use crate::aws::instances;
+use crate::cli::{ConnectArgs, ConnectMode};
+use crate::error::{ExitStatus, Interrupted, UsageError};
+use crate::output::short_duration;
+use crate::session::store::{SessionRecord, Store, process_start_ticks, write_atomic};
+use crate::session::{self};
+use crate::signals::Signals;
+
+/// The local record of a session that is still running, with its address refreshed from AWS.
+async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecord)> {
+    if !session::is_valid_id(id) {
+        return Err(UsageError::new(format!(
+            "{id:?} is not a session id (8 letters and digits, as `list` shows)"
+        ))
+        .into());
+    }
+    let store = Store::new(ctx.settings.sessions_dir());
+    let Some(mut record) = store.load(id)? else {
+        bail!("this machine has no record of session {id}: only the machine that launched it holds its key");
+    };
+    if record.ended_at.is_some() {
+        bail!(
+            "session {id} has ended ({}); launch a new one",
+            record.end_reason.as_deref().unwrap_or("ended")
+        );
+    }
+    let instance_id =
+        record.instance_id.clone().with_context(|| format!("session {id} never got an instance"))?;
+    let aws = ctx.aws().await?;
+    let info = instances::describe(&aws, &instance_id).await?;
+    match info {
+        Some(info) if info.state == "running" => {
+            record.public_ip = info.public_ip.or(record.public_ip);
+            record.private_ip = info.private_ip.or(record.private_ip);
+            if let Some(expires) = info.expires_at {
+                record.expires_at = expires;
+            }
+        }
+        Some(info) => bail!("session {id}'s instance {instance_id} is {}: nothing to connect to", info.state),
+        None => bail!("session {id}'s instance {instance_id} no longer exists"),
+    }
+    Ok((store, record))
+}
+
+pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
+    let id = &args.session.id;
+    let (store, mut record) = running_session(ctx, id).await?;
+    // This process is now the session's client: cleanup must not take it for an orphan.
+    let pid = std::process::id();
+    record.pid = Some(pid);
+    record.pid_start = process_start_ticks(pid);
+    store.save(&record)?;
+
+    let signals = Signals::install().context("listening for Ctrl-C")?;
+    let route = Route::resolve(ctx, &record, args.connect, args.proxy_command.as_deref());
+    let options = attach::connect_options(ctx, &store, &record, &route)?;
+    let session = attach::open(ctx, &options, &signals).await?;
+    if args.command.is_empty() {
+        ctx.printer.status(attach::banner(&record, true));
+    }
+    let work = Work { command: &args.command, tmux: args.tmux, record: args.record.clone() };
+    let outcome = attach::work(&session, work, &signals).await;
+    session.close().await;
+    match outcome? {
+        Outcome::Exited(exit) => {
+            if args.command.is_empty() {
+                ctx.printer.status(format!(
+                    "left session {id} running: it ends after {} idle or at {}; `ephemeral-admin terminate {id}` ends it now",
+                    short_duration(ctx.settings.idle_grace),
+                    record.expires_at
+                ));
+            }
+            Ok(ExitStatus::Remote(exit.exit_code()))
+        }
+        Outcome::Stopped(stop) => Err(Interrupted {
+            what: stop.name(),
+            done: format!("disconnected; session {id} keeps running until idle or its deadline"),
+            code: stop.exit_code(),
+        }
+        .into()),
+    }
+}
+
+#[derive(Serialize)]
+struct SshConfig {
+    session_id: String,
+    instance_id: Option<String>,
+    host: String,
+    known_hosts_file: String,
+    config: String,
+}
+
+pub async fn ssh_config(ctx: &Context, id: &str) -> Result<ExitStatus> {
+    let (store, record) = running_session(ctx, id).await?;
+    let route = Route::resolve(ctx, &record, None, None);
+    let alias = format!("ephemeral-admin-{id}");
+    let known_hosts = store.dir(id).join("known_hosts");
+    write_atomic(&known_hosts, format!("{alias} {}\n", record.host_key_public.trim()).as_bytes())?;
+    let address = match route.mode {
+        ConnectMode::PrivateIp => record.private_ip.clone(),
+        _ => record.public_ip.clone().or(record.private_ip.clone()),
+    };
+    let mut lines = vec![
+        format!("Host {alias}"),
+        format!(
+            "    HostName {}",
+            address.as_deref().unwrap_or(record.instance_id.as_deref().unwrap_or_default())
+        ),
+        format!("    User {}", record.user),
+        "    Port 22".to_string(),
+        format!("    IdentityFile {}", store.key_path(id).display()),
+        "    IdentitiesOnly yes".to_string(),
+        format!("    HostKeyAlias {alias}"),
+        format!("    UserKnownHostsFile {}", known_hosts.display()),
+        "    StrictHostKeyChecking yes".to_string(),
+    ];
+    let proxy = match route.mode {
+        ConnectMode::Ssm => {
+            Some(attach::ssm_proxy_command(&record.region, ctx.settings.aws.profile.as_deref()))
+        }
+        ConnectMode::ProxyCommand => route.proxy_command.clone(),
+        _ => None,
+    };
+    if let Some(template) = proxy {
+        // OpenSSH expands %h, %p and %r itself; %i is ours.
+        let command = template.replace("%i", record.instance_id.as_deref().unwrap_or_default());
+        lines.push(format!("    ProxyCommand {command}"));
+    }
+    let config = lines.join("\n") + "\n";
+    let result = SshConfig {
+        session_id: id.to_string(),
+        instance_id: record.instance_id.clone(),
+        host: alias,
+        known_hosts_file: known_hosts.display().to_string(),
+        config,
+    };
+    ctx.printer.result(&result, || result.config.clone());
+    Ok(ExitStatus::Success)
+}

@@ -1,0 +1,210 @@
+//! The whole product: `launch` → embedded SSH (pinned host key) → command or shell → teardown,
+//! against moto, the box simulator and its real sshd, reached through the `box-connect` proxy
+//! command the way a user would use `--proxy-command`.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::lifecycle::{login, wait_until};
+use crate::support::{LocalCloud, User};
+
+/// `--proxy-command` that reaches the box simulator's sshd for the instance (`%i`).
+pub fn proxy(cloud: &LocalCloud) -> String {
+    let script = crate::support::cloud::repo().join("tests/support/localcloud/box-connect");
+    format!("{} {} %i", script.display(), cloud.url)
+}
+
+pub fn attached_args<'a>(cloud_proxy: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args =
+        vec!["launch", "--my-ip", "203.0.113.7", "--user", login(), "--proxy-command", cloud_proxy];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Nothing of any session is left in moto: instances, rules, alarms, open spot requests.
+pub fn assert_nothing_left(cloud: &LocalCloud) {
+    let state = cloud.state();
+    let live: Vec<&Value> =
+        state["instances"].as_array().unwrap().iter().filter(|i| i["state"] != "terminated").collect();
+    assert!(live.is_empty(), "live instances: {live:#?}");
+    for g in state["security_groups"].as_array().unwrap() {
+        if g["name"] == "ephemeral-admin-sg" {
+            assert!(g["ingress"].as_array().unwrap().is_empty(), "rules left: {g:#}");
+        }
+    }
+    assert!(state["alarms"].as_array().unwrap().is_empty(), "alarms left: {:#}", state["alarms"]);
+    let open: Vec<&Value> = state["spot_requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| matches!(s["state"].as_str(), Some("open" | "active")))
+        .collect();
+    assert!(open.is_empty(), "spot requests left: {open:#?}");
+}
+
+fn key_files(user: &User) -> Vec<std::path::PathBuf> {
+    let Ok(dirs) = std::fs::read_dir(user.state_dir().join("sessions")) else { return Vec::new() };
+    dirs.flatten().map(|d| d.path().join("id_ed25519")).filter(|p| p.exists()).collect()
+}
+
+#[test]
+fn launch_runs_a_command_passes_its_status_through_and_tears_everything_down() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let run = user.run(&attached_args(&proxy, &["--", "echo", "hello"]));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout, "hello\n", "only the remote's output on stdout");
+    assert!(run.stderr.contains("terminated i-") && run.stderr.contains("closed SSH"), "{}", run.stderr);
+    assert_nothing_left(&cloud);
+    assert!(key_files(&user).is_empty(), "the private key is deleted");
+
+    // Arguments arrive exactly as typed, and the remote status is ours.
+    let run = user.run(&attached_args(&proxy, &["--", "sh", "-c", "echo 'it'\"'\"'s here' >&2; exit 7"]));
+    assert_eq!(run.code, 7, "{}", run.stderr);
+    assert!(run.stderr.contains("it's here"), "stderr stays stderr: {}", run.stderr);
+    assert!(run.stdout.is_empty());
+    assert_nothing_left(&cloud);
+}
+
+#[test]
+fn an_sshd_that_comes_up_late_is_still_reached() {
+    let cloud = LocalCloud::start();
+    cloud.control("PUT", "box-config", Some(json!({ "boot_seconds": 3 })));
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let started = Instant::now();
+    let run = user.run(&attached_args(&proxy, &["--", "echo", "booted"]));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout, "booted\n");
+    assert!(started.elapsed() >= Duration::from_secs(3), "it really waited for the boot");
+    assert_nothing_left(&cloud);
+}
+
+#[test]
+fn a_host_key_other_than_the_pinned_one_is_refused() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let out =
+        user.run(&[&attached_args(&proxy, &["--detach", "--output", "json"])[..]].concat()).success().json();
+    let session = out["session_id"].as_str().unwrap();
+    // An impostor: a real sshd with a different host key, which accepts the session's key.
+    let impostor_key =
+        russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap();
+    let pem = impostor_key.to_openssh(russh::keys::ssh_key::LineEnding::LF).unwrap();
+    let record: toml::Value = toml::from_str(
+        &std::fs::read_to_string(user.state_dir().join(format!("sessions/{session}/session.toml"))).unwrap(),
+    )
+    .unwrap();
+    let impostor = crate::support::sshd::Sshd::start(&pem, record["client_key_public"].as_str().unwrap());
+    let relay = format!(
+        "python3 -c 'import socket,sys,threading\ns=socket.create_connection((\"127.0.0.1\",{}))\ndef up():\n  while True:\n    d=sys.stdin.buffer.raw.read(65536)\n    if not d: break\n    s.sendall(d)\n  s.shutdown(socket.SHUT_WR)\nthreading.Thread(target=up,daemon=True).start()\nwhile True:\n  d=s.recv(65536)\n  if not d: break\n  sys.stdout.buffer.write(d); sys.stdout.buffer.flush()'",
+        impostor.port
+    );
+    let started = Instant::now();
+    let run = user.run(&["connect", session, "--proxy-command", &relay, "--", "echo", "pwned"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("host key mismatch: possible interception"), "{}", run.stderr);
+    assert!(!run.stdout.contains("pwned"));
+    assert!(started.elapsed() < Duration::from_secs(60), "refused at once, no retry until the timeout");
+    // The real box still works with the pinned key.
+    let run = user.run(&["connect", session, "--", "echo", "real"]);
+    assert_eq!((run.code, run.stdout.as_str()), (0, "real\n"), "{}", run.stderr);
+    user.run(&["terminate", session]).success();
+}
+
+#[test]
+fn ssh_config_works_with_the_system_ssh() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let out =
+        user.run(&[&attached_args(&proxy, &["--detach", "--output", "json"])[..]].concat()).success().json();
+    let session = out["session_id"].as_str().unwrap();
+    let config = user.run(&["ssh-config", session]).success().stdout;
+    assert!(config.starts_with(&format!("Host ephemeral-admin-{session}\n")), "{config}");
+    assert!(
+        config.contains("StrictHostKeyChecking yes") && config.contains("UserKnownHostsFile"),
+        "{config}"
+    );
+    let file = user.home.join("ssh_config");
+    std::fs::write(&file, &config).unwrap();
+    let run = Command::new("ssh")
+        .args(["-F"])
+        .arg(&file)
+        .args(["-o", "BatchMode=yes", &format!("ephemeral-admin-{session}"), "echo", "via-openssh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "via-openssh\n",
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // `connect` reuses the same pinned keys, and a command's status comes back.
+    let run = user.run(&["connect", session, "--", "sh", "-c", "exit 3"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    user.run(&["terminate", session]).success();
+    assert_nothing_left(&cloud);
+}
+
+#[test]
+fn sigint_while_provisioning_leaves_nothing() {
+    let cloud = LocalCloud::start();
+    cloud.config(json!({ "pending_seconds": 30 }));
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let mut child = user
+        .command(&attached_args(&proxy, &["--", "true"]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("RunInstances", Duration::from_secs(30), || cloud.count("RunInstances") == 1);
+    std::thread::sleep(Duration::from_millis(500));
+    signal(child.id(), "INT");
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.lines().last().unwrap().starts_with("error: interrupted"), "{stderr}");
+    assert_nothing_left(&cloud);
+    assert!(key_files(&user).is_empty());
+}
+
+#[test]
+fn sigterm_during_the_shell_leaves_nothing() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let mut child = user
+        .command(&attached_args(&proxy, &["--", "sleep", "60"]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the remote command to run", Duration::from_secs(30), || {
+        let boxes = cloud.control("GET", "box", None)["boxes"].as_array().cloned().unwrap_or_default();
+        boxes.iter().any(|b| {
+            let info = cloud.control("GET", &format!("box/{}", b["instance_id"].as_str().unwrap()), None);
+            info["sshd_log"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|x| x.as_str().unwrap_or("").contains("Accepted publickey")))
+        })
+    });
+    signal(child.id(), "TERM");
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    assert_nothing_left(&cloud);
+    assert!(key_files(&user).is_empty());
+}
+
+fn signal(pid: u32, name: &str) {
+    let ok = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap().success();
+    assert!(ok);
+}
