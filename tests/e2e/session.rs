@@ -208,3 +208,180 @@ fn signal(pid: u32, name: &str) {
     let ok = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap().success();
     assert!(ok);
 }
+
+/// A terminal a person would use: tmux, driven with send-keys and read with capture-pane.
+struct Tmux {
+    name: String,
+}
+
+impl Tmux {
+    fn start(user: &User, width: u16, height: u16) -> Tmux {
+        let name =
+            format!("ea-test-{}-{}", std::process::id(), user.home.file_name().unwrap().to_string_lossy());
+        // The pane's shell gets the same environment the CLI runs with in every other test.
+        let cmd = user.command(&[]);
+        let mut env_file = String::new();
+        for (k, v) in cmd.get_envs() {
+            if let (k, Some(v)) = (k.to_string_lossy(), v) {
+                env_file.push_str(&format!("export {k}='{}'\n", v.to_string_lossy()));
+            }
+        }
+        env_file.push_str(&format!(
+            "export PATH='{}':\"$PATH\"\n",
+            std::path::Path::new(cmd.get_program()).parent().unwrap().display()
+        ));
+        env_file.push_str("export PS1='local$ '\n");
+        std::fs::write(user.home.join("env.sh"), env_file).unwrap();
+        let ok = Command::new("tmux")
+            .args(["new-session", "-d", "-s", &name, "-x", &width.to_string(), "-y", &height.to_string()])
+            .arg(format!("bash --norc --noprofile --rcfile {}", user.home.join("env.sh").display()))
+            .env("TERM", "xterm-256color")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "tmux starts");
+        let t = Tmux { name };
+        t.keys(&[&format!(". {}", user.home.join("env.sh").display()), "Enter"]);
+        t
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let ok =
+            Command::new("tmux").args(["send-keys", "-t", &self.name]).args(keys).status().unwrap().success();
+        assert!(ok);
+    }
+
+    fn line(&self, text: &str) {
+        self.keys(&["-l", text]);
+        self.keys(&["Enter"]);
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-J", "-S", "-200", "-t", &self.name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_for(&self, text: &str, limit: Duration) {
+        let start = Instant::now();
+        while !self.screen().contains(text) {
+            assert!(start.elapsed() < limit, "never saw {text:?} on screen:\n{}", self.screen());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn pane_size(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["display", "-p", "-t", &self.name, "#{pane_height} #{pane_width}"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["kill-session", "-t", &self.name]).status();
+    }
+}
+
+#[test]
+fn the_interactive_shell_works_in_a_real_terminal_and_records_a_replayable_cast() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let cast = user.home.join("session.cast");
+    let tmux = Tmux::start(&user, 120, 30);
+    tmux.wait_for("local$", Duration::from_secs(10));
+    let launch = format!(
+        "ephemeral-admin launch --my-ip 203.0.113.7 --user {} --proxy-command '{proxy}' --record {}",
+        login(),
+        cast.display()
+    );
+    tmux.line(&launch);
+    tmux.wait_for("leaving the shell ends the session", Duration::from_secs(60));
+    // The prompt appears and a command runs (the arithmetic proves the remote shell evaluated it).
+    tmux.line("echo remote-$((40+2))");
+    tmux.wait_for("remote-42", Duration::from_secs(20));
+    // The PTY has the terminal's real size, and a resize reaches the remote.
+    tmux.line("stty size");
+    let size = tmux.pane_size();
+    tmux.wait_for(&size, Duration::from_secs(10));
+    let ok = Command::new("tmux")
+        .args(["resize-window", "-t", &tmux.name, "-x", "100", "-y", "25"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let resized = tmux.pane_size();
+    assert_ne!(resized, size);
+    tmux.line("clear; stty size");
+    tmux.wait_for(&resized, Duration::from_secs(10));
+    // exit: back to the local shell, everything torn down, the terminal out of raw mode.
+    tmux.line("exit");
+    tmux.wait_for("deleted the key", Duration::from_secs(30));
+    tmux.line("stty -a | tr ' ' '\\n' | grep -qx icanon && echo terminal-restored");
+    tmux.wait_for("terminal-restored", Duration::from_secs(10));
+    assert_nothing_left(&cloud);
+
+    // The recording: a real player accepts it, and it holds what was typed.
+    let text = std::fs::read_to_string(&cast).unwrap();
+    let mut lines = text.lines();
+    let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    let dims = |s: &str| -> (u64, u64) {
+        let mut it = s.split(' ').map(|n| n.parse::<u64>().unwrap());
+        let rows = it.next().unwrap();
+        (it.next().unwrap(), rows)
+    };
+    let (width, height) = dims(&size);
+    assert_eq!((header["width"].as_u64(), header["height"].as_u64()), (Some(width), Some(height)));
+    let events: Vec<Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        events.iter().all(|e| e[0].is_f64() && matches!(e[1].as_str(), Some("o" | "r")) && e[2].is_string())
+    );
+    let output: String = events.iter().filter(|e| e[1] == "o").map(|e| e[2].as_str().unwrap()).collect();
+    assert!(output.contains("echo remote-$((40+2))") && output.contains("remote-42"), "typed text recorded");
+    let (width, height) = dims(&resized);
+    let resize = format!("{width}x{height}");
+    assert!(events.iter().any(|e| e[1] == "r" && e[2] == resize.as_str()), "the resize {resize} is recorded");
+    // asciinema wants a terminal even to cat: give it one with util-linux's `script`.
+    let played = Command::new("script")
+        .args(["-qec", &format!("asciinema cat {}", cast.display()), "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(played.status.success(), "asciinema cat: {}", String::from_utf8_lossy(&played.stderr));
+    assert!(String::from_utf8_lossy(&played.stdout).contains("remote-42"));
+}
+
+#[test]
+fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let tmux = Tmux::start(&user, 120, 30);
+    tmux.wait_for("local$", Duration::from_secs(10));
+    tmux.line(&format!(
+        "ephemeral-admin launch --keep --tmux --my-ip 203.0.113.7 --user {} --proxy-command '{proxy}'",
+        login()
+    ));
+    tmux.wait_for("the box stays up when you leave", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1500));
+    tmux.line("export MARK=kept-$((6*7))");
+    // Detach the box's tmux (C-b d): the connection ends, the work stays on the box.
+    tmux.keys(&["C-b", "d"]);
+    tmux.wait_for("left session", Duration::from_secs(20));
+    let listed = user.run(&["list", "--output", "json"]).success().json();
+    let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
+    tmux.line(&format!("ephemeral-admin connect {session} --tmux"));
+    std::thread::sleep(Duration::from_millis(1500));
+    tmux.line("echo mark=$MARK");
+    tmux.wait_for("mark=kept-42", Duration::from_secs(20));
+    tmux.keys(&["C-b", "d"]);
+    let _ = Command::new("tmux").args(["kill-session", "-t", "ephemeral-admin"]).status();
+    user.run(&["terminate", &session]).success();
+    assert_nothing_left(&cloud);
+}

@@ -117,7 +117,9 @@ async fn exec_runs_each_command_exactly_with_separate_streams_and_stdin() {
     // 5 MiB through `cat`, byte for byte, with output drained while input is still going.
     let data: Vec<u8> =
         (0..5 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let (exit, out) = run(&session, &["cat"], &data).await;
+    let (exit, out) = tokio::time::timeout(Duration::from_secs(60), run(&session, &["cat"], &data))
+        .await
+        .expect("cat with 5 MiB stalled: input and output must flow at the same time");
     assert_eq!(exit, RemoteExit::Status(0));
     assert_eq!(out.stdout.len(), data.len());
     assert!(out.stdout == data, "cat did not echo the 5 MiB back byte-exactly");
