@@ -2,7 +2,8 @@
 //! environment, the process kills itself with SIGKILL right after that step, exactly as a power
 //! cut or `kill -9` would. A debugging aid for testing `cleanup`; inert otherwise.
 //!
-//! Steps: `prepare`, `rule`, `run-instances`, `alarm`, `connecting`, `shell`.
+//! Steps: `security-group`, `instance-profile`, `prepare`, `rule`, `run-instances`, `alarm`,
+//! `connecting`.
 
 pub const VARIABLE: &str = "EPHEMERAL_ADMIN_ABORT_AFTER";
 

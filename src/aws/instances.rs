@@ -218,3 +218,65 @@ pub async fn set_expiry(aws: &Aws, instance_id: &str, expires_at: &str) -> Resul
         .doing(format!("moving the deadline of {instance_id}"))?;
     Ok(())
 }
+
+/// A spot request of the tool's, from its tags.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpotRequestInfo {
+    pub id: String,
+    pub session_id: Option<String>,
+    pub owner: Option<String>,
+    pub instance_id: Option<String>,
+    pub state: String,
+}
+
+/// The tool's spot requests that are still open or active (a one-time request that is open can
+/// still start an instance).
+pub async fn open_spot_requests(aws: &Aws) -> Result<Vec<SpotRequestInfo>, AwsError> {
+    let out = aws
+        .ec2
+        .describe_spot_instance_requests()
+        .filters(Filter::builder().name(format!("tag:{}", tags::PROJECT)).values(tags::PROJECT_VALUE).build())
+        .filters(Filter::builder().name("state").values("open").values("active").build())
+        .send()
+        .await
+        .doing("listing spot requests")?;
+    Ok(out
+        .spot_instance_requests()
+        .iter()
+        .map(|r| {
+            let tag = |key: &str| {
+                r.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value()).map(str::to_string)
+            };
+            SpotRequestInfo {
+                id: r.spot_instance_request_id().unwrap_or_default().to_string(),
+                session_id: tag(tags::SESSION),
+                owner: tag(tags::OWNER),
+                instance_id: r.instance_id().map(str::to_string),
+                state: r.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+            }
+        })
+        .collect())
+}
+
+/// Instances (of anyone, in any state but terminated) that match one filter, e.g. everything in
+/// a security group (`instance.group-id`) or with an instance profile (`iam-instance-profile.arn`).
+pub async fn users_of(aws: &Aws, filter_name: &str, value: &str) -> Result<Vec<InstanceInfo>, AwsError> {
+    let out = aws
+        .ec2
+        .describe_instances()
+        .filters(Filter::builder().name(filter_name).values(value).build())
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .values("shutting-down")
+                .values("stopping")
+                .values("stopped")
+                .build(),
+        )
+        .send()
+        .await
+        .doing("checking what still uses the shared resources")?;
+    Ok(out.reservations().iter().flat_map(|r| r.instances()).map(InstanceInfo::from_sdk).collect())
+}

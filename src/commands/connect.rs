@@ -10,7 +10,7 @@ use crate::aws::instances;
 use crate::cli::{ConnectArgs, ConnectMode};
 use crate::error::{ExitStatus, Interrupted, UsageError};
 use crate::output::short_duration;
-use crate::session::store::{SessionRecord, Store, process_start_ticks, write_atomic};
+use crate::session::store::{SessionRecord, Store, process_alive, process_start_ticks, write_atomic};
 use crate::session::{self};
 use crate::signals::Signals;
 
@@ -53,11 +53,14 @@ async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecor
 pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
     let id = &args.session.id;
     let (store, mut record) = running_session(ctx, id).await?;
-    // This process is now the session's client: cleanup must not take it for an orphan.
-    let pid = std::process::id();
-    record.pid = Some(pid);
-    record.pid_start = process_start_ticks(pid);
-    store.save(&record)?;
+    // With its launcher gone, this process becomes the session's client, so cleanup does not
+    // take the session for an orphan while we use it. A live launcher stays the owner.
+    if !record.pid.is_some_and(|pid| process_alive(pid, record.pid_start)) {
+        let pid = std::process::id();
+        record.pid = Some(pid);
+        record.pid_start = process_start_ticks(pid);
+        store.save(&record)?;
+    }
 
     let signals = Signals::install().context("listening for Ctrl-C")?;
     let route = Route::resolve(ctx, &record, args.connect, args.proxy_command.as_deref());

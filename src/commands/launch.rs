@@ -190,18 +190,36 @@ async fn provision(
             tokio::task::spawn_blocking(move || SessionKeys::generate(&id)).await.context("key generation")?
         }
     };
-    let (caller, my_ip, group, profile, keys, image, prices) = tokio::try_join!(
-        async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
-        detect_ip,
-        async {
-            network::ensure_security_group(&aws, &s.security_group_name).await.map_err(anyhow::Error::from)
-        },
-        async { iam::ensure_instance_profile(&aws, &s.iam_role_name).await.map_err(anyhow::Error::from) },
-        keys,
-        async { ami::resolve(&aws, &s.ami, s.arch()).await.map_err(anyhow::Error::from) },
-        async { spot::current_prices(&aws, &s.instance_types).await.map_err(anyhow::Error::from) },
-    )?;
+    let prepare = async {
+        tokio::try_join!(
+            async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
+            detect_ip,
+            async {
+                let group = network::ensure_security_group(&aws, &s.security_group_name).await?;
+                crash::point("security-group");
+                anyhow::Ok(group)
+            },
+            async {
+                let profile = iam::ensure_instance_profile(&aws, &s.iam_role_name).await?;
+                crash::point("instance-profile");
+                anyhow::Ok(profile)
+            },
+            keys,
+            async { ami::resolve(&aws, &s.ami, s.arch()).await.map_err(anyhow::Error::from) },
+            async { spot::current_prices(&aws, &s.instance_types).await.map_err(anyhow::Error::from) },
+        )
+    };
+    // Leftovers of this user's earlier crashed sessions go first, off the critical path.
+    let (prepared, swept) = tokio::join!(prepare, super::cleanup::quick_sweep(ctx, &aws));
+    let (caller, my_ip, group, profile, keys, image, prices) = prepared?;
     drop(step);
+    if !swept.is_empty() {
+        ctx.printer.status(format!(
+            "removed {} leftover session(s) of earlier runs whose launcher is gone: {}",
+            swept.len(),
+            swept.join(", ")
+        ));
+    }
     mark("prepare", &mut timings);
 
     let expires_at = session::rfc3339(expires);

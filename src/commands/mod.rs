@@ -1,6 +1,7 @@
 //! One module per subcommand, each a thin script over the modules that do the work.
 
 mod attach;
+mod cleanup;
 mod completions;
 mod connect;
 mod doctor;
@@ -50,7 +51,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::List => sessions::list(&ctx).await,
         Command::Status(args) => sessions::status(&ctx, &args.id).await,
         Command::Terminate(args) => sessions::terminate(&ctx, &args.id).await,
-        Command::Cleanup(_) => not_built("cleanup", 6),
+        Command::Cleanup(args) => cleanup::run(&ctx, &args).await,
         Command::Cost => not_built("cost", 7),
         Command::SshConfig(args) => connect::ssh_config(&ctx, &args.id).await,
     }

@@ -55,9 +55,6 @@ impl Session {
                 pump(&mut reader, &writer, forward_stdin(&writer), &mut sink).await
             }
             ExecIo::Capture { stdin, output } => {
-                if writer.data_bytes(stdin.clone()).await.is_ok() {
-                    let _ = writer.eof().await;
-                }
                 let input = async {
                     if writer.data_bytes(stdin).await.is_ok() {
                         let _ = writer.eof().await;

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cleanup;
 mod foundation;
 mod launch;
 mod lifecycle;

@@ -90,6 +90,20 @@ impl LocalCloud {
         self.actions().iter().filter(|a| *a == action).count()
     }
 
+    /// Sets a tag as someone else would (boto3 through the same endpoint).
+    pub fn retag(&self, resource: &str, key: &str, value: &str) {
+        let script = "import boto3, sys\n\
+            ec2 = boto3.client('ec2', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                               aws_access_key_id='other', aws_secret_access_key='other')\n\
+            ec2.create_tags(Resources=[sys.argv[2]], Tags=[{'Key': sys.argv[3], 'Value': sys.argv[4]}])\n";
+        let ok = Command::new(python())
+            .args(["-c", script, &self.url, resource, key, value])
+            .status()
+            .expect("run boto3")
+            .success();
+        assert!(ok, "retag {resource}");
+    }
+
     /// Everything moto holds in the region, as JSON.
     pub fn state(&self) -> Value {
         self.control("GET", "state?region=us-east-1", None)

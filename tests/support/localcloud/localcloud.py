@@ -646,6 +646,7 @@ class Middleware:
 #  * TerminateInstances closes one-time spot requests;
 #  * Describe/CancelSpotInstanceRequests: NotFound errors; cancel keeps the request;
 #  * DeleteSecurityGroup: DependencyViolation while an instance uses the group;
+#  * DescribeInstances understands the `iam-instance-profile.arn` filter;
 #  * two speed fixes: a faster reset and cheaper AWS-managed IAM policies.
 # The fix functions run with moto_lock held, instead of handing the request
 # straight to moto; each either answers itself, checks something first, or
@@ -678,6 +679,28 @@ def _patch_moto_iam_managed_policies() -> None:
 
 
 _patch_moto_iam_managed_policies()
+
+
+def _patch_moto_instance_profile_filter() -> None:
+    """AWS filters DescribeInstances by `iam-instance-profile.arn`; moto raises
+    NotImplementedError for it. Teach moto's filter table the attribute."""
+    try:
+        from moto.ec2 import utils as ec2_utils
+        from moto.ec2.models.instances import Instance
+    except ImportError:
+        return
+
+    def profile_arn(self: Any) -> Any:
+        profile = getattr(self, "iam_instance_profile", None)
+        if isinstance(profile, dict):
+            return profile.get("Arn")
+        return str(profile) if profile else None
+
+    Instance.iam_instance_profile_arn = property(profile_arn)
+    ec2_utils.filter_dict_attribute_mapping["iam-instance-profile.arn"] = "iam_instance_profile_arn"
+
+
+_patch_moto_instance_profile_filter()
 
 
 def _reset_moto() -> None:

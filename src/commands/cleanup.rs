@@ -1,0 +1,551 @@
+//! `cleanup`: finds everything the tool made for the caller, from AWS tags (the source of truth)
+//! joined with local records, and removes what is over or orphaned, in dependency order.
+//!
+//! By default only the caller's sessions that are over (past their deadline, instance gone,
+//! ended) or orphaned (attached, and the process that launched it is gone) go; sessions kept on
+//! purpose with time left, or with a live client, stay unless named or `--all` is given.
+//! Idempotent: running it twice, or twice at once, is harmless.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::Context;
+use crate::aws::instances::{self, InstanceInfo, SpotRequestInfo};
+use crate::aws::network::{self, SshRule};
+use crate::aws::{Aws, alarm, iam, identity};
+use crate::cli::CleanupArgs;
+use crate::error::{ExitStatus, UsageError};
+use crate::output::{short_duration, table, usd};
+use crate::pricing;
+use crate::session::store::{SessionRecord, Store, process_alive};
+use crate::session::{self, Clock, SystemClock};
+
+/// How long `--purge` waits for terminating instances to let go of the group and profile.
+const PURGE_WAIT: Duration = Duration::from_secs(120);
+/// A reference to a shared rule from a session still launching counts for this long.
+const LAUNCHING_GRACE: time::Duration = time::Duration::minutes(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owners {
+    Me,
+    Any,
+}
+
+/// What cleanup decided for one session, and what it did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionOutcome {
+    pub session_id: String,
+    pub region: String,
+    /// "removed", "would-remove" (dry run) or "kept".
+    pub action: &'static str,
+    pub reason: String,
+    pub owner: Option<String>,
+    pub resources: Vec<String>,
+    /// Estimated money not spent: time left until the deadline × the hourly price.
+    pub saved: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub dry_run: bool,
+    pub regions: Vec<String>,
+    pub sessions: Vec<SessionOutcome>,
+    pub purged: Vec<String>,
+    pub errors: Vec<String>,
+    pub saved: f64,
+}
+
+/// Everything found for one session id.
+#[derive(Debug, Default)]
+struct Found {
+    record: Option<SessionRecord>,
+    instances: Vec<InstanceInfo>,
+    spot_requests: Vec<SpotRequestInfo>,
+    rules: Vec<String>,
+    alarms: Vec<String>,
+    rule_owner: Option<String>,
+}
+
+impl Found {
+    fn owner(&self) -> Option<String> {
+        self.instances
+            .iter()
+            .find_map(|i| i.owner.clone())
+            .or_else(|| self.record.as_ref().map(|r| r.owner_arn.clone()).filter(|o| !o.is_empty()))
+            .or_else(|| self.spot_requests.iter().find_map(|s| s.owner.clone()))
+            .or_else(|| self.rule_owner.clone())
+    }
+
+    fn live(&self) -> Vec<&InstanceInfo> {
+        self.instances.iter().filter(|i| i.state != "terminated" && i.state != "shutting-down").collect()
+    }
+
+    fn expires_at(&self) -> Option<OffsetDateTime> {
+        self.instances
+            .iter()
+            .find_map(|i| i.expires_at.clone())
+            .or_else(|| self.record.as_ref().map(|r| r.expires_at.clone()))
+            .and_then(|t| session::parse_rfc3339(&t))
+    }
+
+    fn kept(&self) -> bool {
+        self.instances.iter().any(|i| i.kept) || self.record.as_ref().is_some_and(|r| r.kept)
+    }
+
+    /// Nothing left in AWS (terminated instances stay visible for an hour but cost nothing).
+    fn is_empty(&self) -> bool {
+        self.live().is_empty()
+            && self.spot_requests.is_empty()
+            && self.rules.is_empty()
+            && self.alarms.is_empty()
+    }
+}
+
+pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
+    for id in &args.ids {
+        if !session::is_valid_id(id) {
+            return Err(UsageError::new(format!(
+                "{id:?} is not a session id (8 letters and digits, as `list` shows)"
+            ))
+            .into());
+        }
+    }
+    let owners = match args.owner.as_deref() {
+        None | Some("me") => Owners::Me,
+        Some("any") => Owners::Any,
+        Some(other) => {
+            return Err(UsageError::new(format!("invalid --owner {other:?}: expected me or any")).into());
+        }
+    };
+    let aws = ctx.aws().await?;
+    let caller = identity::whoami(&aws).await?;
+    if owners == Owners::Any {
+        ctx.printer.warn("--owner any: acting on EVERY owner's ephemeral-admin sessions in this account");
+    }
+    let regions = if args.all_regions { enabled_regions(&aws).await? } else { vec![aws.region.clone()] };
+    let aws = &aws;
+    let sweeps = regions.iter().map(|region| {
+        let caller = caller.arn.clone();
+        async move {
+            let regional = if *region == aws.region {
+                aws.clone()
+            } else {
+                aws.in_region(&ctx.settings.aws, region).await
+            };
+            sweep(ctx, &regional, &caller, owners, args).await
+        }
+    });
+    let mut report = Report { dry_run: args.dry_run, regions: regions.clone(), ..Default::default() };
+    for (region, result) in regions.iter().zip(futures::future::join_all(sweeps).await) {
+        match result {
+            Ok(part) => {
+                report.sessions.extend(part.sessions);
+                report.purged.extend(part.purged);
+                report.errors.extend(part.errors);
+            }
+            Err(e) => report.errors.push(format!("{region}: {}", crate::error::one_line(&e))),
+        }
+    }
+    report.saved = report.sessions.iter().map(|s| s.saved).sum();
+    ctx.printer.result(&report, || render(&report));
+    Ok(if report.errors.is_empty() { ExitStatus::Success } else { ExitStatus::Failure })
+}
+
+async fn enabled_regions(aws: &Aws) -> Result<Vec<String>> {
+    let out = aws
+        .ec2
+        .describe_regions()
+        .send()
+        .await
+        .map_err(|e| crate::aws::AwsError::new("listing regions", e))?;
+    let mut regions: Vec<String> =
+        out.regions().iter().filter_map(|r| r.region_name().map(str::to_string)).collect();
+    regions.sort();
+    Ok(regions)
+}
+
+fn render(report: &Report) -> String {
+    let rows: Vec<Vec<String>> = report
+        .sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.session_id.clone(),
+                s.region.clone(),
+                s.action.to_string(),
+                s.reason.clone(),
+                s.resources.join(" "),
+                if s.saved > 0.0 { usd(s.saved) } else { String::new() },
+            ]
+        })
+        .collect();
+    let mut text = if rows.is_empty() {
+        format!("nothing to clean up in {}\n", report.regions.join(", "))
+    } else {
+        table(&["SESSION", "REGION", "ACTION", "WHY", "RESOURCES", "SAVED"], &rows)
+    };
+    for purged in &report.purged {
+        text.push_str(&format!("purged {purged}\n"));
+    }
+    let removed = report.sessions.iter().filter(|s| s.action != "kept").count();
+    if removed > 0 {
+        let verb = if report.dry_run { "would remove" } else { "removed" };
+        text.push_str(&format!("{verb} {removed} session(s); saved about {}\n", usd(report.saved)));
+    }
+    for error in &report.errors {
+        text.push_str(&format!("FAILED: {error}\n"));
+    }
+    text
+}
+
+/// One region: gather, decide, remove, purge.
+async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &CleanupArgs) -> Result<Report> {
+    let s = &ctx.settings;
+    let store = Store::new(s.sessions_dir());
+    let now = SystemClock.now();
+    let group_id = network::find_security_group(aws, &s.security_group_name).await?;
+    let rules = async {
+        match &group_id {
+            Some(group) => network::ssh_rules(aws, group).await,
+            None => Ok(Vec::new()),
+        }
+    };
+    let (found_instances, spot_requests, rules, alarms) = tokio::try_join!(
+        instances::find(aws, instances::Query { include_terminated: true, ..Default::default() }),
+        instances::open_spot_requests(aws),
+        rules,
+        alarm::list_ours(aws),
+    )?;
+
+    let mut sessions: BTreeMap<String, Found> = BTreeMap::new();
+    for record in store.all().into_iter().filter(|r| r.region == aws.region) {
+        let id = record.id.clone();
+        sessions.entry(id).or_default().record = Some(record);
+    }
+    for instance in found_instances {
+        if let Some(id) = instance.session_id.clone() {
+            sessions.entry(id).or_default().instances.push(instance);
+        }
+    }
+    for request in spot_requests {
+        if let Some(id) = request.session_id.clone() {
+            sessions.entry(id).or_default().spot_requests.push(request);
+        }
+    }
+    for rule in &rules {
+        for r in &rule.refs {
+            sessions.entry(r.session_id.clone()).or_default().rules.push(rule.rule_id.clone());
+        }
+    }
+    for a in alarms {
+        if let Some(id) = a.session_id.clone() {
+            sessions.entry(id).or_default().alarms.push(a.name);
+        }
+    }
+    // Terminated instances only matter when something else of the session is left.
+    sessions.retain(|_, f| f.record.is_some() || !f.is_empty());
+
+    let mut report = Report { dry_run: args.dry_run, ..Default::default() };
+    let mut doomed: Vec<(String, Found, String)> = Vec::new();
+    for (id, found) in sessions {
+        let owner = found.owner();
+        if owners == Owners::Me && owner.as_deref().is_some_and(|o| o != caller) {
+            continue; // Another owner's session: not ours to judge, not even to list.
+        }
+        match decide(&id, &found, args, now) {
+            Decision::Remove(reason) => doomed.push((id, found, reason)),
+            Decision::Keep(reason) => report.sessions.push(SessionOutcome {
+                session_id: id,
+                region: aws.region.clone(),
+                action: "kept",
+                reason,
+                owner,
+                resources: Vec::new(),
+                saved: 0.0,
+            }),
+        }
+    }
+
+    let doomed_ids: Vec<&str> = doomed.iter().map(|(id, _, _)| id.as_str()).collect();
+    let mut outcomes: Vec<SessionOutcome> = doomed
+        .iter()
+        .map(|(id, found, reason)| SessionOutcome {
+            session_id: id.clone(),
+            region: aws.region.clone(),
+            action: if args.dry_run { "would-remove" } else { "removed" },
+            reason: reason.clone(),
+            owner: found.owner(),
+            resources: describe_resources(found),
+            saved: saved(ctx, &aws.region, found, now),
+        })
+        .collect();
+    if !args.dry_run && !doomed.is_empty() {
+        report
+            .errors
+            .extend(remove(aws, &store, group_id.as_deref(), &rules, &doomed, &doomed_ids, now).await);
+    }
+    if args.purge && !args.dry_run {
+        match purge(ctx, aws, caller, group_id.as_deref()).await {
+            Ok(purged) => report.purged = purged,
+            Err(e) => report.errors.push(crate::error::one_line(&e)),
+        }
+    }
+    report.sessions.append(&mut outcomes);
+    Ok(report)
+}
+
+enum Decision {
+    Remove(String),
+    Keep(String),
+}
+
+fn decide(id: &str, found: &Found, args: &CleanupArgs, now: OffsetDateTime) -> Decision {
+    if args.ids.iter().any(|named| named == id) {
+        return Decision::Remove("named".into());
+    }
+    if !args.ids.is_empty() {
+        return Decision::Keep("not named".into());
+    }
+    let live = found.live();
+    let ended = found.record.as_ref().and_then(|r| r.end_reason.clone());
+    if live.is_empty() {
+        return Decision::Remove(match (&ended, found.instances.is_empty()) {
+            (Some(reason), _) => format!("ended ({reason})"),
+            (None, true) => "half-made: it never got an instance".into(),
+            (None, false) => "its instance is gone".into(),
+        });
+    }
+    if args.all {
+        return Decision::Remove("--all".into());
+    }
+    if let Some(expires) = found.expires_at()
+        && expires <= now
+    {
+        return Decision::Remove("past its deadline".into());
+    }
+    if let Some(stuck) = live.iter().find(|i| i.state != "running" && i.state != "pending") {
+        return Decision::Remove(format!("its instance is {}", stuck.state));
+    }
+    let left = found
+        .expires_at()
+        .map(|t| short_duration(Duration::from_secs((t - now).whole_seconds().max(0) as u64)))
+        .unwrap_or_else(|| "?".into());
+    if found.kept() {
+        return Decision::Keep(format!("kept on purpose, {left} left"));
+    }
+    match found.record.as_ref().and_then(|r| r.pid.map(|pid| (pid, r.pid_start))) {
+        Some((pid, start)) if process_alive(pid, start) => Decision::Keep(format!("in use by pid {pid}")),
+        Some((pid, _)) => Decision::Remove(format!("orphaned: its client (pid {pid}) is gone")),
+        None if found.record.is_some() => Decision::Remove("orphaned: no client recorded".into()),
+        None => Decision::Keep(format!(
+            "attached elsewhere (no local record), {left} left; name it or pass --all"
+        )),
+    }
+}
+
+fn describe_resources(found: &Found) -> Vec<String> {
+    let mut list = Vec::new();
+    list.extend(found.live().iter().map(|i| i.instance_id.clone()));
+    list.extend(found.spot_requests.iter().map(|s| s.id.clone()));
+    list.extend(found.rules.iter().cloned());
+    list.extend(found.alarms.iter().map(|_| "alarm".to_string()));
+    if found.record.is_some() {
+        list.push("local record".into());
+    }
+    list
+}
+
+/// Time left × hourly cost, for sessions whose instance was still up.
+fn saved(ctx: &Context, region: &str, found: &Found, now: OffsetDateTime) -> f64 {
+    let Some(instance) = found.live().first().copied() else { return 0.0 };
+    let Some(expires) = found.expires_at() else { return 0.0 };
+    let left = (expires - now).whole_seconds();
+    if left <= 0 {
+        return 0.0;
+    }
+    let price = found
+        .record
+        .as_ref()
+        .and_then(|r| r.price_per_hour)
+        .or_else(|| pricing::on_demand_price(&ctx.settings, region, &instance.instance_type));
+    price.map(|p| pricing::estimate(p, Duration::from_secs(left as u64)).total).unwrap_or(0.0)
+}
+
+/// Removes in dependency order: instances and spot requests, then rules and alarms, then the
+/// local keys and records. Every step runs even if another fails; returns the failures.
+async fn remove(
+    aws: &Aws,
+    store: &Store,
+    group_id: Option<&str>,
+    rules: &[SshRule],
+    doomed: &[(String, Found, String)],
+    doomed_ids: &[&str],
+    now: OffsetDateTime,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let instance_ids: Vec<String> =
+        doomed.iter().flat_map(|(_, f, _)| f.live().into_iter().map(|i| i.instance_id.clone())).collect();
+    let spot_ids: Vec<String> =
+        doomed.iter().flat_map(|(_, f, _)| f.spot_requests.iter().map(|s| s.id.clone())).collect();
+    let (terminated, cancelled) = tokio::join!(
+        instances::terminate(aws, &instance_ids),
+        instances::cancel_spot_requests(aws, &spot_ids)
+    );
+    errors.extend(terminated.err().map(|e| e.to_string()));
+    errors.extend(cancelled.err().map(|e| e.to_string()));
+
+    let release_rules = async {
+        let mut errors = Vec::new();
+        let Some(group) = group_id else { return errors };
+        for rule in
+            rules.iter().filter(|r| r.refs.iter().any(|x| doomed_ids.contains(&x.session_id.as_str())))
+        {
+            // Another session's reference keeps the rule if that session is not being removed
+            // and is still launching (a recent reference) or running.
+            let others_alive = rule.refs.iter().any(|x| {
+                !doomed_ids.contains(&x.session_id.as_str())
+                    && x.since
+                        .as_deref()
+                        .and_then(session::parse_rfc3339)
+                        .is_none_or(|t| now - t < LAUNCHING_GRACE)
+            });
+            let result = if others_alive {
+                let ours: Vec<String> = rule
+                    .refs
+                    .iter()
+                    .filter(|x| doomed_ids.contains(&x.session_id.as_str()))
+                    .map(|x| x.session_id.clone())
+                    .collect();
+                release_refs(aws, &rule.rule_id, &ours).await
+            } else {
+                network::revoke_rule(aws, group, &rule.rule_id).await.map(|_| ())
+            };
+            errors.extend(result.err().map(|e| e.to_string()));
+        }
+        errors
+    };
+    let alarm_names: Vec<String> = doomed.iter().flat_map(|(_, f, _)| f.alarms.clone()).collect();
+    let (rule_errors, alarms) = tokio::join!(release_rules, alarm::delete(aws, &alarm_names));
+    errors.extend(rule_errors);
+    errors.extend(alarms.err().map(|e| e.to_string()));
+
+    for (id, found, _) in doomed {
+        if found.record.is_some() {
+            if let Err(e) = store.delete_private_key(id).and_then(|_| store.forget(id)) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+    }
+    errors
+}
+
+async fn release_refs(aws: &Aws, rule_id: &str, sessions: &[String]) -> Result<(), crate::aws::AwsError> {
+    use crate::aws::AwsResultExt;
+    let mut request = aws.ec2.delete_tags().resources(rule_id);
+    for id in sessions {
+        request = request
+            .tags(aws_sdk_ec2::types::Tag::builder().key(crate::session::tags::rule_ref_key(id)).build());
+    }
+    request.send().await.doing(format!("releasing shared SSH rule {rule_id}"))?;
+    Ok(())
+}
+
+/// `--purge`: the security group and the IAM role/profile, once nothing uses them.
+async fn purge(ctx: &Context, aws: &Aws, caller: &str, group_id: Option<&str>) -> Result<Vec<String>> {
+    let s = &ctx.settings;
+    let account = caller.split(':').nth(4).unwrap_or_default();
+    let profile_arn = format!("arn:aws:iam::{account}:instance-profile/{}", s.iam_role_name);
+    let mut purged = Vec::new();
+    let users = |filter: &'static str, value: String| async move {
+        // Instances we just terminated may take a moment to let go: wait for them, bounded.
+        let start = tokio::time::Instant::now();
+        loop {
+            let users = instances::users_of(aws, filter, &value).await?;
+            let blocking: Vec<&InstanceInfo> = users.iter().filter(|i| i.state != "shutting-down").collect();
+            if !blocking.is_empty() {
+                let named: Vec<String> = blocking
+                    .iter()
+                    .map(|i| {
+                        format!(
+                            "{} (session {})",
+                            i.instance_id,
+                            i.session_id.as_deref().unwrap_or("not ours")
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "still used by {}: terminate it first, or run `cleanup --all --purge`",
+                    named.join(", ")
+                );
+            }
+            if users.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > PURGE_WAIT {
+                bail!(
+                    "instances are still shutting down after {}: run `cleanup --purge` again shortly",
+                    short_duration(PURGE_WAIT)
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    };
+    let mut refusals = Vec::new();
+    if let Some(group) = group_id {
+        match users("instance.group-id", group.to_string()).await {
+            Ok(()) => {
+                network::delete_security_group(aws, group).await?;
+                purged.push(format!("security group {} ({group})", s.security_group_name));
+            }
+            Err(e) => refusals.push(format!("security group {} {e}", s.security_group_name)),
+        }
+    }
+    match users("iam-instance-profile.arn", profile_arn).await {
+        Ok(()) => {
+            iam::delete_instance_profile_and_role(aws, &s.iam_role_name).await?;
+            purged.push(format!("IAM role and instance profile {}", s.iam_role_name));
+        }
+        Err(e) => refusals.push(format!("IAM role and instance profile {} {e}", s.iam_role_name)),
+    }
+    if !refusals.is_empty() {
+        bail!("not purged: {}", refusals.join("; "));
+    }
+    Ok(purged)
+}
+
+/// The sweep `launch` runs before it provisions: local records only (so it costs no AWS call
+/// when there is nothing to do), this region only, bounded in time. Returns what it removed.
+pub async fn quick_sweep(ctx: &Context, aws: &Aws) -> Vec<String> {
+    let store = Store::new(ctx.settings.sessions_dir());
+    let now = SystemClock.now();
+    let dead: Vec<SessionRecord> = store
+        .all()
+        .into_iter()
+        .filter(|r| r.region == aws.region && r.ended_at.is_none())
+        .filter(|r| {
+            let past_deadline = session::parse_rfc3339(&r.expires_at).is_some_and(|t| t <= now);
+            let launcher_gone = !r.kept && r.pid.is_none_or(|pid| !process_alive(pid, r.pid_start));
+            past_deadline || launcher_gone
+        })
+        .collect();
+    if dead.is_empty() {
+        return Vec::new();
+    }
+    let sweep = async {
+        let mut removed = Vec::new();
+        for record in dead {
+            let resources = crate::teardown::SessionResources::from_record(&record);
+            let report = crate::teardown::teardown(aws, &store, &resources, "cleanup", &SystemClock).await;
+            if report.is_clean() {
+                let _ = store.forget(&record.id);
+                removed.push(record.id);
+            }
+        }
+        removed
+    };
+    tokio::time::timeout(Duration::from_secs(15), sweep).await.unwrap_or_default()
+}
