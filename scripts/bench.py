@@ -1,108 +1,203 @@
 #!/usr/bin/env python3
-"""Launch benchmark against the local cloud with a fixed added delay per AWS call.
+"""ephemeral-admin benchmark against the local cloud (moto + fault/latency proxy + box simulator
+with a real sshd per box). It measures and prints; it asserts nothing. Every row says its target,
+what was measured, and whether the target was met.
 
-Measures, for a cold account (nothing exists) and a warm one (security group and IAM profile
-exist): the wall time of `launch --detach`, the AWS calls made, and the number of *sequential*
-round trips on the critical path (the longest chain of calls where each starts only after the
-previous one ended), before RunInstances and in total. Prints a table, or JSON with --json.
+Sections (for --only, by number or name; comma-separated for several):
+  1 ttfp        time to first prompt, warm and cold account, and the CLI's own overhead
+  2 roundtrips  sequential AWS round trips on the critical path, calls, SSH rule vs RunInstances
+  3 detection   running -> noticed by the CLI; sshd accepting -> SSH handshake
+  4 teardown    remote exit -> CLI exit, with the AWS calls it makes
+  5 scale       `list` with 1/10/50 sessions; `cleanup --all-regions` with slowed regions
+  6 pipe        `connect ID -- cat` throughput and PTY keystroke echo vs OpenSSH
+  7 process     --version start time, binary size, peak RSS
+
+Sections 1-4 share one set of launches. Use scripts/bench (it builds the release binary).
 """
 
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
+import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.d"))
 
+import harness  # noqa: E402
+import launches  # noqa: E402
+import others  # noqa: E402
+from harness import log  # noqa: E402
 
-def control(url, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"{url}/_localcloud/{path}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
-
-
-def depth_chain(calls):
-    """Longest chain of strictly sequential calls ending at each call (1 = no predecessor)."""
-    calls = sorted(calls, key=lambda c: c["t_start"])
-    depth = []
-    for i, c in enumerate(calls):
-        before = [depth[j] for j in range(i) if calls[j]["t_end"] <= c["t_start"] + 1e-4]
-        depth.append(1 + max(before, default=0))
-    return calls, depth
+SECTIONS = [
+    (1, "ttfp", "time to first prompt"),
+    (2, "roundtrips", "sequential AWS round trips on the critical path"),
+    (3, "detection", "detection lag"),
+    (4, "teardown", "teardown"),
+    (5, "scale", "scale"),
+    (6, "pipe", "the SSH pipe"),
+    (7, "process", "process"),
+]
 
 
-def critical_path(calls):
-    calls, depth = depth_chain(calls)
-    run = [d for c, d in zip(calls, depth) if c["action"] == "RunInstances"]
-    before_run = (run[0] - 1) if run else None
-    return before_run, max(depth, default=0)
+class Config:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def copy(self, **kw):
+        return Config(**{**self.__dict__, **kw})
+
+
+def parse_only(text):
+    if not text:
+        return [n for n, _, _ in SECTIONS]
+    chosen = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        for n, name, _ in SECTIONS:
+            if part in (str(n), name):
+                chosen.append(n)
+                break
+        else:
+            names = ", ".join(f"{n}/{name}" for n, name, _ in SECTIONS)
+            raise SystemExit(f"--only: unknown section {part!r} (one of {names})")
+    return sorted(set(chosen))
+
+
+def row(metric, target, measured, met, **extra):
+    return {"metric": metric, "target": target, "measured": measured,
+            "met": met, **({"values": extra["values"]} if "values" in extra else {})}
+
+
+def met_text(met):
+    if met is None:
+        return "-"
+    if met is True:
+        return "yes"
+    if met is False:
+        return "NO"
+    return str(met)  # "partly": the median meets, the worst run does not
+
+
+def render(report):
+    out = []
+    cfg = report["config"]
+    out.append(f"ephemeral-admin benchmark: {cfg['delay_ms']} ms per AWS call, pending "
+               f"{cfg['pending_seconds']:g} s, boot {cfg['boot_seconds']:g} s, {cfg['runs']} runs per "
+               f"scenario{' (quick)' if cfg['quick'] else ''}; commit {report['git']['commit'] or '?'}"
+               f"{' + local changes' if report['git']['dirty'] else ''}")
+    missed = []
+    for sec in report["sections"]:
+        out.append("")
+        out.append(f"== {sec['number']}. {sec['title']} ==")
+        if sec.get("error"):
+            out.append(f"   FAILED TO MEASURE: {sec['error']}")
+            missed.append(f"{sec['number']}. {sec['title']}: could not be measured")
+            continue
+        rows = sec["rows"]
+        head = ("metric", "target", "measured", "met?")
+        cells = [(r["metric"], r["target"], r["measured"], met_text(r["met"])) for r in rows]
+        widths = [min(70, max(len(head[i]), *(len(c[i]) for c in cells))) for i in range(3)]
+        out.append(f"{head[0]:<{widths[0]}}  {head[1]:<{widths[1]}}  {head[2]:<{widths[2]}}  {head[3]}")
+        for c in cells:
+            out.append(f"{c[0]:<{widths[0]}}  {c[1]:<{widths[1]}}  {c[2]:<{widths[2]}}  {c[3]}")
+        for r in rows:
+            if r["met"] not in (None, True):
+                missed.append(f"{sec['number']}. {r['metric'].strip()}: target {r['target']}, measured "
+                              f"{r['measured']} ({met_text(r['met'])})")
+        for note in sec.get("notes", []):
+            out.append(f"   * {note}")
+    out.append("")
+    if missed:
+        out.append(f"TARGETS MISSED ({len(missed)}):")
+        out.extend(f"  - {m}" for m in missed)
+    else:
+        out.append("every target with a verdict was met")
+    out.append(f"benchmark wall time: {report['wall_s']:.0f} s")
+    return "\n".join(out)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--delay-ms", type=int, default=50)
-    ap.add_argument("--json", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", required=True, help="the release binary")
+    ap.add_argument("--runs", type=int, default=None, help="launches per scenario (default 5; 2 with --quick)")
+    ap.add_argument("--delay-ms", type=int, default=50, help="latency added to every AWS call (default 50)")
+    ap.add_argument("--boot-seconds", type=float, default=2.0, help="simulated boot time (default 2)")
+    ap.add_argument("--pending-seconds", type=float, default=3.0, help="time in `pending` (default 3)")
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer runs, 1 and 10 sessions, 128 MiB, 50 keystrokes: a couple of minutes")
+    ap.add_argument("--only", metavar="SECTION", help="only these sections (number or name, comma-separated)")
+    ap.add_argument("--trace-cli", action="store_true",
+                    help="run the measured launches with -vv and keep their timestamped stderr in the JSON")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the private HOME and logs")
     args = ap.parse_args()
-
-    cloud = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests/support/localcloud/localcloud.py"), "--port", "0",
-         "--exit-on-stdin-eof"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    url = cloud.stdout.readline().split("url=")[1].split()[0]
-    home = tempfile.mkdtemp(prefix="ea-bench-")
-    env = {"PATH": os.environ["PATH"], "HOME": home, "XDG_STATE_HOME": f"{home}/state",
-           "XDG_CONFIG_HOME": f"{home}/config", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_CONFIG_FILE": f"{home}/none", "AWS_SHARED_CREDENTIALS_FILE": f"{home}/none"}
-    results = {}
+    if not os.access(args.bin, os.X_OK):
+        raise SystemExit(f"{args.bin}: not an executable (build with `cargo build --release`)")
+    cfg = Config(runs=args.runs or (2 if args.quick else 5), delay_ms=args.delay_ms, boot_seconds=args.boot_seconds,
+                 pending_seconds=args.pending_seconds, quick=args.quick, trace=args.trace_cli,
+                 launch_timeout=max(120, 30 + 3 * (args.boot_seconds + args.pending_seconds)))
+    only = parse_only(args.only)
+    started = time.monotonic()
+    work = harness.make_workdir()
+    h = harness.Harness(args.bin, work)
+    report = {"config": {**{k: v for k, v in cfg.__dict__.items()}, "sections": only},
+              "git": harness.git_describe(), "binary": os.path.abspath(args.bin), "workdir": work,
+              "sections": []}
+    shared = {}
+    launch_data = None
     try:
-        for scenario in ("cold", "warm"):
-            walls, before, total_depth, calls_n = [], [], [], []
-            for _ in range(args.runs):
-                if scenario == "cold":
-                    control(url, "POST", "reset")
-                control(url, "PUT", "config", {"delay_ms": 0})
-                # Warm the moto backends outside the measurement.
-                subprocess.run([args.bin, "prices"], env=env, capture_output=True, check=True)
-                control(url, "PUT", "config", {"delay_ms": args.delay_ms})
-                control(url, "DELETE", "log")
-                t0 = time.monotonic()
-                subprocess.run([args.bin, "launch", "--detach", "--my-ip", "203.0.113.7", "-q"], env=env,
-                               capture_output=True, check=True)
-                walls.append(time.monotonic() - t0)
-                calls = control(url, "GET", "log")["calls"]
-                b, d = critical_path(calls)
-                before.append(b)
-                total_depth.append(d)
-                calls_n.append(len(calls))
-            results[scenario] = {
-                "launch_wall_s": {"median": statistics.median(walls), "min": min(walls), "max": max(walls)},
-                "round_trips_before_run_instances": max(before),
-                "round_trips_total": max(total_depth),
-                "aws_calls": max(calls_n),
-            }
+        log(f"starting the local cloud (work dir {work})")
+        h.start_cloud()
+        launch_error = None
+        if any(n in only for n in (1, 2, 3, 4)):
+            try:
+                launch_data = launches.collect(h, cfg)
+            except Exception as e:  # noqa: BLE001
+                launch_error = f"the launches failed: {type(e).__name__}: {e}"
+                log(f"launch runs failed:\n{traceback.format_exc()}")
+        for n, name, title in SECTIONS:
+            if n not in only:
+                continue
+            sec = {"number": n, "name": name, "title": title, "rows": [], "notes": [], "data": None}
+            report["sections"].append(sec)
+            try:
+                if n <= 4 and launch_error:
+                    raise RuntimeError(launch_error)
+                if n == 1:
+                    sec["rows"], sec["notes"] = launches.section_ttfp(launch_data, cfg, row)
+                elif n == 2:
+                    sec["rows"], sec["notes"] = launches.section_roundtrips(launch_data, cfg, row)
+                elif n == 3:
+                    sec["rows"], sec["notes"] = launches.section_detection(launch_data, cfg, row)
+                elif n == 4:
+                    sec["rows"], sec["notes"] = launches.section_teardown(launch_data, cfg, row)
+                elif n == 5:
+                    sec["rows"], sec["notes"], sec["data"] = others.section_scale(h, cfg, row)
+                elif n == 6:
+                    sec["rows"], sec["notes"], sec["data"] = others.section_pipe(h, cfg, row, shared)
+                elif n == 7:
+                    sec["rows"], sec["notes"], sec["data"] = others.section_process(h, cfg, row, shared, launch_data)
+            except Exception as e:  # noqa: BLE001 - one section failing must not hide the others
+                sec["error"] = f"{type(e).__name__}: {e}"
+                log(f"section {n} failed:\n{traceback.format_exc()}")
+        if launch_data is not None:
+            report["launch_runs"] = launch_data
     finally:
-        cloud.terminate()
-        cloud.wait(timeout=10)
-    report = {"delay_ms_per_call": args.delay_ms, "runs": args.runs, "launch_detach": results}
+        log("cleaning up: sessions, then the local cloud")
+        if shared.get("pipe_session"):
+            try:
+                shared["pipe_session"].close()
+            except Exception as e:  # noqa: BLE001
+                log(f"terminating the pipe session: {e}")
+        h.close()
+        if not args.keep_workdir:
+            harness.remove_workdir(work)
+    report["wall_s"] = time.monotonic() - started
     if args.json:
-        print(json.dumps(report, indent=2))
-        return
-    print(f"launch --detach against the local cloud, {args.delay_ms} ms added per AWS call, {args.runs} runs")
-    print(f"{'account':8} {'wall median':>12} {'min':>7} {'max':>7} {'seq. trips before RunInstances':>31} "
-          f"{'seq. trips total':>17} {'AWS calls':>10}")
-    for name, r in results.items():
-        w = r["launch_wall_s"]
-        print(f"{name:8} {w['median']:>11.3f}s {w['min']:>6.3f}s {w['max']:>6.3f}s "
-              f"{r['round_trips_before_run_instances']:>31} {r['round_trips_total']:>17} {r['aws_calls']:>10}")
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        print(render(report))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,11 @@ pub enum Command {
     /// Current spot prices per availability zone for the candidate instance types.
     Prices(PricesArgs),
     /// Month-to-date spending and per-session costs against the monthly budget.
-    Cost,
+    Cost(CostArgs),
+    /// Create or update the CloudWatch dashboard of session metrics.
+    Dashboard,
+    /// Create or update an AWS Budgets monthly budget with e-mail alerts at 80% and 100%.
+    Budget(BudgetArgs),
     /// Print an OpenSSH `Host` block for a session (for ssh, scp, rsync, editors).
     SshConfig(SessionIdArg),
     /// Print the least-privilege IAM policy a user needs to run every command.
@@ -239,6 +243,23 @@ pub struct PricesArgs {
     /// Session length the estimate assumes (default: max_runtime).
     #[arg(long, value_name = "DUR")]
     pub max_runtime: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CostArgs {
+    /// The month to report, YYYY-MM (default: this month, UTC).
+    #[arg(long, value_name = "YYYY-MM")]
+    pub month: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BudgetArgs {
+    /// Where AWS sends the alerts.
+    #[arg(long, value_name = "ADDR")]
+    pub email: String,
+    /// Monthly limit in USD (default: monthly_budget).
+    #[arg(long, value_name = "USD")]
+    pub limit: Option<f64>,
 }
 
 #[derive(Debug, Args)]

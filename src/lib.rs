@@ -12,6 +12,7 @@ pub mod crash;
 pub mod error;
 pub mod ip;
 pub mod keys;
+pub mod ledger;
 
 pub mod logging;
 pub mod output;

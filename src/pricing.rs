@@ -55,7 +55,7 @@ pub fn spot_max_price(settings: &Settings, region: &str, instance_type: &str) ->
 }
 
 /// The cost of running one box for `runtime` at `compute_per_hour`.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Estimate {
     pub compute: f64,
     pub ipv4: f64,

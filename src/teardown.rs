@@ -7,9 +7,10 @@
 use serde::Serialize;
 
 use crate::aws::network::Release;
-use crate::aws::{Aws, alarm, instances, network};
+use crate::aws::{Aws, alarm, instances, logs, metrics, network};
+use crate::ledger;
+use crate::session::Clock;
 use crate::session::store::{SessionRecord, Store};
-use crate::session::{self, Clock};
 
 /// What a session owns in AWS, from its local record, its tags, or both.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -62,8 +63,13 @@ pub struct TeardownReport {
     pub rules: Vec<(String, Release)>,
     pub alarms_deleted: Vec<String>,
     pub key_deleted: bool,
+    /// What the session ran for and cost, as written to the ledger.
+    pub duration_seconds: Option<i64>,
+    pub cost: Option<f64>,
     /// Steps that failed; their resources may remain (the watchdog and `cleanup` are the net).
     pub errors: Vec<String>,
+    /// Reporting that failed (metrics, session log); nothing is left behind because of these.
+    pub warnings: Vec<String>,
 }
 
 impl TeardownReport {
@@ -94,6 +100,13 @@ impl TeardownReport {
             parts.push("nothing was left to remove".into());
         }
         let mut line = format!("session {}: {}", self.session_id, parts.join(", "));
+        if let (Some(seconds), Some(cost)) = (self.duration_seconds, self.cost) {
+            line.push_str(&format!(
+                "; ran {}, cost about {}",
+                crate::output::short_duration(std::time::Duration::from_secs(seconds.max(0) as u64)),
+                crate::output::usd(cost)
+            ));
+        }
         if !self.errors.is_empty() {
             line.push_str(&format!(
                 "; FAILED: {} (run `ephemeral-admin cleanup {}`)",
@@ -158,12 +171,34 @@ pub async fn teardown(
         Ok(()) => report.key_deleted = true,
         Err(e) => report.errors.push(format!("{e:#}")),
     }
-    if let Ok(Some(mut record)) = store.load(&resources.session_id) {
-        record.ended_at = Some(session::rfc3339(clock.now()));
-        record.end_reason = Some(reason.to_string());
-        if let Err(e) = store.save(&record) {
-            report.errors.push(format!("{e:#}"));
+    match ledger::record_end(&store.ledger(), store, &resources.session_id, reason, clock.now()) {
+        Ok(Some(entry)) => {
+            report.duration_seconds = Some(entry.duration_seconds);
+            report.cost = Some(entry.cost.total);
+            report
+                .warnings
+                .extend(report_end(aws, &entry, resources.instance_ids.first().map(String::as_str)).await);
         }
+        Ok(None) => {}
+        Err(e) => report.errors.push(format!("{e:#}")),
     }
     report
+}
+
+/// Publishes an ended session's metrics and its last log event. Returns what failed.
+pub async fn report_end(aws: &Aws, entry: &ledger::Entry, instance_id: Option<&str>) -> Vec<String> {
+    let log_end = async {
+        match instance_id {
+            Some(instance) => {
+                let message = format!(
+                    "end session={} reason={} duration={}s cost={:.4}",
+                    entry.session_id, entry.ended_by, entry.duration_seconds, entry.cost.total
+                );
+                logs::event(aws, instance, &message).await
+            }
+            None => Ok(()),
+        }
+    };
+    let (metrics, logged) = tokio::join!(metrics::put_session_metrics(aws, entry), log_end);
+    metrics.err().into_iter().chain(logged.err()).map(|e| e.to_string()).collect()
 }

@@ -28,11 +28,15 @@ pub struct InstanceInfo {
     pub expires_at: Option<String>,
     pub kept: bool,
     pub state_reason: Option<String>,
+    /// e.g. `Client.InstanceInitiatedShutdown`, `Server.SpotInstanceTermination`.
+    pub state_reason_code: Option<String>,
+    /// e.g. "User initiated (2026-11-22 10:00:00 GMT)".
+    pub state_transition_reason: Option<String>,
     pub tags: BTreeMap<String, String>,
 }
 
 impl InstanceInfo {
-    fn from_sdk(i: &Instance) -> InstanceInfo {
+    pub fn from_sdk(i: &Instance) -> InstanceInfo {
         let tags: BTreeMap<String, String> = i
             .tags()
             .iter()
@@ -59,6 +63,11 @@ impl InstanceInfo {
             expires_at: tags.get(tags::EXPIRES_AT).cloned(),
             kept: tags.get(tags::MODE).is_some_and(|m| m == "kept"),
             state_reason: i.state_reason().and_then(|r| r.message()).map(str::to_string),
+            state_reason_code: i.state_reason().and_then(|r| r.code()).map(str::to_string),
+            state_transition_reason: i
+                .state_transition_reason()
+                .filter(|r| !r.is_empty())
+                .map(str::to_string),
             tags,
         }
     }

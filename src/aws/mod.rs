@@ -6,11 +6,14 @@
 
 pub mod alarm;
 pub mod ami;
+pub mod budgets;
 pub mod iam;
 
 pub mod identity;
 pub mod instances;
 pub mod launch;
+pub mod logs;
+pub mod metrics;
 
 pub mod network;
 pub mod permissions;
@@ -41,6 +44,8 @@ pub struct Aws {
     pub sts: aws_sdk_sts::Client,
     pub ssm: aws_sdk_ssm::Client,
     pub cloudwatch: aws_sdk_cloudwatch::Client,
+    pub logs: aws_sdk_cloudwatchlogs::Client,
+    pub budgets: aws_sdk_budgets::Client,
 }
 
 impl Aws {
@@ -68,6 +73,11 @@ impl Aws {
             sts: aws_sdk_sts::Client::new(&config),
             ssm: aws_sdk_ssm::Client::new(&config),
             cloudwatch: aws_sdk_cloudwatch::Client::new(&config),
+            logs: aws_sdk_cloudwatchlogs::Client::new(&config),
+            // AWS Budgets has one endpoint, in us-east-1, whatever the session's region.
+            budgets: aws_sdk_budgets::Client::from_conf(
+                aws_sdk_budgets::config::Builder::from(&config).region(Region::new("us-east-1")).build(),
+            ),
             config,
         }
     }

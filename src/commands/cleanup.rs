@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use super::Context;
 use crate::aws::instances::{self, InstanceInfo, SpotRequestInfo};
 use crate::aws::network::{self, SshRule};
-use crate::aws::{Aws, alarm, iam, identity};
+use crate::aws::{Aws, alarm, iam, identity, logs};
 use crate::cli::CleanupArgs;
 use crate::error::{ExitStatus, UsageError};
 use crate::output::{short_duration, table, usd};
@@ -55,6 +55,8 @@ pub struct Report {
     pub regions: Vec<String>,
     pub sessions: Vec<SessionOutcome>,
     pub purged: Vec<String>,
+    /// Session log groups of instances long gone (older than their retention, so empty).
+    pub log_groups_removed: Vec<String>,
     pub errors: Vec<String>,
     pub saved: f64,
 }
@@ -123,6 +125,9 @@ pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
     };
     let aws = ctx.aws().await?;
     let caller = identity::whoami(&aws).await?;
+    if !args.dry_run {
+        ctx.settle(&aws).await;
+    }
     if owners == Owners::Any {
         ctx.printer.warn("--owner any: acting on EVERY owner's ephemeral-admin sessions in this account");
     }
@@ -145,6 +150,7 @@ pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
             Ok(part) => {
                 report.sessions.extend(part.sessions);
                 report.purged.extend(part.purged);
+                report.log_groups_removed.extend(part.log_groups_removed);
                 report.errors.extend(part.errors);
             }
             Err(e) => report.errors.push(format!("{region}: {}", crate::error::one_line(&e))),
@@ -191,6 +197,10 @@ fn render(report: &Report) -> String {
     for purged in &report.purged {
         text.push_str(&format!("purged {purged}\n"));
     }
+    if !report.log_groups_removed.is_empty() {
+        let verb = if report.dry_run { "would delete" } else { "deleted" };
+        text.push_str(&format!("{verb} {} expired session log group(s)\n", report.log_groups_removed.len()));
+    }
     let removed = report.sessions.iter().filter(|s| s.action != "kept").count();
     if removed > 0 {
         let verb = if report.dry_run { "would remove" } else { "removed" };
@@ -214,12 +224,24 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
             None => Ok(Vec::new()),
         }
     };
-    let (found_instances, spot_requests, rules, alarms) = tokio::try_join!(
+    let (found_instances, spot_requests, rules, alarms, log_groups) = tokio::try_join!(
         instances::find(aws, instances::Query { include_terminated: true, ..Default::default() }),
         instances::open_spot_requests(aws),
         rules,
         alarm::list_ours(aws),
+        logs::list(aws),
     )?;
+    // A session's log group outlives it by its retention; once that has passed it is empty.
+    let retention_ms = i64::from(logs::RETENTION_DAYS) * 86_400_000;
+    let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+    let stale_logs: Vec<String> = log_groups
+        .iter()
+        .filter(|g| now_ms - g.created_ms > retention_ms)
+        .filter(|g| {
+            !found_instances.iter().any(|i| i.instance_id == g.instance_id && i.state != "terminated")
+        })
+        .map(|g| g.name.clone())
+        .collect();
 
     let mut sessions: BTreeMap<String, Found> = BTreeMap::new();
     for record in store.all().into_iter().filter(|r| r.region == aws.region) {
@@ -287,6 +309,16 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
         report
             .errors
             .extend(remove(aws, &store, group_id.as_deref(), &rules, &doomed, &doomed_ids, now).await);
+    }
+    if !args.dry_run {
+        for name in &stale_logs {
+            match logs::delete(aws, name).await {
+                Ok(()) => report.log_groups_removed.push(name.clone()),
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+    } else {
+        report.log_groups_removed = stale_logs;
     }
     if args.purge && !args.dry_run {
         match purge(ctx, aws, caller, group_id.as_deref()).await {
@@ -435,6 +467,17 @@ async fn remove(
 
     for (id, found, _) in doomed {
         if found.record.is_some() {
+            match crate::ledger::record_end(&store.ledger(), store, id, crate::ledger::ended_by::CLEANUP, now)
+            {
+                Ok(Some(entry)) => {
+                    let instance = found.live().first().map(|i| i.instance_id.clone());
+                    for warning in crate::teardown::report_end(aws, &entry, instance.as_deref()).await {
+                        tracing::warn!("{warning}");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => errors.push(format!("{e:#}")),
+            }
             if let Err(e) = store.delete_private_key(id).and_then(|_| store.forget(id)) {
                 errors.push(format!("{e:#}"));
             }

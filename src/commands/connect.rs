@@ -66,12 +66,18 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
     let route = Route::resolve(ctx, &record, args.connect, args.proxy_command.as_deref());
     let options = attach::connect_options(ctx, &store, &record, &route)?;
     let session = attach::open(ctx, &options, &signals).await?;
+    let log =
+        crate::aws::logs::Writer::spawn(&ctx.aws().await?, record.instance_id.as_deref().unwrap_or_default());
+    log.send(format!("connect session={id} via={}", options.transport));
     if args.command.is_empty() {
         ctx.printer.status(attach::banner(&record, true));
     }
     let work = Work { command: &args.command, tmux: args.tmux, record: args.record.clone() };
     let outcome = attach::work(&session, work, &signals).await;
     session.close().await;
+    for failure in log.finish().await {
+        ctx.printer.warn(failure);
+    }
     match outcome? {
         Outcome::Exited(exit) => {
             if args.command.is_empty() {

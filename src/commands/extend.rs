@@ -118,6 +118,23 @@ pub async fn run(ctx: &Context, args: &ExtendArgs) -> Result<ExitStatus> {
     let added_cost_estimate = price
         .filter(|_| added_seconds > 0)
         .map(|p| pricing::estimate(p, Duration::from_secs(added_seconds as u64)).total);
+    if let Some(added) = added_cost_estimate {
+        let spent = store.ledger().month_to_date(now)? + crate::ledger::live_cost(&store, now);
+        let committed = spent + added;
+        if committed > s.monthly_budget {
+            ctx.printer.warn(format!(
+                "this extension can take the month to {} against a monthly budget of {} ({} spent so far)",
+                usd(committed),
+                usd(s.monthly_budget),
+                usd(spent)
+            ));
+        }
+    }
+    let event =
+        format!("extend session={id} from={} to={}", session::rfc3339(current), session::rfc3339(wanted));
+    if let Err(e) = crate::aws::logs::event(&aws, &instance.instance_id, &event).await {
+        ctx.printer.warn(format!("the session log did not take the extension: {e}"));
+    }
     let result = Extended {
         session_id: id.clone(),
         instance_id: instance.instance_id.clone(),

@@ -16,17 +16,18 @@ use time::Duration as TimeDuration;
 
 use super::attach::{self, Outcome, Route, Work};
 use super::{Context, SessionView};
+use crate::aws::launch::Candidate;
 use crate::aws::launch::{self as ec2_launch, LaunchEvent, LaunchSpec};
-use crate::aws::{alarm, ami, iam, identity, instances, network, spot};
+use crate::aws::{alarm, ami, iam, identity, instances, logs, network, spot};
 use crate::cli::{ConnectMode, LaunchArgs};
-use crate::error::{ExitStatus, Interrupted};
+use crate::error::{ExitStatus, Interrupted, OverBudget};
 use crate::keys::SessionKeys;
 use crate::output::{short_duration, usd};
 use crate::session::store::{SessionRecord, Store, process_start_ticks};
 use crate::session::{self, Clock, SystemClock, tags};
 use crate::signals::Signals;
 use crate::teardown::{self, SessionResources};
-use crate::{crash, ip, pricing, userdata};
+use crate::{crash, ip, ledger, pricing, userdata};
 
 /// The local record, saved atomically after every change.
 #[derive(Clone)]
@@ -53,13 +54,31 @@ struct Launched {
     session: SessionView,
     estimate: Option<pricing::Estimate>,
     launch_attempts: u32,
-    timings_ms: Vec<(String, u128)>,
+    timings_ms: Vec<(String, u64)>,
+    #[serde(skip)]
+    started: Instant,
 }
 
 pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let signals = Signals::install().context("listening for Ctrl-C")?;
-    let (aws, store, record, result) = provision(ctx, args, &signals).await?;
+    let (aws, store, record, mut result) = provision(ctx, args, &signals).await?;
+    let instance_id = record.instance_id.clone().unwrap_or_default();
+    let log = logs::Writer::spawn(&aws, &instance_id);
+    log.send(format!(
+        "start session={} owner={} type={} market={} zone={} price={} expires={} kept={}",
+        record.id,
+        record.owner_arn,
+        record.instance_type.as_deref().unwrap_or("?"),
+        record.market.as_deref().unwrap_or("?"),
+        record.availability_zone.as_deref().unwrap_or("?"),
+        record.price_per_hour.map(|p| format!("{p}")).unwrap_or_else(|| "?".into()),
+        record.expires_at,
+        record.kept
+    ));
     if args.detach {
+        for failure in log.finish().await {
+            ctx.printer.warn(failure);
+        }
         ctx.printer.result(&result, || {
             let mut text = result.session.describe();
             if args.timings {
@@ -69,9 +88,6 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         });
         return Ok(ExitStatus::Success);
     }
-    if args.timings {
-        ctx.printer.status(timings_line(&result.timings_ms).trim_start());
-    }
     let keep = args.keep;
     let clock = SystemClock;
     let outcome = async {
@@ -79,6 +95,8 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         let options = attach::connect_options(ctx, &store, &record, &route)?;
         crash::point("connecting");
         let session = attach::open(ctx, &options, &signals).await?;
+        result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
+        log.send(format!("connect session={} via={}", record.id, options.transport));
         if args.command.is_empty() {
             ctx.printer.status(attach::banner(&record, keep));
         }
@@ -88,6 +106,20 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         outcome
     }
     .await;
+    if let Some(first) = crate::ssh::first_output_at() {
+        let ms = first.saturating_duration_since(result.started).as_millis() as u64;
+        result.timings_ms.push(("first_output".into(), ms));
+    }
+    if let Ok(Some(mut saved)) = store.load(&record.id) {
+        saved.timings_ms = result.timings_ms.iter().cloned().collect();
+        let _ = store.save(&saved);
+    }
+    for failure in log.finish().await {
+        ctx.printer.warn(failure);
+    }
+    if args.timings {
+        ctx.printer.status(timings_line(&result.timings_ms).trim_start());
+    }
     if keep && matches!(outcome, Ok(Outcome::Exited(_))) {
         ctx.printer.status(format!(
             "left session {} running (--keep): it ends after {} idle or at {}; `ephemeral-admin terminate {}` ends it now",
@@ -120,7 +152,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     }
 }
 
-fn timings_line(timings: &[(String, u128)]) -> String {
+fn timings_line(timings: &[(String, u64)]) -> String {
     let mut text = String::from("\ntimings:");
     for (name, ms) in timings {
         text.push_str(&format!(" {name}={ms}ms"));
@@ -157,9 +189,9 @@ async fn provision(
 ) -> Result<(crate::aws::Aws, Store, SessionRecord, Launched)> {
     let s = &ctx.settings;
     let started = Instant::now();
-    let mut timings: Vec<(String, u128)> = Vec::new();
-    let mark = |name: &str, timings: &mut Vec<(String, u128)>| {
-        timings.push((name.to_string(), started.elapsed().as_millis()));
+    let mut timings: Vec<(String, u64)> = Vec::new();
+    let mark = |name: &str, timings: &mut Vec<(String, u64)>| {
+        timings.push((name.to_string(), started.elapsed().as_millis() as u64));
     };
     let aws = ctx.aws().await?;
     let clock = SystemClock;
@@ -210,7 +242,15 @@ async fn provision(
         )
     };
     // Leftovers of this user's earlier crashed sessions go first, off the critical path.
-    let (prepared, swept) = tokio::join!(prepare, super::cleanup::quick_sweep(ctx, &aws));
+    let housekeeping = async {
+        // Sessions that ended on their own while no CLI ran get their ledger line first...
+        if let Err(e) = ledger::settle(&aws, &store, &store.ledger(), &clock).await {
+            tracing::warn!("settling ended sessions: {e:#}");
+        }
+        // ...then this user's crashed sessions go.
+        super::cleanup::quick_sweep(ctx, &aws).await
+    };
+    let (prepared, swept) = tokio::join!(prepare, housekeeping);
     let (caller, my_ip, group, profile, keys, image, prices) = prepared?;
     drop(step);
     if !swept.is_empty() {
@@ -272,6 +312,9 @@ async fn provision(
             })
             .unwrap_or_default();
         ctx.printer.status(format!("session {session_id}: {first}{price}{estimate}"));
+    }
+    if let Err(refusal) = budget_guard(ctx, &store, &candidates, args.over_budget, clock.now()) {
+        return Err(undo(ctx, &aws, &store, &recorder, refusal, &clock).await);
     }
 
     let user_data = userdata::render(&userdata::BoxConfig {
@@ -389,6 +432,8 @@ async fn provision(
         if r.spot_request_id.is_none() {
             r.spot_request_id = running.spot_request_id.clone();
         }
+        r.launch_attempts = Some(launched.attempts);
+        r.timings_ms = timings.iter().cloned().collect();
     })?;
 
     checkpoint(ctx, &aws, &recorder, signals, &clock).await?;
@@ -398,6 +443,7 @@ async fn provision(
         estimate: launched.price_per_hour.map(|p| pricing::estimate(p, s.max_runtime)),
         launch_attempts: launched.attempts,
         timings_ms: timings.clone(),
+        started,
         session: view,
     };
     Ok((aws, store, record, result))
@@ -431,4 +477,42 @@ fn ip_services() -> Vec<String> {
         Ok(list) if !list.trim().is_empty() => list.split(',').map(|u| u.trim().to_string()).collect(),
         _ => ip::DEFAULT_SERVICES.iter().map(|u| u.to_string()).collect(),
     }
+}
+
+/// Refuses a launch whose worst case (running to its deadline) would take this month's spending
+/// past the monthly budget, unless `--over-budget`.
+fn budget_guard(
+    ctx: &Context,
+    store: &Store,
+    candidates: &[Candidate],
+    over_budget: bool,
+    now: time::OffsetDateTime,
+) -> Result<()> {
+    let s = &ctx.settings;
+    let Some(first) = candidates.first() else { return Ok(()) };
+    let Some(price) = first.expected_price else {
+        ctx.printer
+            .warn(format!("no price known for {first}: the budget guard cannot estimate this session"));
+        return Ok(());
+    };
+    let estimate = pricing::estimate(price, s.max_runtime).total;
+    let spent = store.ledger().month_to_date(now)? + ledger::live_cost(store, now);
+    let left = s.monthly_budget - spent;
+    if spent + estimate <= s.monthly_budget {
+        return Ok(());
+    }
+    let message = format!(
+        "this session could cost up to {} ({} of {first} at {}/h, with IPv4 and EBS), but {} of the {} monthly budget is spent this month and {} is left: pass --over-budget to launch anyway, or raise monthly_budget in the config",
+        usd(estimate),
+        short_duration(s.max_runtime),
+        usd(price),
+        usd(spent),
+        usd(s.monthly_budget),
+        usd(left.max(0.0)),
+    );
+    if over_budget {
+        ctx.printer.warn(format!("over budget (--over-budget given): {message}"));
+        return Ok(());
+    }
+    Err(OverBudget(message).into())
 }

@@ -4,6 +4,7 @@ mod attach;
 mod cleanup;
 mod completions;
 mod connect;
+mod cost;
 mod doctor;
 mod extend;
 mod init;
@@ -34,6 +35,21 @@ impl Context {
     pub async fn aws(&self) -> Result<Aws> {
         Ok(Aws::connect(&self.settings.aws).await?)
     }
+
+    /// Writes the ledger lines of sessions that ended on their own (idle, deadline, spot) while
+    /// no CLI ran. Costs one AWS call when there is something to settle, none otherwise.
+    pub async fn settle(&self, aws: &Aws) {
+        let store = crate::session::store::Store::new(self.settings.sessions_dir());
+        match crate::ledger::settle(aws, &store, &store.ledger(), &crate::session::SystemClock).await {
+            Ok(settled) => {
+                for entry in settled {
+                    tracing::info!("session {} ended ({}) while away", entry.session_id, entry.ended_by);
+                    let _ = crate::teardown::report_end(aws, &entry, None).await;
+                }
+            }
+            Err(e) => self.printer.warn(format!("could not settle ended sessions: {e:#}")),
+        }
+    }
 }
 
 pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
@@ -52,12 +68,9 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::Status(args) => sessions::status(&ctx, &args.id).await,
         Command::Terminate(args) => sessions::terminate(&ctx, &args.id).await,
         Command::Cleanup(args) => cleanup::run(&ctx, &args).await,
-        Command::Cost => not_built("cost", 7),
+        Command::Cost(args) => cost::cost(&ctx, &args).await,
+        Command::Dashboard => cost::dashboard(&ctx).await,
+        Command::Budget(args) => cost::budget(&ctx, &args).await,
         Command::SshConfig(args) => connect::ssh_config(&ctx, &args.id).await,
     }
-}
-
-/// A command whose behaviour has not landed yet says so and fails; it never pretends.
-fn not_built(command: &str, issue: u32) -> Result<ExitStatus> {
-    anyhow::bail!("`{command}` is not built yet (planned in issue #{issue}); nothing was done")
 }

@@ -31,10 +31,21 @@ struct ListReport {
 pub async fn list(ctx: &Context) -> Result<ExitStatus> {
     let aws = ctx.aws().await?;
     let store = Store::new(ctx.settings.sessions_dir());
+    let every_state = instances::Query { include_terminated: true, ..Default::default() };
     let (caller, found) =
         tokio::try_join!(async { identity::whoami(&aws).await.map_err(anyhow::Error::from) }, async {
-            instances::find(&aws, instances::Query::default()).await.map_err(anyhow::Error::from)
+            instances::find(&aws, every_state).await.map_err(anyhow::Error::from)
         },)?;
+    // The same answer settles sessions that ended while no CLI ran: no extra call.
+    match crate::ledger::settle_known(&aws.region, &found, &store, &store.ledger(), &SystemClock) {
+        Ok(settled) => {
+            for entry in settled {
+                let _ = crate::teardown::report_end(&aws, &entry, None).await;
+            }
+        }
+        Err(e) => ctx.printer.warn(format!("could not settle ended sessions: {e:#}")),
+    }
+    let found: Vec<_> = found.into_iter().filter(|i| i.state != "terminated").collect();
     let records = store.all();
     let now = SystemClock.now();
     let sessions: Vec<SessionView> = found
@@ -59,6 +70,7 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
 pub async fn status(ctx: &Context, id: &str) -> Result<ExitStatus> {
     check_id(id)?;
     let aws = ctx.aws().await?;
+    ctx.settle(&aws).await;
     let store = Store::new(ctx.settings.sessions_dir());
     let record = store.load(id)?;
     let query = instances::Query { session_id: Some(id), include_terminated: true, ..Default::default() };

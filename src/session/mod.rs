@@ -39,6 +39,24 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock stopped at one instant.
+pub struct FixedClock(pub OffsetDateTime);
+
+impl Clock for FixedClock {
+    fn now(&self) -> OffsetDateTime {
+        self.0
+    }
+}
+
+/// The clock commands use: the system's, or the instant in `EPHEMERAL_ADMIN_NOW` (RFC 3339), a
+/// testing aid for reports that depend on the date (`cost`).
+pub fn clock() -> Box<dyn Clock> {
+    match std::env::var("EPHEMERAL_ADMIN_NOW").ok().as_deref().and_then(parse_rfc3339) {
+        Some(now) => Box::new(FixedClock(now)),
+        None => Box::new(SystemClock),
+    }
+}
+
 /// RFC 3339 in UTC at whole seconds: `2026-11-22T18:00:00Z`.
 pub fn rfc3339(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).expect("0 ns is valid");

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// Everything known locally about one session. Optional fields fill in as launch proceeds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct SessionRecord {
     pub id: String,
     pub region: String,
@@ -48,6 +49,10 @@ pub struct SessionRecord {
     pub private_ip: Option<String>,
     pub alarm_name: Option<String>,
     pub launched_at: Option<String>,
+    pub launch_attempts: Option<u32>,
+    /// Launch phases, milliseconds since the launch started (for the ledger).
+    #[serde(default)]
+    pub timings_ms: std::collections::BTreeMap<String, u64>,
     pub ended_at: Option<String>,
     pub end_reason: Option<String>,
 }
@@ -61,6 +66,11 @@ pub struct Store {
 impl Store {
     pub fn new(sessions_dir: impl Into<PathBuf>) -> Store {
         Store { root: sessions_dir.into() }
+    }
+
+    /// The ledger beside the sessions directory: `$XDG_STATE_HOME/ephemeral-admin/ledger.jsonl`.
+    pub fn ledger(&self) -> crate::ledger::Ledger {
+        crate::ledger::Ledger::new(self.root.parent().unwrap_or(&self.root).join("ledger.jsonl"))
     }
 
     pub fn dir(&self, id: &str) -> PathBuf {

@@ -324,7 +324,7 @@ impl ProxyProcess {
 /// `2.5s`, `20s`, `3m`, `2m30s`.
 pub(crate) fn format_duration(d: Duration) -> String {
     let millis = d.as_millis();
-    if millis < 10_000 && millis % 1000 != 0 {
+    if millis < 10_000 && !millis.is_multiple_of(1000) {
         return format!("{:.1}s", d.as_secs_f64());
     }
     let secs = d.as_secs();

@@ -125,8 +125,14 @@ async fn pump(
         let mut stdout_gone = false;
         while let Some(msg) = reader.wait().await {
             let (to_stderr, data) = match msg {
-                ChannelMsg::Data { data } => (false, data),
-                ChannelMsg::ExtendedData { data, ext: 1 } => (true, data),
+                ChannelMsg::Data { data } => {
+                    super::mark_first_output();
+                    (false, data)
+                }
+                ChannelMsg::ExtendedData { data, ext: 1 } => {
+                    super::mark_first_output();
+                    (true, data)
+                }
                 ChannelMsg::ExitStatus { exit_status } => {
                     exit = Some(RemoteExit::Status(exit_status));
                     continue;

@@ -118,6 +118,18 @@ impl std::fmt::Display for RemoteExit {
     }
 }
 
+/// When the first byte of remote output arrived in this process (the launch's "first prompt").
+static FIRST_OUTPUT: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+fn mark_first_output() {
+    let _ = FIRST_OUTPUT.set(std::time::Instant::now());
+}
+
+/// The instant the first remote output byte arrived, if any has.
+pub fn first_output_at() -> Option<std::time::Instant> {
+    FIRST_OUTPUT.get().copied()
+}
+
 /// `SHA256:…`, as `ssh-keygen -l` prints it.
 fn fingerprint(key: &russh::keys::PublicKey) -> String {
     key.fingerprint(russh::keys::HashAlg::Sha256).to_string()

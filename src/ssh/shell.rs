@@ -99,12 +99,14 @@ impl Session {
             while let Some(msg) = reader.wait().await {
                 match msg {
                     ChannelMsg::Data { data } => {
+                        super::mark_first_output();
                         track_alt_screen(&data, &alt_screen);
                         stdout.write_all(&data).await.context("cannot write to the terminal")?;
                         stdout.flush().await.context("cannot write to the terminal")?;
                         record(&recorder, |r| r.output(&data));
                     }
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        super::mark_first_output();
                         stderr.write_all(&data).await.context("cannot write to stderr")?;
                         stderr.flush().await.context("cannot write to stderr")?;
                         record(&recorder, |r| r.output(&data));
@@ -153,10 +155,10 @@ impl Session {
             guard.ended_cleanly();
         }
         drop(guard);
-        if let Some(recorder) = recorder.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            if let Err(e) = recorder.finish() {
-                tracing::warn!("the session recording may be incomplete: {e}");
-            }
+        if let Some(recorder) = recorder.into_inner().unwrap_or_else(|p| p.into_inner())
+            && let Err(e) = recorder.finish()
+        {
+            tracing::warn!("the session recording may be incomplete: {e}");
         }
         result
     }

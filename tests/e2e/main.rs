@@ -4,6 +4,7 @@
 mod support;
 
 mod cleanup;
+mod cost;
 mod foundation;
 mod launch;
 mod lifecycle;

@@ -369,7 +369,14 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
         login()
     ));
     tmux.wait_for("the box stays up when you leave", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(1500));
+    // The box simulator's sshd runs on this machine, so the box's tmux server is visible here.
+    wait_until("the box's tmux session", Duration::from_secs(30), || {
+        Command::new("tmux")
+            .args(["has-session", "-t", "ephemeral-admin"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    std::thread::sleep(Duration::from_millis(500));
     tmux.line("export MARK=kept-$((6*7))");
     // Detach the box's tmux (C-b d): the connection ends, the work stays on the box.
     tmux.keys(&["C-b", "d"]);
@@ -377,7 +384,8 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     let listed = user.run(&["list", "--output", "json"]).success().json();
     let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
     tmux.line(&format!("ephemeral-admin connect {session} --tmux"));
-    std::thread::sleep(Duration::from_millis(1500));
+    tmux.wait_for("the box stays up when you leave", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1000));
     tmux.line("echo mark=$MARK");
     tmux.wait_for("mark=kept-42", Duration::from_secs(20));
     tmux.keys(&["C-b", "d"]);

@@ -8,6 +8,7 @@ use serde_json::Value;
 use super::cloud::LocalCloud;
 
 /// A user of the CLI: their own HOME, state and config dirs, and credentials for the local cloud.
+#[derive(Clone)]
 pub struct User {
     pub home: PathBuf,
     endpoint: Option<String>,
@@ -52,9 +53,11 @@ impl User {
         User { home, endpoint: None, env: Vec::new() }
     }
 
-    pub fn env(mut self, key: &str, value: &str) -> User {
-        self.env.push((key.into(), value.into()));
-        self
+    /// The same user (same HOME) with one more environment variable.
+    pub fn env(&self, key: &str, value: &str) -> User {
+        let mut user = self.clone();
+        user.env.push((key.into(), value.into()));
+        user
     }
 
     pub fn config_dir(&self) -> PathBuf {

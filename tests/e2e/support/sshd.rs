@@ -143,10 +143,10 @@ impl Sshd {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return Ok(());
             }
-            if let Some(child) = self.state.lock().unwrap().child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("sshd exited ({status})\n{}", self.log()));
-                }
+            if let Some(child) = self.state.lock().unwrap().child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("sshd exited ({status})\n{}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -392,7 +392,7 @@ class BoxSim:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         except OSError:
             pass  # not root: sshd then runs unprivileged, which is fine
-        self.imds = ThreadingHTTPServer(("127.0.0.1", 0), _ImdsHandler)
+        self.imds = _QuietServer(("127.0.0.1", 0), _ImdsHandler)
         self.imds.daemon_threads = True
         self.imds.sim = self
         threading.Thread(target=self.imds.serve_forever, name="boxsim-imds", daemon=True).start()
@@ -854,6 +854,18 @@ SetEnv {MARK}={iid}
 
 
 # --------------------------------------------------------------------------- IMDS
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A watchdog's curl that gives up (timeout) or a box that goes away mid-request is
+    normal here: don't print a traceback for a client that hung up."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class _ImdsHandler(BaseHTTPRequestHandler):

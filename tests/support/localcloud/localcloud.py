@@ -647,6 +647,7 @@ class Middleware:
 #  * Describe/CancelSpotInstanceRequests: NotFound errors; cancel keeps the request;
 #  * DeleteSecurityGroup: DependencyViolation while an instance uses the group;
 #  * DescribeInstances understands the `iam-instance-profile.arn` filter;
+#  * Budgets: UpdateBudget (moto lacks it);
 #  * two speed fixes: a faster reset and cheaper AWS-managed IAM policies.
 # The fix functions run with moto_lock held, instead of handing the request
 # straight to moto; each either answers itself, checks something first, or
@@ -1162,7 +1163,28 @@ class MotoFixes:
         return self._call_moto(environ)
 
 
+    # -- budgets ---------------------------------------------------------------------
+    def _fix_update_budget(self, req: AwsRequest, environ: dict) -> Resp:
+        """AWS Budgets' UpdateBudget replaces a budget's definition and keeps its
+        notifications; moto does not implement it."""
+        from moto.budgets.models import budgets_backends
+
+        body = req.json if isinstance(req.json, dict) else {}
+        account = body.get("AccountId") or ACCOUNT_ID
+        new = body.get("NewBudget") or {}
+        backend = budgets_backends[account]["global"]
+        existing = backend.budgets[account].get(new.get("BudgetName", ""))
+        if existing is None:
+            return error_response(req, "NotFoundException",
+                                  f"Unable to update budget: {new.get('BudgetName')} - the budget doesn't exist.", 400)
+        kept = {k: v for k, v in existing.budget.items() if k in ("TimePeriod", "CalculatedSpend")}
+        existing.budget = {**new, **kept, "LastUpdatedTime": time.time()}
+        out = b"{}"
+        return Resp(200, [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(out)))], out)
+
+
 MOTO_FIXES: dict[tuple[str, str], Callable[[LocalCloud, AwsRequest, dict], Resp]] = {
+    ("budgets", "UpdateBudget"): MotoFixes._fix_update_budget,
     ("ec2", "DescribeSpotPriceHistory"): MotoFixes._fix_describe_spot_price_history,
     ("ec2", "RunInstances"): MotoFixes._fix_run_instances,
     ("ec2", "RequestSpotInstances"): MotoFixes._fix_request_spot_instances,
