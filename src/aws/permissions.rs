@@ -100,6 +100,20 @@ pub fn is_granted(service: &str, action: &str) -> bool {
     PERMISSIONS.iter().any(|p| p.service == service && p.action == action)
 }
 
+/// The IAM action that authorizes an API call, as `service:Action`. Mostly the same name; the
+/// exceptions are CloudWatch (signed as `monitoring`) and AWS Budgets, whose API operations are
+/// authorized by two coarse actions.
+pub fn iam_action_for(signing_service: &str, api_action: &str) -> String {
+    match (signing_service, api_action) {
+        ("monitoring", action) => format!("cloudwatch:{action}"),
+        ("budgets", action) if action.starts_with("Describe") || action.starts_with("View") => {
+            "budgets:ViewBudget".into()
+        }
+        ("budgets", _) => "budgets:ModifyBudget".into(),
+        (service, action) => format!("{service}:{action}"),
+    }
+}
+
 fn actions(scope: Scope) -> Vec<String> {
     let mut list: Vec<String> = PERMISSIONS
         .iter()

@@ -150,6 +150,7 @@ fn default_cleanup_spares_other_owners_live_and_kept_sessions() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stderr.contains("EVERY owner"), "{}", run.stderr);
     assert_nothing_left(&cloud);
+    crate::foundation::assert_policy_covers(&cloud, &user);
 }
 
 #[test]
@@ -217,6 +218,7 @@ fn purge_removes_the_shared_resources_only_when_nothing_uses_them() {
     assert!(state["iam"]["roles"].as_array().unwrap().is_empty());
     assert!(state["iam"]["instance_profiles"].as_array().unwrap().is_empty());
     assert_nothing_left(&cloud);
+    crate::foundation::assert_policy_covers(&cloud, &user);
 }
 
 #[test]

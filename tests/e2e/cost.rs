@@ -121,6 +121,7 @@ fn every_session_gets_one_correct_ledger_line_and_its_metrics_and_log() {
         ledger(&user).iter().map(|e| e["ended_by"].as_str().unwrap().to_string()).collect();
     assert_eq!(ended, ["exit", "terminate", "cleanup"]);
     assert_nothing_left(&cloud);
+    crate::foundation::assert_policy_covers(&cloud, &user);
 }
 
 #[test]
@@ -247,6 +248,7 @@ fn dashboard_and_budget_are_created_and_updated() {
     assert_eq!((out["created"].as_bool(), out["alerts_added"].as_array().unwrap().len()), (Some(false), 0));
     assert_eq!(budget(&cloud.state())["BudgetLimit"]["Amount"], "5.00");
     assert_eq!(user.run(&["budget", "--email", "not-an-address"]).code, 2);
+    crate::foundation::assert_policy_covers(&cloud, &user);
 }
 
 #[test]

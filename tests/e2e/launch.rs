@@ -162,10 +162,7 @@ fn detached_launch_creates_exactly_a_locked_down_tagged_spot_box() {
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     assert_eq!(std::fs::metadata(&record_path).unwrap().permissions().mode() & 0o777, 0o600);
 
-    crate::foundation::assert_policy_covers(
-        &cloud,
-        &serde_json::from_str(&user.run(&["policy"]).stdout).unwrap(),
-    );
+    crate::foundation::assert_policy_covers(&cloud, &user);
 }
 
 #[test]
