@@ -127,28 +127,40 @@ pub async fn teardown(
     clock: &dyn Clock,
 ) -> TeardownReport {
     let mut report = TeardownReport { session_id: resources.session_id.clone(), ..Default::default() };
-    let end_instances = async {
-        let terminated = instances::terminate(aws, &resources.instance_ids).await;
-        // A one-time spot request closes when its instance ends; cancelling makes sure.
-        let cancelled = instances::cancel_spot_requests(aws, &resources.spot_request_ids).await;
-        (terminated, cancelled)
-    };
-    let release_rules = async {
-        let mut released = Vec::new();
-        if let Some(group) = &resources.security_group_id {
-            for rule in &resources.rule_ids {
-                released.push((
-                    rule.clone(),
-                    network::release_ssh(aws, group, rule, &resources.session_id).await,
-                ));
-            }
+    // The ledger line first: it is local, and its figures feed the metrics sent below.
+    let entry = match ledger::record_end(&store.ledger(), store, &resources.session_id, reason, clock.now()) {
+        Ok(entry) => entry,
+        Err(e) => {
+            report.errors.push(format!("{e:#}"));
+            None
         }
-        released
     };
-    let delete_alarms = alarm::delete(aws, &resources.alarm_names);
-    let ((terminated, cancelled), released, alarms) =
-        tokio::join!(end_instances, release_rules, delete_alarms);
-
+    // Everything in AWS at once: the slowest step (releasing the SSH rule: look, then revoke) is
+    // two round trips, and that is the whole wait.
+    let release_rules = futures::future::join_all(resources.security_group_id.iter().flat_map(|group| {
+        resources.rule_ids.iter().map(move |rule| async move {
+            (rule.clone(), network::release_ssh(aws, group, rule, &resources.session_id).await)
+        })
+    }));
+    let report_end = async {
+        match &entry {
+            Some(entry) => report_end(aws, entry, resources.instance_ids.first().map(String::as_str)).await,
+            None => Vec::new(),
+        }
+    };
+    let (terminated, cancelled, released, alarms, warnings) = tokio::join!(
+        instances::terminate(aws, &resources.instance_ids),
+        // A one-time spot request closes when its instance ends; cancelling makes sure.
+        instances::cancel_spot_requests(aws, &resources.spot_request_ids),
+        release_rules,
+        alarm::delete(aws, &resources.alarm_names),
+        report_end,
+    );
+    report.warnings = warnings;
+    if let Some(entry) = &entry {
+        report.duration_seconds = Some(entry.duration_seconds);
+        report.cost = Some(entry.cost.total);
+    }
     match terminated {
         Ok(()) => report.terminated = resources.instance_ids.clone(),
         Err(e) => report.errors.push(e.to_string()),
@@ -169,17 +181,6 @@ pub async fn teardown(
     }
     match store.delete_private_key(&resources.session_id) {
         Ok(()) => report.key_deleted = true,
-        Err(e) => report.errors.push(format!("{e:#}")),
-    }
-    match ledger::record_end(&store.ledger(), store, &resources.session_id, reason, clock.now()) {
-        Ok(Some(entry)) => {
-            report.duration_seconds = Some(entry.duration_seconds);
-            report.cost = Some(entry.cost.total);
-            report
-                .warnings
-                .extend(report_end(aws, &entry, resources.instance_ids.first().map(String::as_str)).await);
-        }
-        Ok(None) => {}
         Err(e) => report.errors.push(format!("{e:#}")),
     }
     report

@@ -23,8 +23,10 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 /// TCP retries are cheap (a refused SYN), so keep polling tight: a box whose sshd starts
 /// accepting is noticed within about half a second.
 const BACKOFF_CAP_TCP: Duration = Duration::from_millis(500);
-/// Each proxy attempt spawns a process (and may call an API, e.g. SSM), so pace it more gently.
-const BACKOFF_CAP_PROXY: Duration = Duration::from_secs(1);
+/// Each proxy attempt spawns a process, whose own start-up (and, for SSM, API calls) already
+/// paces the retries; the cap only matters for a command that fails at once, e.g. a relay whose
+/// target is not listening yet, and the same half second keeps sshd detection tight.
+const BACKOFF_CAP_PROXY: Duration = Duration::from_millis(500);
 /// How long one TCP connect may take before it counts as a failed attempt.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
 /// How long the SSH handshake plus authentication may take on one attempt.
