@@ -77,6 +77,12 @@ impl InstanceInfo {
     }
 }
 
+/// Every state an instance can be in before it is gone.
+fn not_terminated() -> Filter {
+    let states = ["pending", "running", "shutting-down", "stopping", "stopped"];
+    Filter::builder().name("instance-state-name").set_values(Some(states.map(String::from).to_vec())).build()
+}
+
 /// Which session instances to find.
 #[derive(Debug, Clone, Default)]
 pub struct Query<'a> {
@@ -103,16 +109,7 @@ pub async fn find(aws: &Aws, query: Query<'_>) -> Result<Vec<InstanceInfo>, AwsE
             request.filters(Filter::builder().name(format!("tag:{}", tags::SESSION)).values(session).build());
     }
     if !query.include_terminated {
-        request = request.filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .values("shutting-down")
-                .values("stopping")
-                .values("stopped")
-                .build(),
-        );
+        request = request.filters(not_terminated());
     }
     let mut found = Vec::new();
     let mut pages = request.into_paginator().send();
@@ -274,16 +271,7 @@ pub async fn users_of(aws: &Aws, filter_name: &str, value: &str) -> Result<Vec<I
         .ec2
         .describe_instances()
         .filters(Filter::builder().name(filter_name).values(value).build())
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .values("shutting-down")
-                .values("stopping")
-                .values("stopped")
-                .build(),
-        )
+        .filters(not_terminated())
         .send()
         .await
         .doing("checking what still uses the shared resources")?;

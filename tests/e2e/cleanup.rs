@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::lifecycle::wait_until;
-use crate::session::{assert_nothing_left, attached_args, proxy};
+use crate::session::{assert_nothing_left, attached_args, launch_detached, proxy};
 use crate::support::{LocalCloud, User};
 
 /// The steps `EPHEMERAL_ADMIN_ABORT_AFTER` can kill the CLI at, in launch order.
@@ -201,8 +201,7 @@ fn purge_removes_the_shared_resources_only_when_nothing_uses_them() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let proxy = proxy(&cloud);
-    let kept =
-        user.run(&[&attached_args(&proxy, &["--detach", "--output", "json"])[..]].concat()).success().json();
+    let kept = launch_detached(&user, &proxy, &[]);
     let kept_id = kept["session_id"].as_str().unwrap();
     let run = user.run(&["cleanup", "--purge"]);
     assert_eq!(run.code, 1, "refuses while an instance uses them: {}", run.stdout);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::lifecycle::wait_until;
-use crate::session::{assert_nothing_left, attached_args, proxy};
+use crate::session::{assert_nothing_left, attached_args, launch_detached, proxy};
 use crate::support::{LocalCloud, User};
 
 fn ledger(user: &User) -> Vec<Value> {
@@ -105,8 +105,7 @@ fn every_session_gets_one_correct_ledger_line_and_its_metrics_and_log() {
     assert!(events[2].contains("reason=exit"));
 
     // terminate and cleanup end sessions too, each once.
-    let detached =
-        user.run(&[&attached_args(&proxy, &["--detach", "--output", "json"])[..]].concat()).success().json();
+    let detached = launch_detached(&user, &proxy, &[]);
     let id = detached["session_id"].as_str().unwrap();
     user.run(&["terminate", id]).success();
     user.run(&["terminate", id]);
@@ -130,12 +129,8 @@ fn sessions_the_watchdog_ended_while_away_are_settled_on_the_next_command() {
     let user = User::new(&cloud);
     user.write_config("watchdog_interval = \"1s\"\nboot_grace = \"3s\"\nidle_grace = \"60s\"\n");
     let proxy = proxy(&cloud);
-    let idle =
-        user.run(&[&attached_args(&proxy, &["--detach", "--output", "json"])[..]].concat()).success().json();
-    let deadline = user
-        .run(&[&attached_args(&proxy, &["--detach", "--output", "json", "--max-runtime", "2s"])[..]].concat())
-        .success()
-        .json();
+    let idle = launch_detached(&user, &proxy, &[]);
+    let deadline = launch_detached(&user, &proxy, &["--max-runtime", "2s"]);
     let instances = [idle["instance_id"].as_str().unwrap(), deadline["instance_id"].as_str().unwrap()];
     wait_until("the watchdogs to end both boxes", Duration::from_secs(40), || {
         let state = cloud.state();

@@ -23,6 +23,12 @@ pub fn attached_args<'a>(cloud_proxy: &'a str, extra: &[&'a str]) -> Vec<&'a str
     args
 }
 
+/// `launch --detach --output json` through the box simulator's proxy; returns the session.
+pub fn launch_detached(user: &User, proxy: &str, extra: &[&str]) -> Value {
+    let args = attached_args(proxy, &[&["--detach", "--output", "json"][..], extra].concat());
+    user.run(&args).success().json()
+}
+
 /// Nothing of any session is left in moto: instances, rules, alarms, open spot requests.
 pub fn assert_nothing_left(cloud: &LocalCloud) {
     let state = cloud.state();
@@ -88,8 +94,7 @@ fn a_host_key_other_than_the_pinned_one_is_refused() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let proxy = proxy(&cloud);
-    let out =
-        user.run(&[&attached_args(&proxy, &["--detach", "--output", "json"])[..]].concat()).success().json();
+    let out = launch_detached(&user, &proxy, &[]);
     let session = out["session_id"].as_str().unwrap();
     // An impostor: a real sshd with a different host key, which accepts the session's key.
     let impostor_key =
@@ -121,8 +126,7 @@ fn ssh_config_works_with_the_system_ssh() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let proxy = proxy(&cloud);
-    let out =
-        user.run(&[&attached_args(&proxy, &["--detach", "--output", "json"])[..]].concat()).success().json();
+    let out = launch_detached(&user, &proxy, &[]);
     let session = out["session_id"].as_str().unwrap();
     let config = user.run(&["ssh-config", session]).success().stdout;
     assert!(config.starts_with(&format!("Host ephemeral-admin-{session}\n")), "{config}");
