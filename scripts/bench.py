@@ -18,6 +18,7 @@ Sections 1-4 share one set of launches. Use scripts/bench (it builds the release
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -138,6 +139,11 @@ def main():
                  pending_seconds=args.pending_seconds, quick=args.quick, trace=args.trace_cli,
                  launch_timeout=max(120, 30 + 3 * (args.boot_seconds + args.pending_seconds)))
     only = parse_only(args.only)
+
+    def on_signal(signum, _frame):  # clean up (sessions, local cloud) on SIGTERM too
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
     started = time.monotonic()
     work = harness.make_workdir()
     h = harness.Harness(args.bin, work)

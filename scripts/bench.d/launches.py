@@ -5,12 +5,13 @@ view of the box. One run gives the time to first prompt (1), the round trips on 
 """
 
 import os
+import pwd
 import select
 import subprocess
 import time
 
-from harness import (BoxWatcher, chain_of, depth_chain, end_process, log, median, overlap, pct,
-                     spread, wait4_with_timeout)
+from harness import (BoxWatcher, chain_of, depth_chain, end_process, log, median, overlap,
+                     spread, vm_hwm_kib, wait4_with_timeout)
 
 REMOTE = ["sh", "-c", "echo first-byte"]
 
@@ -42,12 +43,14 @@ def one_launch(h, scenario, cfg, trace=False):
         fds = {p.stdout.fileno(): "out", p.stderr.fileno(): "err"}
         t_first = t_last = None
         err_buf = b""
+        hwm = 0
         deadline = time.monotonic() + cfg.launch_timeout
         while fds:
             if time.monotonic() > deadline:
                 end_process(p)
                 raise RuntimeError(f"launch did not finish within {cfg.launch_timeout}s (see {err_path})")
-            ready, _, _ = select.select(list(fds), [], [], 0.5)
+            ready, _, _ = select.select(list(fds), [], [], 0.02)
+            hwm = max(hwm, vm_hwm_kib(p.pid) or 0)
             for fd in ready:
                 data = os.read(fd, 65536)
                 now = time.time()
@@ -74,7 +77,7 @@ def one_launch(h, scenario, cfg, trace=False):
         raise RuntimeError(f"launch exited {p.returncode} (stdout {out[:200]!r}; see {err_path})")
     return analyse(dict(
         scenario=scenario, t0=t0, t_first=t_first, t_last=t_last, t_exit=t_exit, stdout=out.decode(errors="replace"),
-        maxrss_kib=ru.ru_maxrss, calls=calls, instance_id=iid, up_at=watcher.up_at.get(iid),
+        maxrss_kib=hwm, calls=calls, instance_id=iid, up_at=watcher.up_at.get(iid),
         conn_at=watcher.conn_at.get(iid), sshd_log=(box or {}).get("sshd_log", []),
         stderr=err_lines, exit_code=p.returncode), cfg)
 
@@ -182,7 +185,8 @@ def parse_timings(err_lines):
 
 
 def collect(h, cfg):
-    """Warm-up, then `runs` cold and `runs` warm launches. Returns {"cold": [..], "warm": [..]}."""
+    """Warm-up, then `runs` cold and `runs` warm launches, then the SSH reference on a box that is
+    already up. Returns {"cold": [..], "warm": [..], "reference": {..}}."""
     log("launch runs: 1 warm-up, then cold and warm")
     one_launch(h, "cold", cfg)  # unmeasured: file caches, sshd, and a warm account afterwards
     data = {"cold": [], "warm": []}
@@ -192,7 +196,65 @@ def collect(h, cfg):
             log(f"  {scenario} run {i + 1}/{cfg.runs}: first byte {r['ttfp_s']:.2f}s, "
                 f"teardown {r['teardown_s']:.2f}s, {r['launch_calls']} calls")
             data[scenario].append(r)
+    try:
+        data["reference"] = reference(h, cfg)
+    except Exception as e:  # noqa: BLE001 - the reference only explains; it is not a target
+        log(f"SSH reference failed: {e}")
+        data["reference"] = None
     return data
+
+
+def first_byte(h, argv, timeout=60):
+    """Seconds from spawning argv to its first stdout byte, and to its exit."""
+    t0 = time.perf_counter()
+    p = h.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    fd, first = p.stdout.fileno(), None
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            data = os.read(fd, 65536)
+            if first is None and data:
+                first = time.perf_counter() - t0
+            if not data:
+                break
+    else:
+        end_process(p)
+    p.wait(timeout=30)
+    p.stdout.close()
+    return first, time.perf_counter() - t0
+
+
+def reference(h, cfg, n=5):
+    """How long a connection to a box that is already up takes to print its first byte, with the
+    embedded client (`connect`) and with OpenSSH through the same proxy, and how much of it is the
+    box's login shell starting (`bash -c` under sshd sources ~/.bashrc). No AWS delay."""
+    h.cloud.configure(delay_ms=0, pending_seconds=0, boot_seconds=0)
+    doc, _ = h.launch_detached()
+    sid = doc["session_id"]
+    try:
+        cp, _ = h.run(["ssh-config", sid])
+        conf = os.path.join(h.work, f"ssh_config-{sid}")
+        with open(conf, "w") as f:
+            f.write(cp.stdout)
+        h.run(["connect", sid, "--", "true"], timeout=60)  # the box is up
+        ea = [first_byte(h, [h.bin, "connect", sid, "--", *REMOTE])[0] for _ in range(n)]
+        ssh = [first_byte(h, ["ssh", "-F", conf, "-o", "BatchMode=yes", f"ephemeral-admin-{sid}", *REMOTE])[0]
+               for _ in range(n)]
+    finally:
+        h.terminate(sid)
+        h.cloud.configure(boot_seconds=cfg.boot_seconds)
+    # The box's login shell: sshd runs `$SHELL -c CMD` with SSH_CLIENT set, so bash reads ~/.bashrc.
+    shell = pwd.getpwnam(h.user).pw_shell or "/bin/sh"
+    home = pwd.getpwnam(h.user).pw_dir
+    env = {"HOME": home, "USER": h.user, "PATH": "/usr/bin:/bin", "SSH_CLIENT": "127.0.0.1 50000 22"}
+    login = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run([shell, "-c", "sh -c 'echo first-byte'"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=30)
+        login.append(time.perf_counter() - t0)
+    return {"connect_first_byte_s": ea, "ssh_first_byte_s": ssh, "login_shell_s": login, "shell": shell}
 
 
 # --------------------------------------------------------------------------- sections 1-4
@@ -238,9 +300,23 @@ def section_ttfp(data, cfg, row):
             ("sshd up->handshake starts", "ssh_accept_lag_s"),
             ("handshake->first byte", "handshake_to_first_byte_s"))))
     sim_extra = [r["sim_boot_s"] - cfg.boot_seconds for r in data["warm"] if r.get("sim_boot_s") is not None]
+    ref = data.get("reference")
+    if ref:
+        rows.append(row("  reference: box already up, `connect ID -- sh -c 'echo ..'` to first byte", "-",
+                        fmt_spread(ref["connect_first_byte_s"]), None, values=ref["connect_first_byte_s"]))
+        rows.append(row("  reference: same with OpenSSH `ssh -F cfg HOST` (same proxy, same sshd)", "-",
+                        fmt_spread(ref["ssh_first_byte_s"]), None, values=ref["ssh_first_byte_s"]))
+        rows.append(row(f"  reference: the box's login shell ({ref['shell']} -c, reads ~/.bashrc under sshd)", "-",
+                        fmt_spread(ref["login_shell_s"]), None, values=ref["login_shell_s"]))
     if sim_extra:
-        notes.append(f"of the CLI overhead, the box simulator itself takes ~{median(sim_extra):.3f} s "
-                     f"(its 100 ms instance poll + starting sshd), which is not the CLI's doing")
+        own = [r["cli_overhead_s"] - (r["sim_boot_s"] - cfg.boot_seconds)
+               - (median(ref["login_shell_s"]) if ref else 0)
+               for r in data["warm"] if r.get("sim_boot_s") is not None]
+        rows.append(row("  CLI overhead, warm, without the simulator's own time" + (" and the login shell" if ref else ""),
+                        "(informative)", fmt_spread(own), None, values=own))
+        notes.append(f"the box simulator itself adds ~{median(sim_extra):.3f} s between `running` and sshd "
+                     f"accepting beyond boot_seconds (its 100 ms instance poll + starting sshd); that is not "
+                     f"the CLI's doing, nor is the box's login shell start-up")
     return rows, notes
 
 
