@@ -73,23 +73,28 @@ pub async fn ensure_instance_profile(aws: &Aws, name: &str) -> Result<InstancePr
         Err(e) if code_of(&e) == Some("NoSuchEntity") => false,
         Err(e) => return Err(AwsError::new(format!("looking up instance profile {name}"), e)),
     };
-    let (role, profile) = tokio::join!(ensure_role(aws, name), async {
+    // Cold account: role and profile at once, then the role's policy and the link at once.
+    let (role, profile) = tokio::join!(create_role(aws, name), async {
         if has_role { Ok(()) } else { create_profile(aws, name).await }
     });
     role?;
     profile?;
-    let linked =
-        aws.iam.add_role_to_instance_profile().instance_profile_name(name).role_name(name).send().await;
-    match linked {
-        Ok(_) => {}
-        // Already linked (by a concurrent launch): an instance profile holds one role.
-        Err(e) if code_of(&e) == Some("LimitExceeded") => {}
-        Err(e) => return Err(AwsError::new(format!("adding role {name} to its instance profile"), e)),
-    }
+    let link = async {
+        match aws.iam.add_role_to_instance_profile().instance_profile_name(name).role_name(name).send().await
+        {
+            Ok(_) => Ok(()),
+            // Already linked (by a concurrent launch): an instance profile holds one role.
+            Err(e) if code_of(&e) == Some("LimitExceeded") => Ok(()),
+            Err(e) => Err(AwsError::new(format!("adding role {name} to its instance profile"), e)),
+        }
+    };
+    let (policy, linked) = tokio::join!(put_role_policy(aws, name), link);
+    policy?;
+    linked?;
     Ok(InstanceProfile { name: name.into(), fresh: true })
 }
 
-async fn ensure_role(aws: &Aws, name: &str) -> Result<(), AwsError> {
+async fn create_role(aws: &Aws, name: &str) -> Result<(), AwsError> {
     let created = aws
         .iam
         .create_role()
@@ -104,7 +109,11 @@ async fn ensure_role(aws: &Aws, name: &str) -> Result<(), AwsError> {
         Err(e) if code_of(&e) == Some("EntityAlreadyExists") => {}
         Err(e) => return Err(AwsError::new(format!("creating IAM role {name}"), e)),
     }
-    // Idempotent: also repairs a role whose policy someone edited.
+    Ok(())
+}
+
+/// Idempotent: also repairs a role whose policy someone edited.
+async fn put_role_policy(aws: &Aws, name: &str) -> Result<(), AwsError> {
     aws.iam
         .put_role_policy()
         .role_name(name)

@@ -146,7 +146,7 @@ pub enum WaitError {
 }
 
 /// How often to ask whether the instance runs yet.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(300);
 
 /// Polls until the instance runs and has the address we will connect to.
 pub async fn wait_running(

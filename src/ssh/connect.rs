@@ -20,13 +20,10 @@ use super::{ConnectOptions, Session, SshError, Transport};
 
 /// First pause between attempts; doubled after each failure up to the cap.
 const BACKOFF_START: Duration = Duration::from_millis(100);
-/// TCP retries are cheap (a refused SYN), so keep polling tight: a box whose sshd starts
-/// accepting is noticed within about half a second.
-const BACKOFF_CAP_TCP: Duration = Duration::from_millis(500);
-/// Each proxy attempt spawns a process, whose own start-up (and, for SSM, API calls) already
-/// paces the retries; the cap only matters for a command that fails at once, e.g. a relay whose
-/// target is not listening yet, and the same half second keeps sshd detection tight.
-const BACKOFF_CAP_PROXY: Duration = Duration::from_millis(500);
+/// Retries stay tight: a box whose sshd starts accepting is noticed within about a quarter of a
+/// second. A proxy attempt spawns a process whose own start-up (and, for SSM, API calls) already
+/// paces the retries; the cap only matters for one that fails at once.
+const BACKOFF_CAP: Duration = Duration::from_millis(250);
 /// How long one TCP connect may take before it counts as a failed attempt.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
 /// How long the SSH handshake plus authentication may take on one attempt.
@@ -47,10 +44,7 @@ pub async fn connect(
     let target = opts.transport.to_string();
     let config = Arc::new(client_config(opts));
     let key = Arc::new(opts.client_key.clone());
-    let cap = match opts.transport {
-        Transport::Tcp { .. } => BACKOFF_CAP_TCP,
-        Transport::ProxyCommand(_) => BACKOFF_CAP_PROXY,
-    };
+    let cap = BACKOFF_CAP;
     let mut backoff = BACKOFF_START;
     let mut attempts = 0u32;
     let mut last = String::from("no attempt was made");
@@ -267,7 +261,73 @@ pub(crate) struct ProxyProcess {
     stderr: Arc<Mutex<VecDeque<String>>>,
 }
 
-type ProxyStream = tokio::io::Join<tokio::process::ChildStdout, tokio::process::ChildStdin>;
+type ProxyStream = tokio::io::Join<Drained, tokio::process::ChildStdin>;
+
+/// The proxy command's stdout, read continuously by a task of its own.
+///
+/// russh stops reading while it flushes what it has queued for writing. Over a socket that is
+/// harmless, but a proxy command may be a simple relay that blocks writing its stdout until
+/// somebody reads it, and then no longer reads its stdin either: both sides wait forever (a
+/// `connect ID -- cat` of a few MiB stalled that way). Draining stdout into memory decouples the
+/// two directions; the SSH window bounds how much can pile up.
+pub(crate) struct Drained {
+    chunks: tokio::sync::mpsc::UnboundedReceiver<std::io::Result<Vec<u8>>>,
+    pending: Vec<u8>,
+    offset: usize,
+}
+
+impl Drained {
+    fn spawn(mut stdout: tokio::process::ChildStdout) -> Drained {
+        use tokio::io::AsyncReadExt;
+        let (tx, chunks) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdout.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx.send(Ok(buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        break;
+                    }
+                }
+            }
+        });
+        Drained { chunks, pending: Vec::new(), offset: 0 }
+    }
+}
+
+impl tokio::io::AsyncRead for Drained {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        loop {
+            if self.offset < self.pending.len() {
+                let n = out.remaining().min(self.pending.len() - self.offset);
+                let start = self.offset;
+                out.put_slice(&self.pending[start..start + n]);
+                self.offset += n;
+                return Poll::Ready(Ok(()));
+            }
+            match self.chunks.poll_recv(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    self.pending = chunk;
+                    self.offset = 0;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())), // EOF
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 
 impl ProxyProcess {
     fn spawn(command: &str) -> Result<(ProxyProcess, ProxyStream), SshError> {
@@ -298,7 +358,7 @@ impl ProxyProcess {
                 kept.push_back(line);
             }
         });
-        Ok((ProxyProcess { child, stderr: tail }, tokio::io::join(stdout, stdin)))
+        Ok((ProxyProcess { child, stderr: tail }, tokio::io::join(Drained::spawn(stdout), stdin)))
     }
 
     /// If the proxy has exited (or does so within a moment), how: e.g. "exited with exit status:

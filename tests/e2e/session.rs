@@ -397,3 +397,33 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     user.run(&["terminate", &session]).success();
     assert_nothing_left(&cloud);
 }
+
+#[test]
+fn connect_pipes_megabytes_through_a_proxy_command_both_ways() {
+    // A simple relay (box-connect blocks writing its stdout until someone reads it): the client
+    // must keep reading while it writes, or both sides wait forever.
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let out = launch_detached(&user, &proxy, &[]);
+    let session = out["session_id"].as_str().unwrap();
+    let data: Vec<u8> =
+        (0..8 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let input = user.home.join("input.bin");
+    std::fs::write(&input, &data).unwrap();
+    let output = user
+        .command(&["connect", session, "--", "cat"])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(output.wait_with_output()));
+    let result =
+        rx.recv_timeout(Duration::from_secs(120)).expect("connect -- cat finished (no stall)").unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert_eq!(result.stdout.len(), data.len());
+    assert!(result.stdout == data, "byte for byte");
+    user.run(&["terminate", session]).success();
+}
