@@ -252,7 +252,9 @@ class Harness:
 
     @property
     def proxy(self):
-        return f"{BOX_CONNECT} {self.cloud.url} %i"
+        # The venv's interpreter with -S: a pyenv shim in front of `python3` costs ~90 ms per
+        # spawn, and the CLI spawns the proxy command on every connection attempt.
+        return f"{sys.executable} -S {BOX_CONNECT} {self.cloud.url} %i"
 
     def launch_args(self):
         return ["--my-ip", MY_IP, "--user", self.user, "--proxy-command", self.proxy]

@@ -20,10 +20,11 @@ use super::{ConnectOptions, Session, SshError, Transport};
 
 /// First pause between attempts; doubled after each failure up to the cap.
 const BACKOFF_START: Duration = Duration::from_millis(100);
-/// Retries stay tight: a box whose sshd starts accepting is noticed within about a quarter of a
-/// second. A proxy attempt spawns a process whose own start-up (and, for SSM, API calls) already
-/// paces the retries; the cap only matters for one that fails at once.
-const BACKOFF_CAP: Duration = Duration::from_millis(250);
+/// Retries stay tight: a box whose sshd starts accepting is noticed within about a tenth of a
+/// second (a refused SYN costs nothing). A proxy attempt spawns a process whose own start-up
+/// (and, for SSM, API calls) already paces the retries; the cap only matters for one that fails
+/// at once.
+const BACKOFF_CAP: Duration = Duration::from_millis(100);
 /// How long one TCP connect may take before it counts as a failed attempt.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
 /// How long the SSH handshake plus authentication may take on one attempt.

@@ -13,7 +13,8 @@ use crate::support::{LocalCloud, User};
 /// `--proxy-command` that reaches the box simulator's sshd for the instance (`%i`).
 pub fn proxy(cloud: &LocalCloud) -> String {
     let script = crate::support::cloud::repo().join("tests/support/localcloud/box-connect");
-    format!("{} {} %i", script.display(), cloud.url)
+    // The venv's interpreter, without site: starting it is what each connection attempt costs.
+    format!("{} -S {} {} %i", crate::support::cloud::python().display(), script.display(), cloud.url)
 }
 
 pub fn attached_args<'a>(cloud_proxy: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
