@@ -362,11 +362,23 @@ fn the_interactive_shell_works_in_a_real_terminal_and_records_a_replayable_cast(
     assert!(String::from_utf8_lossy(&played.stdout).contains("remote-42"));
 }
 
+/// Whether a client is attached to the box's tmux session. The box simulator's sshd runs on this
+/// machine, so the box's tmux server is this machine's.
+fn box_tmux_attached() -> bool {
+    let out =
+        Command::new("tmux").args(["display", "-p", "-t", "ephemeral-admin", "#{session_attached}"]).output();
+    out.is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().unwrap_or(0) > 0
+    })
+}
+
 #[test]
 fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let proxy = proxy(&cloud);
+    // A box tmux session left by an earlier, failed run would fool the checks below.
+    let _ = Command::new("tmux").args(["kill-session", "-t", "ephemeral-admin"]).status();
     let tmux = Tmux::start(&user, 120, 30);
     tmux.wait_for("local$", Duration::from_secs(10));
     tmux.line(&format!(
@@ -374,13 +386,8 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
         login()
     ));
     tmux.wait_for("the box stays up when you leave", Duration::from_secs(60));
-    // The box simulator's sshd runs on this machine, so the box's tmux server is visible here.
-    wait_until("the box's tmux session", Duration::from_secs(30), || {
-        Command::new("tmux")
-            .args(["has-session", "-t", "ephemeral-admin"])
-            .status()
-            .is_ok_and(|s| s.success())
-    });
+    // Keys typed before the box's tmux client owns the terminal would reach the shell instead.
+    wait_until("a client on the box's tmux session", Duration::from_secs(30), box_tmux_attached);
     std::thread::sleep(Duration::from_millis(500));
     tmux.line("export MARK=kept-$((6*7))");
     // Detach the box's tmux (C-b d): the connection ends, the work stays on the box.
@@ -390,7 +397,8 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
     tmux.line(&format!("ephemeral-admin connect {session} --tmux"));
     tmux.wait_for("the box stays up when you leave", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_until("connect to re-attach", Duration::from_secs(30), box_tmux_attached);
+    std::thread::sleep(Duration::from_millis(500));
     tmux.line("echo mark=$MARK");
     tmux.wait_for("mark=kept-42", Duration::from_secs(20));
     tmux.keys(&["C-b", "d"]);
