@@ -40,6 +40,8 @@ pub mod ended_by {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     pub session_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
     pub region: String,
     pub availability_zone: Option<String>,
     pub instance_type: Option<String>,
@@ -70,6 +72,7 @@ impl Entry {
             pricing::estimate(record.price_per_hour.unwrap_or(0.0), Duration::from_secs(duration as u64));
         Some(Entry {
             session_id: record.id.clone(),
+            instance_id: record.instance_id.clone(),
             region: record.region.clone(),
             availability_zone: record.availability_zone.clone(),
             instance_type: record.instance_type.clone(),
@@ -350,6 +353,7 @@ mod tests {
     fn entry(id: &str, start: &str, end: &str, total: f64) -> Entry {
         Entry {
             session_id: id.into(),
+            instance_id: None,
             region: "us-east-1".into(),
             availability_zone: None,
             instance_type: Some("t3.small".into()),

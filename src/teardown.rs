@@ -144,7 +144,7 @@ pub async fn teardown(
     }));
     let report_end = async {
         match &entry {
-            Some(entry) => report_end(aws, entry, resources.instance_ids.first().map(String::as_str)).await,
+            Some(entry) => report_end(aws, entry).await,
             None => Vec::new(),
         }
     };
@@ -187,9 +187,9 @@ pub async fn teardown(
 }
 
 /// Publishes an ended session's metrics and its last log event. Returns what failed.
-pub async fn report_end(aws: &Aws, entry: &ledger::Entry, instance_id: Option<&str>) -> Vec<String> {
+pub async fn report_end(aws: &Aws, entry: &ledger::Entry) -> Vec<String> {
     let log_end = async {
-        match instance_id {
+        match entry.instance_id.as_deref() {
             Some(instance) => {
                 let message = format!(
                     "end session={} reason={} duration={}s cost={:.4}",

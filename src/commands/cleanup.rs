@@ -470,8 +470,7 @@ async fn remove(
             match crate::ledger::record_end(&store.ledger(), store, id, crate::ledger::ended_by::CLEANUP, now)
             {
                 Ok(Some(entry)) => {
-                    let instance = found.live().first().map(|i| i.instance_id.clone());
-                    for warning in crate::teardown::report_end(aws, &entry, instance.as_deref()).await {
+                    for warning in crate::teardown::report_end(aws, &entry).await {
                         tracing::warn!("{warning}");
                     }
                 }

@@ -9,7 +9,7 @@ use super::Context;
 use crate::aws::{budgets, identity, metrics};
 use crate::cli::{BudgetArgs, CostArgs};
 use crate::error::{ExitStatus, UsageError};
-use crate::ledger::{self, Entry, month_bounds};
+use crate::ledger::{Entry, month_bounds};
 use crate::output::{short_duration, table, usd};
 use crate::session;
 use crate::session::store::Store;
@@ -54,11 +54,9 @@ pub async fn cost(ctx: &Context, args: &CostArgs) -> Result<ExitStatus> {
     };
     let store = Store::new(ctx.settings.sessions_dir());
     let ledger = store.ledger();
-    // Settle sessions that ended on their own, if AWS is reachable; the ledger is enough otherwise.
-    if let Ok(aws) = ctx.aws().await
-        && let Err(e) = ledger::settle(&aws, &store, &ledger, clock.as_ref()).await
-    {
-        ctx.printer.warn(format!("could not settle ended sessions from AWS ({e}); showing the local ledger"));
+    // Settle sessions that ended on their own, if AWS is configured; the ledger is enough otherwise.
+    if let Ok(aws) = ctx.aws().await {
+        ctx.settle(&aws).await;
     }
     let (from, to) = month_bounds(at);
     let until = to.min(now);

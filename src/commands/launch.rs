@@ -244,9 +244,7 @@ async fn provision(
     // Leftovers of this user's earlier crashed sessions go first, off the critical path.
     let housekeeping = async {
         // Sessions that ended on their own while no CLI ran get their ledger line first...
-        if let Err(e) = ledger::settle(&aws, &store, &store.ledger(), &clock).await {
-            tracing::warn!("settling ended sessions: {e:#}");
-        }
+        ctx.settle(&aws).await;
         // ...then this user's crashed sessions go.
         super::cleanup::quick_sweep(ctx, &aws).await
     };
@@ -438,7 +436,7 @@ async fn provision(
 
     checkpoint(ctx, &aws, &recorder, signals, &clock).await?;
     let record = recorder.snapshot();
-    let view = SessionView::new(&record, Some(&running), clock.now());
+    let view = SessionView::build(Some(&record), Some(&running), clock.now());
     let result = Launched {
         estimate: launched.price_per_hour.map(|p| pricing::estimate(p, s.max_runtime)),
         launch_attempts: launched.attempts,

@@ -19,9 +19,12 @@ pub use view::SessionView;
 use anyhow::Result;
 
 use crate::aws::Aws;
+use crate::aws::instances::InstanceInfo;
 use crate::cli::{Cli, Command};
 use crate::error::ExitStatus;
+use crate::ledger;
 use crate::output::Printer;
+use crate::session::{self, store::Store};
 use crate::settings::Settings;
 
 /// What every command gets: validated settings and the printer.
@@ -39,12 +42,28 @@ impl Context {
     /// Writes the ledger lines of sessions that ended on their own (idle, deadline, spot) while
     /// no CLI ran. Costs one AWS call when there is something to settle, none otherwise.
     pub async fn settle(&self, aws: &Aws) {
-        let store = crate::session::store::Store::new(self.settings.sessions_dir());
-        match crate::ledger::settle(aws, &store, &store.ledger(), &crate::session::SystemClock).await {
-            Ok(settled) => {
-                for entry in settled {
+        let store = Store::new(self.settings.sessions_dir());
+        let settled = ledger::settle(aws, &store, &store.ledger(), session::clock().as_ref()).await;
+        self.report_settled(aws, settled).await;
+    }
+
+    /// [`Context::settle`] from instances the command described anyway (every state): no AWS call.
+    pub async fn settle_known(&self, aws: &Aws, found: &[InstanceInfo]) {
+        let store = Store::new(self.settings.sessions_dir());
+        let settled =
+            ledger::settle_known(&aws.region, found, &store, &store.ledger(), session::clock().as_ref());
+        self.report_settled(aws, settled).await;
+    }
+
+    /// Publishes the settled sessions' metrics and end events; a failure is only a warning.
+    async fn report_settled(&self, aws: &Aws, settled: Result<Vec<ledger::Entry>>) {
+        match settled {
+            Ok(entries) => {
+                for entry in entries {
                     tracing::info!("session {} ended ({}) while away", entry.session_id, entry.ended_by);
-                    let _ = crate::teardown::report_end(aws, &entry, None).await;
+                    for warning in crate::teardown::report_end(aws, &entry).await {
+                        tracing::warn!("{warning}");
+                    }
                 }
             }
             Err(e) => self.printer.warn(format!("could not settle ended sessions: {e:#}")),

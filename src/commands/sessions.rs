@@ -37,14 +37,7 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
             instances::find(&aws, every_state).await.map_err(anyhow::Error::from)
         },)?;
     // The same answer settles sessions that ended while no CLI ran: no extra call.
-    match crate::ledger::settle_known(&aws.region, &found, &store, &store.ledger(), &SystemClock) {
-        Ok(settled) => {
-            for entry in settled {
-                let _ = crate::teardown::report_end(&aws, &entry, None).await;
-            }
-        }
-        Err(e) => ctx.printer.warn(format!("could not settle ended sessions: {e:#}")),
-    }
+    ctx.settle_known(&aws, &found).await;
     let found: Vec<_> = found.into_iter().filter(|i| i.state != "terminated").collect();
     let records = store.all();
     let now = SystemClock.now();

@@ -35,10 +35,6 @@ pub struct SessionView {
 }
 
 impl SessionView {
-    pub fn new(record: &SessionRecord, instance: Option<&InstanceInfo>, now: OffsetDateTime) -> SessionView {
-        SessionView::build(Some(record), instance, now)
-    }
-
     pub fn build(
         record: Option<&SessionRecord>,
         instance: Option<&InstanceInfo>,

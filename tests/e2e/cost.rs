@@ -149,6 +149,38 @@ fn sessions_the_watchdog_ended_while_away_are_settled_on_the_next_command() {
     assert_eq!(by(&idle["session_id"]), "idle");
     assert_eq!(by(&deadline["session_id"]), "deadline");
     assert_eq!(lines.len(), 2);
+    // Settling also publishes what a teardown would have: the end event and the metrics.
+    let state = cloud.state();
+    let log = |instance: &str| -> Vec<String> {
+        let group = state["log_groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == format!("/aws/ephemeral-container/{instance}"));
+        group
+            .map(|g| {
+                g["streams"][0]["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["message"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        log(instances[0]).last().is_some_and(|e| e.starts_with("end ") && e.contains("reason=idle")),
+        "{:?}",
+        log(instances[0])
+    );
+    assert!(
+        log(instances[1]).last().is_some_and(|e| e.contains("reason=deadline")),
+        "{:?}",
+        log(instances[1])
+    );
+    let durations =
+        state["metrics"].as_array().unwrap().iter().filter(|m| m["name"] == "SessionDuration").count();
+    assert_eq!(durations, 2);
     user.run(&["list"]).success();
     assert_eq!(ledger(&user).len(), 2, "settled once");
     let keys = std::fs::read_dir(user.state_dir().join("sessions"))

@@ -105,6 +105,8 @@ impl Sshd {
         std::fs::create_dir_all(&dir).unwrap();
         write_private(&dir.join("host_key"), host_key);
         std::fs::write(dir.join("authorized_keys"), format!("{}\n", authorized_key_line.trim())).unwrap();
+        // An empty home for the login: this machine's own ~/.bashrc stays out of the sessions.
+        std::fs::create_dir_all(dir.join("home")).unwrap();
         let port = free_port();
         let config = format!(
             "ListenAddress 127.0.0.1\n\
@@ -121,7 +123,8 @@ impl Sshd {
              UseDNS no\n\
              PrintMotd no\n\
              PrintLastLog no\n\
-             LogLevel VERBOSE\n",
+             LogLevel VERBOSE\n\
+             SetEnv HOME={dir}/home\n",
             dir = dir.display()
         );
         std::fs::write(dir.join("sshd_config"), config).unwrap();

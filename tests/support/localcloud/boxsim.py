@@ -572,6 +572,9 @@ class BoxSim:
             conf = os.path.join(d, "sshd_config")
             with open(conf, "w") as f:
                 f.write(_sshd_config(d, port, box.iid))
+            # The box's user starts with an empty home, like on a fresh instance: this machine's
+            # own ~/.bashrc (pyenv init and its rehash lock) has no business in a box's login.
+            os.makedirs(os.path.join(d, "home"), mode=0o700, exist_ok=True)
             log = open(os.path.join(d, "sshd.log"), "ab")
             env = dict(os.environ, **{MARK: box.iid})
             with box.lock:
@@ -849,7 +852,7 @@ AllowTcpForwarding yes
 PrintMotd no
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
-SetEnv {MARK}={iid}
+SetEnv {MARK}={iid} HOME={d}/home
 """
 
 
