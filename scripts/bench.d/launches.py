@@ -8,6 +8,7 @@ import os
 import pwd
 import select
 import subprocess
+import tempfile
 import time
 
 from harness import (BoxWatcher, chain_of, depth_chain, end_process, log, median, overlap,
@@ -244,9 +245,10 @@ def reference(h, cfg, n=5):
     finally:
         h.terminate(sid)
         h.cloud.configure(boot_seconds=cfg.boot_seconds)
-    # The box's login shell: sshd runs `$SHELL -c CMD` with SSH_CLIENT set, so bash reads ~/.bashrc.
+    # The box's login shell: sshd runs `$SHELL -c CMD` with SSH_CLIENT set, so bash reads ~/.bashrc;
+    # the simulator gives each box's login an empty home, as on a fresh instance.
     shell = pwd.getpwnam(h.user).pw_shell or "/bin/sh"
-    home = pwd.getpwnam(h.user).pw_dir
+    home = tempfile.mkdtemp(prefix="ea-bench-home-")
     env = {"HOME": home, "USER": h.user, "PATH": "/usr/bin:/bin", "SSH_CLIENT": "127.0.0.1 50000 22"}
     login = []
     for _ in range(n):
@@ -306,7 +308,7 @@ def section_ttfp(data, cfg, row):
                         fmt_spread(ref["connect_first_byte_s"]), None, values=ref["connect_first_byte_s"]))
         rows.append(row("  reference: same with OpenSSH `ssh -F cfg HOST` (same proxy, same sshd)", "-",
                         fmt_spread(ref["ssh_first_byte_s"]), None, values=ref["ssh_first_byte_s"]))
-        rows.append(row(f"  reference: the box's login shell ({ref['shell']} -c, reads ~/.bashrc under sshd)", "-",
+        rows.append(row(f"  reference: the box's login shell ({ref['shell']} -c, empty home, as under the simulated sshd)", "-",
                         fmt_spread(ref["login_shell_s"]), None, values=ref["login_shell_s"]))
     if sim_extra:
         own = [r["cli_overhead_s"] - (r["sim_boot_s"] - cfg.boot_seconds)
@@ -315,7 +317,7 @@ def section_ttfp(data, cfg, row):
         rows.append(row("  CLI overhead, warm, without the simulator's own time" + (" and the login shell" if ref else ""),
                         "(informative)", fmt_spread(own), None, values=own))
         notes.append(f"the box simulator itself adds ~{median(sim_extra):.3f} s between `running` and sshd "
-                     f"accepting beyond boot_seconds (its 100 ms instance poll + starting sshd); that is not "
+                     f"accepting beyond boot_seconds (its 25 ms instance poll + starting sshd); that is not "
                      f"the CLI's doing, nor is the box's login shell start-up")
     return rows, notes
 
