@@ -237,7 +237,9 @@ impl Tmux {
         ));
         env_file.push_str("export PS1='local$ '\n");
         std::fs::write(user.home.join("env.sh"), env_file).unwrap();
-        let ok = Command::new("tmux")
+        let t = Tmux { name: name.clone() };
+        let ok = t
+            .tmux()
             .args(["new-session", "-d", "-s", &name, "-x", &width.to_string(), "-y", &height.to_string()])
             .arg(format!("bash --norc --noprofile --rcfile {}", user.home.join("env.sh").display()))
             .env("TERM", "xterm-256color")
@@ -245,14 +247,20 @@ impl Tmux {
             .unwrap()
             .success();
         assert!(ok, "tmux starts");
-        let t = Tmux { name };
         t.keys(&[&format!(". {}", user.home.join("env.sh").display()), "Enter"]);
         t
     }
 
+    /// The harness's own tmux server (its own socket): the box's tmux, which runs on this
+    /// machine's default socket, stays separate and starts with the box's environment.
+    fn tmux(&self) -> Command {
+        let mut cmd = Command::new("tmux");
+        cmd.args(["-L", &self.name]);
+        cmd
+    }
+
     fn keys(&self, keys: &[&str]) {
-        let ok =
-            Command::new("tmux").args(["send-keys", "-t", &self.name]).args(keys).status().unwrap().success();
+        let ok = self.tmux().args(["send-keys", "-t", &self.name]).args(keys).status().unwrap().success();
         assert!(ok);
     }
 
@@ -262,10 +270,8 @@ impl Tmux {
     }
 
     fn screen(&self) -> String {
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-J", "-S", "-200", "-t", &self.name])
-            .output()
-            .unwrap();
+        let out =
+            self.tmux().args(["capture-pane", "-p", "-J", "-S", "-200", "-t", &self.name]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -278,7 +284,8 @@ impl Tmux {
     }
 
     fn pane_size(&self) -> String {
-        let out = Command::new("tmux")
+        let out = self
+            .tmux()
             .args(["display", "-p", "-t", &self.name, "#{pane_height} #{pane_width}"])
             .output()
             .unwrap();
@@ -288,7 +295,7 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = Command::new("tmux").args(["kill-session", "-t", &self.name]).status();
+        let _ = self.tmux().arg("kill-server").status();
     }
 }
 
@@ -314,10 +321,7 @@ fn the_interactive_shell_works_in_a_real_terminal_and_records_a_replayable_cast(
     tmux.line("stty size");
     let size = tmux.pane_size();
     tmux.wait_for(&size, Duration::from_secs(10));
-    let ok = Command::new("tmux")
-        .args(["resize-window", "-t", &tmux.name, "-x", "100", "-y", "25"])
-        .status()
-        .unwrap();
+    let ok = tmux.tmux().args(["resize-window", "-t", &tmux.name, "-x", "100", "-y", "25"]).status().unwrap();
     assert!(ok.success());
     std::thread::sleep(Duration::from_millis(500));
     let resized = tmux.pane_size();
@@ -385,9 +389,9 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
         "ephemeral-admin launch --keep --tmux --my-ip 203.0.113.7 --user {} --proxy-command '{proxy}'",
         login()
     ));
-    tmux.wait_for("the box stays up when you leave", Duration::from_secs(60));
-    // Keys typed before the box's tmux client owns the terminal would reach the shell instead.
-    wait_until("a client on the box's tmux session", Duration::from_secs(30), box_tmux_attached);
+    // The box's tmux redraws the screen as soon as it attaches (the banner may never be seen), and
+    // keys typed before its client owns the terminal would reach the shell instead: wait for it.
+    wait_until("a client on the box's tmux session", Duration::from_secs(60), box_tmux_attached);
     std::thread::sleep(Duration::from_millis(500));
     tmux.line("export MARK=kept-$((6*7))");
     // Detach the box's tmux (C-b d): the connection ends, the work stays on the box.
@@ -396,8 +400,7 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     let listed = user.run(&["list", "--output", "json"]).success().json();
     let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
     tmux.line(&format!("ephemeral-admin connect {session} --tmux"));
-    tmux.wait_for("the box stays up when you leave", Duration::from_secs(30));
-    wait_until("connect to re-attach", Duration::from_secs(30), box_tmux_attached);
+    wait_until("connect to re-attach", Duration::from_secs(60), box_tmux_attached);
     std::thread::sleep(Duration::from_millis(500));
     tmux.line("echo mark=$MARK");
     tmux.wait_for("mark=kept-42", Duration::from_secs(20));
