@@ -84,8 +84,10 @@ def render(report):
     out = []
     cfg = report["config"]
     out.append(f"ephemeral-admin benchmark: {cfg['delay_ms']} ms per AWS call, pending "
-               f"{cfg['pending_seconds']:g} s, boot {cfg['boot_seconds']:g} s, {cfg['runs']} runs per "
-               f"scenario{' (quick)' if cfg['quick'] else ''}; commit {report['git']['commit'] or '?'}"
+               f"{cfg['pending_seconds']:g} s, boot {cfg['boot_seconds']:g} s"
+               f"{' (SYNs dropped while booting)' if cfg.get('drop_syns_while_booting') else ''}, launches via "
+               f"{'TCP to the public IP' if cfg.get('route', 'direct') == 'direct' else 'box-connect'}, "
+               f"{cfg['runs']} runs per scenario{' (quick)' if cfg['quick'] else ''}; commit {report['git']['commit'] or '?'}"
                f"{' + local changes' if report['git']['dirty'] else ''}")
     missed = []
     for sec in report["sections"]:
@@ -125,6 +127,12 @@ def main():
     ap.add_argument("--delay-ms", type=int, default=50, help="latency added to every AWS call (default 50)")
     ap.add_argument("--boot-seconds", type=float, default=2.0, help="simulated boot time (default 2)")
     ap.add_argument("--pending-seconds", type=float, default=3.0, help="time in `pending` (default 3)")
+    ap.add_argument("--route", choices=("direct", "box-connect"), default="direct",
+                    help="how launches reach the box: TCP to its public IP, the default and what a real "
+                         "launch does (default), or the box-connect ProxyCommand")
+    ap.add_argument("--answer-syns-while-booting", action="store_true",
+                    help="let a booting box refuse connections at once; by default it drops SYNs until "
+                         "the boot ends, like a real box before its network is up")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     ap.add_argument("--quick", action="store_true",
                     help="fewer runs, 1 and 10 sessions, 128 MiB, 50 keystrokes: a couple of minutes")
@@ -136,7 +144,8 @@ def main():
     if not os.access(args.bin, os.X_OK):
         raise SystemExit(f"{args.bin}: not an executable (build with `cargo build --release`)")
     cfg = Config(runs=args.runs or (2 if args.quick else 5), delay_ms=args.delay_ms, boot_seconds=args.boot_seconds,
-                 pending_seconds=args.pending_seconds, quick=args.quick, trace=args.trace_cli,
+                 pending_seconds=args.pending_seconds, quick=args.quick, trace=args.trace_cli, route=args.route,
+                 drop_syns_while_booting=not args.answer_syns_while_booting,
                  launch_timeout=max(120, 30 + 3 * (args.boot_seconds + args.pending_seconds)))
     only = parse_only(args.only)
 
@@ -146,7 +155,8 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     started = time.monotonic()
     work = harness.make_workdir()
-    h = harness.Harness(args.bin, work)
+    h = harness.Harness(args.bin, work, route=args.route,
+                        drop_syns_while_booting=not args.answer_syns_while_booting)
     report = {"config": {**{k: v for k, v in cfg.__dict__.items()}, "sections": only},
               "git": harness.git_describe(), "binary": os.path.abspath(args.bin), "workdir": work,
               "sections": []}

@@ -35,6 +35,10 @@ pub struct Settings {
     pub boot_grace: Duration,
     pub watchdog_interval: Duration,
     pub connect_timeout: Duration,
+    /// The TCP port dialled on the box (`connect = public-ip|private-ip`, and `%p` in a proxy
+    /// command). The box's sshd and the ingress rule use 22; another value only makes sense for
+    /// a port-mapped route, such as the local cloud's simulated boxes when port 22 is taken.
+    pub ssh_port: u16,
     pub spot_price_ratio: f64,
     pub on_demand_fallback: bool,
     pub security_group_name: String,
@@ -154,6 +158,7 @@ struct FileConfig {
     boot_grace: Option<String>,
     watchdog_interval: Option<String>,
     connect_timeout: Option<String>,
+    ssh_port: Option<u16>,
     spot_price_ratio: Option<Number>,
     on_demand_fallback: Option<bool>,
     security_group_name: Option<String>,
@@ -321,6 +326,17 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
     let boot_grace = duration("boot_grace", None, "", file.boot_grace, "10m")?;
     let watchdog_interval = duration("watchdog_interval", None, "", file.watchdog_interval, "5s")?;
     let connect_timeout = duration("connect_timeout", None, "", file.connect_timeout, "3m")?;
+    let ssh_port = match r.string("ssh_port", None, "", file.ssh_port.map(|p| p.to_string()))? {
+        Some((value, source)) => match value.trim().parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => {
+                return Err(UsageError::new(format!(
+                    "invalid ssh_port {value:?} ({source}): expected a TCP port from 1 to 65535, normally 22"
+                )));
+            }
+        },
+        None => 22,
+    };
     if max_runtime > max_runtime_cap {
         return Err(UsageError::new(format!(
             "max_runtime {} is longer than max_runtime_cap {}: shorten it, or raise max_runtime_cap in the config",
@@ -443,6 +459,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         boot_grace,
         watchdog_interval,
         connect_timeout,
+        ssh_port,
         spot_price_ratio,
         on_demand_fallback,
         security_group_name,
@@ -825,6 +842,7 @@ mod tests {
         assert_eq!(s.iam_role_name, "SystemAdminTestingRole");
         assert_eq!(s.monthly_budget, 2.0);
         assert_eq!(s.connect, ConnectMode::PublicIp);
+        assert_eq!(s.ssh_port, 22);
         assert_eq!(s.state_dir, PathBuf::from("/nonexistent-home/.local/state/ephemeral-admin"));
     }
 
@@ -845,6 +863,20 @@ mod tests {
         assert_eq!(s.monthly_budget, 3.0, "file beats default, integers accepted");
         let s = resolve_with(&["--config", f, "list"], &[]).unwrap();
         assert_eq!(s.max_runtime, Duration::from_secs(3 * 3600), "file beats default");
+    }
+
+    #[test]
+    fn ssh_port_comes_from_env_or_file_and_must_be_a_port() {
+        let s = resolve_with(&["list"], &[("EPHEMERAL_ADMIN_SSH_PORT", "2222")]).unwrap();
+        assert_eq!(s.ssh_port, 2222);
+        for bad in ["0", "65536", "ssh"] {
+            let e = resolve_with(&["list"], &[("EPHEMERAL_ADMIN_SSH_PORT", bad)]).unwrap_err();
+            assert!(
+                e.0.starts_with(&format!("invalid ssh_port {bad:?} (from $EPHEMERAL_ADMIN_SSH_PORT)")),
+                "{}",
+                e.0
+            );
+        }
     }
 
     #[test]

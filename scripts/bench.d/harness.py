@@ -113,6 +113,10 @@ class Cloud:
             self.stop()
             raise RuntimeError(f"localcloud did not start (see {stderr_path}): {line!r}")
         self.url = line.split("url=")[1].split()[0]
+        # Boxes listen at their own (loopback) public IP on this port: 22 unless it was taken.
+        port = [w.split("=", 1)[1] for w in line.split() if w.startswith("box_ssh_port=")]
+        self.box_ssh_port = int(port[0]) if port else 22
+        self.drop_syns_while_booting = False
         # Let the background warm-up (botocore models) finish before anything is measured.
         time.sleep(1.0)
 
@@ -141,7 +145,7 @@ class Cloud:
         except OSError:
             return "?"
 
-    def configure(self, delay_ms=None, pending_seconds=None, boot_seconds=None):
+    def configure(self, delay_ms=None, pending_seconds=None, boot_seconds=None, drop_syns_while_booting=None):
         doc = {}
         if delay_ms is not None:
             doc["delay_ms"] = delay_ms
@@ -149,8 +153,12 @@ class Cloud:
             doc["pending_seconds"] = pending_seconds
         if doc:
             self.control("PUT", "config", doc)
+        if drop_syns_while_booting is not None:
+            self.drop_syns_while_booting = drop_syns_while_booting
         if boot_seconds is not None:
-            self.control("PUT", "box-config", {"boot_seconds": boot_seconds})
+            # (a reset forgets the box config: it is sent whole every time)
+            self.control("PUT", "box-config", {"boot_seconds": boot_seconds,
+                                               "drop_syns_while_booting": self.drop_syns_while_booting})
 
     def reset(self):
         self.control("POST", "reset")
@@ -219,8 +227,10 @@ class BoxWatcher:
 
 
 class Harness:
-    def __init__(self, binary, workdir):
+    def __init__(self, binary, workdir, route="direct", drop_syns_while_booting=True):
         self.bin = os.path.abspath(binary)
+        self.route = route
+        self.drop_syns_while_booting = drop_syns_while_booting
         self.work = workdir
         self.cloud = None
         self.sessions = set()  # detached sessions we launched and must terminate
@@ -231,6 +241,7 @@ class Harness:
 
     def start_cloud(self):
         self.cloud = Cloud(os.path.join(self.work, "localcloud.stderr"))
+        self.cloud.drop_syns_while_booting = self.drop_syns_while_booting
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": self.home,
@@ -248,6 +259,8 @@ class Harness:
             "LANG": "C.UTF-8",
             "TERM": "xterm-256color",
         }
+        if self.cloud.box_ssh_port != 22:
+            self.env["EPHEMERAL_ADMIN_SSH_PORT"] = str(self.cloud.box_ssh_port)
         return self.cloud
 
     @property
@@ -257,7 +270,8 @@ class Harness:
         return f"{sys.executable} -S {BOX_CONNECT} {self.cloud.url} %i"
 
     def launch_args(self):
-        return ["--my-ip", MY_IP, "--user", self.user, "--proxy-command", self.proxy]
+        via = ["--proxy-command", self.proxy] if self.route == "box-connect" else []
+        return ["--my-ip", MY_IP, "--user", self.user, *via]
 
     def popen(self, argv, **kw):
         kw.setdefault("env", self.env)

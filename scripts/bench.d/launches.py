@@ -228,7 +228,7 @@ def first_byte(h, argv, timeout=60):
 
 def reference(h, cfg, n=5):
     """How long a connection to a box that is already up takes to print its first byte, with the
-    embedded client (`connect`) and with OpenSSH through the same proxy, and how much of it is the
+    embedded client (`connect`) and with OpenSSH by the same route, and how much of it is the
     box's login shell starting (`bash -c` under sshd sources ~/.bashrc). No AWS delay."""
     h.cloud.configure(delay_ms=0, pending_seconds=0, boot_seconds=0)
     doc, _ = h.launch_detached()
@@ -306,7 +306,7 @@ def section_ttfp(data, cfg, row):
     if ref:
         rows.append(row("  reference: box already up, `connect ID -- sh -c 'echo ..'` to first byte", "-",
                         fmt_spread(ref["connect_first_byte_s"]), None, values=ref["connect_first_byte_s"]))
-        rows.append(row("  reference: same with OpenSSH `ssh -F cfg HOST` (same proxy, same sshd)", "-",
+        rows.append(row("  reference: same with OpenSSH `ssh -F cfg HOST` (same route, same sshd)", "-",
                         fmt_spread(ref["ssh_first_byte_s"]), None, values=ref["ssh_first_byte_s"]))
         rows.append(row(f"  reference: the box's login shell ({ref['shell']} -c, empty home, as under the simulated sshd)", "-",
                         fmt_spread(ref["login_shell_s"]), None, values=ref["login_shell_s"]))

@@ -163,6 +163,14 @@ class PipeSession:
         # Wait (bounded) until sshd answers, so no measurement includes the boot.
         cp, _ = h.run(["connect", self.id, "--", "true"], timeout=60)
 
+    def config_with_proxy(self, proxy):
+        """The session's OpenSSH config, reaching the box through `proxy` (%i = instance id)."""
+        path = f"{self.ssh_config}.{abs(hash(proxy))}"
+        with open(self.ssh_config) as f, open(path, "w") as g:
+            lines = [line for line in f if not line.strip().startswith("ProxyCommand")]
+            g.write("".join(lines).rstrip("\n") + f"\n    ProxyCommand {proxy.replace('%i', self.instance_id)}\n")
+        return path
+
     def ea(self, *cmd):
         return [self.h.bin, "connect", self.id, "--", *cmd] if cmd else [self.h.bin, "connect", self.id]
 
@@ -345,15 +353,10 @@ def section_pipe(h, cfg, row, shared):
     s = shared.get("pipe_session") or PipeSession(h, cfg)
     shared["pipe_session"] = s
     relay = f"{RELAY_PYTHON} {RELAY} {h.cloud.url} %i"
-    relay_cfg = s.ssh_config + ".relay"
-    with open(s.ssh_config) as f, open(relay_cfg, "w") as g:
-        g.write("".join(f"    ProxyCommand {relay.replace('%i', s.instance_id)}\n"
-                        if line.strip().startswith("ProxyCommand") else line for line in f))
-    paths = {
-        "box-connect": {"ephemeral-admin": s.ea("cat"), "ssh": s.ssh("cat")},
-        "threaded relay": {"ephemeral-admin": [h.bin, "connect", s.id, "--proxy-command", relay, "--", "cat"],
-                           "ssh": ["ssh", "-F", relay_cfg, "-o", "BatchMode=yes", s.host, "cat"]},
-    }
+    paths = {"direct TCP": {"ephemeral-admin": s.ea("cat"), "ssh": s.ssh("cat")}}
+    for path, proxy in (("box-connect", h.proxy), ("threaded relay", relay)):
+        paths[path] = {"ephemeral-admin": [h.bin, "connect", s.id, "--proxy-command", proxy, "--", "cat"],
+                       "ssh": ["ssh", "-F", s.config_with_proxy(proxy), "-o", "BatchMode=yes", s.host, "cat"]}
     for path, tools in paths.items():
         data[path] = {name: throughput(h, f"{name} via {path}", argv, size, runs, notes)
                       for name, argv in tools.items()}
@@ -386,7 +389,7 @@ def section_pipe(h, cfg, row, shared):
     data["echo_s"] = lat
     if le and ls:
         r_med, r_p95 = median(le) / median(ls), pct(le, 95) / pct(ls, 95)
-        rows.append(row("keystroke echo in a PTY, `connect ID` (via box-connect)", "-",
+        rows.append(row("keystroke echo in a PTY, `connect ID` (direct TCP)", "-",
                         f"median {median(le) * 1000:.2f} ms, p95 {pct(le, 95) * 1000:.2f} ms (n={len(le)})", None,
                         values=le))
         rows.append(row("  same, `ssh -tt -F cfg HOST`", "-",
@@ -397,10 +400,11 @@ def section_pipe(h, cfg, row, shared):
         data["echo_ratio_median"], data["echo_ratio_p95"] = r_med, r_p95
     else:
         rows.append(row("keystroke echo latency ratio", "<= 1.2", "no data", False))
-    notes.append("both clients reach the same sshd through the same ProxyCommand: box-connect (the repo's "
-                 "single-threaded Python relay) or relay.py (scripts/bench.d: the same with one thread per "
-                 "direction, like `ssh -W`, nc or the SSM plugin). MiB/s counts the data phase: wall time minus "
-                 "the median wall time of the same pipeline with 0 bytes. AWS delay is 0 here.")
+    notes.append("both clients reach the same sshd by the same route: direct TCP to the box's public IP (what "
+                 "a launch uses), or a ProxyCommand: box-connect (the repo's single-threaded Python relay) or "
+                 "relay.py (scripts/bench.d: the same with one thread per direction, like `ssh -W`, nc or the SSM "
+                 "plugin). MiB/s counts the data phase: wall time minus the median wall time of the same pipeline "
+                 "with 0 bytes. AWS delay is 0 here.")
     return rows, notes, data
 
 
@@ -444,8 +448,7 @@ def section_process(h, cfg, row, shared, launch_data):
     if "connect_peak_rss_kib" not in shared:
         s = shared.get("pipe_session") or PipeSession(h, cfg)
         shared["pipe_session"] = s
-        relay = f"{RELAY_PYTHON} {RELAY} {h.cloud.url} %i"
-        r = pipe_once(h, [h.bin, "connect", s.id, "--proxy-command", relay, "--", "cat"], 64 * 2**20, 120)
+        r = pipe_once(h, s.ea("cat"), 64 * 2**20, 120)
         shared["connect_peak_rss_kib"] = r["peak_rss_kib"]
         shared["ssh_peak_rss_kib"] = pipe_once(h, s.ssh("cat"), 64 * 2**20, 120)["peak_rss_kib"]
     data["connect_peak_rss_kib"] = shared["connect_peak_rss_kib"]

@@ -90,7 +90,7 @@ pub fn connect_options(
                     route.mode.as_str()
                 );
             };
-            Transport::Tcp { host, port: 22 }
+            Transport::Tcp { host, port: ctx.settings.ssh_port }
         }
         ConnectMode::ProxyCommand | ConnectMode::Ssm => {
             let template = match route.mode {
@@ -103,7 +103,7 @@ pub fn connect_options(
             Transport::ProxyCommand(ssh::expand_proxy_command(
                 &template,
                 &host,
-                22,
+                ctx.settings.ssh_port,
                 instance_id,
                 &record.user,
             ))

@@ -124,7 +124,7 @@ pub async fn ssh_config(ctx: &Context, id: &str) -> Result<ExitStatus> {
             address.as_deref().unwrap_or(record.instance_id.as_deref().unwrap_or_default())
         ),
         format!("    User {}", record.user),
-        "    Port 22".to_string(),
+        format!("    Port {}", ctx.settings.ssh_port),
         format!("    IdentityFile {}", store.key_path(id).display()),
         "    IdentitiesOnly yes".to_string(),
         format!("    HostKeyAlias {alias}"),

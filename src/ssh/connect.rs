@@ -25,8 +25,12 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 /// (and, for SSM, API calls) already paces the retries; the cap only matters for one that fails
 /// at once.
 const BACKOFF_CAP: Duration = Duration::from_millis(100);
-/// How long one TCP connect may take before it counts as a failed attempt.
+/// How long one TCP attempt may go unanswered before it counts as failed.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
+/// While a booting box silently drops SYNs (its network is not up yet), the kernel would only
+/// resend ours after 1 s, then 3 s: so a fresh connect starts beside the pending ones this often,
+/// and the first to be answered wins.
+const TCP_STAGGER: Duration = Duration::from_millis(200);
 /// How long the SSH handshake plus authentication may take on one attempt.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Lines of proxy-command stderr kept to explain a failure.
@@ -117,22 +121,9 @@ async fn attempt(
     let pinned = Pinned { expected: opts.host_key.clone() };
     let (handshake, proxy) = match &opts.transport {
         Transport::Tcp { host, port } => {
-            let stream = match tokio::time::timeout(
-                TCP_CONNECT_TIMEOUT,
-                tokio::net::TcpStream::connect((host.as_str(), *port)),
-            )
-            .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(Failure::Retry(format!("TCP connect to {}: {e}", opts.transport))),
-                Err(_) => {
-                    return Err(Failure::Retry(format!(
-                        "TCP connect to {} timed out after {}",
-                        opts.transport,
-                        format_duration(TCP_CONNECT_TIMEOUT)
-                    )));
-                }
-            };
+            let stream = tcp_connect_staggered(host, *port, TCP_STAGGER, TCP_CONNECT_TIMEOUT)
+                .await
+                .map_err(|why| Failure::Retry(format!("TCP connect to {}: {why}", opts.transport)))?;
             let _ = stream.set_nodelay(true);
             (handshake(opts, config.clone(), stream, pinned, key).await, None)
         }
@@ -151,6 +142,42 @@ async fn attempt(
     };
     let handle = handshake?;
     Ok(Session { handle, proxy })
+}
+
+/// Connects to `host:port`, starting another connect every `stagger` while earlier ones are
+/// unanswered, for at most `window`. The first stream to connect wins (the others are dropped);
+/// a refusal or any other error ends the attempt at once, since it means the box's network is up
+/// and the caller's retry loop handles it.
+async fn tcp_connect_staggered(
+    host: &str,
+    port: u16,
+    stagger: Duration,
+    window: Duration,
+) -> Result<tokio::net::TcpStream, String> {
+    let started = tokio::time::Instant::now();
+    let end = started + window;
+    let mut pending = tokio::task::JoinSet::new();
+    let mut next_start = started;
+    loop {
+        if tokio::time::Instant::now() >= next_start && next_start < end {
+            let host = host.to_string();
+            pending.spawn(async move { tokio::net::TcpStream::connect((host.as_str(), port)).await });
+            next_start += stagger;
+        }
+        let wake = next_start.min(end);
+        tokio::select! {
+            Some(joined) = pending.join_next() => match joined {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(e) => return Err(format!("connect task failed: {e}")),
+            },
+            _ = tokio::time::sleep_until(wake) => {
+                if tokio::time::Instant::now() >= end {
+                    return Err(format!("no answer within {}", format_duration(window)));
+                }
+            }
+        }
+    }
 }
 
 async fn handshake<S>(
@@ -408,5 +435,103 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(20)), "20s");
         assert_eq!(format_duration(Duration::from_secs(180)), "3m");
         assert_eq!(format_duration(Duration::from_secs(150)), "2m30s");
+    }
+
+    /// A listener whose accept queue is full: the kernel drops further SYNs, as a booting box
+    /// does before its network is up (the client only resends after 1 s).
+    struct SynBlackhole {
+        fd: libc::c_int,
+        _queued: std::net::TcpStream,
+    }
+
+    impl SynBlackhole {
+        fn bind(addr: std::net::SocketAddrV4) -> SynBlackhole {
+            // SAFETY: plain socket calls on a descriptor we own; the sockaddr outlives them.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                assert!(fd >= 0);
+                let one: libc::c_int = 1;
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: addr.port().to_be(),
+                    sin_addr: libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() },
+                    sin_zero: [0; 8],
+                };
+                let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                assert_eq!(libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), len), 0);
+                assert_eq!(libc::listen(fd, 0), 0);
+                // Backlog 0 holds one connection: fill it, so every later SYN is dropped.
+                let queued = std::net::TcpStream::connect(addr).unwrap();
+                SynBlackhole { fd, _queued: queued }
+            }
+        }
+    }
+
+    impl Drop for SynBlackhole {
+        fn drop(&mut self) {
+            // SAFETY: our descriptor, closed once.
+            unsafe { libc::close(self.fd) };
+        }
+    }
+
+    fn free_loopback_addr() -> std::net::SocketAddrV4 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let pid = std::process::id();
+        std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(127, 3, (pid >> 8) as u8, pid as u8 | 1), port)
+    }
+
+    #[tokio::test]
+    async fn staggered_connect_gives_up_when_every_syn_is_dropped() {
+        let addr = free_loopback_addr();
+        let _hole = SynBlackhole::bind(addr);
+        let err = tcp_connect_staggered(
+            &addr.ip().to_string(),
+            addr.port(),
+            Duration::from_millis(100),
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err, "no answer within 0.5s");
+    }
+
+    /// A single connect whose first SYN was dropped would only be answered at the kernel's resend
+    /// after 1 s, outside this 800 ms window; a connect started after sshd came up is answered.
+    #[tokio::test]
+    async fn staggered_connect_reaches_a_listener_that_replaces_dropped_syns() {
+        let addr = free_loopback_addr();
+        let hole = SynBlackhole::bind(addr);
+        let connecting = tokio::spawn(async move {
+            let host = addr.ip().to_string();
+            tcp_connect_staggered(&host, addr.port(), Duration::from_millis(100), Duration::from_millis(800))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        drop(hole);
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let stream = connecting.await.unwrap().expect("a later connect is answered within the window");
+        let (_accepted, peer) = listener.accept().await.unwrap();
+        assert_eq!(stream.local_addr().unwrap(), peer);
+    }
+
+    #[tokio::test]
+    async fn staggered_connect_reports_a_refusal_at_once() {
+        let addr = free_loopback_addr();
+        let err = tcp_connect_staggered(
+            &addr.ip().to_string(),
+            addr.port(),
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("refused"), "{err}");
     }
 }

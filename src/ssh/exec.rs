@@ -74,31 +74,34 @@ enum Sink<'a> {
 impl Sink<'_> {
     async fn write(&mut self, to_stderr: bool, data: &[u8]) -> std::io::Result<()> {
         match self {
-            // Straight to the file descriptor from this task, not through tokio's stdout (which
-            // hands every chunk to the blocking pool and back): at SSH's 32 KiB packets those
-            // hand-offs cost a third of the pipe's throughput. `block_in_place` tells the
-            // runtime this worker may block on a slow reader.
-            Sink::Inherit => {
-                let write = || {
-                    if to_stderr {
-                        let mut err = std::io::stderr().lock();
-                        err.write_all(data).and_then(|_| err.flush())
-                    } else {
-                        let mut out = std::io::stdout().lock();
-                        out.write_all(data).and_then(|_| out.flush())
-                    }
-                };
-                match tokio::runtime::Handle::current().runtime_flavor() {
-                    tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(write),
-                    _ => write(),
-                }
-            }
+            Sink::Inherit => write_now(to_stderr, data),
             Sink::Capture(captured) => {
                 let out = if to_stderr { &mut captured.stderr } else { &mut captured.stdout };
                 out.extend_from_slice(data);
                 Ok(())
             }
         }
+    }
+}
+
+/// Writes `data` to our stdout (or stderr) and flushes it, straight to the file descriptor from
+/// this task, not through tokio's stdout: that hands every chunk to the blocking pool and back,
+/// which costs a third of the pipe's throughput at SSH's 32 KiB packets and a thread hand-off on
+/// every echoed keystroke. `block_in_place` tells the runtime this worker may block on a slow
+/// reader.
+pub(super) fn write_now(to_stderr: bool, data: &[u8]) -> std::io::Result<()> {
+    let write = || {
+        if to_stderr {
+            let mut err = std::io::stderr().lock();
+            err.write_all(data).and_then(|_| err.flush())
+        } else {
+            let mut out = std::io::stdout().lock();
+            out.write_all(data).and_then(|_| out.flush())
+        }
+    };
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(write),
+        _ => write(),
     }
 }
 

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, Once};
 
 use anyhow::Context;
 use russh::{ChannelMsg, Pty};
-use tokio::io::AsyncWriteExt;
 
 use super::record::{Header, Recorder};
 use super::{RemoteExit, Session};
@@ -92,8 +91,6 @@ impl Session {
         let (mut reader, writer) = channel.split();
 
         let output = async {
-            let mut stdout = tokio::io::stdout();
-            let mut stderr = tokio::io::stderr();
             let mut exit = None;
             let mut started = false;
             while let Some(msg) = reader.wait().await {
@@ -101,14 +98,12 @@ impl Session {
                     ChannelMsg::Data { data } => {
                         super::mark_first_output();
                         track_alt_screen(&data, &alt_screen);
-                        stdout.write_all(&data).await.context("cannot write to the terminal")?;
-                        stdout.flush().await.context("cannot write to the terminal")?;
+                        super::exec::write_now(false, &data).context("cannot write to the terminal")?;
                         record(&recorder, |r| r.output(&data));
                     }
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
                         super::mark_first_output();
-                        stderr.write_all(&data).await.context("cannot write to stderr")?;
-                        stderr.flush().await.context("cannot write to stderr")?;
+                        super::exec::write_now(true, &data).context("cannot write to stderr")?;
                         record(&recorder, |r| r.output(&data));
                     }
                     ChannelMsg::ExitStatus { exit_status } => exit = Some(RemoteExit::Status(exit_status)),

@@ -5,6 +5,7 @@
 : "${EA_IMDS_URL:=http://169.254.169.254}"
 : "${EA_IMDS_TIMEOUT:=2}"
 : "${EA_SSH_PORT:=22}"
+: "${EA_SSH_EXTRA:=}" # one more local IPv4 ADDR:PORT whose connections count (box simulator)
 : "${EA_POWEROFF_CMD:=systemctl poweroff}"
 : "${EA_WALL_CMD:=wall}" # run as: $EA_WALL_CMD "message" (one argument)
 : "${EA_INTERVAL:=5}"
@@ -47,16 +48,20 @@ imds() {
 	[ "$code" = 200 ]
 }
 
-# Established TCP connections whose local port is EA_SSH_PORT.
+# Established TCP connections whose local port is EA_SSH_PORT, or whose local
+# address is EA_SSH_EXTRA.
 conns() {
-	cat "$EA_PROC_NET/tcp" "$EA_PROC_NET/tcp6" 2>/dev/null | awk -v p="$hexport" '
-		$4 == "01" { n = split($2, a, ":"); if (a[n] == p) c++ }
+	cat "$EA_PROC_NET/tcp" "$EA_PROC_NET/tcp6" 2>/dev/null | awk -v p="$hexport" -v x="$hexextra" '
+		$4 == "01" { n = split($2, a, ":"); if (a[n] == p || $2 == x) c++ }
 		END { print c + 0 }'
 }
 
 mkdir -p "$EA_STATE_DIR"
 body=$EA_STATE_DIR/imds.out
 hexport=$(printf '%04X' "$EA_SSH_PORT")
+# /proc/net/tcp spells 127.1.2.3:22 as 0302017F:0016; "-" never matches.
+hexextra=$(echo "$EA_SSH_EXTRA" | awk -F'[.:]' 'NF == 5 { printf "%02X%02X%02X%02X:%04X", $4, $3, $2, $1, $5; ok = 1 }
+	END { if (!ok) print "-" }')
 tok=
 # The start time and "a connection was seen" survive a restart of the unit.
 [ -s "$EA_STATE_DIR/started" ] || now >"$EA_STATE_DIR/started"
@@ -75,7 +80,7 @@ warned=
 idle_since=
 ncon=-1
 spot=
-log "start port=$EA_SSH_PORT interval=${EA_INTERVAL}s idle_grace=${EA_IDLE_GRACE}s boot_grace=${EA_BOOT_GRACE}s baked_deadline=$EA_DEADLINE"
+log "start port=$EA_SSH_PORT${EA_SSH_EXTRA:+ extra=$EA_SSH_EXTRA} interval=${EA_INTERVAL}s idle_grace=${EA_IDLE_GRACE}s boot_grace=${EA_BOOT_GRACE}s baked_deadline=$EA_DEADLINE"
 
 while :; do
 	t=$(now)

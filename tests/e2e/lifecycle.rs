@@ -65,13 +65,22 @@ fn wait_terminated(cloud: &LocalCloud, instance: &str, limit: Duration) -> Durat
 
 /// OpenSSH's own client, logging in with the session key and pinning the session host key.
 pub fn ssh(user: &User, session: &str, port: u16, extra: &[&str]) -> Command {
+    ssh_to(user, session, "127.0.0.1", port, extra)
+}
+
+/// [`ssh`] to any address of the box.
+pub fn ssh_to(user: &User, session: &str, host: &str, port: u16, extra: &[&str]) -> Command {
     let dir = user.state_dir().join(format!("sessions/{session}"));
     let record: toml::Value =
         toml::from_str(&std::fs::read_to_string(dir.join("session.toml")).unwrap()).unwrap();
     let known_hosts = dir.join("test_known_hosts");
     std::fs::write(
         &known_hosts,
-        format!("[127.0.0.1]:{port} {}\n", record["host_key_public"].as_str().unwrap()),
+        format!(
+            "{} {}\n",
+            if port == 22 { host.to_string() } else { format!("[{host}]:{port}") },
+            record["host_key_public"].as_str().unwrap()
+        ),
     )
     .unwrap();
     let mut cmd = Command::new("ssh");
@@ -80,7 +89,7 @@ pub fn ssh(user: &User, session: &str, port: u16, extra: &[&str]) -> Command {
         .args(["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-        .args(["-p", &port.to_string(), &format!("{}@127.0.0.1", login())])
+        .args(["-p", &port.to_string(), &format!("{}@{host}", login())])
         .args(extra);
     cmd
 }
@@ -109,6 +118,29 @@ fn a_box_nobody_connects_to_powers_off_after_the_boot_grace() {
     assert!(up.elapsed() >= Duration::from_secs(4), "not before the grace: {:?}", up.elapsed());
     let info = box_info(&cloud, &instance);
     assert_eq!(info["poweroff_reason"], "never-connected", "{info:#}");
+}
+
+/// The simulated boxes share this machine's network stack, so the watchdog counts connections on
+/// the box's own port and, through `EA_SSH_EXTRA`, on its public address at port 22.
+#[test]
+fn a_connection_to_the_public_ip_counts_as_activity_too() {
+    let cloud = LocalCloud::start();
+    let user = quick_user(&cloud, "boot_grace = \"60s\"\nidle_grace = \"3s\"\n");
+    let (session, instance) = launch(&user, &[]);
+    wait_box_up(&cloud, &instance);
+    let direct =
+        box_info(&cloud, &instance)["direct"].as_str().expect("sshd listens on the public IP").to_string();
+    let (host, port) = direct.rsplit_once(':').unwrap();
+    let tunnel = Kill(
+        ssh_to(&user, &session, host, port.parse().unwrap(), &["-N"]).stdin(Stdio::null()).spawn().unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(instance_state(&cloud, &instance), "running", "two idle graces with a direct session open");
+    let info = box_info(&cloud, &instance);
+    assert!(log_lines(&info, "watchdog_log").iter().any(|l| l.ends_with("ssh connections=1")), "{info:#}");
+    drop(tunnel);
+    wait_terminated(&cloud, &instance, Duration::from_secs(20));
+    assert_eq!(box_info(&cloud, &instance)["poweroff_reason"], "idle");
 }
 
 #[test]

@@ -76,6 +76,45 @@ fn launch_runs_a_command_passes_its_status_through_and_tears_everything_down() {
     assert_nothing_left(&cloud);
 }
 
+/// The default route, with no proxy command: TCP straight to the instance's public IP (the box
+/// simulator's sshd listens on it: localcloud hands out loopback addresses as public IPs).
+#[test]
+fn launch_connect_and_ssh_config_reach_the_box_at_its_public_ip() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let port = cloud.box_ssh_port.expect("the box simulator names its SSH port").to_string();
+    let base = ["launch", "--my-ip", "203.0.113.7", "--user", login()];
+    let run = user.run(&[&base[..], &["--", "sh", "-c", "echo \"$SSH_CONNECTION\"; exit 3"]].concat());
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    let fields: Vec<&str> = run.stdout.split_whitespace().collect();
+    assert_eq!(fields.len(), 4, "SSH_CONNECTION is 'client port server port': {:?}", run.stdout);
+    // The address EC2 reported (printed while waiting) is the one sshd saw the connection on.
+    assert!(fields[2].starts_with("127.") && fields[2] != "127.0.0.1", "the box's own address: {fields:?}");
+    assert_eq!(fields[3], port);
+    assert!(run.stderr.contains(&format!("waiting for ssh on {}:{port}", fields[2])), "{}", run.stderr);
+    assert_nothing_left(&cloud);
+
+    // A detached session: `connect` and the user's own OpenSSH through `ssh-config`, both direct.
+    let out = user.run(&[&base[..], &["--detach", "--output", "json"]].concat()).success().json();
+    let session = out["session_id"].as_str().unwrap();
+    let run = user.run(&["connect", session, "--", "sh", "-c", "echo \"${SSH_CONNECTION##* }\""]).success();
+    assert_eq!(run.stdout.trim(), port);
+    let config = user.run(&["ssh-config", session]).success().stdout;
+    assert!(!config.contains("ProxyCommand"), "{config}");
+    assert!(config.contains(&format!("    Port {port}\n")), "{config}");
+    let config_path = user.home.join("ssh_config");
+    std::fs::write(&config_path, &config).unwrap();
+    let host = format!("ephemeral-admin-{session}");
+    let ssh = Command::new("ssh")
+        .args(["-F", config_path.to_str().unwrap(), "-o", "BatchMode=yes", &host, "echo openssh-direct"])
+        .output()
+        .unwrap();
+    assert!(ssh.status.success(), "{}", String::from_utf8_lossy(&ssh.stderr));
+    assert_eq!(String::from_utf8_lossy(&ssh.stdout), "openssh-direct\n");
+    user.run(&["terminate", session]).success();
+    assert_nothing_left(&cloud);
+}
+
 #[test]
 fn an_sshd_that_comes_up_late_is_still_reached() {
     let cloud = LocalCloud::start();
@@ -87,6 +126,24 @@ fn an_sshd_that_comes_up_late_is_still_reached() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(run.stdout, "booted\n");
     assert!(started.elapsed() >= Duration::from_secs(3), "it really waited for the boot");
+    assert_nothing_left(&cloud);
+}
+
+/// A real box drops SYNs until its network is up, then refuses until sshd listens: the CLI keeps
+/// fresh connects going beside the unanswered ones and gets in once sshd accepts.
+#[test]
+fn a_box_that_drops_syns_while_booting_is_reached_directly() {
+    let cloud = LocalCloud::start();
+    cloud.control("PUT", "box-config", Some(json!({ "boot_seconds": 2, "drop_syns_while_booting": true })));
+    let user = User::new(&cloud);
+    let run =
+        user.run(&["launch", "--my-ip", "203.0.113.7", "--user", login(), "-v", "--", "echo", "booted"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout, "booted\n");
+    let instance = cloud.state()["instances"][0]["id"].as_str().unwrap().to_string();
+    let info = cloud.control("GET", &format!("box/{instance}"), None);
+    let log: Vec<&str> = info["sshd_log"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    assert_eq!(log.iter().filter(|l| l.starts_with("Accepted publickey")).count(), 1, "{log:#?}");
     assert_nothing_left(&cloud);
 }
 

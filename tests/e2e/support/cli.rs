@@ -39,7 +39,11 @@ impl User {
     pub fn new(cloud: &LocalCloud) -> User {
         let mut user = User::offline();
         user.endpoint = Some(cloud.url.clone());
-        user
+        // Boxes are dialled at their public IP; only a port other than 22 needs saying.
+        match cloud.box_ssh_port {
+            Some(port) if port != 22 => user.env("EPHEMERAL_ADMIN_SSH_PORT", &port.to_string()),
+            _ => user,
+        }
     }
 
     /// A user with no cloud at all: for inputs that must fail before any AWS call.

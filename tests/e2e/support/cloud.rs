@@ -11,6 +11,9 @@ use super::http::request;
 
 pub struct LocalCloud {
     pub url: String,
+    /// The port simulated boxes listen on at their own public IP (a loopback address): 22 when
+    /// the box simulator could bind it, else a free port the CLI is told about.
+    pub box_ssh_port: Option<u16>,
     child: Child,
     _stdin: ChildStdin,
 }
@@ -54,7 +57,11 @@ impl LocalCloud {
             .find_map(|w| w.strip_prefix("url="))
             .unwrap_or_else(|| panic!("localcloud did not start: {line:?}"))
             .to_string();
-        LocalCloud { url, child, _stdin: stdin }
+        let box_ssh_port = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("box_ssh_port="))
+            .and_then(|p| p.parse().ok());
+        LocalCloud { url, box_ssh_port, child, _stdin: stdin }
     }
 
     pub fn control(&self, method: &str, path: &str, body: Option<Value>) -> Value {

@@ -5,7 +5,10 @@ localcloud (moto in-process) only keeps EC2 *records*. With ``--box-sim`` it cal
 simulated box:
 
 * its user-data (``#cloud-config``, as rendered by the CLI) is parsed;
-* a real OpenSSH ``sshd`` listens on 127.0.0.1:<free port> with the host key and
+* a real OpenSSH ``sshd`` listens on 127.0.0.1:<free port> (what box-connect relays to)
+  and on the instance's public IP (localcloud hands out loopback addresses) at the
+  direct SSH port: 22 when it can bind it, else one free port shared by every box
+  (``box_ssh_port`` in the READY line and box-config). It uses the host key and
   authorized keys from the user-data (``ssh_keys`` / ``ssh_authorized_keys``);
 * the real watchdog script and its env file are taken from ``write_files`` and run
   with ``sh`` the way the systemd unit would run it, talking to a fake IMDSv2;
@@ -21,7 +24,7 @@ Interface expected from ``cloud``::
     cloud.moto_lock                            # held while reading moto
     cloud.on_reset(fn)                         # -> boxsim.reset()
     cloud.on_instances_terminated(fn)          # faster than the 100 ms poll
-    cloud.ready_extras                         # gets boxsim_imds=<url>
+    cloud.ready_extras                         # gets boxsim_imds=<url>, box_ssh_port=<port>
 
 moto must run in the same process: boxes are found by scanning
 ``moto.ec2.models.ec2_backends`` (every account and region that exists).
@@ -38,11 +41,16 @@ Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box`
                                                "terminate_in": S -> terminate_instance(reason="spot")
                                                S seconds later)
     POST /_localcloud/box/<iid>/imds           {"available": false}
-    GET|PUT /_localcloud/box-config            {"boot_seconds": 2.5}
+    GET|PUT /_localcloud/box-config            {"boot_seconds": 2.5, "drop_syns_while_booting": false}
+                                               (GET adds ssh_port: the direct port). With
+                                               drop_syns_while_booting, a booting box's public
+                                               address silently drops SYNs (a full accept queue),
+                                               like a real box before its network is up.
     POST /_localcloud/box-reset                stop every box, forget them (= boxsim.reset())
 
-summary = {instance_id, region, account_id, state, ssh_port, dir, poweroff_reason,
-           imds_url, imds_available, error}; state is booting|up|powered-off|gone
+summary = {instance_id, region, account_id, state, ssh_port, public_ip, direct, dir,
+           poweroff_reason, imds_url, imds_available, error}; state is booting|up|powered-off|gone;
+           direct is "<public ip>:<port>" while sshd listens there, else null
 (or failed, with error, when the user-data cannot make a box).
 
 Module functions: attach(cloud), reset(), shutdown(). Set BOXSIM_KEEP_DIRS=1 to keep
@@ -118,6 +126,48 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _direct_port():
+    """The port every box's sshd also listens on at the box's own (loopback) public IP: 22, as
+    on a real box, when this process may bind it and nothing listens on *:22; else a free port
+    (a successful bind on 127.0.0.1 means no wildcard listener has it), which the CLI then
+    dials through EPHEMERAL_ADMIN_SSH_PORT."""
+    override = os.environ.get("BOXSIM_SSH_PORT")
+    if override:
+        return int(override)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.15.255.254", 22))
+        return 22
+    except OSError:
+        return _free_port()
+
+
+class _SynBlackhole:
+    """A listener with a full accept queue (backlog 0, one queued connection): the kernel
+    drops every further SYN to the address, so a client's connect hangs and resends."""
+
+    def __init__(self, addr):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(addr)
+        self.listener.listen(0)
+        self.queued = socket.create_connection(addr, timeout=2)
+
+    def close(self):
+        for s in (self.queued, self.listener):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def _safe_attr(obj, name):
+    try:
+        return getattr(obj, name)
+    except Exception:  # noqa: BLE001  (a moto property that raises on a half-made instance)
+        return None
 
 
 def _decode_user_data(ud):
@@ -320,6 +370,8 @@ class Box:
         self.state = "booting"
         self.dir = None
         self.ssh_port = None
+        self.public_ip = None
+        self.direct = None
         self.sshd = None
         self.watchdog = None
         self.watchdog_cmd = None
@@ -362,6 +414,8 @@ class Box:
             "account_id": self.account,
             "state": self.state,
             "ssh_port": self.ssh_port,
+            "public_ip": self.public_ip,
+            "direct": self.direct,
             "dir": self.dir,
             "poweroff_reason": self.poweroff_reason,
             "imds_url": f"{imds_base}/{self.iid}",
@@ -377,6 +431,8 @@ class BoxSim:
         self.boxes: dict[str, Box] = {}
         self.ignored: set[str] = set()
         self.boot_seconds = 0.0
+        self.drop_syns_while_booting = False
+        self.direct_port = _direct_port()
         self.root = tempfile.mkdtemp(prefix="localcloud-boxsim-")
         self.spawner = _Spawner()
         self.stop_event = threading.Event()
@@ -408,6 +464,7 @@ class BoxSim:
         extras = getattr(self.cloud, "ready_extras", None)
         if isinstance(extras, dict):
             extras["boxsim_imds"] = self.imds_base
+            extras["box_ssh_port"] = str(self.direct_port)
         atexit.register(self.shutdown)
         self.poller = threading.Thread(target=self._poll_loop, name="boxsim-poller", daemon=True)
         self.poller.start()
@@ -420,6 +477,7 @@ class BoxSim:
             self.ignored.update(current)
             self.boxes.clear()
             self.boot_seconds = 0.0
+            self.drop_syns_while_booting = False
         for box in boxes:
             self._stop_box(box, None)
 
@@ -504,12 +562,23 @@ class BoxSim:
     # ---- boot
 
     def _boot(self, box, inst):
+        hole = None
         try:
-            if self.boot_seconds > 0 and box.wake.wait(self.boot_seconds):
-                return  # stopped while booting
-            box.dir = tempfile.mkdtemp(prefix=f"{box.iid}-", dir=self.root)
             with self.moto_lock:
                 ud = getattr(inst, "user_data", None)
+                public_ip = _safe_attr(inst, "public_ip")
+            if public_ip and str(public_ip).startswith("127."):
+                box.public_ip = str(public_ip)
+                if self.drop_syns_while_booting and self.boot_seconds > 0:
+                    try:
+                        hole = _SynBlackhole((box.public_ip, self.direct_port))
+                    except OSError as e:
+                        box.note(f"cannot drop SYNs on {box.public_ip}:{self.direct_port}: {e}")
+            if self.boot_seconds > 0 and box.wake.wait(self.boot_seconds):
+                return  # stopped while booting
+            if hole is not None:
+                hole.close()  # "the network is up": refused until sshd listens
+            box.dir = tempfile.mkdtemp(prefix=f"{box.iid}-", dir=self.root)
             raw = _decode_user_data(ud)
             with open(os.path.join(box.dir, "user-data"), "wb") as f:
                 f.write(raw)
@@ -522,13 +591,16 @@ class BoxSim:
             with box.lock:
                 if not box.stopped:
                     box.state = "up"
-                    box.note(f"up ssh_port={box.ssh_port}")
+                    box.note(f"up ssh_port={box.ssh_port} direct={box.direct}")
         except Exception as e:  # noqa: BLE001
             with box.lock:
                 if not box.stopped:
                     box.state, box.error = "failed", str(e)
             box.note(f"boot failed: {e}")
             self._stop_box(box, None)
+        finally:
+            if hole is not None:
+                hole.close()
 
     def _write_files(self, box, cfg):
         files = {}
@@ -570,8 +642,9 @@ class BoxSim:
         for _attempt in range(3):
             port = _free_port()
             conf = os.path.join(d, "sshd_config")
+            direct = f"{box.public_ip}:{self.direct_port}" if box.public_ip else None
             with open(conf, "w") as f:
-                f.write(_sshd_config(d, port, box.iid))
+                f.write(_sshd_config(d, port, box.iid, direct))
             # The box's user starts with an empty home, like on a fresh instance: this machine's
             # own ~/.bashrc (pyenv init and its rehash lock) has no business in a box's login.
             os.makedirs(os.path.join(d, "home"), mode=0o700, exist_ok=True)
@@ -593,8 +666,14 @@ class BoxSim:
                     raise RuntimeError("stopped while booting")
                 if box.sshd.poll() is not None:
                     break
-                if f"Server listening on 127.0.0.1 port {port}" in "\n".join(box.read_lines("sshd.log")):
+                log_text = "\n".join(box.read_lines("sshd.log"))
+                if f"Server listening on 127.0.0.1 port {port}" in log_text:
+                    # sshd binds in ListenAddress order and carries on past a failed bind.
                     box.ssh_port = port
+                    if direct and f"Server listening on {box.public_ip} port {self.direct_port}" in log_text:
+                        box.direct = direct
+                    elif direct:
+                        box.note(f"sshd could not listen on {direct}: only box-connect reaches this box")
                     return
                 time.sleep(0.02)
             last_err = "sshd failed: " + " | ".join(box.read_lines("sshd.log", tail=5))
@@ -633,6 +712,7 @@ class BoxSim:
         env.update({
             "EA_IMDS_URL": f"{self.imds_base}/{box.iid}",
             "EA_SSH_PORT": str(box.ssh_port),
+            "EA_SSH_EXTRA": box.direct or "",
             "EA_POWEROFF_CMD": "curl -fsS -o /dev/null -m 10 -X POST -H 'Content-Type: application/json' -d '{}' "
                                + shlex.quote(f"{base}/_localcloud/box/{box.iid}/poweroff"),
             "EA_WALL_CMD": shlex.quote(sys.executable) + " " + shlex.quote(wall),
@@ -733,7 +813,10 @@ class BoxSim:
         if path == "/_localcloud/box-config":
             if method in ("PUT", "POST") and "boot_seconds" in data:
                 self.boot_seconds = max(0.0, float(data["boot_seconds"]))
-            return 200, {"boot_seconds": self.boot_seconds}
+            if method in ("PUT", "POST") and "drop_syns_while_booting" in data:
+                self.drop_syns_while_booting = bool(data["drop_syns_while_booting"])
+            return 200, {"boot_seconds": self.boot_seconds, "ssh_port": self.direct_port,
+                         "drop_syns_while_booting": self.drop_syns_while_booting}
         if path == "/_localcloud/box-reset" and method == "POST":
             self.reset()
             return 200, {"reset": True}
@@ -832,13 +915,14 @@ def _sshd_version():
     return _SSHD_VERSION
 
 
-def _sshd_config(d, port, iid):
+def _sshd_config(d, port, iid, direct=None):
     # OpenSSH >= 9.8 penalises sources whose connections fail or close early; every
     # test connects from 127.0.0.1, so switch that off where it exists.
     extra = "PerSourcePenalties no\n" if _sshd_version() >= (9, 8) else ""
+    if direct:
+        extra += f"ListenAddress {direct}\n"
     return extra + f"""# boxsim: one box's sshd
-ListenAddress 127.0.0.1
-Port {port}
+ListenAddress 127.0.0.1:{port}
 HostKey {d}/ssh_host_ed25519_key
 AuthorizedKeysFile {d}/authorized_keys
 PasswordAuthentication no

@@ -648,6 +648,8 @@ class Middleware:
 #  * DeleteSecurityGroup: DependencyViolation while an instance uses the group;
 #  * DescribeInstances understands the `iam-instance-profile.arn` filter;
 #  * Budgets: UpdateBudget (moto lacks it);
+#  * public IPs are loopback addresses, so an instance's public IP leads to its
+#    simulated box on this machine (boxsim listens there on the SSH port);
 #  * two speed fixes: a faster reset and cheaper AWS-managed IAM policies.
 # The fix functions run with moto_lock held, instead of handing the request
 # straight to moto; each either answers itself, checks something first, or
@@ -702,6 +704,36 @@ def _patch_moto_instance_profile_filter() -> None:
 
 
 _patch_moto_instance_profile_filter()
+
+
+_loopback_ips_used: set[str] = set()
+_loopback_ips_lock = threading.Lock()
+
+
+def loopback_public_ip() -> str:
+    """A public IP for a new instance: a loopback address not used before in this process,
+    random across processes (parallel test clouds share the host's loopback), and clear of
+    127.0.0.0/12, where 127.0.0.1 and the usual host aliases live. Linux routes all of
+    127.0.0.0/8 to lo, so boxsim's sshd can listen on it and the CLI can dial it directly."""
+    import random
+
+    with _loopback_ips_lock:
+        while True:
+            ip = f"127.{random.randint(16, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+            if ip not in _loopback_ips_used:
+                _loopback_ips_used.add(ip)
+                return ip
+
+
+def _patch_moto_public_ips() -> None:
+    try:
+        from moto.ec2.models import elastic_network_interfaces as eni
+    except ImportError:
+        return
+    eni.random_public_ip = loopback_public_ip
+
+
+_patch_moto_public_ips()
 
 
 def _reset_moto() -> None:
