@@ -214,7 +214,9 @@ def main():
         print(json.dumps(report, indent=1, default=str))
     else:
         print(render(report))
+    # A missed target is a result; a section that could not be measured is a broken benchmark.
+    return 1 if any(sec.get("error") for sec in report["sections"]) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -667,6 +667,9 @@ def t_state():
           i.get("security_group_ids"))
     check(bool(i.get("public_ip")) and bool(i.get("private_ip")) and bool(i.get("launch_time")),
           "ips and launch time")
+    octets = [int(x) for x in str(i.get("public_ip")).split(".")] if i.get("public_ip") else []
+    check(len(octets) == 4 and octets[0] == 127 and octets[1] >= 16,
+          "the public IP is a loopback address outside 127.0.0.0/12", i.get("public_ip"))
     check((i.get("launch_request") or {}).get(
         "InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior") == "terminate",
         "launch_request keeps what moto drops")
