@@ -33,6 +33,8 @@ const TCP_CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
 const TCP_STAGGER: Duration = Duration::from_millis(200);
 /// How long the SSH handshake plus authentication may take on one attempt.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bytes read from the connection at a time.
+const READ_BUFFER: usize = 256 * 1024;
 /// Lines of proxy-command stderr kept to explain a failure.
 const PROXY_STDERR_LINES: usize = 5;
 
@@ -125,6 +127,10 @@ async fn attempt(
                 .await
                 .map_err(|why| Failure::Retry(format!("TCP connect to {}: {why}", opts.transport)))?;
             let _ = stream.set_nodelay(true);
+            // russh reads each packet's length and then its body with separate reads: through a
+            // buffer, one system call takes in whatever has arrived (an echo, or many packets).
+            // (A proxy's stdout is already read in large chunks by `Drained`.)
+            let stream = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
             (handshake(opts, config.clone(), stream, pinned, key).await, None)
         }
         Transport::ProxyCommand(command) => {
@@ -309,12 +315,13 @@ impl Drained {
         use tokio::io::AsyncReadExt;
         let (tx, chunks) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
             loop {
-                match stdout.read(&mut buf).await {
+                // A fresh buffer each time, handed over whole: no copy, no zeroing.
+                let mut buf = Vec::with_capacity(READ_BUFFER);
+                match stdout.read_buf(&mut buf).await {
                     Ok(0) => break,
-                    Ok(n) => {
-                        if tx.send(Ok(buf[..n].to_vec())).is_err() {
+                    Ok(_) => {
+                        if tx.send(Ok(buf)).is_err() {
                             break;
                         }
                     }
