@@ -35,6 +35,9 @@ const TCP_STAGGER: Duration = Duration::from_millis(200);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes read from the connection at a time.
 const READ_BUFFER: usize = 256 * 1024;
+/// Capacity asked for the pipes to and from a proxy command (Linux; the unprivileged maximum).
+#[cfg(target_os = "linux")]
+const PROXY_PIPE_BYTES: libc::c_int = 1024 * 1024;
 /// Lines of proxy-command stderr kept to explain a failure.
 const PROXY_STDERR_LINES: usize = 5;
 
@@ -380,6 +383,16 @@ impl ProxyProcess {
         else {
             return Err(SshError::Other("the proxy command started without its pipes".to_string()));
         };
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // Room for a burst each way (64 KiB by default): a relay that writes while we are busy
+            // encrypting or writing our own stdout does not stall, and so keeps reading its side.
+            for fd in [stdin.as_raw_fd(), stdout.as_raw_fd()] {
+                // SAFETY: F_SETPIPE_SZ on a pipe we own; failure (a lower limit) is harmless.
+                unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PROXY_PIPE_BYTES) };
+            }
+        }
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let keep = tail.clone();
         tokio::spawn(async move {
@@ -526,6 +539,25 @@ mod tests {
         let stream = connecting.await.unwrap().expect("a later connect is answered within the window");
         let (_accepted, peer) = listener.accept().await.unwrap();
         assert_eq!(stream.local_addr().unwrap(), peer);
+    }
+
+    /// A relay writing to us while we are busy must not stall on a 64 KiB pipe (a 1 GiB transfer
+    /// through a single-threaded relay ran at 0.75x OpenSSH's speed that way).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn proxy_pipes_get_room_for_a_burst() {
+        use tokio::io::AsyncReadExt;
+        let max: usize =
+            std::fs::read_to_string("/proc/sys/fs/pipe-max-size").unwrap().trim().parse().unwrap();
+        let (proxy, mut stream) = ProxyProcess::spawn(
+            "exec python3 -c 'import fcntl; print(fcntl.fcntl(0, 1032), fcntl.fcntl(1, 1032))'", // F_GETPIPE_SZ
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        let want = (PROXY_PIPE_BYTES as usize).min(max);
+        assert_eq!(out.trim(), format!("{want} {want}"), "pipe sizes seen by the proxy (stdin, stdout)");
+        proxy.shutdown().await;
     }
 
     #[tokio::test]
