@@ -135,7 +135,7 @@ def main():
                          "the boot ends, like a real box before its network is up")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     ap.add_argument("--quick", action="store_true",
-                    help="fewer runs, 1 and 10 sessions, 128 MiB, 50 keystrokes: a couple of minutes")
+                    help="fewer runs, 1 and 10 sessions, 128 MiB, 100 keystrokes: a couple of minutes")
     ap.add_argument("--only", metavar="SECTION", help="only these sections (number or name, comma-separated)")
     ap.add_argument("--trace-cli", action="store_true",
                     help="run the measured launches with -vv and keep their timestamped stderr in the JSON")

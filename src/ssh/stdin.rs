@@ -24,6 +24,8 @@ use tokio::sync::mpsc;
 
 /// Size of one read from stdin.
 pub(crate) const CHUNK: usize = 64 * 1024;
+/// Reads up to this size (keystrokes) are handed on in a right-sized copy.
+const SMALL: usize = 4096;
 /// How long the thread waits in `poll` before checking whether it should stop.
 const POLL_SLICE_MS: libc::c_int = 100;
 
@@ -66,16 +68,15 @@ impl StdinPump {
                         return Some(Err(e));
                     }
                 };
-                let mut buf = vec![0u8; CHUNK];
-                match ready.try_io(|fd| read(fd.as_raw_fd(), &mut buf)) {
+                // Read into spare capacity: a keystroke should not cost zeroing 64 KiB.
+                let mut buf = Vec::with_capacity(CHUNK);
+                match ready.try_io(|fd| read_into_spare(fd.as_raw_fd(), &mut buf)) {
                     Ok(Ok(0)) => {
                         *done = true;
                         return None;
                     }
-                    Ok(Ok(n)) => {
-                        buf.truncate(n);
-                        return Some(Ok(buf));
-                    }
+                    Ok(Ok(n)) if n <= SMALL => return Some(Ok(buf[..n].to_vec())),
+                    Ok(Ok(_)) => return Some(Ok(buf)),
                     Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Ok(Err(e)) => {
                         *done = true;
@@ -128,10 +129,18 @@ fn reopen_nonblocking(fd: libc::c_int) -> Option<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }.ok()
 }
 
-fn read(fd: libc::c_int, buf: &mut [u8]) -> std::io::Result<usize> {
-    // SAFETY: `buf` is valid for `buf.len()` writable bytes.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+/// Reads into `buf`'s spare capacity and extends its length by what was read.
+fn read_into_spare(fd: libc::c_int, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `spare` is valid for `spare.len()` writable bytes; read(2) initialises the first
+    // `n` of them, and only those become part of the vector.
+    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: see above; `n <= spare.len()`.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
 }
 
 fn pump(fd: libc::c_int, tx: &mpsc::Sender<std::io::Result<Vec<u8>>>, stop: &AtomicBool) {
