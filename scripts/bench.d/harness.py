@@ -391,15 +391,20 @@ def wait4_with_timeout(p, timeout):
         time.sleep(0.002)
 
 
-def vm_hwm_kib(pid):
+def proc_number(pid, file, key):
+    """The number after `key:` in /proc/PID/FILE; None if the process or the line is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{file}") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def vm_hwm_kib(pid):
+    return proc_number(pid, "status", "VmHWM")
 
 
 def git_describe():

@@ -12,7 +12,7 @@ import sys
 import termios
 import time
 
-from harness import ROOT, bounded_parallel, depth_chain, end_process, log, median, pct, vm_hwm_kib
+from harness import ROOT, bounded_parallel, depth_chain, end_process, log, median, pct, proc_number, vm_hwm_kib
 
 # --------------------------------------------------------------------------- 5. scale
 
@@ -221,14 +221,8 @@ def pipe_once(h, argv, size, timeout, stall_s=10):
 
 def written_bytes(pid):
     """How much `head` has written so far (its wchar); -1 once it has exited."""
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                if line.startswith("wchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
+    n = proc_number(pid, "io", "wchar")
+    return -1 if n is None else n
 
 
 def echo_latency(h, argv, keys, timeout=60):
