@@ -199,6 +199,7 @@ async fn provision(
     let session_id = session::new_id();
     let created = clock.now();
     let expires = created + TimeDuration::try_from(s.max_runtime).context("max_runtime is too long")?;
+    let cap = created + TimeDuration::try_from(s.max_runtime_cap).context("max_runtime_cap is too long")?;
     let kept = args.detach || args.keep;
     // Through SSM no inbound port is needed at all.
     let need_ingress = s.connect != ConnectMode::Ssm;
@@ -321,6 +322,7 @@ async fn provision(
         host_key_public: &keys.host.public_openssh,
         client_key_public: &keys.client.public_openssh,
         deadline_epoch: expires.unix_timestamp(),
+        cap_epoch: cap.unix_timestamp(),
         idle_grace_secs: s.idle_grace.as_secs(),
         boot_grace_secs: s.boot_grace.as_secs(),
         interval_secs: s.watchdog_interval.as_secs().max(1),

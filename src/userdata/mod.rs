@@ -1,6 +1,8 @@
 //! The box's user-data: a `#cloud-config` document that installs our pinned host key (and no
-//! other), authorizes the session's client key, turns password login off, and installs and
-//! starts the watchdog that ends the box.
+//! other), authorizes the session's client key, turns password login off, makes sshd probe its
+//! clients (a vanished laptop's half-open connection must not keep the box up), arms a boot-time
+//! poweroff at the hard cap (in case the watchdog never runs), and installs and starts the
+//! watchdog that ends the box.
 //!
 //! Rendered deterministically (same inputs, same bytes) so it can be snapshot-tested. The only
 //! secret in it is the host private key: no AWS credentials, no client private key.
@@ -15,6 +17,13 @@ pub const WATCHDOG_UNIT: &str = include_str!("watchdog.service");
 pub const WATCHDOG_PATH: &str = "/usr/local/sbin/ephemeral-admin-watchdog";
 pub const WATCHDOG_ENV_PATH: &str = "/etc/ephemeral-admin/watchdog.env";
 pub const WATCHDOG_UNIT_PATH: &str = "/etc/systemd/system/ephemeral-admin-watchdog.service";
+/// First in `sshd_config.d` (the first value of an option wins).
+pub const SSHD_DROPIN_PATH: &str = "/etc/ssh/sshd_config.d/00-ephemeral-admin.conf";
+/// sshd probes a silent client every 10 s and drops it after 3 unanswered probes: a client that
+/// vanished without closing its connection is gone within about 40 s, so the watchdog sees the
+/// box idle and its idle grace starts.
+pub const SSHD_DROPIN: &str = "# ephemeral-admin: notice a client that vanished without closing its connection.\n\
+    ClientAliveInterval 10\nClientAliveCountMax 3\n";
 
 /// AWS refuses user-data above 16 KB (before base64).
 pub const MAX_USER_DATA: usize = 16 * 1024;
@@ -28,6 +37,9 @@ pub struct BoxConfig<'a> {
     pub client_key_public: &'a str,
     /// The hard deadline baked in, for when instance metadata does not answer (Unix seconds).
     pub deadline_epoch: i64,
+    /// Launch + `max_runtime_cap` (Unix seconds): no deadline tag moves the box past it, and a
+    /// boot-time timer powers the box off then even if the watchdog never starts.
+    pub cap_epoch: i64,
     pub idle_grace_secs: u64,
     pub boot_grace_secs: u64,
     pub interval_secs: u64,
@@ -53,11 +65,14 @@ pub fn render(config: &BoxConfig) -> String {
     if config.install_tmux {
         out.push_str("packages: [tmux]\n");
     }
+    out.push_str("bootcmd:\n");
+    bootcmd_cap(&mut out, config.cap_epoch);
     out.push_str("write_files:\n");
     let env = format!(
-        "EA_SESSION_ID={}\nEA_DEADLINE={}\nEA_IDLE_GRACE={}\nEA_BOOT_GRACE={}\nEA_INTERVAL={}\n",
+        "EA_SESSION_ID={}\nEA_DEADLINE={}\nEA_CAP={}\nEA_IDLE_GRACE={}\nEA_BOOT_GRACE={}\nEA_INTERVAL={}\n",
         config.session_id,
         config.deadline_epoch,
+        config.cap_epoch,
         config.idle_grace_secs,
         config.boot_grace_secs,
         config.interval_secs
@@ -65,10 +80,24 @@ pub fn render(config: &BoxConfig) -> String {
     write_file(&mut out, WATCHDOG_ENV_PATH, "0644", &env);
     write_file(&mut out, WATCHDOG_PATH, "0755", WATCHDOG_SCRIPT);
     write_file(&mut out, WATCHDOG_UNIT_PATH, "0644", WATCHDOG_UNIT);
+    write_file(&mut out, SSHD_DROPIN_PATH, "0644", SSHD_DROPIN);
     out.push_str("runcmd:\n");
+    out.push_str(
+        "  - systemctl try-reload-or-restart ssh.service || systemctl try-reload-or-restart sshd.service\n",
+    );
     out.push_str("  - [systemctl, daemon-reload]\n");
     out.push_str("  - [systemctl, enable, --now, ephemeral-admin-watchdog.service]\n");
     out
+}
+
+/// Every boot, before anything else: a systemd timer (else `shutdown -P`, whole minutes) powers
+/// the box off at the cap, whatever happens to the watchdog.
+fn bootcmd_cap(out: &mut String, cap_epoch: i64) {
+    out.push_str("  - |\n");
+    let _ = writeln!(out, "    l=$(({cap_epoch} - $(date +%s))); [ \"$l\" -gt 0 ] || l=1");
+    out.push_str("    systemd-run --unit=ephemeral-admin-cap --description='ephemeral-admin: hard cap, powering off' \\\n");
+    out.push_str("      --on-active=\"${l}s\" --timer-property=AccuracySec=1s systemctl poweroff ||\n");
+    out.push_str("      shutdown -P \"+$(((l + 59) / 60))\"\n");
 }
 
 fn write_file(out: &mut String, path: &str, permissions: &str, content: &str) {
@@ -101,6 +130,7 @@ mod tests {
             host_key_public: &keys.host.public_openssh,
             client_key_public: &keys.client.public_openssh,
             deadline_epoch: 1_795_370_400,
+            cap_epoch: 1_795_399_200,
             idle_grace_secs: 120,
             boot_grace_secs: 600,
             interval_secs: 5,
@@ -113,7 +143,8 @@ mod tests {
         let keys = SessionKeys::generate("abcdefgh").unwrap();
         let a = sample(&keys);
         assert_eq!(a, sample(&keys));
-        assert!(a.len() < MAX_USER_DATA / 2, "user-data is {} bytes", a.len());
+        // A quarter of the limit stays free for what comes next.
+        assert!(a.len() < MAX_USER_DATA * 3 / 4, "user-data is {} bytes", a.len());
         assert!(a.starts_with("#cloud-config\n"));
     }
 
@@ -127,6 +158,7 @@ mod tests {
             host_key_public: include_str!("testdata/host_ed25519.pub"),
             client_key_public: include_str!("testdata/client_ed25519.pub"),
             deadline_epoch: 1_795_370_400,
+            cap_epoch: 1_795_399_200,
             idle_grace_secs: 120,
             boot_grace_secs: 600,
             interval_secs: 5,
@@ -177,6 +209,38 @@ mod tests {
         assert!(env.as_str().unwrap().contains("EA_DEADLINE=1795370400\n"));
         let runcmd = serde_yaml_ng::to_string(&doc["runcmd"]).unwrap();
         assert!(runcmd.contains("ephemeral-admin-watchdog.service"));
+        assert!(runcmd.contains("try-reload-or-restart ssh.service"), "sshd rereads the drop-in: {runcmd}");
+    }
+
+    /// A half-open client is noticed within about 45 s; the cap binds the watchdog and a
+    /// boot-time timer that does not depend on it.
+    #[test]
+    fn probes_clients_and_arms_the_cap_at_boot() {
+        let keys = SessionKeys::generate("abcdefgh").unwrap();
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&sample(&keys)).unwrap();
+        let files = doc["write_files"].as_sequence().unwrap();
+        let file = |path: &str| {
+            files.iter().find(|f| f["path"].as_str() == Some(path)).unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let dropin = file(SSHD_DROPIN_PATH);
+        let value = |key: &str| -> u64 {
+            let line =
+                dropin.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} in {dropin}"));
+            line[key.len()..].trim().parse().unwrap()
+        };
+        let noticed = value("ClientAliveInterval") * (value("ClientAliveCountMax") + 1);
+        assert!((1..=45).contains(&noticed), "a dead client is dropped after {noticed} s");
+        assert!(file(WATCHDOG_ENV_PATH).contains("EA_CAP=1795399200\n"));
+        let bootcmd = doc["bootcmd"].as_sequence().unwrap();
+        assert_eq!(bootcmd.len(), 1);
+        let script = bootcmd[0].as_str().unwrap();
+        assert!(
+            script.contains("1795399200 - $(date +%s)") && script.contains("systemctl poweroff"),
+            "{script}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 : "${EA_IDLE_GRACE:=120}"
 : "${EA_BOOT_GRACE:=600}"
 : "${EA_DEADLINE:=}" # baked hard deadline, epoch seconds (required)
+: "${EA_CAP:=}"      # launch + max_runtime_cap, epoch seconds: no deadline goes past it
 : "${EA_EXPIRES_TAG:=ephemeral-admin:expires-at}"
 : "${EA_WARN_BEFORE:=600 60}"
 : "${EA_STATE_DIR:=/run/ephemeral-admin}"
@@ -75,12 +76,14 @@ if ! isnum "$EA_DEADLINE"; then
 fi
 deadline=$EA_DEADLINE
 dsrc=baked
+isnum "$EA_CAP" || EA_CAP=
+ignored=
 last=
 warned=
 idle_since=
 ncon=-1
 spot=
-log "start port=$EA_SSH_PORT${EA_SSH_EXTRA:+ extra=$EA_SSH_EXTRA} interval=${EA_INTERVAL}s idle_grace=${EA_IDLE_GRACE}s boot_grace=${EA_BOOT_GRACE}s baked_deadline=$EA_DEADLINE"
+log "start port=$EA_SSH_PORT${EA_SSH_EXTRA:+ extra=$EA_SSH_EXTRA} interval=${EA_INTERVAL}s idle_grace=${EA_IDLE_GRACE}s boot_grace=${EA_BOOT_GRACE}s cap=${EA_CAP:-none} baked_deadline=$EA_DEADLINE"
 
 while :; do
 	t=$(now)
@@ -93,6 +96,12 @@ while :; do
 			d=$(date -u -d "$v" +%s 2>/dev/null) && isnum "$d" && deadline=$d dsrc=imds
 			;;
 		esac
+	fi
+	# The cap beats every deadline: a tag past it (set by anyone) is ignored.
+	if [ -n "$EA_CAP" ] && [ "$deadline" -gt "$EA_CAP" ]; then
+		[ "$ignored" = "$dsrc:$deadline" ] ||
+			log "deadline source=$dsrc value=$deadline is past the cap $EA_CAP: ignored"
+		ignored=$dsrc:$deadline deadline=$EA_CAP dsrc=cap
 	fi
 	if [ "$dsrc:$deadline" != "$last" ]; then
 		log "deadline source=$dsrc value=$deadline in=$((deadline - t))s"

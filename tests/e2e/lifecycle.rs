@@ -238,6 +238,30 @@ fn extend_moves_the_deadline_the_watchdog_enforces() {
 }
 
 #[test]
+fn a_deadline_tag_past_the_cap_is_ignored_and_the_box_ends_at_the_cap() {
+    let cloud = LocalCloud::start();
+    let user = quick_user(&cloud, "boot_grace = \"60s\"\nidle_grace = \"60s\"\nmax_runtime_cap = \"14s\"\n");
+    let launched = Instant::now();
+    let (_, instance) = launch(&user, &["--max-runtime", "8s"]);
+    wait_box_up(&cloud, &instance);
+    // Someone else moves the deadline tag an hour out, past launch + max_runtime_cap.
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let tag = later.format(&time::format_description::well_known::Rfc3339).unwrap();
+    cloud.retag(&instance, "ephemeral-admin:expires-at", &tag);
+    wait_terminated(&cloud, &instance, Duration::from_secs(40));
+    assert!(
+        launched.elapsed() >= Duration::from_secs(12),
+        "ended at the cap, not the old deadline: {:?}",
+        launched.elapsed()
+    );
+    let info = box_info(&cloud, &instance);
+    assert_eq!(info["poweroff_reason"], "deadline", "{info:#}");
+    let log = log_lines(&info, "watchdog_log");
+    assert!(log.iter().any(|l| l.contains("past the cap") && l.contains("ignored")), "{log:#?}");
+    assert!(log.iter().any(|l| l.contains("reason=deadline") && l.contains("source=cap")), "{log:#?}");
+}
+
+#[test]
 fn without_instance_metadata_the_baked_deadline_still_ends_the_box() {
     let cloud = LocalCloud::start();
     let user = quick_user(&cloud, "boot_grace = \"60s\"\nidle_grace = \"60s\"\n");
