@@ -55,7 +55,9 @@ pub fn render(config: &BoxConfig) -> String {
     out.push_str(": pinned host key, session key, watchdog.\n");
     out.push_str("ssh_pwauth: false\n");
     out.push_str("ssh_deletekeys: true\n");
-    out.push_str("ssh_genkeytypes: []\n");
+    // cloud-init generates only missing keys, and ssh_keys has already written the Ed25519 one:
+    // nothing is generated. (An empty list means the same but fails cloud-init's schema.)
+    out.push_str("ssh_genkeytypes: [ed25519]\n");
     out.push_str("ssh_keys:\n");
     out.push_str("  ed25519_private: |\n");
     indent(&mut out, config.host_key_private, 4);
@@ -179,10 +181,10 @@ mod tests {
         let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("valid YAML");
         assert_eq!(doc["ssh_deletekeys"], serde_yaml_ng::Value::Bool(true));
         assert_eq!(doc["ssh_pwauth"], serde_yaml_ng::Value::Bool(false));
-        assert_eq!(
-            doc["ssh_genkeytypes"].as_sequence().map(Vec::len),
-            Some(0),
-            "sshd generates no other key"
+        let generated = doc["ssh_genkeytypes"].as_sequence().unwrap();
+        assert!(
+            generated.iter().all(|t| t.as_str() == Some("ed25519")),
+            "no other key type is generated (ed25519 exists already): {generated:?}"
         );
         let host_keys = doc["ssh_keys"].as_mapping().unwrap();
         assert_eq!(host_keys.len(), 2, "only the Ed25519 pair: {host_keys:?}");
