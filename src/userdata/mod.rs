@@ -93,13 +93,16 @@ pub fn render(config: &BoxConfig) -> String {
 }
 
 /// Every boot, before anything else: a systemd timer (else `shutdown -P`, whole minutes) powers
-/// the box off at the cap, whatever happens to the watchdog.
+/// the box off at the cap, whatever happens to the watchdog. `--no-block`: bootcmd runs before
+/// sysinit.target, which the timer's start job waits for, so waiting for that job deadlocks the
+/// boot (seen on a real Debian 13 VM); `timeout`: nothing here may ever hold the boot up.
 fn bootcmd_cap(out: &mut String, cap_epoch: i64) {
     out.push_str("  - |\n");
     let _ = writeln!(out, "    l=$(({cap_epoch} - $(date +%s))); [ \"$l\" -gt 0 ] || l=1");
-    out.push_str("    systemd-run --unit=ephemeral-admin-cap --description='ephemeral-admin: hard cap, powering off' \\\n");
-    out.push_str("      --on-active=\"${l}s\" --timer-property=AccuracySec=1s systemctl poweroff ||\n");
-    out.push_str("      shutdown -P \"+$(((l + 59) / 60))\"\n");
+    out.push_str("    timeout 30 systemd-run --no-block --unit=ephemeral-admin-cap \\\n");
+    out.push_str("      --description='ephemeral-admin: hard cap, powering off' --on-active=\"${l}s\" \\\n");
+    out.push_str("      --timer-property=AccuracySec=1s systemctl poweroff ||\n");
+    out.push_str("      timeout 30 shutdown -P \"+$(((l + 59) / 60))\"\n");
 }
 
 fn write_file(out: &mut String, path: &str, permissions: &str, content: &str) {
@@ -242,6 +245,10 @@ mod tests {
         assert!(
             script.contains("1795399200 - $(date +%s)") && script.contains("systemctl poweroff"),
             "{script}"
+        );
+        assert!(
+            script.contains("systemd-run --no-block"),
+            "waiting for the timer's start job deadlocks the boot"
         );
     }
 
