@@ -41,3 +41,22 @@ ensure_venv() {
 ensure_sshd_dirs() {
   [ -d /run/sshd ] || mkdir -p /run/sshd 2>/dev/null || true
 }
+
+# The real-box tier: QEMU (TCG, or KVM when it can run the image's kernel), qemu-img for the
+# per-boot overlay, debootstrap for the test image (tests/support/realbox/build-image).
+ensure_realbox_packages() {
+  local missing=()
+  command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+  command -v qemu-img >/dev/null || missing+=(qemu-utils)
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+  command -v ssh-keyscan >/dev/null || missing+=(openssh-client)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
+    return 1
+  fi
+  echo "installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}

@@ -92,17 +92,20 @@ pub fn render(config: &BoxConfig) -> String {
     out
 }
 
-/// Every boot, before anything else: a systemd timer (else `shutdown -P`, whole minutes) powers
-/// the box off at the cap, whatever happens to the watchdog. `--no-block`: bootcmd runs before
-/// sysinit.target, which the timer's start job waits for, so waiting for that job deadlocks the
-/// boot (seen on a real Debian 13 VM); `timeout`: nothing here may ever hold the boot up.
+/// Every boot, before anything else: a systemd timer powers the box off at the cap, whatever
+/// happens to the watchdog. In the background: bootcmd runs before sysinit.target, which the
+/// timer's start job waits for, so waiting for it here deadlocks the boot (seen on a real Debian
+/// 13 VM, `--no-block` included). OnCalendar fires at the cap itself; OnActiveSec covers a cap
+/// already past when the timer starts. No `shutdown -P` fallback: without logind it powers off
+/// at once.
 fn bootcmd_cap(out: &mut String, cap_epoch: i64) {
     out.push_str("  - |\n");
-    let _ = writeln!(out, "    l=$(({cap_epoch} - $(date +%s))); [ \"$l\" -gt 0 ] || l=1");
-    out.push_str("    timeout 30 systemd-run --no-block --unit=ephemeral-admin-cap \\\n");
+    let _ = writeln!(out, "    c={cap_epoch}; l=$((c - $(date +%s))); [ \"$l\" -gt 0 ] || l=1");
+    out.push_str("    (timeout 900 systemd-run --unit=ephemeral-admin-cap \\\n");
     out.push_str("      --description='ephemeral-admin: hard cap, powering off' --on-active=\"${l}s\" \\\n");
-    out.push_str("      --timer-property=AccuracySec=1s systemctl poweroff ||\n");
-    out.push_str("      timeout 30 shutdown -P \"+$(((l + 59) / 60))\"\n");
+    out.push_str("      --on-calendar=\"$(date -u -d \"@$c\" '+%Y-%m-%d %H:%M:%S') UTC\" \\\n");
+    out.push_str("      --timer-property=AccuracySec=1s systemctl poweroff >/dev/null 2>&1 ||\n");
+    out.push_str("      echo 'ephemeral-admin: could not arm the cap timer' >/dev/console) &\n");
 }
 
 fn write_file(out: &mut String, path: &str, permissions: &str, content: &str) {
@@ -243,13 +246,11 @@ mod tests {
         assert_eq!(bootcmd.len(), 1);
         let script = bootcmd[0].as_str().unwrap();
         assert!(
-            script.contains("1795399200 - $(date +%s)") && script.contains("systemctl poweroff"),
+            script.contains("c=1795399200; l=$((c - $(date +%s)))") && script.contains("systemctl poweroff"),
             "{script}"
         );
-        assert!(
-            script.contains("systemd-run --no-block"),
-            "waiting for the timer's start job deadlocks the boot"
-        );
+        assert!(script.trim_end().ends_with('&'), "waiting for the timer's start job deadlocks the boot");
+        assert!(!script.contains("shutdown"), "shutdown -P without logind powers off at once");
     }
 
     #[test]

@@ -39,8 +39,19 @@ impl LocalCloud {
     }
 
     pub fn start_with(args: &[&str]) -> LocalCloud {
+        Self::start_with_env(args, &[])
+    }
+
+    /// The box simulator in real-VM mode: every instance boots the real-box test image under
+    /// QEMU (`tests/support/realbox/`; the image must be built: scripts/test does it).
+    pub fn start_real_vm() -> LocalCloud {
+        Self::start_with_env(&["--box-sim"], &[("BOXSIM_REAL_VM", "1")])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> LocalCloud {
         let script = repo().join("tests/support/localcloud/localcloud.py");
         let mut child = Command::new(python())
+            .envs(env.iter().copied())
             .arg(script)
             .args(["--port", "0", "--exit-on-stdin-eof"])
             .args(args)

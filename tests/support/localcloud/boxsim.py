@@ -55,6 +55,21 @@ summary = {instance_id, region, account_id, state, ssh_port, public_ip, direct, 
 
 Module functions: attach(cloud), reset(), shutdown(). Set BOXSIM_KEEP_DIRS=1 to keep
 the box directories (logs) after shutdown.
+
+Real-VM mode (``BOXSIM_REAL_VM=1`` or an image directory, or box-config ``{"real_vm": true}``):
+an instance launched while it is on boots a real Debian cloud VM under QEMU
+(``tests/support/realbox/``) with the instance's real user-data, instead of the sshd + watchdog
+stand-ins. Real cloud-init, systemd, sshd and watchdog; the fake IMDSv2 is its metadata service
+(meta-data, user-data, identity document, tags); the box's public IP at the direct SSH port and
+127.0.0.1:<ssh_port> are QEMU port forwards to the guest's port 22; the guest's own poweroff ends
+QEMU (-no-reboot), which terminates the instance in moto; terminating the instance stops QEMU.
+box-config ``vm_kernel_args`` (e.g. ``systemd.mask=ephemeral-admin-watchdog.service``) is appended
+to the kernel command line of VMs launched while it is set. The summary of a VM box adds
+``vm: true``, ``accel``, ``vm_started_at`` (Unix time) and ``boot`` (seconds from QEMU start:
+``sshd``, the first SSH banner; ``poweroff``, QEMU's exit);
+its ``watchdog_log`` is the watchdog's lines from the serial console (journald forwards there),
+and ``poweroff_reason`` comes from the watchdog's last ``poweroff reason=`` line, else
+``cap-fallback`` (the user-data's boot-time timer fired) or ``guest-poweroff``.
 """
 
 from __future__ import annotations
@@ -81,6 +96,9 @@ from urllib.parse import unquote
 
 import yaml
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "realbox"))
+import realbox  # noqa: E402
+
 SSHD = os.environ.get("BOXSIM_SSHD", "/usr/sbin/sshd")
 POLL_SECONDS = 0.025  # how soon a new instance "boots" (kept small: it adds to measured launch times)
 MARK = "EA_BOXSIM_BOX"  # set in the env of every process of a box (and its SSH sessions)
@@ -89,6 +107,8 @@ DEFAULT_SCRIPT = "/usr/local/sbin/ephemeral-admin-watchdog"
 DEFAULT_ENVFILE = "/etc/ephemeral-admin/watchdog.env"
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GONE_STATES = {"shutting-down", "terminated", "stopping", "stopped"}
+WATCHDOG_MARK = "ephemeral-admin-watchdog: "
+VM_BOOT_LIMIT = float(os.environ.get("BOXSIM_VM_BOOT_LIMIT", "300"))
 
 _SIM: "BoxSim | None" = None
 
@@ -387,6 +407,13 @@ class Box:
         self.stopped = False
         self.lock = threading.RLock()
         self.wake = threading.Event()
+        self.real_vm = None  # image directory when this box is a QEMU VM
+        self.kernel_args = ""
+        self.vm = None
+        self.boot_times = {}
+        self.vm_started_at = None  # Unix time QEMU was started
+        self.meta = {}  # instance facts served by the IMDS
+        self.user_data = b""
 
     def note(self, msg):
         self.notes.append(msg)
@@ -421,7 +448,18 @@ class Box:
             "imds_url": f"{imds_base}/{self.iid}",
             "imds_available": self.imds_available,
             "error": self.error,
+            "vm": self.real_vm is not None,
+            "accel": self.vm.accel if self.vm else None,
+            "boot": dict(self.boot_times),
+            "vm_started_at": self.vm_started_at,
         }
+
+    def console_lines(self):
+        return self.vm.console_text().splitlines() if self.vm else []
+
+    def watchdog_lines(self):
+        """A VM's watchdog log: its lines on the serial console, from the marker on."""
+        return [line[line.index(WATCHDOG_MARK):] for line in self.console_lines() if WATCHDOG_MARK in line]
 
 
 class BoxSim:
@@ -432,6 +470,10 @@ class BoxSim:
         self.ignored: set[str] = set()
         self.boot_seconds = 0.0
         self.drop_syns_while_booting = False
+        self.real_vm = None
+        self.vm_kernel_args = ""
+        if os.environ.get("BOXSIM_REAL_VM"):
+            self._set_real_vm(True)
         self.direct_port = _direct_port()
         self.root = tempfile.mkdtemp(prefix="localcloud-boxsim-")
         self.spawner = _Spawner()
@@ -495,6 +537,13 @@ class BoxSim:
         if not os.environ.get("BOXSIM_KEEP_DIRS"):
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def _set_real_vm(self, on):
+        if not on:
+            self.real_vm = None
+            return
+        image = os.environ.get("BOXSIM_REAL_VM", "")
+        self.real_vm = image if os.path.isdir(image) else realbox.build_image()
+
     # ---- moto scanning
 
     def _backends(self):
@@ -537,6 +586,7 @@ class BoxSim:
                 known = iid in self.boxes or iid in self.ignored
                 if not known and state == "running" and not self._shut:
                     box = Box(iid, region, account)
+                    box.real_vm, box.kernel_args = self.real_vm, self.vm_kernel_args
                     self.boxes[iid] = box
                     threading.Thread(target=self._boot, args=(box, inst),
                                      name=f"boxsim-boot-{iid}", daemon=True).start()
@@ -567,6 +617,7 @@ class BoxSim:
             with self.moto_lock:
                 ud = getattr(inst, "user_data", None)
                 public_ip = _safe_attr(inst, "public_ip")
+                box.meta = _instance_meta(inst)
             if public_ip and str(public_ip).startswith("127."):
                 box.public_ip = str(public_ip)
                 if self.drop_syns_while_booting and self.boot_seconds > 0:
@@ -580,8 +631,11 @@ class BoxSim:
                 hole.close()  # "the network is up": refused until sshd listens
             box.dir = tempfile.mkdtemp(prefix=f"{box.iid}-", dir=self.root)
             raw = _decode_user_data(ud)
+            box.user_data = raw
             with open(os.path.join(box.dir, "user-data"), "wb") as f:
                 f.write(raw)
+            if box.real_vm:
+                return self._boot_vm(box)
             cfg = yaml.safe_load(raw.decode()) if raw.strip() else None
             if not isinstance(cfg, dict):
                 raise ValueError("user-data is not a #cloud-config mapping")
@@ -601,6 +655,58 @@ class BoxSim:
         finally:
             if hole is not None:
                 hole.close()
+
+    def _boot_vm(self, box):
+        """Real-VM mode: QEMU boots the image with this instance's user-data from the IMDS."""
+        box.ssh_port = realbox.free_port()
+        fwds = [("127.0.0.1", box.ssh_port)]
+        if box.public_ip:
+            fwds.append((box.public_ip, self.direct_port))
+        imds_port = self.imds.server_address[1]
+        vm = realbox.Vm(box.real_vm, box.dir, fwds, ("127.0.0.1", imds_port, box.iid),
+                        kernel_args=box.kernel_args, popen=self.spawner.popen)
+        with box.lock:
+            if box.stopped:
+                return
+            box.vm = vm.start()
+            box.vm_started_at = time.time()
+        box.note(f"vm started accel={vm.accel} pid={vm.proc.pid} kernel_args={box.kernel_args!r}")
+        threading.Thread(target=self._watch_vm, args=(box,), name=f"boxsim-vm-{box.iid}", daemon=True).start()
+        took = realbox.wait_ssh("127.0.0.1", box.ssh_port, vm.proc, VM_BOOT_LIMIT)
+        if took is None:
+            if box.stopped or vm.proc.poll() is not None:
+                return  # stopped, or powered off while booting: _watch_vm says which
+            raise RuntimeError(f"the VM's sshd did not answer within {VM_BOOT_LIMIT:.0f} s")
+        with box.lock:
+            box.boot_times["sshd"] = round(took, 2)
+            if not box.stopped:
+                box.state = "up"
+                box.direct = f"{box.public_ip}:{self.direct_port}" if box.public_ip else None
+                box.note(f"up ssh_port={box.ssh_port} direct={box.direct} sshd_after={took:.1f}s")
+
+    def _watch_vm(self, box):
+        """QEMU exiting on its own is the guest powering off: terminate the instance."""
+        code = box.vm.proc.wait()
+        if box.stopped:
+            return
+        lines = box.watchdog_lines()
+        reason = next((ln.split("poweroff reason=", 1)[1].split()[0] for ln in reversed(lines)
+                       if "poweroff reason=" in ln), None)
+        if reason is None:
+            text = box.vm.console_text()
+            reason = "cap-fallback" if "Started ephemeral-admin-cap.service" in text else "guest-poweroff"
+        box.boot_times["poweroff"] = round(time.monotonic() - box.vm.started_at, 2)
+        box.note(f"qemu exited rc={code}: guest powered off")
+        with box.lock:
+            if box.state in ("booting", "up"):
+                box.state = "powered-off"
+                box.poweroff_reason = reason
+        box.note(f"poweroff reason={reason}")
+        try:
+            self.cloud.terminate_instance(box.region, box.iid, reason="shutdown")
+        except Exception as e:  # noqa: BLE001
+            box.note(f"terminate_instance failed: {e!r}")
+        self._stop_box(box, "powered-off")
 
     def _write_files(self, box, cfg):
         files = {}
@@ -757,6 +863,8 @@ class BoxSim:
         self._kill_procs(box)
 
     def _kill_procs(self, box):
+        if box.vm is not None:
+            box.vm.stop()
         procs = [p for p in (box.sshd, box.watchdog) if p is not None]
         roots = {p.pid for p in procs if p.poll() is None}
         table = _proc_table()
@@ -815,8 +923,13 @@ class BoxSim:
                 self.boot_seconds = max(0.0, float(data["boot_seconds"]))
             if method in ("PUT", "POST") and "drop_syns_while_booting" in data:
                 self.drop_syns_while_booting = bool(data["drop_syns_while_booting"])
+            if method in ("PUT", "POST") and "real_vm" in data:
+                self._set_real_vm(bool(data["real_vm"]))
+            if method in ("PUT", "POST") and "vm_kernel_args" in data:
+                self.vm_kernel_args = str(data["vm_kernel_args"] or "")
             return 200, {"boot_seconds": self.boot_seconds, "ssh_port": self.direct_port,
-                         "drop_syns_while_booting": self.drop_syns_while_booting}
+                         "drop_syns_while_booting": self.drop_syns_while_booting,
+                         "real_vm": self.real_vm, "vm_kernel_args": self.vm_kernel_args}
         if path == "/_localcloud/box-reset" and method == "POST":
             self.reset()
             return 200, {"reset": True}
@@ -833,10 +946,11 @@ class BoxSim:
                 "spot_notice": json.loads(box.spot_notice) if box.spot_notice else None,
                 "watchdog_pid": box.watchdog.pid if box.watchdog else None,
                 "watchdog_restarts": box.watchdog_restarts,
-                "watchdog_log": box.read_lines("watchdog.log"),
+                "watchdog_log": box.watchdog_lines() if box.vm else box.read_lines("watchdog.log"),
                 "wall": box.read_lines("wall.log"),
                 "sshd_log": box.read_lines("sshd.log", tail=200),
                 "notes": list(box.notes),
+                "console": box.console_lines()[-400:] if box.vm else [],
             })
             return 200, out
         if action == "poweroff" and method == "POST":
@@ -963,7 +1077,7 @@ class _ImdsHandler(BaseHTTPRequestHandler):
         pass
 
     def _reply(self, box, status, text="", ctype="text/plain"):
-        body = text.encode()
+        body = text if isinstance(text, bytes) else text.encode()
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -1012,10 +1126,22 @@ class _ImdsHandler(BaseHTTPRequestHandler):
         token = self.headers.get("X-aws-ec2-metadata-token", "")
         if not token or box.tokens.get(token, 0) < time.time():
             return self._reply(box, 401, "Unauthorized")
-        prefix = "/latest/meta-data/"
-        if not (rest + "/").startswith(prefix):
+        version, _, path = rest[1:].partition("/")
+        if version != "latest" and not (len(version) == 10 and version[4] == version[7] == "-"):
             return self._reply(box, 404, "Not Found")
-        key = rest[len(prefix):]
+        if path == "user-data":
+            return self._reply(box, 200, box.user_data, "application/octet-stream") if box.user_data \
+                else self._reply(box, 404, "Not Found")
+        if path in ("dynamic", "dynamic/instance-identity"):
+            return self._reply(box, 200, "instance-identity/" if path == "dynamic" else "document")
+        if path == "dynamic/instance-identity/document":
+            return self._reply(box, 200, json.dumps(_identity_document(box), indent=2), "application/json")
+        prefix = "meta-data/"
+        if not (path + "/").startswith(prefix):
+            return self._reply(box, 404, "Not Found")
+        key = path[len(prefix):]
+        if box.meta and (key == "" or key in _META_DIRS or key in box.meta):
+            return self._reply(box, 200, _meta_listing(box, key))
         if key == "instance-id":
             return self._reply(box, 200, box.iid)
         if key == "placement/region":
@@ -1034,3 +1160,62 @@ class _ImdsHandler(BaseHTTPRequestHandler):
             if name in tags:
                 return self._reply(box, 200, str(tags[name]))
         return self._reply(box, 404, "Not Found")
+
+
+# --------------------------------------------------------------------------- instance metadata
+# What cloud-init's EC2 datasource crawls on a real VM (the simulated boxes only read tags).
+
+_META_DIRS = {"placement", "services", "tags"}
+
+
+def _instance_meta(inst):
+    """meta-data leaves of one moto instance (call with moto_lock held)."""
+    az = _safe_attr(_safe_attr(inst, "placement"), "zone") or "us-east-1a"
+    private_ip = str(_safe_attr(inst, "private_ip") or "10.0.0.10")
+    meta = {
+        "ami-id": str(_safe_attr(inst, "image_id") or ""),
+        "ami-launch-index": "0",
+        "instance-id": inst.id,
+        "instance-type": str(_safe_attr(inst, "instance_type") or ""),
+        "instance-life-cycle": "spot" if _safe_attr(inst, "lifecycle") == "spot" else "on-demand",
+        "local-ipv4": private_ip,
+        "local-hostname": "ip-" + private_ip.replace(".", "-") + ".ec2.internal",
+        "hostname": "ip-" + private_ip.replace(".", "-") + ".ec2.internal",
+        "placement/availability-zone": az,
+        "placement/region": az[:-1],
+        "services/domain": "amazonaws.com",
+        "services/partition": "aws",
+    }
+    public_ip = _safe_attr(inst, "public_ip")
+    if public_ip:
+        meta["public-ipv4"] = str(public_ip)
+    launch = _safe_attr(inst, "launch_time")
+    meta["_launch_time"] = str(launch or _now_iso())
+    meta["_account"] = str(_safe_attr(inst, "owner_id") or "123456789012")
+    return meta
+
+
+def _meta_listing(box, key):
+    """The IMDS answer for ``meta-data/<key>``: a leaf's value, or a directory's entries (one a
+    line, subdirectories with a trailing slash)."""
+    leaves = {k: v for k, v in box.meta.items() if not k.startswith("_")}
+    if key in leaves:
+        return leaves[key]
+    leaves["tags/instance"] = None  # a directory (see the tags branch)
+    prefix = key + "/" if key else ""
+    names = set()
+    for k in leaves:
+        if k.startswith(prefix):
+            head, sep, _ = k[len(prefix):].partition("/")
+            names.add(head + "/" if sep or k == "tags/instance" else head)
+    return "\n".join(sorted(names))
+
+
+def _identity_document(box):
+    m = box.meta
+    return {
+        "accountId": m.get("_account"), "architecture": "x86_64",
+        "availabilityZone": m.get("placement/availability-zone"), "imageId": m.get("ami-id"),
+        "instanceId": box.iid, "instanceType": m.get("instance-type"), "pendingTime": m.get("_launch_time"),
+        "privateIp": m.get("local-ipv4"), "region": m.get("placement/region"), "version": "2017-09-30",
+    }

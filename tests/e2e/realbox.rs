@@ -1,0 +1,282 @@
+//! The real-box tier: the CLI against a real Linux VM running real cloud-init, systemd, sshd and
+//! our watchdog, all from the CLI's own user-data. The box simulator's real-VM mode boots the
+//! Debian cloud image of `tests/support/realbox/` under QEMU for each instance, serves it the
+//! instance's tags through its IMDSv2, forwards the box's public IP to the guest's sshd, and
+//! turns the guest's poweroff into TerminateInstances.
+//!
+//! Three VM lifecycles (minutes under TCG), so these are ignored in the default run;
+//! `scripts/test` builds the image and runs them one at a time:
+//! `cargo test --test e2e realbox:: -- --ignored --test-threads=1`. Every wait has a hang guard.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::lifecycle::wait_until;
+use crate::session::assert_nothing_left;
+use crate::support::{LocalCloud, User};
+
+/// The image's default user (Debian's cloud-init), who gets the session key.
+const LOGIN: &str = "debian";
+/// Hang guard for a TCG boot until sshd answers (about 40 s on an idle 2-core machine).
+const BOOT: Duration = Duration::from_secs(300);
+
+fn user(cloud: &LocalCloud, config: &str) -> User {
+    let user = User::new(cloud);
+    user.write_config(&format!("watchdog_interval = \"1s\"\nconnect_timeout = \"6m\"\n{config}"));
+    user
+}
+
+fn box_info(cloud: &LocalCloud, instance: &str) -> Value {
+    cloud.control("GET", &format!("box/{instance}"), None)
+}
+
+fn lines(info: &Value, key: &str) -> Vec<String> {
+    info[key].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect()
+}
+
+fn instance_state(cloud: &LocalCloud, instance: &str) -> String {
+    let state = cloud.state();
+    let found = state["instances"].as_array().unwrap().iter().find(|i| i["id"] == instance).cloned();
+    found.map(|i| i["state"].as_str().unwrap().to_string()).unwrap_or_default()
+}
+
+fn wait_terminated(cloud: &LocalCloud, instance: &str, limit: Duration) {
+    wait_until("termination", limit, || instance_state(cloud, instance) == "terminated");
+}
+
+/// Waits for the VM's sshd; returns the box (`direct` is "<public ip>:<port>").
+fn wait_up(cloud: &LocalCloud, instance: &str) -> Value {
+    wait_until("the VM's sshd", BOOT, || box_info(cloud, instance)["state"] != "booting");
+    let info = box_info(cloud, instance);
+    assert_eq!(info["state"], "up", "{:#}", info);
+    assert_eq!(info["vm"], true);
+    info
+}
+
+fn direct(info: &Value) -> (String, u16) {
+    let direct = info["direct"].as_str().expect("the public IP reaches the guest");
+    let (ip, port) = direct.rsplit_once(':').unwrap();
+    (ip.to_string(), port.parse().unwrap())
+}
+
+fn launch_detached(user: &User, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["launch", "--detach", "--output", "json", "--my-ip", "203.0.113.7", "--user", LOGIN];
+    args.extend_from_slice(extra);
+    let out = user.run(&args).success().json();
+    (out["session_id"].as_str().unwrap().to_string(), out["instance_id"].as_str().unwrap().to_string())
+}
+
+fn session_dir(user: &User, session: &str) -> PathBuf {
+    user.state_dir().join(format!("sessions/{session}"))
+}
+
+/// "ssh-ed25519 AAAA..." as pinned in the session record.
+fn pinned_key(user: &User, session: &str) -> String {
+    let text = std::fs::read_to_string(session_dir(user, session).join("session.toml")).unwrap();
+    let record: toml::Value = toml::from_str(&text).unwrap();
+    let key = record["host_key_public"].as_str().unwrap();
+    key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// Every host key the server at ip:port offers, as "type base64".
+fn keyscan(ip: &str, port: u16) -> Vec<String> {
+    let out = Command::new("ssh-keyscan")
+        .args(["-T", "20", "-t", "rsa,ecdsa,ed25519", "-p", &port.to_string(), ip])
+        .output()
+        .expect("run ssh-keyscan");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut keys: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_whitespace().skip(1).take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// OpenSSH's client as the laptop: the session key, the pinned host key, no keepalives of its own.
+fn laptop(user: &User, session: &str, ip: &str, port: u16) -> Child {
+    let dir = session_dir(user, session);
+    let known_hosts = dir.join("realbox_known_hosts");
+    let host = if port == 22 { ip.to_string() } else { format!("[{ip}]:{port}") };
+    std::fs::write(&known_hosts, format!("{host} {}\n", pinned_key(user, session))).unwrap();
+    Command::new("ssh")
+        .args(["-F", "/dev/null", "-i"])
+        .arg(dir.join("id_ed25519"))
+        .args(["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+        .args(["-o", "ServerAliveInterval=0", "-o", "TCPKeepAlive=no", "-o"])
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args(["-p", &port.to_string(), &format!("{LOGIN}@{ip}"), "sleep 900"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ssh")
+}
+
+fn signal(pid: u32, name: &str) {
+    assert!(Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().unwrap().success());
+}
+
+/// Waits for a child with a hang guard (killed when it passes).
+fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn epoch(rfc3339: &str) -> i64 {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .unix_timestamp()
+}
+
+fn rfc3339_in(seconds: i64) -> String {
+    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds);
+    at.format(&time::format_description::well_known::Rfc3339).unwrap()
+}
+
+fn watchdog_says(cloud: &LocalCloud, instance: &str, what: &str, limit: Duration) {
+    wait_until(&format!("the watchdog to log {what:?}"), limit, || {
+        lines(&box_info(cloud, instance), "watchdog_log").iter().any(|l| l.contains(what))
+    });
+}
+
+/// 1. `launch -- CMD` on a real box: sshd offers the pinned host key and no other, the
+/// watchdog runs under systemd, real cloud-init accepts the cloud-config, the command's output
+/// and status come back, and teardown leaves nothing.
+#[test]
+#[ignore = "real-box tier (QEMU): scripts/test runs it"]
+fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
+    let cloud = LocalCloud::start_real_vm();
+    let user = user(&cloud, "idle_grace = \"2m\"\nboot_grace = \"10m\"\n");
+    let script = "sudo cloud-init status --wait >/dev/null 2>&1; \
+        echo watchdog=$(sudo systemctl is-active ephemeral-admin-watchdog.service); \
+        sudo cloud-init schema --system >/dev/null 2>&1 && echo schema=valid || echo schema=invalid; \
+        sudo sshd -T | grep -E '^clientalive(interval|countmax) '; \
+        echo cap=$(sudo systemctl is-active ephemeral-admin-cap.timer); \
+        echo host_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$'); \
+        echo to-stderr >&2; exit 7";
+    let child = user
+        .command(&["launch", "--my-ip", "203.0.113.7", "--user", LOGIN, "--", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the instance", Duration::from_secs(60), || {
+        !cloud.control("GET", "box", None)["boxes"].as_array().unwrap().is_empty()
+    });
+    let instance = cloud.control("GET", "box", None)["boxes"][0]["instance_id"].as_str().unwrap().to_string();
+    let info = wait_up(&cloud, &instance);
+    let (ip, port) = direct(&info);
+    let sessions: Vec<_> = std::fs::read_dir(user.state_dir().join("sessions")).unwrap().flatten().collect();
+    let session = sessions[0].file_name().to_string_lossy().into_owned();
+    let pinned = pinned_key(&user, &session);
+    let offered = keyscan(&ip, port);
+    assert_eq!(offered, vec![pinned], "sshd offers the pinned host key and no other");
+
+    let out = wait_output(child, BOOT + Duration::from_secs(180));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the remote status comes back\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for expected in [
+        "watchdog=active\n",
+        "schema=valid\n",
+        "clientaliveinterval 10\n",
+        "clientalivecountmax 3\n",
+        "cap=active\n",
+        "host_keys=1\n",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in\n{stdout}\nstderr:\n{stderr}");
+    }
+    assert!(stderr.contains("to-stderr"), "{stderr}");
+    assert_nothing_left(&cloud);
+    assert!(!session_dir(&user, &session).join("id_ed25519").exists(), "the private key is deleted");
+    let log = lines(&box_info(&cloud, &instance), "watchdog_log");
+    assert!(log.iter().any(|l| l.contains(" start ") || l.contains(": start ")), "{log:#?}");
+    assert!(log.iter().any(|l| l.contains("ssh connections=1")), "the real sshd's session counts: {log:#?}");
+}
+
+/// 2. A vanished laptop: its client stops answering without closing the connection (frozen,
+/// so TCP stays up). sshd's probes drop it, the watchdog sees the box idle, and after the
+/// idle grace the box powers off. On the way, `extend` and a tag past the cap reach the real
+/// watchdog through the IMDS.
+#[test]
+#[ignore = "real-box tier (QEMU): scripts/test runs it"]
+fn a_vanished_laptop_is_noticed_and_the_box_powers_off_after_the_idle_grace() {
+    let cloud = LocalCloud::start_real_vm();
+    let user = user(
+        &cloud,
+        "idle_grace = \"20s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
+    );
+    let (session, instance) = launch_detached(&user, &[]);
+    let (ip, port) = direct(&wait_up(&cloud, &instance));
+    let mut client = laptop(&user, &session, &ip, port);
+    watchdog_says(&cloud, &instance, "ssh connections=1", Duration::from_secs(240));
+
+    let out = user.run(&["extend", &session, "--by", "10m", "--output", "json"]).success().json();
+    let extended = epoch(out["expires_at"].as_str().unwrap());
+    watchdog_says(
+        &cloud,
+        &instance,
+        &format!("deadline source=imds value={extended} "),
+        Duration::from_secs(30),
+    );
+    cloud.retag(&instance, "ephemeral-admin:expires-at", &rfc3339_in(2 * 3600));
+    watchdog_says(&cloud, &instance, "past the cap", Duration::from_secs(30));
+    watchdog_says(&cloud, &instance, "deadline source=cap", Duration::from_secs(5));
+
+    signal(client.id(), "STOP");
+    let vanished = Instant::now();
+    // sshd: 10 s x 3 probes (~40 s); then the 20 s grace; then a TCG poweroff.
+    wait_terminated(&cloud, &instance, Duration::from_secs(40 + 20 + 150));
+    let gone = vanished.elapsed();
+    signal(client.id(), "KILL");
+    let _ = client.wait();
+    let info = box_info(&cloud, &instance);
+    assert_eq!(info["poweroff_reason"], "idle", "{:#}", info["watchdog_log"]);
+    assert!(gone >= Duration::from_secs(20), "not before the idle grace: {gone:?}");
+    let log = lines(&info, "watchdog_log");
+    let seen = log.iter().position(|l| l.contains("ssh connections=1")).unwrap();
+    assert!(log[seen..].iter().any(|l| l.contains("ssh connections=0")), "{log:#?}");
+    let console = lines(&info, "console").join("\n");
+    assert!(console.contains("Timeout, client not responding"), "sshd's probes dropped the client");
+}
+
+/// 3. The cap: a box whose watchdog never starts (masked on the kernel command line) still
+/// powers off at launch + max_runtime_cap, by the timer the user-data arms at boot, even with
+/// a deadline tag set far past the cap.
+#[test]
+#[ignore = "real-box tier (QEMU): scripts/test runs it"]
+fn a_box_whose_watchdog_never_starts_powers_off_at_the_cap_whatever_the_tag_says() {
+    let cloud = LocalCloud::start_real_vm();
+    cloud.control(
+        "PUT",
+        "box-config",
+        Some(json!({ "vm_kernel_args": "systemd.mask=ephemeral-admin-watchdog.service" })),
+    );
+    let user = user(&cloud, "boot_grace = \"10m\"\nidle_grace = \"10m\"\nmax_runtime_cap = \"150s\"\n");
+    let launched = Instant::now();
+    let (_, instance) = launch_detached(&user, &["--max-runtime", "2m"]);
+    cloud.retag(&instance, "ephemeral-admin:expires-at", &rfc3339_in(3600));
+    wait_terminated(&cloud, &instance, Duration::from_secs(150 + 180));
+    let at = launched.elapsed();
+    assert!(at >= Duration::from_secs(148), "not before the cap: {at:?}");
+    let info = box_info(&cloud, &instance);
+    assert_eq!(info["poweroff_reason"], "cap-fallback", "{:#}", info["notes"]);
+    assert!(lines(&info, "watchdog_log").is_empty(), "the watchdog never ran");
+}
