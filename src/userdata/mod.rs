@@ -19,11 +19,11 @@ pub const WATCHDOG_ENV_PATH: &str = "/etc/ephemeral-admin/watchdog.env";
 pub const WATCHDOG_UNIT_PATH: &str = "/etc/systemd/system/ephemeral-admin-watchdog.service";
 /// First in `sshd_config.d` (the first value of an option wins).
 pub const SSHD_DROPIN_PATH: &str = "/etc/ssh/sshd_config.d/00-ephemeral-admin.conf";
-/// sshd probes a silent client every 10 s and drops it after 3 unanswered probes: a client that
-/// vanished without closing its connection is gone within about 40 s, so the watchdog sees the
-/// box idle and its idle grace starts.
-pub const SSHD_DROPIN: &str = "# ephemeral-admin: notice a client that vanished without closing its connection.\n\
-    ClientAliveInterval 10\nClientAliveCountMax 3\n";
+/// Keys only. sshd probes a silent client every 10 s and drops it after 3 unanswered probes: a
+/// client that vanished without closing its connection is gone within about 40 s, so the
+/// watchdog sees the box idle and its idle grace starts.
+pub const SSHD_DROPIN: &str = "# ephemeral-admin: keys only; notice a client that vanished without closing its connection.\n\
+    PasswordAuthentication no\nKbdInteractiveAuthentication no\nClientAliveInterval 10\nClientAliveCountMax 3\n";
 
 /// AWS refuses user-data above 16 KB (before base64).
 pub const MAX_USER_DATA: usize = 16 * 1024;
@@ -53,7 +53,8 @@ pub fn render(config: &BoxConfig) -> String {
     out.push_str("# ephemeral-admin session ");
     out.push_str(config.session_id);
     out.push_str(": pinned host key, session key, watchdog.\n");
-    out.push_str("ssh_pwauth: false\n");
+    // Password login is off in our sshd drop-in, not through `ssh_pwauth`: cloud-init applies
+    // that by restarting sshd after it has started, which cut a client that had just connected.
     out.push_str("ssh_deletekeys: true\n");
     // cloud-init generates only missing keys, and ssh_keys has already written the Ed25519 one:
     // nothing is generated. (An empty list means the same but fails cloud-init's schema.)
@@ -186,7 +187,7 @@ mod tests {
         let text = sample(&keys);
         let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("valid YAML");
         assert_eq!(doc["ssh_deletekeys"], serde_yaml_ng::Value::Bool(true));
-        assert_eq!(doc["ssh_pwauth"], serde_yaml_ng::Value::Bool(false));
+        assert!(doc.get("ssh_pwauth").is_none(), "cloud-init would restart a running sshd for it");
         let generated = doc["ssh_genkeytypes"].as_sequence().unwrap();
         assert!(
             generated.iter().all(|t| t.as_str() == Some("ed25519")),
@@ -239,6 +240,10 @@ mod tests {
                 dropin.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} in {dropin}"));
             line[key.len()..].trim().parse().unwrap()
         };
+        assert!(
+            dropin.contains("\nPasswordAuthentication no\n")
+                && dropin.contains("\nKbdInteractiveAuthentication no\n")
+        );
         let noticed = value("ClientAliveInterval") * (value("ClientAliveCountMax") + 1);
         assert!((1..=45).contains(&noticed), "a dead client is dropped after {noticed} s");
         assert!(file(WATCHDOG_ENV_PATH).contains("EA_CAP=1795399200\n"));

@@ -163,7 +163,7 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
     let script = "sudo cloud-init status --wait >/dev/null 2>&1; \
         echo watchdog=$(sudo systemctl is-active ephemeral-admin-watchdog.service); \
         sudo cloud-init schema --system >/dev/null 2>&1 && echo schema=valid || echo schema=invalid; \
-        sudo sshd -T | grep -E '^clientalive(interval|countmax) '; \
+        sudo sshd -T | grep -E '^(clientaliveinterval|clientalivecountmax|passwordauthentication) '; \
         echo cap=$(sudo systemctl is-active ephemeral-admin-cap.timer); \
         echo host_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$'); \
         echo to-stderr >&2; exit 7";
@@ -198,6 +198,7 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         "schema=valid\n",
         "clientaliveinterval 10\n",
         "clientalivecountmax 3\n",
+        "passwordauthentication no\n",
         "cap=active\n",
         "host_keys=1\n",
     ] {
@@ -225,8 +226,14 @@ fn a_vanished_laptop_is_noticed_and_the_box_powers_off_after_the_idle_grace() {
     );
     let (session, instance) = launch_detached(&user, &[]);
     let (ip, port) = direct(&wait_up(&cloud, &instance));
+    // A client that connects while cloud-init is still at work may be cut (sshd reloads): redial.
     let mut client = laptop(&user, &session, &ip, port);
-    watchdog_says(&cloud, &instance, "ssh connections=1", Duration::from_secs(240));
+    wait_until("the watchdog to count the laptop's session", Duration::from_secs(240), || {
+        if client.try_wait().unwrap().is_some() {
+            client = laptop(&user, &session, &ip, port);
+        }
+        lines(&box_info(&cloud, &instance), "watchdog_log").iter().any(|l| l.contains("ssh connections=1"))
+    });
 
     let out = user.run(&["extend", &session, "--by", "10m", "--output", "json"]).success().json();
     let extended = epoch(out["expires_at"].as_str().unwrap());
