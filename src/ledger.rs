@@ -33,6 +33,10 @@ pub mod ended_by {
     pub const TERMINATE: &str = "terminate";
     pub const CLEANUP: &str = "cleanup";
     pub const INTERRUPTED: &str = "interrupted";
+    /// Provisioned, but no shell or command ever ran (a rejected key, a box that never answered).
+    pub const LAUNCH_FAILED: &str = "launch-failed";
+    /// The SSH connection broke while the shell or command ran.
+    pub const CONNECTION_LOST: &str = "connection-lost";
     pub const UNKNOWN: &str = "unknown";
 }
 

@@ -137,7 +137,8 @@ pub async fn describe(aws: &Aws, instance_id: &str) -> Result<Option<InstanceInf
 
 #[derive(Debug, thiserror::Error)]
 pub enum WaitError {
-    #[error(transparent)]
+    /// Not transparent: the AWS error stays a node of the chain, where `exit_codes::report` finds it.
+    #[error("{0}")]
     Aws(#[from] AwsError),
     #[error("instance {instance_id} ended while starting ({state}{}); run `ephemeral-admin launch` again", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
     Ended { instance_id: String, state: String, reason: Option<String> },

@@ -150,7 +150,8 @@ pub struct Launched {
 pub enum LaunchError {
     #[error(transparent)]
     Capacity(#[from] CapacityExhausted),
-    #[error(transparent)]
+    /// Not transparent: the AWS error stays a node of the chain, where `exit_codes::report` finds it.
+    #[error("{0}")]
     Aws(#[from] AwsError),
 }
 

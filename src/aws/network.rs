@@ -68,7 +68,8 @@ pub struct SecurityGroup {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error(transparent)]
+    /// Not transparent: the AWS error stays a node of the chain, where `exit_codes::report` finds it.
+    #[error("{0}")]
     Aws(#[from] AwsError),
     #[error(
         "region {0} has no default VPC: create one with `aws ec2 create-default-vpc`, or pick another --region"

@@ -46,6 +46,7 @@ pub struct SessionOutcome {
     pub owner: Option<String>,
     pub resources: Vec<String>,
     /// Estimated money not spent: time left until the deadline × the hourly price.
+    #[serde(serialize_with = "crate::output::money")]
     pub saved: f64,
 }
 
@@ -58,6 +59,7 @@ pub struct Report {
     /// Session log groups of instances long gone (older than their retention, so empty).
     pub log_groups_removed: Vec<String>,
     pub errors: Vec<String>,
+    #[serde(serialize_with = "crate::output::money")]
     pub saved: f64,
 }
 
@@ -108,14 +110,11 @@ impl Found {
 }
 
 pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
-    for id in &args.ids {
-        if !session::is_valid_id(id) {
-            return Err(UsageError::new(format!(
-                "{id:?} is not a session id (8 letters and digits, as `list` shows)"
-            ))
-            .into());
-        }
+    let mut ids = Vec::new();
+    for text in &args.ids {
+        ids.push(super::resolve_session(ctx, text).await?);
     }
+    let args = &CleanupArgs { ids, ..args.clone() };
     let owners = match args.owner.as_deref() {
         None | Some("me") => Owners::Me,
         Some("any") => Owners::Any,
@@ -153,7 +152,15 @@ pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
                 report.log_groups_removed.extend(part.log_groups_removed);
                 report.errors.extend(part.errors);
             }
-            Err(e) => report.errors.push(format!("{region}: {}", crate::error::one_line(&e))),
+            Err(e) => report.errors.push(format!("{region}: {}", crate::exit_codes::one_line(&e))),
+        }
+    }
+    for id in &args.ids {
+        if !report.sessions.iter().any(|s| &s.session_id == id) {
+            report.errors.push(format!(
+                "no session {id} in {} (neither AWS nor this machine knows it; --all-regions looks everywhere)",
+                regions.join(", ")
+            ));
         }
     }
     report.saved = report.sessions.iter().map(|s| s.saved).sum();
@@ -323,7 +330,7 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
     if args.purge && !args.dry_run {
         match purge(ctx, aws, caller, group_id.as_deref()).await {
             Ok(purged) => report.purged = purged,
-            Err(e) => report.errors.push(crate::error::one_line(&e)),
+            Err(e) => report.errors.push(crate::exit_codes::one_line(&e)),
         }
     }
     report.sessions.append(&mut outcomes);

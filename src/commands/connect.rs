@@ -8,20 +8,13 @@ use super::Context;
 use super::attach::{self, Outcome, Route, Work};
 use crate::aws::instances;
 use crate::cli::{ConnectArgs, ConnectMode};
-use crate::error::{ExitStatus, Interrupted, UsageError};
+use crate::error::{ExitStatus, Interrupted};
 use crate::output::short_duration;
 use crate::session::store::{SessionRecord, Store, process_alive, process_start_ticks, write_atomic};
-use crate::session::{self};
 use crate::signals::Signals;
 
 /// The local record of a session that is still running, with its address refreshed from AWS.
 async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecord)> {
-    if !session::is_valid_id(id) {
-        return Err(UsageError::new(format!(
-            "{id:?} is not a session id (8 letters and digits, as `list` shows)"
-        ))
-        .into());
-    }
     let store = Store::new(ctx.settings.sessions_dir());
     let Some(mut record) = store.load(id)? else {
         bail!("this machine has no record of session {id}: only the machine that launched it holds its key");
@@ -51,7 +44,7 @@ async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecor
 }
 
 pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
-    let id = &args.session.id;
+    let id = &super::resolve_session(ctx, &args.session.id).await?;
     let (store, mut record) = running_session(ctx, id).await?;
     // With its launcher gone, this process becomes the session's client, so cleanup does not
     // take the session for an orphan while we use it. A live launcher stays the owner.

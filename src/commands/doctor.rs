@@ -5,7 +5,7 @@ use aws_sdk_ec2::types::{InstanceType, IpPermission, IpRange};
 use serde::Serialize;
 
 use super::Context;
-use crate::aws::{self, Aws, ami, code_of, identity, network};
+use crate::aws::{Aws, AwsError, ami, code_of, identity, network};
 use crate::error::ExitStatus;
 use crate::output::table;
 
@@ -13,6 +13,8 @@ use crate::output::table;
 struct Check {
     name: &'static str,
     ok: bool,
+    /// Not run: a check it depends on failed.
+    skipped: bool,
     detail: String,
     /// What to do when it failed.
     fix: Option<String>,
@@ -20,11 +22,32 @@ struct Check {
 
 impl Check {
     fn ok(name: &'static str, detail: impl Into<String>) -> Check {
-        Check { name, ok: true, detail: detail.into(), fix: None }
+        Check { name, ok: true, skipped: false, detail: detail.into(), fix: None }
     }
 
     fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check { name, ok: false, detail: detail.into(), fix: Some(fix.into()) }
+        Check { name, ok: false, skipped: false, detail: detail.into(), fix: Some(fix.into()) }
+    }
+
+    /// A failed AWS call: its own advice when the error carries one (credentials, a denial,
+    /// throttling…), else `fix`, the advice for what this check looks at.
+    fn aws_failure(name: &'static str, error: &AwsError, fix: &str) -> Check {
+        Check::fail(name, error.summary(), error.hint().unwrap_or(fix))
+    }
+
+    fn skip(self, why: &str) -> Check {
+        if self.name == "config" || self.name == "credentials" {
+            return self;
+        }
+        Check { ok: false, skipped: true, detail: why.to_string(), fix: None, ..self }
+    }
+
+    fn status(&self) -> &'static str {
+        match (self.ok, self.skipped) {
+            (true, _) => "OK",
+            (false, true) => "SKIP",
+            (false, false) => "FAIL",
+        }
     }
 }
 
@@ -49,8 +72,13 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
             (check, check_permissions(ctx, &aws, image.as_deref()).await)
         });
     drop(step);
+    // Without working credentials every other AWS check fails for that one reason: say it once.
+    let no_credentials = !credentials.ok;
     let mut checks = vec![credentials, region, config, vpc, image];
     checks.extend(probes);
+    if no_credentials {
+        checks = checks.into_iter().map(|c| c.skip("not checked: needs working credentials")).collect();
+    }
     let report = Report { ok: checks.iter().all(|c| c.ok), region: aws.region.clone(), checks };
     ctx.printer.result(&report, || {
         let rows: Vec<Vec<String>> = report
@@ -61,21 +89,26 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
                     Some(fix) => format!("{} (fix: {fix})", c.detail),
                     None => c.detail.clone(),
                 };
-                vec![c.name.to_string(), if c.ok { "OK" } else { "FAIL" }.to_string(), detail]
+                vec![c.name.to_string(), c.status().to_string(), detail]
             })
             .collect();
         table(&["CHECK", "STATUS", "DETAIL"], &rows)
     });
-    Ok(if report.ok { ExitStatus::Success } else { ExitStatus::Failure })
+    Ok(match (report.ok, no_credentials) {
+        (true, _) => ExitStatus::Success,
+        // Like every command: no usable credentials is the environment's to fix (exit 2).
+        (false, true) => ExitStatus::Usage,
+        (false, false) => ExitStatus::Failure,
+    })
 }
 
 async fn check_credentials(aws: &Aws) -> Check {
     match identity::whoami(aws).await {
         Ok(caller) => Check::ok("credentials", caller.arn),
-        Err(e) => Check::fail(
+        Err(e) => Check::aws_failure(
             "credentials",
-            e.to_string(),
-            "configure credentials (aws configure / aws sso login) or pass --profile",
+            &e,
+            "configure credentials (`aws configure`, `aws sso login`) or pass --profile",
         ),
     }
 }
@@ -91,11 +124,7 @@ async fn check_region(aws: &Aws) -> Check {
             format!("{} is not an enabled region of this account", aws.region),
             "pick another --region, or enable it in the AWS console",
         ),
-        Err(e) => Check::fail(
-            "region",
-            aws::AwsError::new("listing regions", e).to_string(),
-            "check --region and your network",
-        ),
+        Err(e) => Check::aws_failure("region", &AwsError::new("listing regions", e), "check --region"),
     }
 }
 
@@ -109,7 +138,7 @@ async fn check_network(aws: &Aws) -> Check {
                 "run `aws ec2 create-default-vpc`, or pick another --region",
             );
         }
-        Err(e) => return Check::fail("network", e.to_string(), "check permissions for ec2:DescribeVpcs"),
+        Err(e) => return Check::aws_failure("network", &e, "see `ephemeral-admin policy`"),
     };
     match network::default_subnets(aws, &vpc).await {
         Ok(subnets) if !subnets.is_empty() => {
@@ -120,7 +149,7 @@ async fn check_network(aws: &Aws) -> Check {
             format!("default VPC {vpc} has no default subnets"),
             "run `aws ec2 create-default-subnet --availability-zone ZONE`",
         ),
-        Err(e) => Check::fail("network", e.to_string(), "check permissions for ec2:DescribeSubnets"),
+        Err(e) => Check::aws_failure("network", &e, "see `ephemeral-admin policy`"),
     }
 }
 
@@ -130,6 +159,7 @@ async fn check_image(ctx: &Context, aws: &Aws) -> (Check, Option<String>) {
         Ok(image) => {
             (Check::ok("ami", format!("{} → {} ({})", s.ami, image.id, image.source)), Some(image.id))
         }
+        Err(ami::AmiError::Aws(e)) => (Check::aws_failure("ami", &e, "see `ephemeral-admin policy`"), None),
         Err(e) => (Check::fail("ami", e.to_string(), "pass another --ami, or set `ami` in the config"), None),
     }
 }

@@ -22,6 +22,7 @@ use crate::aws::{alarm, ami, iam, identity, instances, logs, network, spot};
 use crate::cli::{ConnectMode, LaunchArgs};
 use crate::error::{ExitStatus, Interrupted, OverBudget};
 use crate::keys::SessionKeys;
+use crate::ledger::ended_by;
 use crate::output::{short_duration, usd};
 use crate::session::store::{SessionRecord, Store, process_start_ticks};
 use crate::session::{self, Clock, SystemClock, tags};
@@ -54,6 +55,7 @@ struct Launched {
     session: SessionView,
     estimate: Option<pricing::Estimate>,
     launch_attempts: u32,
+    #[serde(serialize_with = "crate::output::pairs_as_object")]
     timings_ms: Vec<(String, u64)>,
     #[serde(skip)]
     started: Instant,
@@ -61,6 +63,16 @@ struct Launched {
 
 pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let signals = Signals::install().context("listening for Ctrl-C")?;
+    for cidr in &ctx.settings.allow_cidrs {
+        let whom = if cidr.prefix_len() == 0 {
+            "every address on the internet".to_string()
+        } else {
+            format!("{} addresses", crate::settings::address_count(cidr))
+        };
+        ctx.printer.warn(format!(
+            "--allow-cidr {cidr}: SSH on this session's box is open to {whom} (the session key is still required)"
+        ));
+    }
     let (aws, store, record, mut result) = provision(ctx, args, &signals).await?;
     let instance_id = record.instance_id.clone().unwrap_or_default();
     let log = logs::Writer::spawn(&aws, &instance_id);
@@ -90,11 +102,13 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     }
     let keep = args.keep;
     let clock = SystemClock;
+    let mut attached = false;
     let outcome = async {
         let route = Route::resolve(ctx, &record, None, None);
         let options = attach::connect_options(ctx, &store, &record, &route)?;
         crash::point("connecting");
         let session = attach::open(ctx, &options, &signals).await?;
+        attached = true;
         result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         log.send(format!("connect session={} via={}", record.id, options.transport));
         if args.command.is_empty() {
@@ -130,8 +144,12 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         ));
     } else {
         let reason = match &outcome {
-            Ok(Outcome::Exited(_)) => "exit",
-            Ok(Outcome::Stopped(_)) | Err(_) => "interrupted",
+            Ok(Outcome::Exited(_)) => ended_by::EXIT,
+            Ok(Outcome::Stopped(_)) => ended_by::INTERRUPTED,
+            Err(e) if e.is::<Interrupted>() => ended_by::INTERRUPTED,
+            // Never got a shell: a rejected key, a box that never answered.
+            Err(_) if !attached => ended_by::LAUNCH_FAILED,
+            Err(_) => ended_by::CONNECTION_LOST,
         };
         let resources = SessionResources::from_record(&store.load(&record.id)?.unwrap_or(record.clone()));
         let report = teardown::teardown(&aws, &store, &resources, reason, &clock).await;
@@ -212,7 +230,11 @@ async fn provision(
             (Some(net), _) => Ok(Some(net)),
             (None, false) => Ok(None),
             (None, true) => {
-                ip::detect(&ip_services(), ip::TIMEOUT).await.map(Some).map_err(anyhow::Error::from)
+                // Nothing is made without knowing whom to let in: fix the environment, exit 2.
+                ip::detect(&ip_services(), ip::TIMEOUT)
+                    .await
+                    .map(Some)
+                    .map_err(|e| crate::error::UsageError::new(e.to_string()).into())
             }
         }
     };
@@ -438,7 +460,7 @@ async fn provision(
     let record = recorder.snapshot();
     let view = SessionView::build(Some(&record), Some(&running), clock.now());
     let result = Launched {
-        estimate: launched.price_per_hour.map(|p| pricing::estimate(p, s.max_runtime)),
+        estimate: launched.price_per_hour.map(|p| pricing::estimate(p, s.max_runtime).rounded()),
         launch_attempts: launched.attempts,
         timings_ms: timings.clone(),
         started,
@@ -458,10 +480,15 @@ async fn undo(
 ) -> anyhow::Error {
     let record = recorder.snapshot();
     let resources = SessionResources::from_record(&record);
-    let report = teardown::teardown(aws, store, &resources, "launch-failed", clock).await;
+    let interrupted = error.downcast_ref::<Interrupted>().is_some();
+    let reason = if interrupted { ended_by::INTERRUPTED } else { ended_by::LAUNCH_FAILED };
+    let report = teardown::teardown(aws, store, &resources, reason, clock).await;
     if report.is_clean() {
         let _ = store.forget(&record.id);
-        ctx.printer.status(format!("launch failed; removed what it had made ({})", report.summary()));
+        // An interruption's own message already says that what was made is gone: one line.
+        if !interrupted {
+            ctx.printer.status(format!("launch failed; removed what it had made ({})", report.summary()));
+        }
     } else {
         ctx.printer.warn(report.summary());
     }

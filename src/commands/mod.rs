@@ -71,6 +71,36 @@ impl Context {
     }
 }
 
+/// The session id a user meant: a session id as typed, or the session an instance id belongs to
+/// (from the local record, else from the instance's tags). Bad syntax is exit 2; an instance
+/// that is not one of ours is an error that says so.
+pub async fn resolve_session(ctx: &Context, text: &str) -> Result<String> {
+    match session::SessionRef::parse(text)? {
+        session::SessionRef::Id(id) => Ok(id),
+        session::SessionRef::Instance(instance_id) => {
+            let store = Store::new(ctx.settings.sessions_dir());
+            if let Some(record) =
+                store.all().into_iter().find(|r| r.instance_id.as_deref() == Some(&instance_id))
+            {
+                return Ok(record.id);
+            }
+            let aws = ctx.aws().await?;
+            match crate::aws::instances::describe(&aws, &instance_id).await? {
+                Some(info) => info.session_id.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "instance {instance_id} is not an ephemeral-admin box (it has no session tag)"
+                    )
+                }),
+                None => Err(crate::error::UsageError::new(format!(
+                    "no instance {instance_id} in {}: check the id and --region",
+                    aws.region
+                ))
+                .into()),
+            }
+        }
+    }
+}
+
 pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
     let printer = Printer::new(&settings);
     let ctx = Context { settings, printer };
@@ -84,12 +114,12 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::Connect(args) => connect::connect(&ctx, &args).await,
         Command::Extend(args) => extend::run(&ctx, &args).await,
         Command::List => sessions::list(&ctx).await,
-        Command::Status(args) => sessions::status(&ctx, &args.id).await,
-        Command::Terminate(args) => sessions::terminate(&ctx, &args.id).await,
+        Command::Status(args) => sessions::status(&ctx, &resolve_session(&ctx, &args.id).await?).await,
+        Command::Terminate(args) => sessions::terminate(&ctx, &resolve_session(&ctx, &args.id).await?).await,
         Command::Cleanup(args) => cleanup::run(&ctx, &args).await,
         Command::Cost(args) => cost::cost(&ctx, &args).await,
         Command::Dashboard => cost::dashboard(&ctx).await,
         Command::Budget(args) => cost::budget(&ctx, &args).await,
-        Command::SshConfig(args) => connect::ssh_config(&ctx, &args.id).await,
+        Command::SshConfig(args) => connect::ssh_config(&ctx, &resolve_session(&ctx, &args.id).await?).await,
     }
 }

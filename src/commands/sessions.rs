@@ -6,19 +6,10 @@ use serde::Serialize;
 use super::Context;
 use super::view::{SessionView, list_table};
 use crate::aws::{Aws, alarm, identity, instances, network};
-use crate::error::{ExitStatus, UsageError};
+use crate::error::ExitStatus;
 use crate::session::store::{SessionRecord, Store};
-use crate::session::{self, Clock, SystemClock};
+use crate::session::{Clock, SystemClock};
 use crate::teardown::{self, SessionResources, TeardownReport};
-
-fn check_id(id: &str) -> Result<()> {
-    if session::is_valid_id(id) {
-        Ok(())
-    } else {
-        Err(UsageError::new(format!("{id:?} is not a session id (8 letters and digits, as `list` shows)"))
-            .into())
-    }
-}
 
 #[derive(Serialize)]
 struct ListReport {
@@ -61,7 +52,6 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
 }
 
 pub async fn status(ctx: &Context, id: &str) -> Result<ExitStatus> {
-    check_id(id)?;
     let aws = ctx.aws().await?;
     ctx.settle(&aws).await;
     let store = Store::new(ctx.settings.sessions_dir());
@@ -80,7 +70,6 @@ pub async fn status(ctx: &Context, id: &str) -> Result<ExitStatus> {
 }
 
 pub async fn terminate(ctx: &Context, id: &str) -> Result<ExitStatus> {
-    check_id(id)?;
     let aws = ctx.aws().await?;
     let store = Store::new(ctx.settings.sessions_dir());
     let record = store.load(id)?;

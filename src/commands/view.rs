@@ -27,11 +27,15 @@ pub struct SessionView {
     pub expires_at: Option<String>,
     pub time_left_seconds: Option<i64>,
     pub age_seconds: Option<i64>,
+    #[serde(serialize_with = "crate::output::money_opt")]
     pub cost_so_far: Option<f64>,
     pub host_key_fingerprint: Option<String>,
     pub kept: bool,
     /// Whether this machine has the session's record and key (needed to connect).
     pub local_record: bool,
+    /// When and why it ended, once it has.
+    pub ended_at: Option<String>,
+    pub end_reason: Option<String>,
 }
 
 impl SessionView {
@@ -68,7 +72,17 @@ impl SessionView {
             }
             _ => None,
         };
+        let (ended_at, end_reason) = match record.filter(|r| r.ended_at.is_some()) {
+            Some(r) => (r.ended_at.clone(), r.end_reason.clone()),
+            None if !live && instance.is_some() => {
+                let i = instance.expect("checked");
+                (None, i.state_reason.clone().or(i.state_transition_reason.clone()))
+            }
+            None => (None, None),
+        };
         SessionView {
+            ended_at,
+            end_reason,
             session_id: instance
                 .and_then(|i| i.session_id.clone())
                 .or_else(|| record.map(|r| r.id.clone()))
@@ -136,10 +150,16 @@ impl SessionView {
             ("price", self.price_per_hour.map(|p| format!("{}/h", usd(p))).unwrap_or_else(dash)),
             ("address", self.public_ip.clone().or(self.private_ip.clone()).unwrap_or_else(dash)),
             ("user", self.user.clone().unwrap_or_else(dash)),
-            (
-                "expires",
-                format!("{} ({} left)", self.expires_at.clone().unwrap_or_else(dash), self.time_left()),
-            ),
+            match (&self.ended_at, &self.end_reason) {
+                (Some(at), reason) => {
+                    ("ended", format!("{at} ({})", reason.as_deref().unwrap_or("reason not recorded")))
+                }
+                (None, Some(reason)) => ("ended", reason.clone()),
+                (None, None) => (
+                    "expires",
+                    format!("{} ({} left)", self.expires_at.clone().unwrap_or_else(dash), self.time_left()),
+                ),
+            },
             ("host key", self.host_key_fingerprint.clone().unwrap_or_else(dash)),
         ];
         if let Some(cost) = self.cost_so_far {

@@ -257,7 +257,7 @@ fn init_writes_the_documented_defaults_which_resolve_cleanly() {
     let path = user.config_dir().join("config.toml");
     assert!(run.stdout.contains(path.to_str().unwrap()));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), include_str!("../../config.example.toml"));
-    assert_eq!(user.run(&["init"]).code, 1, "never overwrites without --force");
+    assert_eq!(user.run(&["init"]).code, 2, "never overwrites without --force (bad input: exit 2)");
     user.run(&["init", "--force"]).success();
     // The example parses and validates: `policy` resolves settings before printing.
     user.run(&["policy"]).success();

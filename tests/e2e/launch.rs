@@ -309,7 +309,7 @@ fn an_auth_error_on_run_instances_stops_at_once_and_revokes_the_rule() {
     assert_eq!(cloud.count("RunInstances"), 1, "no retry, no fallback");
     let line = run.stderr.lines().last().unwrap();
     assert!(
-        line.contains("UnauthorizedOperation: not allowed to launch")
+        line.contains("UnauthorizedOperation (ec2:RunInstances): not allowed to launch")
             && line.contains("ephemeral-admin policy"),
         "{line}"
     );
@@ -360,7 +360,7 @@ fn the_caller_ip_is_detected_from_echo_services() {
     let user = User::new(&cloud).env("EPHEMERAL_ADMIN_IP_SERVICES", &garbage.url);
     cloud.clear_log();
     let run = user.run(&["launch", "--detach"]);
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 2, "nothing was created: fix the environment");
     assert!(
         run.stderr.contains("cannot detect your public IP") && run.stderr.contains("--my-ip"),
         "{}",

@@ -210,7 +210,7 @@ fn extend_moves_the_deadline_the_watchdog_enforces() {
 
     // Past the cap: refused, naming the cap and the key; the tag stays.
     let run = user.run(&["extend", &session, "--by", "2h"]);
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 2, "bad input");
     assert!(
         run.stderr.contains("hard cap of 1h") && run.stderr.contains("max_runtime_cap"),
         "{}",

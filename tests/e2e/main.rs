@@ -8,5 +8,6 @@ mod cost;
 mod foundation;
 mod launch;
 mod lifecycle;
+mod robust;
 mod session;
 mod ssh;

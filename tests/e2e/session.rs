@@ -233,6 +233,15 @@ fn sigint_while_provisioning_leaves_nothing() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.lines().last().unwrap().starts_with("error: interrupted"), "{stderr}");
+    // One message about it, not a "launch failed" line and then the interruption.
+    let about: Vec<&str> =
+        stderr.lines().filter(|l| l.contains("interrupted") || l.contains("launch failed")).collect();
+    assert_eq!(about.len(), 1, "{stderr}");
+    let ledger = std::fs::read_to_string(user.state_dir().join("ledger.jsonl")).unwrap_or_default();
+    assert!(
+        ledger.contains("\"ended_by\":\"interrupted\""),
+        "Ctrl-C while pending is `interrupted`: {ledger}"
+    );
     assert_nothing_left(&cloud);
     assert!(key_files(&user).is_empty());
 }
@@ -248,15 +257,7 @@ fn sigterm_during_the_shell_leaves_nothing() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the remote command to run", Duration::from_secs(30), || {
-        let boxes = cloud.control("GET", "box", None)["boxes"].as_array().cloned().unwrap_or_default();
-        boxes.iter().any(|b| {
-            let info = cloud.control("GET", &format!("box/{}", b["instance_id"].as_str().unwrap()), None);
-            info["sshd_log"]
-                .as_array()
-                .is_some_and(|l| l.iter().any(|x| x.as_str().unwrap_or("").contains("Accepted publickey")))
-        })
-    });
+    wait_until("the remote command to run", Duration::from_secs(30), || logged_in(&cloud));
     signal(child.id(), "TERM");
     let status = child.wait().unwrap();
     let mut stderr = String::new();
@@ -264,6 +265,17 @@ fn sigterm_during_the_shell_leaves_nothing() {
     assert_eq!(status.code(), Some(143), "{stderr}");
     assert_nothing_left(&cloud);
     assert!(key_files(&user).is_empty());
+}
+
+/// Some box's sshd has accepted a session's key: the command or shell is starting.
+pub fn logged_in(cloud: &LocalCloud) -> bool {
+    let boxes = cloud.control("GET", "box", None)["boxes"].as_array().cloned().unwrap_or_default();
+    boxes.iter().any(|b| {
+        let info = cloud.control("GET", &format!("box/{}", b["instance_id"].as_str().unwrap()), None);
+        info["sshd_log"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x.as_str().unwrap_or("").contains("Accepted publickey")))
+    })
 }
 
 fn signal(pid: u32, name: &str) {
