@@ -82,11 +82,22 @@ pub enum Command {
     /// Print an OpenSSH `Host` block for a session (for ssh, scp, rsync, editors).
     SshConfig(SessionIdArg),
     /// Print the least-privilege IAM policy a user needs to run every command.
-    Policy,
+    Policy(PolicyArgs),
     /// Write a commented config file with every key and its default.
     Init(InitArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
+}
+
+/// Flags of `policy`.
+#[derive(Debug, Args, Default)]
+pub struct PolicyArgs {
+    /// Print the box role's policy instead (with Session Manager's permissions when `connect = "ssm"`).
+    #[arg(long = "box")]
+    pub box_role: bool,
+    /// Check the policy with IAM Access Analyzer (ValidatePolicy) on your account and print its findings.
+    #[arg(long)]
+    pub validate: bool,
 }
 
 /// Flags of `launch`. Every one that is also a config key has the same name in snake_case.
