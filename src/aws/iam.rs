@@ -225,6 +225,8 @@ pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<b
             .map(|_| ())
             .doing(format!("deleting the policy of role {name}")),
     )?;
-    step(aws.iam.delete_role().role_name(name).send().await.map(|_| ()).doing(format!("deleting role {name}")))?;
+    step(
+        aws.iam.delete_role().role_name(name).send().await.map(|_| ()).doing(format!("deleting role {name}")),
+    )?;
     Ok(found)
 }

@@ -81,7 +81,13 @@ pub fn statements(role_name: &str) -> Vec<Statement> {
             sid: "CreateOnlyTaggedResources",
             why: "the box's instance, volume and spot request, the tool's security group and its SSH rules may only be created carrying Project=EphemeralContainer",
             actions: &["ec2:RunInstances", "ec2:CreateSecurityGroup", "ec2:AuthorizeSecurityGroupIngress"],
-            resources: ec2(&["instance", "volume", "spot-instances-request", "security-group", "security-group-rule"]),
+            resources: ec2(&[
+                "instance",
+                "volume",
+                "spot-instances-request",
+                "security-group",
+                "security-group-rule",
+            ]),
             condition: Some(project_is_ours("aws:RequestTag")),
         },
         Statement {
@@ -95,7 +101,13 @@ pub fn statements(role_name: &str) -> Vec<Statement> {
             sid: "TagOnlyWhileCreating",
             why: "create-with-tags needs ec2:CreateTags too; allowed only inside the three creating calls",
             actions: &["ec2:CreateTags"],
-            resources: ec2(&["instance", "volume", "spot-instances-request", "security-group", "security-group-rule"]),
+            resources: ec2(&[
+                "instance",
+                "volume",
+                "spot-instances-request",
+                "security-group",
+                "security-group-rule",
+            ]),
             condition: Some(json!({
                 "StringEquals": {
                     "ec2:CreateAction": ["RunInstances", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress"],

@@ -70,8 +70,10 @@ pub async fn run(ctx: &Context, args: &PolicyArgs) -> Result<ExitStatus> {
         if findings.is_empty() {
             return "IAM Access Analyzer: no findings".to_string();
         }
-        let rows: Vec<Vec<String>> =
-            findings.iter().map(|f| vec![f.finding_type.clone(), f.issue_code.clone(), f.details.clone()]).collect();
+        let rows: Vec<Vec<String>> = findings
+            .iter()
+            .map(|f| vec![f.finding_type.clone(), f.issue_code.clone(), f.details.clone()])
+            .collect();
         table(&["TYPE", "ISSUE", "DETAILS"], &rows)
     });
     Ok(if blocking { ExitStatus::Failure } else { ExitStatus::Success })

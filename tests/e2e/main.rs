@@ -8,5 +8,6 @@ mod cost;
 mod foundation;
 mod launch;
 mod lifecycle;
+mod policy;
 mod session;
 mod ssh;

@@ -61,7 +61,33 @@ impl LocalCloud {
             .split_whitespace()
             .find_map(|w| w.strip_prefix("box_ssh_port="))
             .and_then(|p| p.parse().ok());
-        LocalCloud { url, box_ssh_port, child, _stdin: stdin }
+        let cloud = LocalCloud { url, box_ssh_port, child, _stdin: stdin };
+        // Every test runs as a user holding exactly the policy `ephemeral-admin policy` prints:
+        // the local cloud answers anything else with AWS's denial.
+        cloud.enforce(&printed_policy());
+        cloud
+    }
+
+    /// Enforces `policy` on the CLI's requests (access key `testing`) from now on.
+    pub fn enforce(&self, policy: &Value) {
+        self.control("PUT", "policy", Some(json!({ "policy": policy })));
+    }
+
+    /// The requests the policy denied so far: `{seq, service, api, action, resource}`.
+    pub fn denials(&self) -> Vec<Value> {
+        self.control("GET", "policy", None)["denials"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Would the enforced policy allow this API call? Maps the request to its IAM checks the
+    /// same way enforcement does (`POST /_localcloud/policy/simulate`).
+    pub fn simulate(&self, service: &str, action: &str, body: Value) -> Value {
+        let mut req = json!({ "service": service, "action": action, "region": "us-east-1" });
+        req[if service == "ec2" || service == "iam" || service == "monitoring" {
+            "params"
+        } else {
+            "json"
+        }] = body;
+        self.control("POST", "policy/simulate", Some(req))
     }
 
     pub fn control(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -115,6 +141,23 @@ impl LocalCloud {
     pub fn state(&self) -> Value {
         self.control("GET", "state?region=us-east-1", None)
     }
+}
+
+/// The user policy exactly as the CLI prints it with the default settings.
+pub fn printed_policy() -> Value {
+    let home = std::env::temp_dir().join(format!("ea-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ephemeral-admin"))
+        .arg("policy")
+        .env_clear()
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .expect("run ephemeral-admin policy");
+    assert!(out.status.success(), "policy failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("policy is JSON")
 }
 
 impl Drop for LocalCloud {
