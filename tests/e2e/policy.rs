@@ -40,7 +40,7 @@ fn a_launch_missing_one_permission_fails_with_the_aws_denial_and_leaves_nothing(
     for (sid, action, denied_action, code) in cases {
         let cloud = LocalCloud::start();
         let user = User::new(&cloud);
-        cloud.enforce(&without(sid, action));
+        cloud.enforce_narrower(&without(sid, action));
         let run = user.run(&["launch", "--detach", "--my-ip", MY_IP]);
         assert_eq!(run.code, 1, "{sid}: {}", run.stderr);
 
@@ -164,7 +164,7 @@ fn policy_validate_asks_access_analyzer_and_prints_its_findings() {
     assert_eq!(sent, printed_policy(), "the printed policy is what gets validated");
 
     // Without access-analyzer:ValidatePolicy the user is told so.
-    cloud.enforce(&without("ReadOnly", Some("access-analyzer:ValidatePolicy")));
+    cloud.enforce_narrower(&without("ReadOnly", Some("access-analyzer:ValidatePolicy")));
     let run = user.run(&["policy", "--validate"]);
     assert_eq!(run.code, 1);
     assert!(

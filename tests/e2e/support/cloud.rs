@@ -16,6 +16,9 @@ pub struct LocalCloud {
     pub box_ssh_port: Option<u16>,
     child: Child,
     _stdin: ChildStdin,
+    /// Set by tests that load a narrower policy on purpose; otherwise any denial fails the test
+    /// when the cloud is dropped (a denied call the CLI shrugged off is still a missing permission).
+    denials_expected: std::cell::Cell<bool>,
 }
 
 /// The Python that has moto: `EPHEMERAL_ADMIN_TEST_PYTHON`, else the repo's `.venv`.
@@ -61,11 +64,23 @@ impl LocalCloud {
             .split_whitespace()
             .find_map(|w| w.strip_prefix("box_ssh_port="))
             .and_then(|p| p.parse().ok());
-        let cloud = LocalCloud { url, box_ssh_port, child, _stdin: stdin };
+        let cloud = LocalCloud {
+            url,
+            box_ssh_port,
+            child,
+            _stdin: stdin,
+            denials_expected: std::cell::Cell::new(false),
+        };
         // Every test runs as a user holding exactly the policy `ephemeral-admin policy` prints:
         // the local cloud answers anything else with AWS's denial.
         cloud.enforce(&printed_policy());
         cloud
+    }
+
+    /// Enforces a narrower `policy` than the printed one: denials are the point of such a test.
+    pub fn enforce_narrower(&self, policy: &Value) {
+        self.denials_expected.set(true);
+        self.enforce(policy);
     }
 
     /// Enforces `policy` on the CLI's requests (access key `testing`) from now on.
@@ -162,6 +177,21 @@ pub fn printed_policy() -> Value {
 
 impl Drop for LocalCloud {
     fn drop(&mut self) {
+        let reachable = std::net::TcpStream::connect(self.url.trim_start_matches("http://")).is_ok();
+        if reachable && !std::thread::panicking() && !self.denials_expected.get() {
+            let (_, policy) = request(&self.url, "GET", "/_localcloud/policy", None);
+            let denials = policy["denials"].as_array().cloned().unwrap_or_default();
+            if !denials.is_empty() {
+                self.stop();
+                panic!("the printed policy denied calls the CLI made: {denials:#?}");
+            }
+        }
+        self.stop();
+    }
+}
+
+impl LocalCloud {
+    fn stop(&mut self) {
         // SIGTERM lets it stop its sshd and watchdog children; then make sure.
         unsafe_kill(self.child.id(), 15);
         for _ in 0..50 {
