@@ -721,7 +721,9 @@ class PolicyEnforcement:
         if denied is None:
             return None
         check, decision = denied
-        code, message, status = iampolicy.denial(check, decision, PRINCIPAL_ARN, req.protocol)
+        # CloudWatch's JSON protocol is awsQuery-compatible: its code stays AccessDenied.
+        protocol = "query" if req.service == "monitoring" else req.protocol
+        code, message, status = iampolicy.denial(check, decision, PRINCIPAL_ARN, protocol)
         with self.state_lock:
             entry["denied"] = {"action": check.action, "resource": check.resource}
             self.denials.append({"seq": entry["seq"], "service": req.service, "api": req.action,
