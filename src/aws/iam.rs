@@ -230,3 +230,28 @@ pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<b
     )?;
     Ok(found)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ssm_boxes_get_session_manager_permissions_and_their_own_role() {
+        let plain = box_policy_document(false);
+        let ssm = box_policy_document(true);
+        let sids = |doc: &serde_json::Value| -> Vec<String> {
+            doc["Statement"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["Sid"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(sids(&plain), ["OwnMetricsOnly", "OwnLogsOnly"]);
+        assert_eq!(sids(&ssm), ["OwnMetricsOnly", "OwnLogsOnly", "SessionManagerAgent"]);
+        assert!(!plain.to_string().contains("ssm"));
+        assert_eq!(box_role_name("R", false), "R");
+        assert_eq!(box_role_name("R", true), "R-ssm");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&box_policy(true)).unwrap(), ssm);
+    }
+}

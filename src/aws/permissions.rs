@@ -219,8 +219,10 @@ pub fn statements(role_name: &str) -> Vec<Statement> {
         sid: "SessionManagerSshDocumentOnly",
         why: "`connect = \"ssm\"`: the SSH-over-Session-Manager document, and ending or resuming one's own sessions",
         actions: &["ssm:StartSession", "ssm:TerminateSession", "ssm:ResumeSession"],
+        // Session ids start with the IAM user's name, or the caller's user id when federated.
         resources: vec![
-            format!("arn:aws:ssm:*::document/{SSM_DOCUMENT}"),
+            format!("arn:aws:ssm:*:*:document/{SSM_DOCUMENT}"),
+            "arn:aws:ssm:*:*:session/${aws:username}-*".into(),
             "arn:aws:ssm:*:*:session/${aws:userid}-*".into(),
         ],
         condition: None,

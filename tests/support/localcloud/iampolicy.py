@@ -50,6 +50,9 @@ class Check:
     action: str                      # "ec2:RunInstances"
     resource: str                    # an ARN, or "*"
     context: dict[str, Any] = field(default_factory=dict)  # condition key -> str | list[str]
+    # Where AWS accepts any one of several actions (CreateLogGroup with tags: logs:TagResource
+    # or the older logs:TagLogGroup), the others; the check passes if one of them is allowed.
+    alternatives: list[str] = field(default_factory=list)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -187,7 +190,9 @@ def evaluate(policy: dict[str, Any], check: Check) -> Decision:
 def first_denied(policy: dict[str, Any], checks: Iterable[Check]) -> tuple[Check, Decision] | None:
     for check in checks:
         decision = evaluate(policy, check)
-        if not decision.allowed:
+        if not decision.allowed and not any(
+                evaluate(policy, Check(alt, check.resource, check.context)).allowed
+                for alt in check.alternatives):
             return check, decision
     return None
 
@@ -485,10 +490,12 @@ def _logs(call: Call, world: World) -> list[Check]:
     arn = _log_group_arn(call, world, name)
     if call.action == "PutLogEvents":
         arn = f"{arn}:log-stream:{call.get('logStreamName') or ''}"
-    tags = call.get("tags") if isinstance(call.get("tags"), dict) else {}
-    checks = [Check(a, arn, request_tag_context(tags) if tags else {})]
-    if call.action == "CreateLogGroup" and tags:
-        checks.append(Check("logs:TagResource", arn, request_tag_context(tags)))
+    # AWS: "To assign tags when you create a log group, you must have either the
+    # logs:TagResource or logs:TagLogGroup permission"; CloudWatch Logs does not offer the
+    # aws:RequestTag / aws:TagKeys condition keys for it.
+    checks = [Check(a, arn)]
+    if call.action == "CreateLogGroup" and call.get("tags"):
+        checks.append(Check("logs:TagResource", arn, alternatives=["logs:TagLogGroup"]))
     return checks
 
 

@@ -207,6 +207,9 @@ def t_tag_actions_of_other_services() -> None:
     check(decide(POLICY, group) is None, "CreateLogGroup with tags")
     denied = decide(without("Logs", "logs:TagResource"), group)
     check(denied is not None and denied.action == "logs:TagResource", "CreateLogGroup with tags needs logs:TagResource")
+    older = without("Logs", "logs:TagResource")
+    older["Statement"].append({"Effect": "Allow", "Action": "logs:TagLogGroup", "Resource": "*"})
+    check(decide(older, group) is None, "... or the older logs:TagLogGroup (AWS accepts either)")
     other = Call("logs", "us-east-1", "DeleteLogGroup", json={"logGroupName": "/prod/app"})
     check(decide(POLICY, other) is not None, "DeleteLogGroup outside the prefix is denied")
     put = Call("logs", "us-east-1", "PutLogEvents",
