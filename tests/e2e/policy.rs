@@ -123,6 +123,17 @@ fn an_ssm_launch_gets_the_session_manager_role_and_start_session_is_scoped_to_ou
         serde_json::from_str(&User::offline().run(&["policy", "--box"]).success().stdout).unwrap();
     assert!(!plain.to_string().contains("ssm:"), "{plain:#}");
 
+    // With a box of the tool's to try them on, doctor's dry runs pass the scoped policy.
+    let report = user.run(&["doctor", "--output", "json"]).success().json();
+    for name in [
+        "permission:RunInstances",
+        "permission:TerminateInstances",
+        "permission:AuthorizeSecurityGroupIngress",
+    ] {
+        let check = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap();
+        assert_eq!(check["detail"], "allowed (dry run)", "{report:#}");
+    }
+
     // The user may start a session on this box with the SSH document, and on nothing else.
     let start = |target: &str, document: &str| {
         cloud.simulate("ssm", "StartSession", json!({ "Target": target, "DocumentName": document }))
