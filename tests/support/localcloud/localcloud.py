@@ -10,12 +10,14 @@ adds the things a plain moto server lacks:
 * fault injection (AWS-shaped error responses, or dropped connections),
 * fixes for the places where moto behaves differently from real AWS
   (see the section "Where moto differs from AWS"),
-* a JSON control API under /_localcloud/ (reset, rules, config, log, state).
+* IAM enforcement: with a policy loaded, requests are allowed or denied as IAM
+  would for a user holding it (iampolicy.py beside this file),
+* a JSON control API under /_localcloud/ (reset, rules, config, log, state, policy).
 
 Usage:
     .venv/bin/python tests/support/localcloud/localcloud.py [--port 0]
         [--delay-ms N] [--pending-seconds F] [--box-sim]
-        [--exit-on-stdin-eof] [-v]
+        [--exit-on-stdin-eof] [--policy FILE] [-v]
 
 When it is ready it prints exactly one line to stdout:
     LOCALCLOUD READY url=http://127.0.0.1:PORT [key=value ...]
@@ -29,6 +31,7 @@ Sections of this file:
   3. Fault rules
   4. Spot price model
   5. Middleware: the fault and latency proxy
+  5b. IAM enforcement (the loaded policy, via iampolicy.py)
   6. Where moto differs from AWS (all moto-gap fixes)
   7. Control API
   8. State dump
