@@ -177,6 +177,7 @@ async fn check_permissions(ctx: &Context, aws: &Aws, image: Option<&str>) -> Vec
                 .dry_run(true)
                 .group_id(group)
                 .ip_permissions(rule)
+                .tag_specifications(network::tag_spec(ResourceType::SecurityGroupRule, &ours))
                 .send()
                 .await,
         )

@@ -388,9 +388,10 @@ def _ec2_group_rules(call: Call, world: World) -> list[Check]:
     a = f"ec2:{call.action}"
     checks = [_ec2_existing(call, world, a, call.get("GroupId") or "sg-unknown")]
     if call.action == "AuthorizeSecurityGroupIngress":
+        # The new rule is authorized too (with its request tags, if any): a policy that
+        # requires tags on rules refuses an untagged one.
         tags = call.tag_specifications().get("security-group-rule")
-        if tags:
-            checks.extend(_ec2_created(call, world, a, "security-group-rule", tags))
+        checks.extend(_ec2_created(call, world, a, "security-group-rule", tags))
     return checks
 
 

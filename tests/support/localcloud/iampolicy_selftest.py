@@ -177,6 +177,27 @@ def t_own_resources() -> None:
     check(decide(POLICY, retag, WORLD) is None, "CreateTags on our instance (extend)")
 
 
+def t_security_group_rules() -> None:
+    policy = {"Statement": [
+        {"Effect": "Allow", "Action": "ec2:AuthorizeSecurityGroupIngress", "Resource": "arn:aws:ec2:*:*:security-group/*",
+         "Condition": {"StringEquals": {"ec2:ResourceTag/Project": "EphemeralContainer"}}},
+        {"Effect": "Allow", "Action": ["ec2:AuthorizeSecurityGroupIngress", "ec2:CreateTags"],
+         "Resource": "arn:aws:ec2:*:*:security-group-rule/*",
+         "Condition": {"StringEquals": {"aws:RequestTag/Project": "EphemeralContainer"}}}]}
+    params = {"GroupId": "sg-1", "IpPermissions.1.IpProtocol": "tcp"}
+    tagged = Call("ec2", "us-east-1", "AuthorizeSecurityGroupIngress",
+                  {**params, **tag_params("security-group-rule", 1, PROJECT)})
+    check(decide(policy, tagged, WORLD) is None, "a tagged rule in our group")
+    denied = decide(policy, Call("ec2", "us-east-1", "AuthorizeSecurityGroupIngress", params), WORLD)
+    check(denied is not None and denied.resource.endswith(":security-group-rule/*"),
+          "an untagged rule is refused where rules must be tagged", denied)
+    other = Call("ec2", "us-east-1", "AuthorizeSecurityGroupIngress",
+                 {**tagged.params, "GroupId": "sg-theirs"})
+    denied = decide(policy, other, WORLD)
+    check(denied is not None and denied.resource.endswith(":security-group/sg-theirs"),
+          "a rule in someone else's group is refused", denied)
+
+
 def t_tag_actions_of_other_services() -> None:
     alarm = Call("monitoring", "us-east-1", "PutMetricAlarm", {
         "AlarmName": "ephemeral-admin-s1-i-1", "Tags.member.1.Key": "Project",
@@ -330,7 +351,7 @@ def t_denials() -> None:
 
 
 def main() -> int:
-    for test in (t_run_instances, t_own_resources, t_tag_actions_of_other_services,
+    for test in (t_run_instances, t_own_resources, t_security_group_rules, t_tag_actions_of_other_services,
                  t_service_linked_role_condition, t_ssm, t_operators, t_evaluation_logic, t_denials):
         print(f"- {test.__name__[2:].replace('_', ' ')}")
         try:
