@@ -116,8 +116,10 @@ pub enum Command {
     )]
     SshConfig(SessionIdArg),
     /// Print the least-privilege IAM policy a user needs to run every command.
-    #[command(after_help = "Examples:\n  ephemeral-admin policy > policy.json")]
-    Policy,
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin policy > policy.json\n  ephemeral-admin policy --box\n  ephemeral-admin policy --validate"
+    )]
+    Policy(PolicyArgs),
     /// Write a commented config file with every key and its default.
     #[command(
         after_help = "Examples:\n  ephemeral-admin init\n  ephemeral-admin --config ./team.toml init --force"
@@ -128,6 +130,17 @@ pub enum Command {
         after_help = "Examples:\n  ephemeral-admin completions bash > /etc/bash_completion.d/ephemeral-admin\n  ephemeral-admin completions zsh > ~/.zfunc/_ephemeral-admin"
     )]
     Completions(CompletionsArgs),
+}
+
+/// Flags of `policy`.
+#[derive(Debug, Args, Default)]
+pub struct PolicyArgs {
+    /// Print the box role's policy instead (with Session Manager's permissions when `connect = "ssm"`).
+    #[arg(long = "box")]
+    pub box_role: bool,
+    /// Check the policy with IAM Access Analyzer (ValidatePolicy) on your account and print its findings.
+    #[arg(long)]
+    pub validate: bool,
 }
 
 /// Flags of `launch`. Every one that is also a config key has the same name in snake_case.

@@ -284,7 +284,14 @@ pub fn iam_action_of<E>() -> String {
         other => other,
     };
     let operation = name.rsplit("::").next().unwrap_or(name).trim_end_matches("Error");
-    permissions::iam_action_for(service, operation)
+    match (service, operation) {
+        // AWS Budgets authorizes its API through two coarse actions.
+        ("budgets", op) if op.starts_with("Describe") || op.starts_with("View") => {
+            "budgets:ViewBudget".into()
+        }
+        ("budgets", _) => "budgets:ModifyBudget".into(),
+        (service, op) => format!("{service}:{op}"),
+    }
 }
 
 /// Access denied, in each service's words.
@@ -332,5 +339,32 @@ where
 {
     fn doing(self, what: impl Into<String>) -> Result<T, AwsError> {
         self.map_err(|e| AwsError::new(what, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_iam_action_comes_from_the_operation_type() {
+        use aws_sdk_cloudwatchlogs::operation::create_log_group::CreateLogGroupError;
+        use aws_sdk_ec2::operation::run_instances::RunInstancesError;
+        use aws_sdk_iam::operation::get_instance_profile::GetInstanceProfileError;
+        assert_eq!(iam_action_of::<RunInstancesError>(), "ec2:RunInstances");
+        assert_eq!(iam_action_of::<CreateLogGroupError>(), "logs:CreateLogGroup");
+        assert_eq!(iam_action_of::<GetInstanceProfileError>(), "iam:GetInstanceProfile");
+        assert_eq!(
+            iam_action_of::<aws_sdk_budgets::operation::describe_budget::DescribeBudgetError>(),
+            "budgets:ViewBudget"
+        );
+    }
+
+    #[test]
+    fn ec2_denials_lose_only_the_encoded_blob() {
+        let m = "You are not authorized to perform this operation. User: arn:x is not authorized to perform: iam:PassRole on resource: arn:r Encoded authorization failure message: AbC123";
+        let short = short_message(m);
+        assert!(short.contains("iam:PassRole") && !short.contains("AbC123"), "{short}");
+        assert_eq!(short_message("plain"), "plain");
     }
 }

@@ -507,7 +507,6 @@ async fn release_refs(aws: &Aws, rule_id: &str, sessions: &[String]) -> Result<(
 async fn purge(ctx: &Context, aws: &Aws, caller: &str, group_id: Option<&str>) -> Result<Vec<String>> {
     let s = &ctx.settings;
     let account = caller.split(':').nth(4).unwrap_or_default();
-    let profile_arn = format!("arn:aws:iam::{account}:instance-profile/{}", s.iam_role_name);
     let mut purged = Vec::new();
     let users = |filter: &'static str, value: String| async move {
         // Instances we just terminated may take a moment to let go: wait for them, bounded.
@@ -553,12 +552,16 @@ async fn purge(ctx: &Context, aws: &Aws, caller: &str, group_id: Option<&str>) -
             Err(e) => refusals.push(format!("security group {} {e}", s.security_group_name)),
         }
     }
-    match users("iam-instance-profile.arn", profile_arn).await {
-        Ok(()) => {
-            iam::delete_instance_profile_and_role(aws, &s.iam_role_name).await?;
-            purged.push(format!("IAM role and instance profile {}", s.iam_role_name));
+    for name in [s.iam_role_name.clone(), iam::ssm_role_name(&s.iam_role_name)] {
+        let profile_arn = format!("arn:aws:iam::{account}:instance-profile/{name}");
+        match users("iam-instance-profile.arn", profile_arn).await {
+            Ok(()) => {
+                if iam::delete_instance_profile_and_role(aws, &name).await? {
+                    purged.push(format!("IAM role and instance profile {name}"));
+                }
+            }
+            Err(e) => refusals.push(format!("IAM role and instance profile {name} {e}")),
         }
-        Err(e) => refusals.push(format!("IAM role and instance profile {} {e}", s.iam_role_name)),
     }
     if !refusals.is_empty() {
         bail!("not purged: {}", refusals.join("; "));

@@ -1,13 +1,14 @@
 //! `doctor`: checks everything a launch needs, in parallel, and says how to fix what fails.
 
 use anyhow::Result;
-use aws_sdk_ec2::types::{InstanceType, IpPermission, IpRange};
+use aws_sdk_ec2::types::{InstanceType, IpPermission, IpRange, ResourceType};
 use serde::Serialize;
 
 use super::Context;
-use crate::aws::{Aws, AwsError, ami, code_of, identity, network};
+use crate::aws::{Aws, AwsError, ami, code_of, identity, instances, network};
 use crate::error::ExitStatus;
 use crate::output::table;
+use crate::session::tags;
 
 #[derive(Debug, Serialize)]
 struct Check {
@@ -165,9 +166,13 @@ async fn check_image(ctx: &Context, aws: &Aws) -> (Check, Option<String>) {
 }
 
 /// EC2 `DryRun` probes: AWS answers `DryRunOperation` when the call would be allowed and
-/// `UnauthorizedOperation` when it would not, without doing anything.
+/// `UnauthorizedOperation` when it would not, without doing anything. The policy scopes these
+/// calls to the tool's tagged resources, so each probe looks like the real call: RunInstances
+/// carries the tool's tags, and terminate and authorize are tried on a resource of the tool (not
+/// probed while there is none: a made-up id has no tags, and the policy rightly refuses it).
 async fn check_permissions(ctx: &Context, aws: &Aws, image: Option<&str>) -> Vec<Check> {
     let instance_type = InstanceType::from(ctx.settings.instance_types[0].as_str());
+    let ours = tags::shared_resource_tags();
     let run = aws
         .ec2
         .run_instances()
@@ -176,28 +181,52 @@ async fn check_permissions(ctx: &Context, aws: &Aws, image: Option<&str>) -> Vec
         .instance_type(instance_type)
         .min_count(1)
         .max_count(1)
+        .tag_specifications(network::tag_spec(ResourceType::Instance, &ours))
+        .tag_specifications(network::tag_spec(ResourceType::Volume, &ours))
         .send();
-    let terminate = aws.ec2.terminate_instances().dry_run(true).instance_ids("i-00000000000000000").send();
-    let group = network::find_security_group(aws, &ctx.settings.security_group_name).await.ok().flatten();
-    let authorize = aws
-        .ec2
-        .authorize_security_group_ingress()
-        .dry_run(true)
-        .group_id(group.as_deref().unwrap_or("sg-00000000000000000"))
-        .ip_permissions(
-            IpPermission::builder()
-                .ip_protocol("tcp")
-                .from_port(22)
-                .to_port(22)
-                .ip_ranges(IpRange::builder().cidr_ip("192.0.2.1/32").build())
-                .build(),
+    let (group, own_instance) = tokio::join!(
+        network::find_security_group(aws, &ctx.settings.security_group_name),
+        instances::find(aws, instances::Query::default())
+    );
+    let own_instance = own_instance.ok().and_then(|found| found.into_iter().next()).map(|i| i.instance_id);
+    let terminate = async {
+        let id = own_instance?;
+        Some(aws.ec2.terminate_instances().dry_run(true).instance_ids(id).send().await)
+    };
+    let authorize = async {
+        let group = group.ok().flatten()?;
+        let rule = IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(22)
+            .to_port(22)
+            .ip_ranges(IpRange::builder().cidr_ip("192.0.2.1/32").build())
+            .build();
+        Some(
+            aws.ec2
+                .authorize_security_group_ingress()
+                .dry_run(true)
+                .group_id(group)
+                .ip_permissions(rule)
+                .tag_specifications(network::tag_spec(ResourceType::SecurityGroupRule, &ours))
+                .send()
+                .await,
         )
-        .send();
+    };
     let (run, terminate, authorize) = tokio::join!(run, terminate, authorize);
+    let not_probed =
+        |name| Check::ok(name, "not probed: allowed only on the tool's own resources, and there is none yet");
     vec![
         probe("permission:RunInstances", run.err().as_ref().and_then(code_of)),
-        probe("permission:TerminateInstances", terminate.err().as_ref().and_then(code_of)),
-        probe("permission:AuthorizeSecurityGroupIngress", authorize.err().as_ref().and_then(code_of)),
+        match terminate {
+            Some(result) => probe("permission:TerminateInstances", result.err().as_ref().and_then(code_of)),
+            None => not_probed("permission:TerminateInstances"),
+        },
+        match authorize {
+            Some(result) => {
+                probe("permission:AuthorizeSecurityGroupIngress", result.err().as_ref().and_then(code_of))
+            }
+            None => not_probed("permission:AuthorizeSecurityGroupIngress"),
+        },
     ]
 }
 

@@ -254,7 +254,9 @@ async fn provision(
                 anyhow::Ok(group)
             },
             async {
-                let profile = iam::ensure_instance_profile(&aws, &s.iam_role_name).await?;
+                let profile =
+                    iam::ensure_instance_profile(&aws, &s.iam_role_name, s.connect == ConnectMode::Ssm)
+                        .await?;
                 crash::point("instance-profile");
                 anyhow::Ok(profile)
             },

@@ -107,7 +107,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
     match cli.command {
         Command::Doctor => doctor::run(&ctx).await,
         Command::Prices(_) => prices::run(&ctx).await,
-        Command::Policy => policy::run(&ctx),
+        Command::Policy(args) => policy::run(&ctx, &args).await,
         Command::Completions(args) => completions::run(args),
         Command::Init(args) => init::run(&ctx, args),
         Command::Launch(args) => launch::run(&ctx, &args).await,

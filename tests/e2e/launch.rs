@@ -29,7 +29,7 @@ fn our_group(state: &Value) -> Value {
 }
 
 /// Live instances, open rules and alarms a session left in moto.
-fn leftovers(cloud: &LocalCloud, session: &str) -> Vec<String> {
+pub fn leftovers(cloud: &LocalCloud, session: &str) -> Vec<String> {
     let state = cloud.state();
     let mut left = Vec::new();
     for i in state["instances"].as_array().unwrap() {

@@ -8,6 +8,7 @@ mod cost;
 mod foundation;
 mod launch;
 mod lifecycle;
+mod policy;
 mod robust;
 mod session;
 mod ssh;
