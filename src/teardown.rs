@@ -133,15 +133,21 @@ pub async fn teardown(
 ) -> TeardownReport {
     let mut report = TeardownReport { session_id: resources.session_id.clone(), ..Default::default() };
     // The ledger line first: it is local, and its figures feed the metrics sent below.
-    let entry = match ledger::record_end(&store.ledger(), store, &resources.session_id, reason, clock.now()) {
+    let entry = match ledger::record_end(
+        &crate::ledger::Ledger::beside(store),
+        store,
+        &resources.session_id,
+        reason,
+        clock.now(),
+    ) {
         Ok(entry) => entry,
         Err(e) => {
             report.errors.push(format!("{e:#}"));
             None
         }
     };
-    // Everything in AWS at once (one round trip), then the group, which the instance and the
-    // rules had to let go of first.
+    // Everything in AWS at once; the group goes right after its instance (AWS refuses while the
+    // instance is still in it), so the whole wait stays two round trips.
     let release_rules = futures::future::join_all(resources.security_group_id.iter().flat_map(|group| {
         resources
             .rule_ids
@@ -154,8 +160,16 @@ pub async fn teardown(
             None => Vec::new(),
         }
     };
-    let (terminated, cancelled, released, alarms, warnings) = tokio::join!(
-        instances::terminate(aws, &resources.instance_ids),
+    let terminate_then_group = async {
+        let terminated = instances::terminate(aws, &resources.instance_ids).await;
+        let group = match &resources.security_group_id {
+            Some(group) if terminated.is_ok() => Some(network::delete_security_group(aws, group).await),
+            _ => None,
+        };
+        (terminated, group)
+    };
+    let ((terminated, group), cancelled, released, alarms, warnings) = tokio::join!(
+        terminate_then_group,
         // A one-time spot request closes when its instance ends; cancelling makes sure.
         instances::cancel_spot_requests(aws, &resources.spot_request_ids),
         release_rules,
@@ -189,11 +203,16 @@ pub async fn teardown(
         Ok(()) => report.key_deleted = true,
         Err(e) => report.errors.push(format!("{e:#}")),
     }
-    if let Some(group) = &resources.security_group_id {
-        match network::delete_security_group(aws, group).await {
-            Ok(deletion) => report.group = Some(deletion),
-            Err(e) => report.errors.push(e.to_string()),
+    match group {
+        Some(Ok(deletion)) => {
+            report.group = Some(deletion);
+            if deletion == GroupDeletion::Deleted {
+                // Nothing left for the launch sweep or `cleanup` to retry.
+                let _ = store.update(&resources.session_id, |r| r.security_group_id = None);
+            }
         }
+        Some(Err(e)) => report.errors.push(e.to_string()),
+        None => {}
     }
     report
 }

@@ -43,15 +43,22 @@ impl Context {
     /// no CLI ran. Costs one AWS call when there is something to settle, none otherwise.
     pub async fn settle(&self, aws: &Aws) {
         let store = Store::new(self.settings.sessions_dir());
-        let settled = ledger::settle(aws, &store, &store.ledger(), session::clock().as_ref()).await;
+        let settled =
+            ledger::settle(aws, &store, &crate::ledger::Ledger::beside(&store), session::clock().as_ref())
+                .await;
         self.report_settled(aws, settled).await;
     }
 
     /// [`Context::settle`] from instances the command described anyway (every state): no AWS call.
-    pub async fn settle_known(&self, aws: &Aws, found: &[InstanceInfo]) {
+    pub async fn settle_known(&self, aws: &Aws, scope: &session::Scope, found: &[InstanceInfo]) {
         let store = Store::new(self.settings.sessions_dir());
-        let settled =
-            ledger::settle_known(&aws.region, found, &store, &store.ledger(), session::clock().as_ref());
+        let settled = ledger::settle_known(
+            scope,
+            found,
+            &store,
+            &crate::ledger::Ledger::beside(&store),
+            session::clock().as_ref(),
+        );
         self.report_settled(aws, settled).await;
     }
 
