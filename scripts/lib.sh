@@ -3,6 +3,8 @@
 # once. Re-running is fast: nothing already present is installed again.
 
 MOTO_VERSION=5.2.1
+# parliament lints the printed IAM policies (scripts/test).
+PARLIAMENT_VERSION=1.6.4
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$REPO_ROOT/.venv"
 
@@ -27,14 +29,17 @@ ensure_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# moto[server], pinned, in the repo's own venv.
+# moto[server] and parliament, pinned, in the repo's own venv.
 ensure_venv() {
-  if "$VENV/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
-    return 0
+  if ! "$VENV/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
+    echo "creating $VENV with moto[server]==$MOTO_VERSION" >&2
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
   fi
-  echo "creating $VENV with moto[server]==$MOTO_VERSION" >&2
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+  if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('parliament') != '$PARLIAMENT_VERSION')" 2>/dev/null; then
+    echo "installing parliament==$PARLIAMENT_VERSION into $VENV" >&2
+    "$VENV/bin/pip" install -q --disable-pip-version-check "parliament==$PARLIAMENT_VERSION"
+  fi
 }
 
 # sshd refuses to start without its privilege separation directory.

@@ -19,6 +19,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// AWS profile to use (else EPHEMERAL_ADMIN_PROFILE, AWS_PROFILE, config `profile`).
     #[arg(long, global = true, value_name = "NAME")]
@@ -56,64 +57,117 @@ pub enum OutputFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Launch a spot box, open a shell on it, and tear everything down when the shell ends.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin launch                         # a shell; everything is removed when it ends\n  ephemeral-admin launch -- sudo apt-get update  # one command; its exit status is ours\n  ephemeral-admin launch --keep --tmux           # work survives a dropped connection"
+    )]
     Launch(LaunchArgs),
     /// Open a shell (or run a command) on a running session.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin connect k3x9q2ab               # a shell on a running session\n  ephemeral-admin connect k3x9q2ab -- df -h       # one command\n  ephemeral-admin connect i-0123456789abcdef0 --tmux"
+    )]
     Connect(ConnectArgs),
     /// Move a session's hard deadline later.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin extend k3x9q2ab --by 1h\n  ephemeral-admin extend k3x9q2ab --until 2026-11-22T18:00Z\n  ephemeral-admin extend k3x9q2ab --until 2026-11-22T15:00Z --shorten"
+    )]
     Extend(ExtendArgs),
     /// List this owner's live sessions in the region.
+    #[command(after_help = "Examples:\n  ephemeral-admin list\n  ephemeral-admin list --output json")]
     List,
     /// Show one session in detail.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin status k3x9q2ab\n  ephemeral-admin status i-0123456789abcdef0 --output json"
+    )]
     Status(SessionIdArg),
     /// Terminate a session and remove everything made for it.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin terminate k3x9q2ab    # safe to repeat: it removes whatever is left"
+    )]
     Terminate(SessionIdArg),
     /// Remove whatever a crashed or abandoned session left behind.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin cleanup --dry-run       # what would go, and why\n  ephemeral-admin cleanup                 # sessions that are over or orphaned\n  ephemeral-admin cleanup --all --purge   # everything, then the shared group and role"
+    )]
     Cleanup(CleanupArgs),
     /// Check credentials, region, config, network, AMI and permissions.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin doctor\n  ephemeral-admin doctor --region eu-west-1 --profile work"
+    )]
     Doctor,
     /// Current spot prices per availability zone for the candidate instance types.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin prices\n  ephemeral-admin prices --instance-type m5.large --max-runtime 2h"
+    )]
     Prices(PricesArgs),
     /// Month-to-date spending and per-session costs against the monthly budget.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin cost\n  ephemeral-admin cost --month 2026-10 --output json"
+    )]
     Cost(CostArgs),
     /// Create or update the CloudWatch dashboard of session metrics.
+    #[command(after_help = "Examples:\n  ephemeral-admin dashboard")]
     Dashboard,
     /// Create or update an AWS Budgets monthly budget with e-mail alerts at 80% and 100%.
+    #[command(after_help = "Examples:\n  ephemeral-admin budget --email ops@example.com --limit 2")]
     Budget(BudgetArgs),
     /// Print an OpenSSH `Host` block for a session (for ssh, scp, rsync, editors).
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin ssh-config k3x9q2ab >> ~/.ssh/config\n  ssh ephemeral-admin-k3x9q2ab"
+    )]
     SshConfig(SessionIdArg),
     /// Print the least-privilege IAM policy a user needs to run every command.
-    Policy,
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin policy > policy.json\n  ephemeral-admin policy --box\n  ephemeral-admin policy --validate"
+    )]
+    Policy(PolicyArgs),
     /// Write a commented config file with every key and its default.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin init\n  ephemeral-admin --config ./team.toml init --force"
+    )]
     Init(InitArgs),
     /// Print shell completions.
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin completions bash > /etc/bash_completion.d/ephemeral-admin\n  ephemeral-admin completions zsh > ~/.zfunc/_ephemeral-admin"
+    )]
     Completions(CompletionsArgs),
+}
+
+/// Flags of `policy`.
+#[derive(Debug, Args, Default)]
+pub struct PolicyArgs {
+    /// Print the box role's policy instead (with Session Manager's permissions when `connect = "ssm"`).
+    #[arg(long = "box")]
+    pub box_role: bool,
+    /// Check the policy with IAM Access Analyzer (ValidatePolicy) on your account and print its findings.
+    #[arg(long)]
+    pub validate: bool,
 }
 
 /// Flags of `launch`. Every one that is also a config key has the same name in snake_case.
 #[derive(Debug, Args, Default)]
 pub struct LaunchArgs {
-    /// Instance type, repeatable, in order of preference.
+    /// Instance type, repeatable, in order of preference [default: t3.small, t3.micro].
     #[arg(long = "instance-type", value_name = "TYPE")]
     pub instance_types: Vec<String>,
-    /// AMI alias (ubuntu-24.04, al2023) or an explicit ami- id.
+    /// AMI alias (ubuntu-24.04, al2023) or an explicit ami- id [default: ubuntu-24.04].
     #[arg(long, value_name = "ALIAS|ami-…")]
     pub ami: Option<String>,
-    /// Hard deadline after launch, e.g. 90m or 4h.
+    /// Hard deadline after launch, e.g. 90m [default: 4h, never past max_runtime_cap 12h].
     #[arg(long, value_name = "DUR")]
     pub max_runtime: Option<String>,
-    /// How long the box stays up with no SSH connection, e.g. 2m.
+    /// How long the box stays up with no SSH connection [default: 2m].
     #[arg(long, value_name = "DUR")]
     pub idle_grace: Option<String>,
-    /// Your address as seen by AWS (skips detection), e.g. 203.0.113.7/32.
+    /// Your address as seen by AWS (skips detection): one host, e.g. 203.0.113.7.
     #[arg(long, value_name = "CIDR")]
     pub my_ip: Option<String>,
-    /// Also allow SSH from this CIDR (repeatable). Never implied.
+    /// Also allow SSH from this CIDR (repeatable; warns what it opens). Never implied.
     #[arg(long, value_name = "CIDR")]
     pub allow_cidr: Vec<String>,
-    /// Login user on the box (default from the AMI).
+    /// Login user on the box [default: ubuntu for ubuntu-24.04, ec2-user for al2023 and ami- ids].
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
-    /// How to reach the box.
+    /// How to reach the box [default: public-ip].
     #[arg(long, value_enum, value_name = "MODE")]
     pub connect: Option<ConnectMode>,
     /// Run SSH over this command's stdin/stdout (%h host, %p port, %i instance id, %r user).
@@ -137,9 +191,6 @@ pub struct LaunchArgs {
     /// Launch even if it would exceed the monthly budget.
     #[arg(long)]
     pub over_budget: bool,
-    /// Answer yes to every question.
-    #[arg(long, short = 'y')]
-    pub yes: bool,
     /// Run this command on the box instead of a shell (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -174,7 +225,7 @@ impl ConnectMode {
 
 #[derive(Debug, Args)]
 pub struct SessionIdArg {
-    /// Session id (as printed by `launch` and `list`).
+    /// Session id (as printed by `launch` and `list`) or its instance id (i-…).
     #[arg(value_name = "ID")]
     pub id: String,
 }
@@ -208,12 +259,15 @@ pub struct ExtendArgs {
     /// Add this much time to the current deadline, e.g. 1h.
     #[arg(long, value_name = "DUR")]
     pub by: Option<String>,
-    /// New deadline, RFC 3339 (2026-11-22T18:00:00Z).
+    /// New deadline, RFC 3339 (2026-11-22T18:00:00Z); later than the current one unless --shorten.
     #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
+    /// Allow --until to move the deadline earlier.
+    #[arg(long, requires = "until")]
+    pub shorten: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CleanupArgs {
     /// Only these sessions (default: every session that is over or orphaned).
     #[arg(value_name = "ID")]

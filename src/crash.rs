@@ -9,7 +9,7 @@ pub const VARIABLE: &str = "EPHEMERAL_ADMIN_ABORT_AFTER";
 
 pub fn point(step: &str) {
     if std::env::var(VARIABLE).is_ok_and(|wanted| wanted == step) {
-        eprintln!("{VARIABLE}={step}: killing this process now");
+        crate::output::Stream::Stderr.line(&format!("{VARIABLE}={step}: killing this process now"));
         // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);

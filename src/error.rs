@@ -2,7 +2,8 @@
 //!
 //! Everything else is an `anyhow::Error` whose chain `main` prints once, on one line. An error
 //! that should end with a code other than 1 carries one of the types below somewhere in its
-//! chain; [`exit_code_for`] finds it.
+//! chain; [`crate::exit_codes::exit_code_for`] finds it. This module imports nothing of ours, so
+//! every layer can use it.
 
 use std::process::ExitCode;
 
@@ -79,40 +80,4 @@ pub struct Interrupted {
     pub done: String,
     /// 130 for Ctrl-C, 128 + the signal number otherwise.
     pub code: u8,
-}
-
-/// The exit status an error should produce.
-pub fn exit_code_for(error: &anyhow::Error) -> ExitStatus {
-    for cause in error.chain() {
-        if cause.is::<UsageError>() {
-            return ExitStatus::Usage;
-        }
-        if cause.is::<CapacityExhausted>() {
-            return ExitStatus::CapacityExhausted;
-        }
-        if cause.is::<OverBudget>() {
-            return ExitStatus::OverBudget;
-        }
-        if let Some(stop) = cause.downcast_ref::<Interrupted>() {
-            return if stop.code == 130 { ExitStatus::Interrupted } else { ExitStatus::Remote(stop.code) };
-        }
-    }
-    ExitStatus::Failure
-}
-
-/// The whole chain on one line: "what happened: because: because".
-pub fn one_line(error: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for (i, cause) in error.chain().enumerate() {
-        let text = cause.to_string();
-        if i > 0 {
-            // Some SDK errors repeat their source in their own message; don't print it twice.
-            if line.contains(&text) {
-                continue;
-            }
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
 }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod crash;
 pub mod error;
+pub mod exit_codes;
 pub mod ip;
 pub mod keys;
 pub mod ledger;

@@ -17,7 +17,7 @@ pub fn init(verbose: u8, quiet: bool) {
         .unwrap_or_else(|_| EnvFilter::new(format!("{theirs},ephemeral_admin={ours}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::output::Stream::Stderr.writer())
         .with_target(verbose >= 2)
         .without_time()
         .try_init();

@@ -4,16 +4,20 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use ephemeral_admin::{cli::Cli, error, logging, run};
+use ephemeral_admin::{cli::Cli, exit_codes, logging, output, run};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    logging::init(cli.global.verbose, cli.global.quiet);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return output::clap_exit(&e),
+    };
+    let verbose = cli.global.verbose;
+    logging::init(verbose, cli.global.quiet);
     match run(cli) {
         Ok(status) => status.into(),
         Err(e) => {
-            eprintln!("error: {}", error::one_line(&e));
-            error::exit_code_for(&e).into()
+            output::error_line(&exit_codes::report(&e, verbose > 0));
+            exit_codes::exit_code_for(&e).into()
         }
     }
 }

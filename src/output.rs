@@ -2,8 +2,15 @@
 //!
 //! Spinners appear only when stderr is a terminal and progress is on; elsewhere progress degrades
 //! to plain lines, and `-q` silences it. Nothing but results ever goes to stdout.
+//!
+//! Every byte the program writes to its own stdout or stderr goes through [`Stream`] (or the
+//! [`Printer`] built on it). A reader that went away (`| head`: EPIPE) or a terminal that hung up
+//! (EIO, ENXIO) is not a crash: the stream is marked gone, later writes to it are dropped, and the
+//! command carries on to its normal end (teardown included) and exits quietly, as ripgrep and fd
+//! do. `println!`/`eprintln!` panic on those errors and are used nowhere else.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,6 +18,118 @@ use serde::Serialize;
 
 use crate::cli::OutputFormat;
 use crate::settings::Settings;
+
+/// The program's own stdout or stderr, written without ever panicking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+static STDERR_GONE: AtomicBool = AtomicBool::new(false);
+
+impl Stream {
+    fn gone_flag(self) -> &'static AtomicBool {
+        match self {
+            Stream::Stdout => &STDOUT_GONE,
+            Stream::Stderr => &STDERR_GONE,
+        }
+    }
+
+    /// True once a write found nobody reading (closed pipe, hung-up terminal).
+    pub fn is_gone(self) -> bool {
+        self.gone_flag().load(Ordering::Relaxed)
+    }
+
+    /// Writes and flushes all of `data`. `Err` only for a reader that went away (see
+    /// [`is_reader_gone`]) or another I/O error; the caller decides what that means (the SSH
+    /// data path closes the remote channel). Once gone, writes fail at once without a syscall.
+    pub fn write_all(self, data: &[u8]) -> std::io::Result<()> {
+        if self.is_gone() {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let result = match self {
+            Stream::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(data).and_then(|_| out.flush())
+            }
+            Stream::Stderr => {
+                let mut err = std::io::stderr().lock();
+                err.write_all(data).and_then(|_| err.flush())
+            }
+        };
+        if let Err(e) = &result
+            && is_reader_gone(e)
+        {
+            self.gone_flag().store(true, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Writes `data`, dropping it silently when nobody reads any more.
+    pub fn put(self, data: &[u8]) {
+        let _ = self.write_all(data);
+    }
+
+    /// One line (a newline is added), dropped silently when nobody reads any more.
+    pub fn line(self, text: &str) {
+        let mut bytes = Vec::with_capacity(text.len() + 1);
+        bytes.extend_from_slice(text.as_bytes());
+        bytes.push(b'\n');
+        self.put(&bytes);
+    }
+
+    /// An `io::Write` for code that writes through a generic writer (clap_complete, tracing):
+    /// a gone reader looks like a successful write, so such code never panics or retries.
+    pub fn writer(self) -> Quiet {
+        Quiet(self)
+    }
+}
+
+/// The writer of [`Stream::writer`].
+#[derive(Debug, Clone, Copy)]
+pub struct Quiet(Stream);
+
+impl Write for Quiet {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.write_all(buf) {
+            Err(e) if !is_reader_gone(&e) => Err(e),
+            _ => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Quiet {
+    type Writer = Quiet;
+
+    fn make_writer(&'a self) -> Quiet {
+        *self
+    }
+}
+
+/// EPIPE (the pipe's reader exited), EIO or ENXIO (the terminal hung up): nobody will read what
+/// follows.
+pub fn is_reader_gone(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::BrokenPipe
+        || matches!(error.raw_os_error(), Some(libc::EPIPE | libc::EIO | libc::ENXIO))
+}
+
+/// Help, version or a usage error from clap, printed without panicking on a closed pipe (clap's
+/// own `exit` would do the same printing; this keeps the exit in `main`).
+pub fn clap_exit(error: &clap::Error) -> std::process::ExitCode {
+    let _ = error.print();
+    std::process::ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2))
+}
+
+/// The last line of a failed run: `error: …` on stderr.
+pub fn error_line(text: &str) {
+    Stream::Stderr.line(&format!("error: {text}"));
+}
 
 /// Gates every line the program prints.
 #[derive(Debug, Clone)]
@@ -35,26 +154,29 @@ impl Printer {
 
     /// Prints a command's result: `value` as JSON, or the text `render` builds.
     pub fn result<T: Serialize>(&self, value: &T, render: impl FnOnce() -> String) {
-        let mut out = std::io::stdout().lock();
         let text = match self.format {
             OutputFormat::Json => serde_json::to_string_pretty(value).expect("results serialize"),
             OutputFormat::Text => render(),
         };
-        let _ = writeln!(out, "{}", text.trim_end_matches('\n'));
-        let _ = out.flush();
+        Stream::Stdout.line(text.trim_end_matches('\n'));
+    }
+
+    /// Raw text on stdout whatever the output format (a policy document, completions).
+    pub fn raw(&self, text: &str) {
+        Stream::Stdout.line(text.trim_end_matches('\n'));
     }
 
     /// A progress line on stderr (hidden with -q).
     pub fn status(&self, message: impl AsRef<str>) {
         if self.verbosity >= 1 {
-            eprintln!("{}", message.as_ref());
+            Stream::Stderr.line(message.as_ref());
         }
     }
 
     /// A warning on stderr (hidden with -q).
     pub fn warn(&self, message: impl AsRef<str>) {
         if self.verbosity >= 1 {
-            eprintln!("warning: {}", message.as_ref());
+            Stream::Stderr.line(&format!("warning: {}", message.as_ref()));
         }
     }
 
@@ -144,9 +266,45 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Dollars with enough digits to see a cent's fraction: $0.0062, $0.12, $1.94.
+/// Dollars with enough digits to see a cent's fraction: $0.0062, $0.12, $1.94. Never `$-0.0000`.
 pub fn usd(amount: f64) -> String {
+    let amount = round_money(amount);
     if amount.abs() < 1.0 { format!("${amount:.4}") } else { format!("${amount:.2}") }
+}
+
+/// A dollar amount rounded as [`usd`] shows it (4 decimals below $1, else 2), with no negative
+/// zero: what JSON output carries, so text and JSON agree.
+pub fn round_money(amount: f64) -> f64 {
+    let places = if amount.abs() < 1.0 { 1e4 } else { 1e2 };
+    let rounded = (amount * places).round() / places;
+    if rounded == 0.0 { 0.0 } else { rounded }
+}
+
+/// `#[serde(serialize_with = "crate::output::money")]` for dollar fields.
+pub fn money<S: serde::Serializer>(amount: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(round_money(*amount))
+}
+
+/// The same for optional dollar fields.
+pub fn money_opt<S: serde::Serializer>(amount: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match amount {
+        Some(a) => s.serialize_some(&round_money(*a)),
+        None => s.serialize_none(),
+    }
+}
+
+/// Ordered `(name, value)` pairs as one JSON object (`{"prepare": 310, "ssh": 2210}`), so JSON
+/// readers get names while text keeps the order.
+pub fn pairs_as_object<S: serde::Serializer, V: Serialize>(
+    pairs: &[(String, V)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(pairs.len()))?;
+    for (k, v) in pairs {
+        map.serialize_entry(k, v)?;
+    }
+    map.end()
 }
 
 /// A duration in the largest two units, for humans: 3h 59m, 1m 30s, 45s.
@@ -179,5 +337,9 @@ mod tests {
         assert_eq!(short_duration(Duration::from_secs(7200)), "2h");
         assert_eq!(usd(0.00621), "$0.0062");
         assert_eq!(usd(1.944), "$1.94");
+        assert_eq!(usd(-0.00001), "$0.0000");
+        assert_eq!(round_money(0.000061627), 0.0001);
+        assert_eq!(round_money(1.9999383), 2.0);
+        assert!(round_money(-0.00001).is_sign_positive());
     }
 }

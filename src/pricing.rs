@@ -54,9 +54,18 @@ pub fn spot_max_price(settings: &Settings, region: &str, instance_type: &str) ->
         .map(|od| (od * settings.spot_price_ratio * 100_000.0).ceil() / 100_000.0)
 }
 
+impl Estimate {
+    /// Each amount as `output::usd` shows it, for results a person or a script reads.
+    pub fn rounded(self) -> Estimate {
+        let r = crate::output::round_money;
+        Estimate { compute: r(self.compute), ipv4: r(self.ipv4), ebs: r(self.ebs), total: r(self.total) }
+    }
+}
+
 /// The cost of running one box for `runtime` at `compute_per_hour`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Estimate {
+    // Full precision: the ledger keeps these. Shown to people through `Estimate::rounded`.
     pub compute: f64,
     pub ipv4: f64,
     pub ebs: f64,

@@ -32,6 +32,9 @@ pub struct Settings {
     pub max_runtime: Duration,
     pub max_runtime_cap: Duration,
     pub idle_grace: Duration,
+    /// The idle grace of a kept session (`--keep`, `--detach`, `--tmux`): long enough that work
+    /// survives a dropped connection; the deadline still applies.
+    pub kept_idle_grace: Duration,
     pub boot_grace: Duration,
     pub watchdog_interval: Duration,
     pub connect_timeout: Duration,
@@ -155,6 +158,7 @@ struct FileConfig {
     max_runtime: Option<String>,
     max_runtime_cap: Option<String>,
     idle_grace: Option<String>,
+    kept_idle_grace: Option<String>,
     boot_grace: Option<String>,
     watchdog_interval: Option<String>,
     connect_timeout: Option<String>,
@@ -277,13 +281,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
     };
 
     let instance_types = r
-        .list(
-            "instance_types",
-            launch.map(|l| l.instance_types.clone()),
-            "--instance-type",
-            file.instance_types,
-        )?
-        .or_else(|| prices_flag_types(&cli.command))
+        .list("instance_types", instance_type_flags(&cli.command), "--instance-type", file.instance_types)?
         .unwrap_or_else(|| (vec!["t3.small".into(), "t3.micro".into()], None));
     let (instance_types, types_source) = instance_types;
     validate_instance_types(&instance_types, types_source.as_ref())?;
@@ -323,6 +321,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         file.idle_grace,
         "2m",
     )?;
+    let kept_idle_grace = duration("kept_idle_grace", None, "", file.kept_idle_grace, "30m")?;
     let boot_grace = duration("boot_grace", None, "", file.boot_grace, "10m")?;
     let watchdog_interval = duration("watchdog_interval", None, "", file.watchdog_interval, "5s")?;
     let connect_timeout = duration("connect_timeout", None, "", file.connect_timeout, "3m")?;
@@ -409,7 +408,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
 
     let my_ip = r
         .string("my_ip", launch.and_then(|l| l.my_ip.clone()), "--my-ip", file.my_ip)?
-        .map(|(value, source)| parse_cidr("my_ip", &value, &source))
+        .map(|(value, source)| parse_host("my_ip", &value, &source))
         .transpose()?;
     let allow_cidrs = r
         .list("allow_cidr", launch.map(|l| l.allow_cidr.clone()), "--allow-cidr", file.allow_cidr)?
@@ -456,6 +455,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         max_runtime,
         max_runtime_cap,
         idle_grace,
+        kept_idle_grace,
         boot_grace,
         watchdog_interval,
         connect_timeout,
@@ -476,14 +476,15 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
     })
 }
 
-/// `prices --instance-type` also chooses the candidate types.
-fn prices_flag_types(command: &Command) -> Option<(Vec<String>, Option<Source>)> {
-    match command {
-        Command::Prices(args) if !args.instance_types.is_empty() => {
-            Some((args.instance_types.clone(), Some(Source::Flag("--instance-type"))))
-        }
-        _ => None,
-    }
+/// `--instance-type` of `launch` or `prices`: like every flag, it beats the environment and the
+/// config file.
+fn instance_type_flags(command: &Command) -> Option<Vec<String>> {
+    let types = match command {
+        Command::Launch(args) => &args.instance_types,
+        Command::Prices(args) => &args.instance_types,
+        _ => return None,
+    };
+    (!types.is_empty()).then(|| types.clone())
 }
 
 /// Finds the config file: --config, $EPHEMERAL_ADMIN_CONFIG, then the XDG location.
@@ -795,6 +796,26 @@ fn validate_tags(tags: &BTreeMap<String, String>, source: &Source) -> Result<(),
     Ok(())
 }
 
+/// `my_ip` is one address: SSH opens for that host only. A network (even written as
+/// `0.0.0.0/0`) must be asked for with `--allow-cidr`, which says what it opens.
+fn parse_host(key: &str, value: &str, source: &Source) -> Result<IpNet, UsageError> {
+    let net = parse_cidr(key, value, source)?;
+    if net.prefix_len() != net.max_prefix_len() {
+        return Err(UsageError::new(format!(
+            "{key} {value:?} ({source}) is a network of {} addresses, not your address: give one host \
+             (203.0.113.7), or pass the network with --allow-cidr, which opens SSH to all of it",
+            address_count(&net)
+        )));
+    }
+    Ok(net)
+}
+
+/// "256", "4294967296", "2^64": how many addresses a network holds, for warnings.
+pub fn address_count(net: &IpNet) -> String {
+    let bits = u32::from(net.max_prefix_len() - net.prefix_len());
+    if bits < 64 { (1u64 << bits).to_string() } else { format!("2^{bits}") }
+}
+
 fn parse_cidr(key: &str, value: &str, source: &Source) -> Result<IpNet, UsageError> {
     let value = value.trim();
     if let Ok(net) = value.parse::<IpNet>() {
@@ -836,6 +857,7 @@ mod tests {
         assert_eq!(s.max_runtime, Duration::from_secs(4 * 3600));
         assert_eq!(s.max_runtime_cap, Duration::from_secs(12 * 3600));
         assert_eq!(s.idle_grace, Duration::from_secs(120));
+        assert_eq!(s.kept_idle_grace, Duration::from_secs(1800));
         assert_eq!(s.spot_price_ratio, 0.5);
         assert!(s.on_demand_fallback);
         assert_eq!(s.security_group_name, "ephemeral-admin-sg");
@@ -844,6 +866,21 @@ mod tests {
         assert_eq!(s.connect, ConnectMode::PublicIp);
         assert_eq!(s.ssh_port, 22);
         assert_eq!(s.state_dir, PathBuf::from("/nonexistent-home/.local/state/ephemeral-admin"));
+    }
+
+    #[test]
+    fn every_instance_type_flag_beats_the_file() {
+        let dir = std::env::temp_dir().join(format!("ea-settings-types-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.toml");
+        std::fs::write(&file, "instance_types = [\"t3.small\", \"t3.micro\"]\n").unwrap();
+        let f = file.to_str().unwrap();
+        for command in ["prices", "launch"] {
+            let s = resolve_with(&["--config", f, command, "--instance-type", "m5.large"], &[]).unwrap();
+            assert_eq!(s.instance_types, ["m5.large"], "{command}");
+        }
+        let s = resolve_with(&["--config", f, "prices"], &[]).unwrap();
+        assert_eq!(s.instance_types, ["t3.small", "t3.micro"]);
     }
 
     #[test]
@@ -922,5 +959,11 @@ mod tests {
         assert_eq!(s.my_ip.unwrap().to_string(), "203.0.113.7/32");
         let s = resolve_with(&["launch", "--my-ip", "2001:db8::1"], &[]).unwrap();
         assert_eq!(s.my_ip.unwrap().to_string(), "2001:db8::1/128");
+        for wide in ["0.0.0.0/0", "203.0.113.0/24", "::/0"] {
+            let e = resolve_with(&["launch", "--my-ip", wide], &[]).unwrap_err();
+            assert!(e.0.contains("--allow-cidr"), "{wide}: {}", e.0);
+        }
+        let s = resolve_with(&["launch", "--allow-cidr", "0.0.0.0/0"], &[]).unwrap();
+        assert_eq!(s.allow_cidrs[0].to_string(), "0.0.0.0/0");
     }
 }

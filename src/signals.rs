@@ -55,8 +55,8 @@ impl Signals {
                 if tx.borrow().is_some() && stop == Stop::Interrupt {
                     // Second Ctrl-C: the user wants out now.
                     let _ = crossterm::terminal::disable_raw_mode();
-                    eprintln!(
-                        "\nsecond interrupt: exiting now; anything not yet removed ends by its watchdog, or run `ephemeral-admin cleanup`"
+                    crate::output::Stream::Stderr.line(
+                        "\nsecond interrupt: exiting now; anything not yet removed ends by its watchdog, or run `ephemeral-admin cleanup`",
                     );
                     std::process::exit(130);
                 }

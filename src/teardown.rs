@@ -1,12 +1,14 @@
-//! The single way a session ends: terminate the instance (and its spot request), release the SSH
-//! rule, delete the alarm, delete the private key, and mark the local record ended.
+//! The single way a session ends: terminate the instance (and its spot request), revoke the
+//! session's SSH rules, delete the alarm, delete the private key, mark the local record ended,
+//! then delete the session's own security group (or leave the empty group to `cleanup` while AWS
+//! still sees the instance shutting down in it).
 //!
 //! Every step runs even when another fails; independent steps run concurrently. Nothing waits
 //! for the instance to reach `terminated`: the user gets the prompt back at once.
 
 use serde::Serialize;
 
-use crate::aws::network::Release;
+use crate::aws::network::{GroupDeletion, Release};
 use crate::aws::{Aws, alarm, instances, logs, metrics, network};
 use crate::ledger;
 use crate::session::Clock;
@@ -61,6 +63,8 @@ pub struct TeardownReport {
     pub terminated: Vec<String>,
     pub cancelled_spot_requests: Vec<String>,
     pub rules: Vec<(String, Release)>,
+    /// The session's security group: deleted, or left empty for `cleanup` (still in use).
+    pub group: Option<GroupDeletion>,
     pub alarms_deleted: Vec<String>,
     pub key_deleted: bool,
     /// What the session ran for and cost, as written to the ledger.
@@ -82,13 +86,14 @@ impl TeardownReport {
         if !self.terminated.is_empty() {
             parts.push(format!("terminated {}", self.terminated.join(", ")));
         }
-        let revoked = self.rules.iter().filter(|(_, r)| *r == Release::Revoked).count();
-        let shared = self.rules.iter().filter(|(_, r)| *r == Release::StillShared).count();
-        if revoked > 0 {
+        if self.rules.iter().any(|(_, r)| *r == Release::Revoked) {
             parts.push("closed SSH".into());
         }
-        if shared > 0 {
-            parts.push("left the shared SSH rule to the other session".into());
+        match self.group {
+            Some(GroupDeletion::Deleted) => parts.push("deleted its security group".into()),
+            Some(GroupDeletion::StillInUse) => parts
+                .push("left its empty security group for `cleanup` (the instance is shutting down)".into()),
+            None => {}
         }
         if !self.alarms_deleted.is_empty() {
             parts.push("deleted the alarm".into());
@@ -128,19 +133,26 @@ pub async fn teardown(
 ) -> TeardownReport {
     let mut report = TeardownReport { session_id: resources.session_id.clone(), ..Default::default() };
     // The ledger line first: it is local, and its figures feed the metrics sent below.
-    let entry = match ledger::record_end(&store.ledger(), store, &resources.session_id, reason, clock.now()) {
+    let entry = match ledger::record_end(
+        &crate::ledger::Ledger::beside(store),
+        store,
+        &resources.session_id,
+        reason,
+        clock.now(),
+    ) {
         Ok(entry) => entry,
         Err(e) => {
             report.errors.push(format!("{e:#}"));
             None
         }
     };
-    // Everything in AWS at once: the slowest step (releasing the SSH rule: look, then revoke) is
-    // two round trips, and that is the whole wait.
+    // Everything in AWS at once; the group goes right after its instance (AWS refuses while the
+    // instance is still in it), so the whole wait stays two round trips.
     let release_rules = futures::future::join_all(resources.security_group_id.iter().flat_map(|group| {
-        resources.rule_ids.iter().map(move |rule| async move {
-            (rule.clone(), network::release_ssh(aws, group, rule, &resources.session_id).await)
-        })
+        resources
+            .rule_ids
+            .iter()
+            .map(move |rule| async move { (rule.clone(), network::revoke_rule(aws, group, rule).await) })
     }));
     let report_end = async {
         match &entry {
@@ -148,8 +160,16 @@ pub async fn teardown(
             None => Vec::new(),
         }
     };
-    let (terminated, cancelled, released, alarms, warnings) = tokio::join!(
-        instances::terminate(aws, &resources.instance_ids),
+    let terminate_then_group = async {
+        let terminated = instances::terminate(aws, &resources.instance_ids).await;
+        let group = match &resources.security_group_id {
+            Some(group) if terminated.is_ok() => Some(network::delete_security_group(aws, group).await),
+            _ => None,
+        };
+        (terminated, group)
+    };
+    let ((terminated, group), cancelled, released, alarms, warnings) = tokio::join!(
+        terminate_then_group,
         // A one-time spot request closes when its instance ends; cancelling makes sure.
         instances::cancel_spot_requests(aws, &resources.spot_request_ids),
         release_rules,
@@ -182,6 +202,17 @@ pub async fn teardown(
     match store.delete_private_key(&resources.session_id) {
         Ok(()) => report.key_deleted = true,
         Err(e) => report.errors.push(format!("{e:#}")),
+    }
+    match group {
+        Some(Ok(deletion)) => {
+            report.group = Some(deletion);
+            if deletion == GroupDeletion::Deleted {
+                // Nothing left for the launch sweep or `cleanup` to retry.
+                let _ = store.update(&resources.session_id, |r| r.security_group_id = None);
+            }
+        }
+        Some(Err(e)) => report.errors.push(e.to_string()),
+        None => {}
     }
     report
 }

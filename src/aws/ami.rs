@@ -44,7 +44,8 @@ pub fn ssm_parameter(alias: AmiAlias, arch: Arch) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AmiError {
-    #[error(transparent)]
+    /// Not transparent: the AWS error stays a node of the chain, where `exit_codes::report` finds it.
+    #[error("{0}")]
     Aws(#[from] AwsError),
     #[error(
         "image {id} does not exist in {region} or is not shared with you: check --ami, or use an alias (ubuntu-24.04, al2023)"

@@ -3,6 +3,8 @@
 //! The role trusts only EC2, and its one inline policy allows only what the box itself may do:
 //! publish metrics in the tool's namespace and write to its own log groups. Nothing on the box
 //! can touch other AWS resources (the watchdog ends the box by powering off, which needs no IAM).
+//! Boxes reached through Session Manager (`connect = "ssm"`) get a second role and profile,
+//! `{name}-ssm`, whose policy adds what the SSM agent needs, so other boxes stay minimal.
 
 use aws_sdk_iam::types::Tag;
 use serde_json::json;
@@ -35,8 +37,35 @@ pub fn trust_policy() -> String {
     .to_string()
 }
 
-pub fn box_policy() -> String {
-    json!({
+/// The role and instance profile name for SSM boxes.
+pub fn ssm_role_name(name: &str) -> String {
+    format!("{name}-ssm")
+}
+
+/// The role (and profile) a session's box uses.
+pub fn box_role_name(name: &str, ssm: bool) -> String {
+    if ssm { ssm_role_name(name) } else { name.to_string() }
+}
+
+/// What the SSM agent needs for Session Manager (the session part of AWS's managed
+/// `AmazonSSMManagedInstanceCore`): register the instance, and the control and data channels.
+pub const SESSION_MANAGER_AGENT_ACTIONS: &[&str] = &[
+    "ssm:UpdateInstanceInformation",
+    "ssmmessages:CreateControlChannel",
+    "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+    "ec2messages:AcknowledgeMessage",
+    "ec2messages:DeleteMessage",
+    "ec2messages:FailMessage",
+    "ec2messages:GetEndpoint",
+    "ec2messages:GetMessages",
+    "ec2messages:SendReply",
+];
+
+/// The box role's inline policy (`policy --box` prints this very document).
+pub fn box_policy_document(ssm: bool) -> serde_json::Value {
+    let mut doc = json!({
         "Version": "2012-10-17",
         "Statement": [
             {
@@ -53,13 +82,27 @@ pub fn box_policy() -> String {
                 "Resource": format!("arn:aws:logs:*:*:log-group:{LOG_GROUP_PREFIX}*")
             }
         ]
-    })
-    .to_string()
+    });
+    if ssm {
+        let statements = doc["Statement"].as_array_mut().expect("a list");
+        statements.push(json!({
+            "Sid": "SessionManagerAgent",
+            "Effect": "Allow",
+            "Action": SESSION_MANAGER_AGENT_ACTIONS,
+            "Resource": "*"
+        }));
+    }
+    doc
+}
+
+pub fn box_policy(ssm: bool) -> String {
+    box_policy_document(ssm).to_string()
 }
 
 /// Finds the profile (one call when it exists and has its role), else creates what is missing.
 /// Safe against a concurrent launch doing the same.
-pub async fn ensure_instance_profile(aws: &Aws, name: &str) -> Result<InstanceProfile, AwsError> {
+pub async fn ensure_instance_profile(aws: &Aws, base: &str, ssm: bool) -> Result<InstanceProfile, AwsError> {
+    let name = &box_role_name(base, ssm);
     let found = aws.iam.get_instance_profile().instance_profile_name(name).send().await;
     let has_role = match found {
         Ok(out) => {
@@ -88,7 +131,7 @@ pub async fn ensure_instance_profile(aws: &Aws, name: &str) -> Result<InstancePr
             Err(e) => Err(AwsError::new(format!("adding role {name} to its instance profile"), e)),
         }
     };
-    let (policy, linked) = tokio::join!(put_role_policy(aws, name), link);
+    let (policy, linked) = tokio::join!(put_role_policy(aws, name, ssm), link);
     policy?;
     linked?;
     Ok(InstanceProfile { name: name.into(), fresh: true })
@@ -113,12 +156,12 @@ async fn create_role(aws: &Aws, name: &str) -> Result<(), AwsError> {
 }
 
 /// Idempotent: also repairs a role whose policy someone edited.
-async fn put_role_policy(aws: &Aws, name: &str) -> Result<(), AwsError> {
+async fn put_role_policy(aws: &Aws, name: &str, ssm: bool) -> Result<(), AwsError> {
     aws.iam
         .put_role_policy()
         .role_name(name)
         .policy_name(INLINE_POLICY_NAME)
-        .policy_document(box_policy())
+        .policy_document(box_policy(ssm))
         .send()
         .await
         .doing(format!("setting the policy of IAM role {name}"))?;
@@ -142,13 +185,18 @@ fn iam_tags() -> Vec<Tag> {
         .collect()
 }
 
-/// Removes the profile and role (cleanup --purge). Missing pieces are fine.
-pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<(), AwsError> {
-    let ignore_missing = |r: Result<(), AwsError>| match r {
+/// Removes the profile and role (cleanup --purge). Missing pieces are fine; answers whether
+/// there was anything to remove.
+pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<bool, AwsError> {
+    let mut found = false;
+    let mut step = |r: Result<(), AwsError>| match r {
         Err(e) if e.code() == Some("NoSuchEntity") => Ok(()),
-        other => other,
+        other => {
+            found |= other.is_ok();
+            other
+        }
     };
-    ignore_missing(
+    step(
         aws.iam
             .remove_role_from_instance_profile()
             .instance_profile_name(name)
@@ -158,7 +206,7 @@ pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<(
             .map(|_| ())
             .doing(format!("unlinking role {name}")),
     )?;
-    ignore_missing(
+    step(
         aws.iam
             .delete_instance_profile()
             .instance_profile_name(name)
@@ -167,7 +215,7 @@ pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<(
             .map(|_| ())
             .doing(format!("deleting instance profile {name}")),
     )?;
-    ignore_missing(
+    step(
         aws.iam
             .delete_role_policy()
             .role_name(name)
@@ -177,7 +225,33 @@ pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<(
             .map(|_| ())
             .doing(format!("deleting the policy of role {name}")),
     )?;
-    ignore_missing(
+    step(
         aws.iam.delete_role().role_name(name).send().await.map(|_| ()).doing(format!("deleting role {name}")),
-    )
+    )?;
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ssm_boxes_get_session_manager_permissions_and_their_own_role() {
+        let plain = box_policy_document(false);
+        let ssm = box_policy_document(true);
+        let sids = |doc: &serde_json::Value| -> Vec<String> {
+            doc["Statement"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["Sid"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(sids(&plain), ["OwnMetricsOnly", "OwnLogsOnly"]);
+        assert_eq!(sids(&ssm), ["OwnMetricsOnly", "OwnLogsOnly", "SessionManagerAgent"]);
+        assert!(!plain.to_string().contains("ssm"));
+        assert_eq!(box_role_name("R", false), "R");
+        assert_eq!(box_role_name("R", true), "R-ssm");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&box_policy(true)).unwrap(), ssm);
+    }
 }

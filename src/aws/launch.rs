@@ -150,7 +150,8 @@ pub struct Launched {
 pub enum LaunchError {
     #[error(transparent)]
     Capacity(#[from] CapacityExhausted),
-    #[error(transparent)]
+    /// Not transparent: the AWS error stays a node of the chain, where `exit_codes::report` finds it.
+    #[error("{0}")]
     Aws(#[from] AwsError),
 }
 
@@ -239,8 +240,11 @@ pub async fn run_first_available(
             let error = match result {
                 Ok(out) => {
                     let instance = out.instances().first();
+                    let Some(instance_id) = instance.and_then(|i| i.instance_id()) else {
+                        return Err(AwsError::missing(format!("launching {candidate}"), "instance id").into());
+                    };
                     return Ok(Launched {
-                        instance_id: instance.and_then(|i| i.instance_id()).unwrap_or_default().to_string(),
+                        instance_id: instance_id.to_string(),
                         instance_type: candidate.instance_type.clone(),
                         availability_zone: instance
                             .and_then(|i| i.placement())

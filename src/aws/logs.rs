@@ -5,6 +5,7 @@ use aws_sdk_cloudwatchlogs::types::InputLogEvent;
 
 use super::{Aws, AwsError, AwsResultExt, code_of};
 use crate::aws::iam::LOG_GROUP_PREFIX;
+use crate::session::tags;
 
 pub const RETENTION_DAYS: i32 = 7;
 pub const STREAM: &str = "cli";
@@ -35,7 +36,11 @@ pub async fn event(aws: &Aws, instance_id: &str, message: &str) -> Result<(), Aw
         Err(e) if code_of(&e) == Some("ResourceNotFoundException") => {}
         Err(e) => return Err(AwsError::new("writing the session log", e)),
     }
-    match aws.logs.create_log_group().log_group_name(&group).send().await {
+    // Tagged like every resource of the tool (which needs logs:TagResource too).
+    let create = tags::shared_resource_tags()
+        .into_iter()
+        .fold(aws.logs.create_log_group().log_group_name(&group), |c, (k, v)| c.tags(k, v));
+    match create.send().await {
         Ok(_) => {
             aws.logs
                 .put_retention_policy()

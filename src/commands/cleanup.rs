@@ -15,19 +15,18 @@ use time::OffsetDateTime;
 
 use super::Context;
 use crate::aws::instances::{self, InstanceInfo, SpotRequestInfo};
-use crate::aws::network::{self, SshRule};
+use crate::aws::network;
 use crate::aws::{Aws, alarm, iam, identity, logs};
 use crate::cli::CleanupArgs;
 use crate::error::{ExitStatus, UsageError};
 use crate::output::{short_duration, table, usd};
 use crate::pricing;
-use crate::session::store::{SessionRecord, Store, process_alive};
-use crate::session::{self, Clock, SystemClock};
+use crate::session::lifecycle::{self, Instance, Phase};
+use crate::session::store::{SessionRecord, Store};
+use crate::session::{self, SystemClock};
 
 /// How long `--purge` waits for terminating instances to let go of the group and profile.
 const PURGE_WAIT: Duration = Duration::from_secs(120);
-/// A reference to a shared rule from a session still launching counts for this long.
-const LAUNCHING_GRACE: time::Duration = time::Duration::minutes(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Owners {
@@ -46,6 +45,7 @@ pub struct SessionOutcome {
     pub owner: Option<String>,
     pub resources: Vec<String>,
     /// Estimated money not spent: time left until the deadline × the hourly price.
+    #[serde(serialize_with = "crate::output::money")]
     pub saved: f64,
 }
 
@@ -58,6 +58,7 @@ pub struct Report {
     /// Session log groups of instances long gone (older than their retention, so empty).
     pub log_groups_removed: Vec<String>,
     pub errors: Vec<String>,
+    #[serde(serialize_with = "crate::output::money")]
     pub saved: f64,
 }
 
@@ -67,9 +68,10 @@ struct Found {
     record: Option<SessionRecord>,
     instances: Vec<InstanceInfo>,
     spot_requests: Vec<SpotRequestInfo>,
-    rules: Vec<String>,
+    /// (group id, rule id) of the session's SSH rules.
+    rules: Vec<(String, String)>,
+    groups: Vec<network::OwnGroup>,
     alarms: Vec<String>,
-    rule_owner: Option<String>,
 }
 
 impl Found {
@@ -79,7 +81,7 @@ impl Found {
             .find_map(|i| i.owner.clone())
             .or_else(|| self.record.as_ref().map(|r| r.owner_arn.clone()).filter(|o| !o.is_empty()))
             .or_else(|| self.spot_requests.iter().find_map(|s| s.owner.clone()))
-            .or_else(|| self.rule_owner.clone())
+            .or_else(|| self.groups.iter().find_map(|g| g.owner.clone()))
     }
 
     fn live(&self) -> Vec<&InstanceInfo> {
@@ -94,28 +96,22 @@ impl Found {
             .and_then(|t| session::parse_rfc3339(&t))
     }
 
-    fn kept(&self) -> bool {
-        self.instances.iter().any(|i| i.kept) || self.record.as_ref().is_some_and(|r| r.kept)
-    }
-
     /// Nothing left in AWS (terminated instances stay visible for an hour but cost nothing).
     fn is_empty(&self) -> bool {
         self.live().is_empty()
             && self.spot_requests.is_empty()
             && self.rules.is_empty()
+            && self.groups.is_empty()
             && self.alarms.is_empty()
     }
 }
 
 pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
-    for id in &args.ids {
-        if !session::is_valid_id(id) {
-            return Err(UsageError::new(format!(
-                "{id:?} is not a session id (8 letters and digits, as `list` shows)"
-            ))
-            .into());
-        }
+    let mut ids = Vec::new();
+    for text in &args.ids {
+        ids.push(super::resolve_session(ctx, text).await?);
     }
+    let args = &CleanupArgs { ids, ..args.clone() };
     let owners = match args.owner.as_deref() {
         None | Some("me") => Owners::Me,
         Some("any") => Owners::Any,
@@ -153,7 +149,15 @@ pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
                 report.log_groups_removed.extend(part.log_groups_removed);
                 report.errors.extend(part.errors);
             }
-            Err(e) => report.errors.push(format!("{region}: {}", crate::error::one_line(&e))),
+            Err(e) => report.errors.push(format!("{region}: {}", crate::exit_codes::one_line(&e))),
+        }
+    }
+    for id in &args.ids {
+        if !report.sessions.iter().any(|s| &s.session_id == id) {
+            report.errors.push(format!(
+                "no session {id} in {} (neither AWS nor this machine knows it; --all-regions looks everywhere)",
+                regions.join(", ")
+            ));
         }
     }
     report.saved = report.sessions.iter().map(|s| s.saved).sum();
@@ -216,18 +220,12 @@ fn render(report: &Report) -> String {
 async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &CleanupArgs) -> Result<Report> {
     let s = &ctx.settings;
     let store = Store::new(s.sessions_dir());
-    let now = SystemClock.now();
-    let group_id = network::find_security_group(aws, &s.security_group_name).await?;
-    let rules = async {
-        match &group_id {
-            Some(group) => network::ssh_rules(aws, group).await,
-            None => Ok(Vec::new()),
-        }
-    };
-    let (found_instances, spot_requests, rules, alarms, log_groups) = tokio::try_join!(
+    let now = session::clock().now();
+    let (found_instances, spot_requests, groups, rules, alarms, log_groups) = tokio::try_join!(
         instances::find(aws, instances::Query { include_terminated: true, ..Default::default() }),
         instances::open_spot_requests(aws),
-        rules,
+        network::own_groups(aws),
+        network::own_ssh_rules(aws),
         alarm::list_ours(aws),
         logs::list(aws),
     )?;
@@ -244,7 +242,8 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
         .collect();
 
     let mut sessions: BTreeMap<String, Found> = BTreeMap::new();
-    for record in store.all().into_iter().filter(|r| r.region == aws.region) {
+    let scope = aws.caller().await?.scope(&aws.region);
+    for record in store.in_scope(&scope) {
         let id = record.id.clone();
         sessions.entry(id).or_default().record = Some(record);
     }
@@ -258,9 +257,14 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
             sessions.entry(id).or_default().spot_requests.push(request);
         }
     }
-    for rule in &rules {
-        for r in &rule.refs {
-            sessions.entry(r.session_id.clone()).or_default().rules.push(rule.rule_id.clone());
+    for rule in rules {
+        if let Some(id) = rule.session_id.clone() {
+            sessions.entry(id).or_default().rules.push((rule.group_id, rule.rule_id));
+        }
+    }
+    for group in groups {
+        if let Some(id) = group.session_id.clone() {
+            sessions.entry(id).or_default().groups.push(group);
         }
     }
     for a in alarms {
@@ -292,7 +296,6 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
         }
     }
 
-    let doomed_ids: Vec<&str> = doomed.iter().map(|(id, _, _)| id.as_str()).collect();
     let mut outcomes: Vec<SessionOutcome> = doomed
         .iter()
         .map(|(id, found, reason)| SessionOutcome {
@@ -306,9 +309,7 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
         })
         .collect();
     if !args.dry_run && !doomed.is_empty() {
-        report
-            .errors
-            .extend(remove(aws, &store, group_id.as_deref(), &rules, &doomed, &doomed_ids, now).await);
+        report.errors.extend(remove(aws, &store, &doomed, now).await);
     }
     if !args.dry_run {
         for name in &stale_logs {
@@ -321,9 +322,9 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
         report.log_groups_removed = stale_logs;
     }
     if args.purge && !args.dry_run {
-        match purge(ctx, aws, caller, group_id.as_deref()).await {
+        match purge(ctx, aws).await {
             Ok(purged) => report.purged = purged,
-            Err(e) => report.errors.push(crate::error::one_line(&e)),
+            Err(e) => report.errors.push(crate::exit_codes::one_line(&e)),
         }
     }
     report.sessions.append(&mut outcomes);
@@ -343,47 +344,39 @@ fn decide(id: &str, found: &Found, args: &CleanupArgs, now: OffsetDateTime) -> D
         return Decision::Keep("not named".into());
     }
     let live = found.live();
-    let ended = found.record.as_ref().and_then(|r| r.end_reason.clone());
-    if live.is_empty() {
-        return Decision::Remove(match (&ended, found.instances.is_empty()) {
-            (Some(reason), _) => format!("ended ({reason})"),
-            (None, true) => "half-made: it never got an instance".into(),
-            (None, false) => "its instance is gone".into(),
-        });
+    let instance = if live.iter().any(|i| matches!(i.state.as_str(), "pending" | "running")) {
+        Instance::Live
+    } else if live.is_empty() {
+        Instance::Gone
+    } else {
+        Instance::Stuck
+    };
+    let kept_tag = found.instances.iter().any(|i| i.kept);
+    let phase = lifecycle::phase(found.record.as_ref(), instance, kept_tag, found.expires_at(), now);
+    if phase.is_abandoned() {
+        return Decision::Remove(phase.describe());
     }
-    if args.all {
+    if args.all && instance == Instance::Live {
         return Decision::Remove("--all".into());
-    }
-    if let Some(expires) = found.expires_at()
-        && expires <= now
-    {
-        return Decision::Remove("past its deadline".into());
-    }
-    if let Some(stuck) = live.iter().find(|i| i.state != "running" && i.state != "pending") {
-        return Decision::Remove(format!("its instance is {}", stuck.state));
     }
     let left = found
         .expires_at()
         .map(|t| short_duration(Duration::from_secs((t - now).whole_seconds().max(0) as u64)))
         .unwrap_or_else(|| "?".into());
-    if found.kept() {
-        return Decision::Keep(format!("kept on purpose, {left} left"));
-    }
-    match found.record.as_ref().and_then(|r| r.pid.map(|pid| (pid, r.pid_start))) {
-        Some((pid, start)) if process_alive(pid, start) => Decision::Keep(format!("in use by pid {pid}")),
-        Some((pid, _)) => Decision::Remove(format!("orphaned: its client (pid {pid}) is gone")),
-        None if found.record.is_some() => Decision::Remove("orphaned: no client recorded".into()),
-        None => Decision::Keep(format!(
-            "attached elsewhere (no local record), {left} left; name it or pass --all"
-        )),
-    }
+    Decision::Keep(match phase {
+        Phase::Attached { pid: None } => {
+            format!("attached elsewhere (no local record), {left} left; name it or pass --all")
+        }
+        other => format!("{}, {left} left", other.describe()),
+    })
 }
 
 fn describe_resources(found: &Found) -> Vec<String> {
     let mut list = Vec::new();
     list.extend(found.live().iter().map(|i| i.instance_id.clone()));
     list.extend(found.spot_requests.iter().map(|s| s.id.clone()));
-    list.extend(found.rules.iter().cloned());
+    list.extend(found.rules.iter().map(|(_, rule)| rule.clone()));
+    list.extend(found.groups.iter().map(|g| g.id.clone()));
     list.extend(found.alarms.iter().map(|_| "alarm".to_string()));
     if found.record.is_some() {
         list.push("local record".into());
@@ -412,10 +405,7 @@ fn saved(ctx: &Context, region: &str, found: &Found, now: OffsetDateTime) -> f64
 async fn remove(
     aws: &Aws,
     store: &Store,
-    group_id: Option<&str>,
-    rules: &[SshRule],
     doomed: &[(String, Found, String)],
-    doomed_ids: &[&str],
     now: OffsetDateTime,
 ) -> Vec<String> {
     let mut errors = Vec::new();
@@ -423,52 +413,42 @@ async fn remove(
         doomed.iter().flat_map(|(_, f, _)| f.live().into_iter().map(|i| i.instance_id.clone())).collect();
     let spot_ids: Vec<String> =
         doomed.iter().flat_map(|(_, f, _)| f.spot_requests.iter().map(|s| s.id.clone())).collect();
-    let (terminated, cancelled) = tokio::join!(
+    // Each rule is its own session's (its own group): revoking it cuts no one else off.
+    let revoke = futures::future::join_all(
+        doomed
+            .iter()
+            .flat_map(|(_, f, _)| f.rules.iter())
+            .map(|(group, rule)| network::revoke_rule(aws, group, rule)),
+    );
+    let alarm_names: Vec<String> = doomed.iter().flat_map(|(_, f, _)| f.alarms.clone()).collect();
+    let (terminated, cancelled, revoked, alarms) = tokio::join!(
         instances::terminate(aws, &instance_ids),
-        instances::cancel_spot_requests(aws, &spot_ids)
+        instances::cancel_spot_requests(aws, &spot_ids),
+        revoke,
+        alarm::delete(aws, &alarm_names),
     );
     errors.extend(terminated.err().map(|e| e.to_string()));
     errors.extend(cancelled.err().map(|e| e.to_string()));
-
-    let release_rules = async {
-        let mut errors = Vec::new();
-        let Some(group) = group_id else { return errors };
-        for rule in
-            rules.iter().filter(|r| r.refs.iter().any(|x| doomed_ids.contains(&x.session_id.as_str())))
-        {
-            // Another session's reference keeps the rule if that session is not being removed
-            // and is still launching (a recent reference) or running.
-            let others_alive = rule.refs.iter().any(|x| {
-                !doomed_ids.contains(&x.session_id.as_str())
-                    && x.since
-                        .as_deref()
-                        .and_then(session::parse_rfc3339)
-                        .is_none_or(|t| now - t < LAUNCHING_GRACE)
-            });
-            let result = if others_alive {
-                let ours: Vec<String> = rule
-                    .refs
-                    .iter()
-                    .filter(|x| doomed_ids.contains(&x.session_id.as_str()))
-                    .map(|x| x.session_id.clone())
-                    .collect();
-                release_refs(aws, &rule.rule_id, &ours).await
-            } else {
-                network::revoke_rule(aws, group, &rule.rule_id).await.map(|_| ())
-            };
-            errors.extend(result.err().map(|e| e.to_string()));
-        }
-        errors
-    };
-    let alarm_names: Vec<String> = doomed.iter().flat_map(|(_, f, _)| f.alarms.clone()).collect();
-    let (rule_errors, alarms) = tokio::join!(release_rules, alarm::delete(aws, &alarm_names));
-    errors.extend(rule_errors);
+    errors.extend(revoked.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()));
     errors.extend(alarms.err().map(|e| e.to_string()));
+    // Then the empty groups; one AWS still sees a shutting-down instance in stays for the next run.
+    let groups = futures::future::join_all(
+        doomed
+            .iter()
+            .flat_map(|(_, f, _)| f.groups.iter())
+            .map(|g| network::delete_security_group(aws, &g.id)),
+    );
+    errors.extend(groups.await.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()));
 
     for (id, found, _) in doomed {
         if found.record.is_some() {
-            match crate::ledger::record_end(&store.ledger(), store, id, crate::ledger::ended_by::CLEANUP, now)
-            {
+            match crate::ledger::record_end(
+                &crate::ledger::Ledger::beside(store),
+                store,
+                id,
+                crate::ledger::ended_by::CLEANUP,
+                now,
+            ) {
                 Ok(Some(entry)) => {
                     for warning in crate::teardown::report_end(aws, &entry).await {
                         tracing::warn!("{warning}");
@@ -485,22 +465,11 @@ async fn remove(
     errors
 }
 
-async fn release_refs(aws: &Aws, rule_id: &str, sessions: &[String]) -> Result<(), crate::aws::AwsError> {
-    use crate::aws::AwsResultExt;
-    let mut request = aws.ec2.delete_tags().resources(rule_id);
-    for id in sessions {
-        request = request
-            .tags(aws_sdk_ec2::types::Tag::builder().key(crate::session::tags::rule_ref_key(id)).build());
-    }
-    request.send().await.doing(format!("releasing shared SSH rule {rule_id}"))?;
-    Ok(())
-}
-
-/// `--purge`: the security group and the IAM role/profile, once nothing uses them.
-async fn purge(ctx: &Context, aws: &Aws, caller: &str, group_id: Option<&str>) -> Result<Vec<String>> {
+/// `--purge`: the IAM roles and instance profiles, once nothing uses them. (Security groups are
+/// per session and go with their session.)
+async fn purge(ctx: &Context, aws: &Aws) -> Result<Vec<String>> {
     let s = &ctx.settings;
-    let account = caller.split(':').nth(4).unwrap_or_default();
-    let profile_arn = format!("arn:aws:iam::{account}:instance-profile/{}", s.iam_role_name);
+    let account = aws.caller().await?.account;
     let mut purged = Vec::new();
     let users = |filter: &'static str, value: String| async move {
         // Instances we just terminated may take a moment to let go: wait for them, bounded.
@@ -537,21 +506,16 @@ async fn purge(ctx: &Context, aws: &Aws, caller: &str, group_id: Option<&str>) -
         }
     };
     let mut refusals = Vec::new();
-    if let Some(group) = group_id {
-        match users("instance.group-id", group.to_string()).await {
+    for name in [s.iam_role_name.clone(), iam::ssm_role_name(&s.iam_role_name)] {
+        let profile_arn = format!("arn:aws:iam::{account}:instance-profile/{name}");
+        match users("iam-instance-profile.arn", profile_arn).await {
             Ok(()) => {
-                network::delete_security_group(aws, group).await?;
-                purged.push(format!("security group {} ({group})", s.security_group_name));
+                if iam::delete_instance_profile_and_role(aws, &name).await? {
+                    purged.push(format!("IAM role and instance profile {name}"));
+                }
             }
-            Err(e) => refusals.push(format!("security group {} {e}", s.security_group_name)),
+            Err(e) => refusals.push(format!("IAM role and instance profile {name} {e}")),
         }
-    }
-    match users("iam-instance-profile.arn", profile_arn).await {
-        Ok(()) => {
-            iam::delete_instance_profile_and_role(aws, &s.iam_role_name).await?;
-            purged.push(format!("IAM role and instance profile {}", s.iam_role_name));
-        }
-        Err(e) => refusals.push(format!("IAM role and instance profile {} {e}", s.iam_role_name)),
     }
     if !refusals.is_empty() {
         bail!("not purged: {}", refusals.join("; "));
@@ -563,17 +527,31 @@ async fn purge(ctx: &Context, aws: &Aws, caller: &str, group_id: Option<&str>) -
 /// when there is nothing to do), this region only, bounded in time. Returns what it removed.
 pub async fn quick_sweep(ctx: &Context, aws: &Aws) -> Vec<String> {
     let store = Store::new(ctx.settings.sessions_dir());
-    let now = SystemClock.now();
+    let now = session::clock().now();
+    // Only this account's records: another account's sessions are not ours to judge.
+    let Ok(caller) = aws.caller().await else { return Vec::new() };
     let dead: Vec<SessionRecord> = store
-        .all()
+        .in_scope(&caller.scope(&aws.region))
         .into_iter()
-        .filter(|r| r.region == aws.region && r.ended_at.is_none())
+        .filter(|r| r.ended_at.is_none())
         .filter(|r| {
-            let past_deadline = session::parse_rfc3339(&r.expires_at).is_some_and(|t| t <= now);
-            let launcher_gone = !r.kept && r.pid.is_none_or(|pid| !process_alive(pid, r.pid_start));
-            past_deadline || launcher_gone
+            let expires = session::parse_rfc3339(&r.expires_at);
+            lifecycle::phase(Some(r), Instance::NotAsked, false, expires, now).is_abandoned()
         })
         .collect();
+    // Groups that AWS still held when their session was torn down (its instance shutting down).
+    let pending_groups: Vec<(String, String)> = store
+        .in_scope(&caller.scope(&aws.region))
+        .into_iter()
+        .filter(|r| r.ended_at.is_some())
+        .filter_map(|r| Some((r.id, r.security_group_id?)))
+        .collect();
+    for (id, group) in pending_groups {
+        if let Ok(network::GroupDeletion::Deleted) = network::delete_security_group(aws, &group).await {
+            tracing::info!("deleted security group {group} of ended session {id}");
+            let _ = store.update(&id, |r| r.security_group_id = None);
+        }
+    }
     if dead.is_empty() {
         return Vec::new();
     }

@@ -8,6 +8,9 @@ use crate::error::ExitStatus;
 
 pub fn run(args: CompletionsArgs) -> Result<ExitStatus> {
     let mut command = Cli::command();
-    clap_complete::generate(args.shell, &mut command, "ephemeral-admin", &mut std::io::stdout());
+    // Through a buffer: clap_complete panics on a failed write (`head -1` closing the pipe).
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut command, "ephemeral-admin", &mut script);
+    crate::output::Stream::Stdout.put(&script);
     Ok(ExitStatus::Success)
 }

@@ -17,23 +17,29 @@ use crate::session::store::Store;
 #[derive(Serialize)]
 struct SessionCost {
     session_id: String,
-    start: String,
-    end: Option<String>,
+    /// Named as in `list` and `status`.
+    launched_at: String,
+    ended_at: Option<String>,
     instance_type: Option<String>,
     market: Option<String>,
     ended_by: Option<String>,
     duration_seconds: i64,
     /// The part of the session's cost that falls in the month.
+    #[serde(serialize_with = "crate::output::money")]
     cost: f64,
 }
 
 #[derive(Serialize)]
 struct CostReport {
     month: String,
+    #[serde(serialize_with = "crate::output::money")]
     budget: f64,
+    #[serde(serialize_with = "crate::output::money")]
     spent: f64,
+    #[serde(serialize_with = "crate::output::money")]
     remaining: f64,
     /// Sessions still running, counted at their cost so far.
+    #[serde(serialize_with = "crate::output::money")]
     live: f64,
     sessions: Vec<SessionCost>,
 }
@@ -53,7 +59,7 @@ pub async fn cost(ctx: &Context, args: &CostArgs) -> Result<ExitStatus> {
         None => now,
     };
     let store = Store::new(ctx.settings.sessions_dir());
-    let ledger = store.ledger();
+    let ledger = crate::ledger::Ledger::beside(&store);
     // Settle sessions that ended on their own, if AWS is configured; the ledger is enough otherwise.
     if let Ok(aws) = ctx.aws().await {
         ctx.settle(&aws).await;
@@ -69,8 +75,8 @@ pub async fn cost(ctx: &Context, args: &CostArgs) -> Result<ExitStatus> {
             let end = session::parse_rfc3339(&e.end)?;
             (end > from && start < until).then(|| SessionCost {
                 session_id: e.session_id.clone(),
-                start: session::rfc3339(start),
-                end: Some(session::rfc3339(end)),
+                launched_at: session::rfc3339(start),
+                ended_at: Some(session::rfc3339(end)),
                 instance_type: e.instance_type.clone(),
                 market: e.market.clone(),
                 ended_by: Some(e.ended_by.clone()),
@@ -88,8 +94,8 @@ pub async fn cost(ctx: &Context, args: &CostArgs) -> Result<ExitStatus> {
             live += cost;
             sessions.push(SessionCost {
                 session_id: entry.session_id,
-                start: entry.start,
-                end: None,
+                launched_at: entry.start,
+                ended_at: None,
                 instance_type: entry.instance_type,
                 market: entry.market,
                 ended_by: None,
@@ -98,7 +104,7 @@ pub async fn cost(ctx: &Context, args: &CostArgs) -> Result<ExitStatus> {
             });
         }
     }
-    sessions.sort_by(|a, b| a.start.cmp(&b.start));
+    sessions.sort_by(|a, b| a.launched_at.cmp(&b.launched_at));
     let spent: f64 = sessions.iter().map(|s| s.cost).sum();
     let budget = ctx.settings.monthly_budget;
     let report = CostReport {
@@ -116,7 +122,7 @@ pub async fn cost(ctx: &Context, args: &CostArgs) -> Result<ExitStatus> {
             .map(|s| {
                 vec![
                     s.session_id.clone(),
-                    s.start.clone(),
+                    s.launched_at.clone(),
                     short_duration(std::time::Duration::from_secs(s.duration_seconds.max(0) as u64)),
                     format!(
                         "{} {}",

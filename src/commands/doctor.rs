@@ -1,18 +1,21 @@
 //! `doctor`: checks everything a launch needs, in parallel, and says how to fix what fails.
 
 use anyhow::Result;
-use aws_sdk_ec2::types::{InstanceType, IpPermission, IpRange};
+use aws_sdk_ec2::types::{InstanceType, IpPermission, IpRange, ResourceType};
 use serde::Serialize;
 
 use super::Context;
-use crate::aws::{self, Aws, ami, code_of, identity, network};
+use crate::aws::{Aws, AwsError, ami, code_of, identity, instances, network};
 use crate::error::ExitStatus;
 use crate::output::table;
+use crate::session::tags;
 
 #[derive(Debug, Serialize)]
 struct Check {
     name: &'static str,
     ok: bool,
+    /// Not run: a check it depends on failed.
+    skipped: bool,
     detail: String,
     /// What to do when it failed.
     fix: Option<String>,
@@ -20,11 +23,32 @@ struct Check {
 
 impl Check {
     fn ok(name: &'static str, detail: impl Into<String>) -> Check {
-        Check { name, ok: true, detail: detail.into(), fix: None }
+        Check { name, ok: true, skipped: false, detail: detail.into(), fix: None }
     }
 
     fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check { name, ok: false, detail: detail.into(), fix: Some(fix.into()) }
+        Check { name, ok: false, skipped: false, detail: detail.into(), fix: Some(fix.into()) }
+    }
+
+    /// A failed AWS call: its own advice when the error carries one (credentials, a denial,
+    /// throttling…), else `fix`, the advice for what this check looks at.
+    fn aws_failure(name: &'static str, error: &AwsError, fix: &str) -> Check {
+        Check::fail(name, error.summary(), error.hint().unwrap_or(fix))
+    }
+
+    fn skip(self, why: &str) -> Check {
+        if self.name == "config" || self.name == "credentials" {
+            return self;
+        }
+        Check { ok: false, skipped: true, detail: why.to_string(), fix: None, ..self }
+    }
+
+    fn status(&self) -> &'static str {
+        match (self.ok, self.skipped) {
+            (true, _) => "OK",
+            (false, true) => "SKIP",
+            (false, false) => "FAIL",
+        }
     }
 }
 
@@ -49,8 +73,13 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
             (check, check_permissions(ctx, &aws, image.as_deref()).await)
         });
     drop(step);
+    // Without working credentials every other AWS check fails for that one reason: say it once.
+    let no_credentials = !credentials.ok;
     let mut checks = vec![credentials, region, config, vpc, image];
     checks.extend(probes);
+    if no_credentials {
+        checks = checks.into_iter().map(|c| c.skip("not checked: needs working credentials")).collect();
+    }
     let report = Report { ok: checks.iter().all(|c| c.ok), region: aws.region.clone(), checks };
     ctx.printer.result(&report, || {
         let rows: Vec<Vec<String>> = report
@@ -61,21 +90,26 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
                     Some(fix) => format!("{} (fix: {fix})", c.detail),
                     None => c.detail.clone(),
                 };
-                vec![c.name.to_string(), if c.ok { "OK" } else { "FAIL" }.to_string(), detail]
+                vec![c.name.to_string(), c.status().to_string(), detail]
             })
             .collect();
         table(&["CHECK", "STATUS", "DETAIL"], &rows)
     });
-    Ok(if report.ok { ExitStatus::Success } else { ExitStatus::Failure })
+    Ok(match (report.ok, no_credentials) {
+        (true, _) => ExitStatus::Success,
+        // Like every command: no usable credentials is the environment's to fix (exit 2).
+        (false, true) => ExitStatus::Usage,
+        (false, false) => ExitStatus::Failure,
+    })
 }
 
 async fn check_credentials(aws: &Aws) -> Check {
     match identity::whoami(aws).await {
         Ok(caller) => Check::ok("credentials", caller.arn),
-        Err(e) => Check::fail(
+        Err(e) => Check::aws_failure(
             "credentials",
-            e.to_string(),
-            "configure credentials (aws configure / aws sso login) or pass --profile",
+            &e,
+            "configure credentials (`aws configure`, `aws sso login`) or pass --profile",
         ),
     }
 }
@@ -91,11 +125,7 @@ async fn check_region(aws: &Aws) -> Check {
             format!("{} is not an enabled region of this account", aws.region),
             "pick another --region, or enable it in the AWS console",
         ),
-        Err(e) => Check::fail(
-            "region",
-            aws::AwsError::new("listing regions", e).to_string(),
-            "check --region and your network",
-        ),
+        Err(e) => Check::aws_failure("region", &AwsError::new("listing regions", e), "check --region"),
     }
 }
 
@@ -109,7 +139,7 @@ async fn check_network(aws: &Aws) -> Check {
                 "run `aws ec2 create-default-vpc`, or pick another --region",
             );
         }
-        Err(e) => return Check::fail("network", e.to_string(), "check permissions for ec2:DescribeVpcs"),
+        Err(e) => return Check::aws_failure("network", &e, "see `ephemeral-admin policy`"),
     };
     match network::default_subnets(aws, &vpc).await {
         Ok(subnets) if !subnets.is_empty() => {
@@ -120,7 +150,7 @@ async fn check_network(aws: &Aws) -> Check {
             format!("default VPC {vpc} has no default subnets"),
             "run `aws ec2 create-default-subnet --availability-zone ZONE`",
         ),
-        Err(e) => Check::fail("network", e.to_string(), "check permissions for ec2:DescribeSubnets"),
+        Err(e) => Check::aws_failure("network", &e, "see `ephemeral-admin policy`"),
     }
 }
 
@@ -130,14 +160,19 @@ async fn check_image(ctx: &Context, aws: &Aws) -> (Check, Option<String>) {
         Ok(image) => {
             (Check::ok("ami", format!("{} → {} ({})", s.ami, image.id, image.source)), Some(image.id))
         }
+        Err(ami::AmiError::Aws(e)) => (Check::aws_failure("ami", &e, "see `ephemeral-admin policy`"), None),
         Err(e) => (Check::fail("ami", e.to_string(), "pass another --ami, or set `ami` in the config"), None),
     }
 }
 
 /// EC2 `DryRun` probes: AWS answers `DryRunOperation` when the call would be allowed and
-/// `UnauthorizedOperation` when it would not, without doing anything.
+/// `UnauthorizedOperation` when it would not, without doing anything. The policy scopes these
+/// calls to the tool's tagged resources, so each probe looks like the real call: RunInstances
+/// carries the tool's tags, and terminate and authorize are tried on a resource of the tool (not
+/// probed while there is none: a made-up id has no tags, and the policy rightly refuses it).
 async fn check_permissions(ctx: &Context, aws: &Aws, image: Option<&str>) -> Vec<Check> {
     let instance_type = InstanceType::from(ctx.settings.instance_types[0].as_str());
+    let ours = tags::shared_resource_tags();
     let run = aws
         .ec2
         .run_instances()
@@ -146,28 +181,52 @@ async fn check_permissions(ctx: &Context, aws: &Aws, image: Option<&str>) -> Vec
         .instance_type(instance_type)
         .min_count(1)
         .max_count(1)
+        .tag_specifications(network::tag_spec(ResourceType::Instance, &ours))
+        .tag_specifications(network::tag_spec(ResourceType::Volume, &ours))
         .send();
-    let terminate = aws.ec2.terminate_instances().dry_run(true).instance_ids("i-00000000000000000").send();
-    let group = network::find_security_group(aws, &ctx.settings.security_group_name).await.ok().flatten();
-    let authorize = aws
-        .ec2
-        .authorize_security_group_ingress()
-        .dry_run(true)
-        .group_id(group.as_deref().unwrap_or("sg-00000000000000000"))
-        .ip_permissions(
-            IpPermission::builder()
-                .ip_protocol("tcp")
-                .from_port(22)
-                .to_port(22)
-                .ip_ranges(IpRange::builder().cidr_ip("192.0.2.1/32").build())
-                .build(),
+    let (group, own_instance) = tokio::join!(
+        async { network::own_groups(aws).await.map(|groups| groups.into_iter().next().map(|g| g.id)) },
+        instances::find(aws, instances::Query::default())
+    );
+    let own_instance = own_instance.ok().and_then(|found| found.into_iter().next()).map(|i| i.instance_id);
+    let terminate = async {
+        let id = own_instance?;
+        Some(aws.ec2.terminate_instances().dry_run(true).instance_ids(id).send().await)
+    };
+    let authorize = async {
+        let group = group.ok().flatten()?;
+        let rule = IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(22)
+            .to_port(22)
+            .ip_ranges(IpRange::builder().cidr_ip("192.0.2.1/32").build())
+            .build();
+        Some(
+            aws.ec2
+                .authorize_security_group_ingress()
+                .dry_run(true)
+                .group_id(group)
+                .ip_permissions(rule)
+                .tag_specifications(network::tag_spec(ResourceType::SecurityGroupRule, &ours))
+                .send()
+                .await,
         )
-        .send();
+    };
     let (run, terminate, authorize) = tokio::join!(run, terminate, authorize);
+    let not_probed =
+        |name| Check::ok(name, "not probed: allowed only on the tool's own resources, and there is none yet");
     vec![
         probe("permission:RunInstances", run.err().as_ref().and_then(code_of)),
-        probe("permission:TerminateInstances", terminate.err().as_ref().and_then(code_of)),
-        probe("permission:AuthorizeSecurityGroupIngress", authorize.err().as_ref().and_then(code_of)),
+        match terminate {
+            Some(result) => probe("permission:TerminateInstances", result.err().as_ref().and_then(code_of)),
+            None => not_probed("permission:TerminateInstances"),
+        },
+        match authorize {
+            Some(result) => {
+                probe("permission:AuthorizeSecurityGroupIngress", result.err().as_ref().and_then(code_of))
+            }
+            None => not_probed("permission:AuthorizeSecurityGroupIngress"),
+        },
     ]
 }
 

@@ -26,6 +26,7 @@ struct Extended {
     expires_at: String,
     time_left_seconds: i64,
     added_seconds: i64,
+    #[serde(serialize_with = "crate::output::money_opt")]
     added_cost_estimate: Option<f64>,
 }
 
@@ -51,13 +52,6 @@ enum Change {
 }
 
 pub async fn run(ctx: &Context, args: &ExtendArgs) -> Result<ExitStatus> {
-    let id = &args.session.id;
-    if !session::is_valid_id(id) {
-        return Err(UsageError::new(format!(
-            "{id:?} is not a session id (8 letters and digits, as `list` shows)"
-        ))
-        .into());
-    }
     // Validate the request before any AWS call.
     let change = match (&args.by, &args.until) {
         (Some(by), _) => Change::By(
@@ -69,6 +63,7 @@ pub async fn run(ctx: &Context, args: &ExtendArgs) -> Result<ExitStatus> {
         })?),
         (None, None) => unreachable!("clap requires --by or --until"),
     };
+    let id = &super::resolve_session(ctx, &args.session.id).await?;
     let s = &ctx.settings;
     let clock = SystemClock;
     let aws = ctx.aws().await?;
@@ -92,34 +87,44 @@ pub async fn run(ctx: &Context, args: &ExtendArgs) -> Result<ExitStatus> {
     };
     let launched = instance.launch_time.as_deref().and_then(session::parse_rfc3339).unwrap_or(now);
     let cap = launched + s.max_runtime_cap;
+    if wanted < current && !args.shorten {
+        return Err(UsageError::new(format!(
+            "{} is earlier than the current deadline {}: add --shorten to move it earlier, or give a later time",
+            session::rfc3339(wanted),
+            session::rfc3339(current)
+        ))
+        .into());
+    }
     if wanted > cap {
-        bail!(
+        return Err(UsageError::new(format!(
             "{} is past the hard cap of {} after launch ({}): extend to at most that, or raise max_runtime_cap in the config",
             session::rfc3339(wanted),
             short_duration(s.max_runtime_cap),
             session::rfc3339(cap)
-        );
+        ))
+        .into());
     }
     if wanted <= now {
-        bail!(
+        return Err(UsageError::new(format!(
             "{} is already past: that would end the session now; use `ephemeral-admin terminate {id}`",
             session::rfc3339(wanted)
-        );
+        ))
+        .into());
     }
     let expires_at = session::rfc3339(wanted);
     instances::set_expiry(&aws, &instance.instance_id, &expires_at).await?;
-    let record = store.load(id)?;
-    if let Some(mut record) = record.clone() {
+    let record = store.update(id, |record| {
         record.expires_at = expires_at.clone();
-        store.save(&record)?;
-    }
+        record.clone()
+    })?;
     let added_seconds = (wanted - current).whole_seconds();
     let price = record.and_then(|r| r.price_per_hour);
     let added_cost_estimate = price
         .filter(|_| added_seconds > 0)
         .map(|p| pricing::estimate(p, Duration::from_secs(added_seconds as u64)).total);
     if let Some(added) = added_cost_estimate {
-        let spent = store.ledger().month_to_date(now)? + crate::ledger::live_cost(&store, now);
+        let spent =
+            crate::ledger::Ledger::beside(&store).month_to_date(now)? + crate::ledger::live_cost(&store, now);
         let committed = spent + added;
         if committed > s.monthly_budget {
             ctx.printer.warn(format!(

@@ -1,6 +1,6 @@
 //! `init`: writes the commented example config (every key with its default) to the config path.
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use super::Context;
 use crate::cli::InitArgs;
@@ -17,7 +17,11 @@ pub fn run(ctx: &Context, args: InitArgs) -> Result<ExitStatus> {
             .context("neither XDG_CONFIG_HOME nor HOME is set: pass --config FILE")?,
     };
     if path.exists() && !args.force {
-        bail!("{} already exists: edit it, or pass --force to overwrite it", path.display());
+        return Err(crate::error::UsageError::new(format!(
+            "{} already exists: edit it, or pass --force to overwrite it",
+            path.display()
+        ))
+        .into());
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -22,8 +22,10 @@ use crate::aws::{alarm, ami, iam, identity, instances, logs, network, spot};
 use crate::cli::{ConnectMode, LaunchArgs};
 use crate::error::{ExitStatus, Interrupted, OverBudget};
 use crate::keys::SessionKeys;
+use crate::ledger::ended_by;
 use crate::output::{short_duration, usd};
-use crate::session::store::{SessionRecord, Store, process_start_ticks};
+use crate::session::lifecycle;
+use crate::session::store::{SessionRecord, Store};
 use crate::session::{self, Clock, SystemClock, tags};
 use crate::signals::Signals;
 use crate::teardown::{self, SessionResources};
@@ -37,10 +39,12 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn update(&self, change: impl FnOnce(&mut SessionRecord)) -> Result<()> {
+    /// Applies `change` to the launch's own copy and, under the record's lock, to the record on
+    /// disk (where `extend` or `connect` may have changed other fields meanwhile).
+    fn update(&self, change: impl Fn(&mut SessionRecord)) -> Result<()> {
         let mut record = self.record.lock().expect("record lock");
         change(&mut record);
-        self.store.save(&record)
+        self.store.create_or_update(&record, |on_disk| change(on_disk))
     }
 
     fn snapshot(&self) -> SessionRecord {
@@ -54,6 +58,7 @@ struct Launched {
     session: SessionView,
     estimate: Option<pricing::Estimate>,
     launch_attempts: u32,
+    #[serde(serialize_with = "crate::output::pairs_as_object")]
     timings_ms: Vec<(String, u64)>,
     #[serde(skip)]
     started: Instant,
@@ -61,8 +66,18 @@ struct Launched {
 
 pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let signals = Signals::install().context("listening for Ctrl-C")?;
+    for cidr in &ctx.settings.allow_cidrs {
+        let whom = if cidr.prefix_len() == 0 {
+            "every address on the internet".to_string()
+        } else {
+            format!("{} addresses", crate::settings::address_count(cidr))
+        };
+        ctx.printer.warn(format!(
+            "--allow-cidr {cidr}: SSH on this session's box is open to {whom} (the session key is still required)"
+        ));
+    }
     let (aws, store, record, mut result) = provision(ctx, args, &signals).await?;
-    let instance_id = record.instance_id.clone().unwrap_or_default();
+    let instance_id = record.instance_id.clone().context("the launch recorded no instance id")?;
     let log = logs::Writer::spawn(&aws, &instance_id);
     log.send(format!(
         "start session={} owner={} type={} market={} zone={} price={} expires={} kept={}",
@@ -88,13 +103,15 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         });
         return Ok(ExitStatus::Success);
     }
-    let keep = args.keep;
+    let keep = record.kept;
     let clock = SystemClock;
+    let mut attached = false;
     let outcome = async {
         let route = Route::resolve(ctx, &record, None, None);
         let options = attach::connect_options(ctx, &store, &record, &route)?;
         crash::point("connecting");
         let session = attach::open(ctx, &options, &signals).await?;
+        attached = true;
         result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         log.send(format!("connect session={} via={}", record.id, options.transport));
         if args.command.is_empty() {
@@ -110,10 +127,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         let ms = first.saturating_duration_since(result.started).as_millis() as u64;
         result.timings_ms.push(("first_output".into(), ms));
     }
-    if let Ok(Some(mut saved)) = store.load(&record.id) {
-        saved.timings_ms = result.timings_ms.iter().cloned().collect();
-        let _ = store.save(&saved);
-    }
+    let _ = store.update(&record.id, |saved| saved.timings_ms = result.timings_ms.iter().cloned().collect());
     for failure in log.finish().await {
         ctx.printer.warn(failure);
     }
@@ -124,14 +138,18 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         ctx.printer.status(format!(
             "left session {} running (--keep): it ends after {} idle or at {}; `ephemeral-admin terminate {}` ends it now",
             record.id,
-            short_duration(ctx.settings.idle_grace),
+            short_duration(std::time::Duration::from_secs(record.idle_grace_secs.unwrap_or(0))),
             record.expires_at,
             record.id
         ));
     } else {
         let reason = match &outcome {
-            Ok(Outcome::Exited(_)) => "exit",
-            Ok(Outcome::Stopped(_)) | Err(_) => "interrupted",
+            Ok(Outcome::Exited(_)) => ended_by::EXIT,
+            Ok(Outcome::Stopped(_)) => ended_by::INTERRUPTED,
+            Err(e) if e.is::<Interrupted>() => ended_by::INTERRUPTED,
+            // Never got a shell: a rejected key, a box that never answered.
+            Err(_) if !attached => ended_by::LAUNCH_FAILED,
+            Err(_) => ended_by::CONNECTION_LOST,
         };
         let resources = SessionResources::from_record(&store.load(&record.id)?.unwrap_or(record.clone()));
         let report = teardown::teardown(&aws, &store, &resources, reason, &clock).await;
@@ -200,7 +218,8 @@ async fn provision(
     let created = clock.now();
     let expires = created + TimeDuration::try_from(s.max_runtime).context("max_runtime is too long")?;
     let cap = created + TimeDuration::try_from(s.max_runtime_cap).context("max_runtime_cap is too long")?;
-    let kept = args.detach || args.keep;
+    // A tmux session exists to survive a dropped connection: it is a kept session.
+    let kept = args.detach || args.keep || s.tmux;
     // Through SSM no inbound port is needed at all.
     let need_ingress = s.connect != ConnectMode::Ssm;
     mark("settings", &mut timings);
@@ -213,7 +232,11 @@ async fn provision(
             (Some(net), _) => Ok(Some(net)),
             (None, false) => Ok(None),
             (None, true) => {
-                ip::detect(&ip_services(), ip::TIMEOUT).await.map(Some).map_err(anyhow::Error::from)
+                // Nothing is made without knowing whom to let in: fix the environment, exit 2.
+                ip::detect(&ip_services(), ip::TIMEOUT)
+                    .await
+                    .map(Some)
+                    .map_err(|e| crate::error::UsageError::new(e.to_string()).into())
             }
         }
     };
@@ -223,17 +246,33 @@ async fn provision(
             tokio::task::spawn_blocking(move || SessionKeys::generate(&id)).await.context("key generation")?
         }
     };
+    let expires_at = session::rfc3339(expires);
     let prepare = async {
         tokio::try_join!(
-            async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
+            // Who we are, then the session's own security group, tagged as the session's.
+            async {
+                let (caller, vpc) = tokio::try_join!(
+                    async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
+                    async { network::default_vpc(&aws).await.map_err(anyhow::Error::from) },
+                )?;
+                let vpc = vpc.ok_or_else(|| network::NetworkError::NoDefaultVpc(aws.region.clone()))?;
+                let session_tags = tags::session_tags(&session_id, &caller.arn, &expires_at, kept, &s.tags);
+                let group = network::create_session_group(
+                    &aws,
+                    &vpc,
+                    &s.security_group_name,
+                    &session_id,
+                    &session_tags,
+                )
+                .await?;
+                crash::point("security-group");
+                anyhow::Ok((caller, group))
+            },
             detect_ip,
             async {
-                let group = network::ensure_security_group(&aws, &s.security_group_name).await?;
-                crash::point("security-group");
-                anyhow::Ok(group)
-            },
-            async {
-                let profile = iam::ensure_instance_profile(&aws, &s.iam_role_name).await?;
+                let profile =
+                    iam::ensure_instance_profile(&aws, &s.iam_role_name, s.connect == ConnectMode::Ssm)
+                        .await?;
                 crash::point("instance-profile");
                 anyhow::Ok(profile)
             },
@@ -250,7 +289,7 @@ async fn provision(
         super::cleanup::quick_sweep(ctx, &aws).await
     };
     let (prepared, swept) = tokio::join!(prepare, housekeeping);
-    let (caller, my_ip, group, profile, keys, image, prices) = prepared?;
+    let ((caller, group), my_ip, profile, keys, image, prices) = prepared?;
     drop(step);
     if !swept.is_empty() {
         ctx.printer.status(format!(
@@ -261,7 +300,6 @@ async fn provision(
     }
     mark("prepare", &mut timings);
 
-    let expires_at = session::rfc3339(expires);
     let session_tags = tags::session_tags(&session_id, &caller.arn, &expires_at, kept, &s.tags);
     let pid = std::process::id();
     let recorder = Recorder {
@@ -269,13 +307,16 @@ async fn provision(
         record: Arc::new(Mutex::new(SessionRecord {
             id: session_id.clone(),
             region: aws.region.clone(),
+            account: caller.account.clone(),
+            partition: caller.partition().to_string(),
             owner_arn: caller.arn.clone(),
             created_at: session::rfc3339(created),
             expires_at: expires_at.clone(),
             kept,
+            idle_grace_secs: Some(if kept { s.kept_idle_grace } else { s.idle_grace }.as_secs()),
             user: s.user.clone(),
             pid: Some(pid),
-            pid_start: process_start_ticks(pid),
+            pid_start: lifecycle::process_start(pid),
             host_key_public: keys.host.public_openssh.clone(),
             host_key_fingerprint: keys.host.fingerprint.clone(),
             client_key_public: keys.client.public_openssh.clone(),
@@ -316,6 +357,7 @@ async fn provision(
         return Err(undo(ctx, &aws, &store, &recorder, refusal, &clock).await);
     }
 
+    let idle_grace = if kept { s.kept_idle_grace } else { s.idle_grace };
     let user_data = userdata::render(&userdata::BoxConfig {
         session_id: &session_id,
         host_key_private: &keys.host.private_openssh,
@@ -323,7 +365,7 @@ async fn provision(
         client_key_public: &keys.client.public_openssh,
         deadline_epoch: expires.unix_timestamp(),
         cap_epoch: cap.unix_timestamp(),
-        idle_grace_secs: s.idle_grace.as_secs(),
+        idle_grace_secs: idle_grace.as_secs(),
         boot_grace_secs: s.boot_grace.as_secs(),
         interval_secs: s.watchdog_interval.as_secs().max(1),
         install_tmux: s.tmux,
@@ -440,7 +482,7 @@ async fn provision(
     let record = recorder.snapshot();
     let view = SessionView::build(Some(&record), Some(&running), clock.now());
     let result = Launched {
-        estimate: launched.price_per_hour.map(|p| pricing::estimate(p, s.max_runtime)),
+        estimate: launched.price_per_hour.map(|p| pricing::estimate(p, s.max_runtime).rounded()),
         launch_attempts: launched.attempts,
         timings_ms: timings.clone(),
         started,
@@ -460,10 +502,15 @@ async fn undo(
 ) -> anyhow::Error {
     let record = recorder.snapshot();
     let resources = SessionResources::from_record(&record);
-    let report = teardown::teardown(aws, store, &resources, "launch-failed", clock).await;
+    let interrupted = error.downcast_ref::<Interrupted>().is_some();
+    let reason = if interrupted { ended_by::INTERRUPTED } else { ended_by::LAUNCH_FAILED };
+    let report = teardown::teardown(aws, store, &resources, reason, clock).await;
     if report.is_clean() {
         let _ = store.forget(&record.id);
-        ctx.printer.status(format!("launch failed; removed what it had made ({})", report.summary()));
+        // An interruption's own message already says that what was made is gone: one line.
+        if !interrupted {
+            ctx.printer.status(format!("launch failed; removed what it had made ({})", report.summary()));
+        }
     } else {
         ctx.printer.warn(report.summary());
     }
@@ -496,7 +543,7 @@ fn budget_guard(
         return Ok(());
     };
     let estimate = pricing::estimate(price, s.max_runtime).total;
-    let spent = store.ledger().month_to_date(now)? + ledger::live_cost(store, now);
+    let spent = crate::ledger::Ledger::beside(store).month_to_date(now)? + ledger::live_cost(store, now);
     let left = s.monthly_budget - spent;
     if spent + estimate <= s.monthly_budget {
         return Ok(());

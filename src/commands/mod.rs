@@ -43,15 +43,22 @@ impl Context {
     /// no CLI ran. Costs one AWS call when there is something to settle, none otherwise.
     pub async fn settle(&self, aws: &Aws) {
         let store = Store::new(self.settings.sessions_dir());
-        let settled = ledger::settle(aws, &store, &store.ledger(), session::clock().as_ref()).await;
+        let settled =
+            ledger::settle(aws, &store, &crate::ledger::Ledger::beside(&store), session::clock().as_ref())
+                .await;
         self.report_settled(aws, settled).await;
     }
 
     /// [`Context::settle`] from instances the command described anyway (every state): no AWS call.
-    pub async fn settle_known(&self, aws: &Aws, found: &[InstanceInfo]) {
+    pub async fn settle_known(&self, aws: &Aws, scope: &session::Scope, found: &[InstanceInfo]) {
         let store = Store::new(self.settings.sessions_dir());
-        let settled =
-            ledger::settle_known(&aws.region, found, &store, &store.ledger(), session::clock().as_ref());
+        let settled = ledger::settle_known(
+            scope,
+            found,
+            &store,
+            &crate::ledger::Ledger::beside(&store),
+            session::clock().as_ref(),
+        );
         self.report_settled(aws, settled).await;
     }
 
@@ -71,25 +78,55 @@ impl Context {
     }
 }
 
+/// The session id a user meant: a session id as typed, or the session an instance id belongs to
+/// (from the local record, else from the instance's tags). Bad syntax is exit 2; an instance
+/// that is not one of ours is an error that says so.
+pub async fn resolve_session(ctx: &Context, text: &str) -> Result<String> {
+    match session::SessionRef::parse(text)? {
+        session::SessionRef::Id(id) => Ok(id),
+        session::SessionRef::Instance(instance_id) => {
+            let store = Store::new(ctx.settings.sessions_dir());
+            if let Some(record) =
+                store.all().into_iter().find(|r| r.instance_id.as_deref() == Some(&instance_id))
+            {
+                return Ok(record.id);
+            }
+            let aws = ctx.aws().await?;
+            match crate::aws::instances::describe(&aws, &instance_id).await? {
+                Some(info) => info.session_id.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "instance {instance_id} is not an ephemeral-admin box (it has no session tag)"
+                    )
+                }),
+                None => Err(crate::error::UsageError::new(format!(
+                    "no instance {instance_id} in {}: check the id and --region",
+                    aws.region
+                ))
+                .into()),
+            }
+        }
+    }
+}
+
 pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
     let printer = Printer::new(&settings);
     let ctx = Context { settings, printer };
     match cli.command {
         Command::Doctor => doctor::run(&ctx).await,
         Command::Prices(_) => prices::run(&ctx).await,
-        Command::Policy => policy::run(&ctx),
+        Command::Policy(args) => policy::run(&ctx, &args).await,
         Command::Completions(args) => completions::run(args),
         Command::Init(args) => init::run(&ctx, args),
         Command::Launch(args) => launch::run(&ctx, &args).await,
         Command::Connect(args) => connect::connect(&ctx, &args).await,
         Command::Extend(args) => extend::run(&ctx, &args).await,
         Command::List => sessions::list(&ctx).await,
-        Command::Status(args) => sessions::status(&ctx, &args.id).await,
-        Command::Terminate(args) => sessions::terminate(&ctx, &args.id).await,
+        Command::Status(args) => sessions::status(&ctx, &resolve_session(&ctx, &args.id).await?).await,
+        Command::Terminate(args) => sessions::terminate(&ctx, &resolve_session(&ctx, &args.id).await?).await,
         Command::Cleanup(args) => cleanup::run(&ctx, &args).await,
         Command::Cost(args) => cost::cost(&ctx, &args).await,
         Command::Dashboard => cost::dashboard(&ctx).await,
         Command::Budget(args) => cost::budget(&ctx, &args).await,
-        Command::SshConfig(args) => connect::ssh_config(&ctx, &args.id).await,
+        Command::SshConfig(args) => connect::ssh_config(&ctx, &resolve_session(&ctx, &args.id).await?).await,
     }
 }

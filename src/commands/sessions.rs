@@ -6,24 +6,17 @@ use serde::Serialize;
 use super::Context;
 use super::view::{SessionView, list_table};
 use crate::aws::{Aws, alarm, identity, instances, network};
-use crate::error::{ExitStatus, UsageError};
+use crate::error::ExitStatus;
 use crate::session::store::{SessionRecord, Store};
-use crate::session::{self, Clock, SystemClock};
+use crate::session::{Clock, SystemClock};
 use crate::teardown::{self, SessionResources, TeardownReport};
-
-fn check_id(id: &str) -> Result<()> {
-    if session::is_valid_id(id) {
-        Ok(())
-    } else {
-        Err(UsageError::new(format!("{id:?} is not a session id (8 letters and digits, as `list` shows)"))
-            .into())
-    }
-}
 
 #[derive(Serialize)]
 struct ListReport {
     region: String,
     sessions: Vec<SessionView>,
+    /// Live sessions this machine holds for other AWS accounts (not shown, never touched).
+    other_accounts: usize,
 }
 
 /// One DescribeInstances (filtered by tags) and one GetCallerIdentity, at once, whatever the
@@ -37,9 +30,11 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
             instances::find(&aws, every_state).await.map_err(anyhow::Error::from)
         },)?;
     // The same answer settles sessions that ended while no CLI ran: no extra call.
-    ctx.settle_known(&aws, &found).await;
+    let scope = caller.scope(&aws.region);
+    ctx.settle_known(&aws, &scope, &found).await;
     let found: Vec<_> = found.into_iter().filter(|i| i.state != "terminated").collect();
-    let records = store.all();
+    let records = store.in_scope(&scope);
+    let elsewhere = store.elsewhere(&scope);
     let now = SystemClock.now();
     let sessions: Vec<SessionView> = found
         .iter()
@@ -49,19 +44,25 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
             SessionView::build(record, Some(i), now)
         })
         .collect();
-    let report = ListReport { region: aws.region.clone(), sessions };
+    let report = ListReport { region: aws.region.clone(), sessions, other_accounts: elsewhere };
     ctx.printer.result(&report, || {
-        if report.sessions.is_empty() {
+        let mut text = if report.sessions.is_empty() {
             format!("no live sessions in {}", report.region)
         } else {
             list_table(&report.sessions)
+        };
+        if report.other_accounts > 0 {
+            text.push_str(&format!(
+                "\n({} session(s) of other AWS accounts are recorded on this machine; switch credentials to see them)",
+                report.other_accounts
+            ));
         }
+        text
     });
     Ok(ExitStatus::Success)
 }
 
 pub async fn status(ctx: &Context, id: &str) -> Result<ExitStatus> {
-    check_id(id)?;
     let aws = ctx.aws().await?;
     ctx.settle(&aws).await;
     let store = Store::new(ctx.settings.sessions_dir());
@@ -80,11 +81,10 @@ pub async fn status(ctx: &Context, id: &str) -> Result<ExitStatus> {
 }
 
 pub async fn terminate(ctx: &Context, id: &str) -> Result<ExitStatus> {
-    check_id(id)?;
     let aws = ctx.aws().await?;
     let store = Store::new(ctx.settings.sessions_dir());
     let record = store.load(id)?;
-    let resources = discover(&aws, &ctx.settings.security_group_name, id, record.as_ref()).await?;
+    let resources = discover(&aws, id, record.as_ref()).await?;
     if record.is_none()
         && resources.instance_ids.is_empty()
         && resources.rule_ids.is_empty()
@@ -101,30 +101,19 @@ pub fn print_teardown(ctx: &Context, report: &TeardownReport) {
     ctx.printer.result(report, || report.summary());
 }
 
-/// Everything AWS and the local record know a session owns: its live instances (by tag), its
-/// references on SSH rules, its alarms.
-pub async fn discover(
-    aws: &Aws,
-    group_name: &str,
-    id: &str,
-    record: Option<&SessionRecord>,
-) -> Result<SessionResources> {
+/// Everything AWS and the local record know a session owns: its live instances, its security
+/// group and SSH rules, its alarms (all by tag, at once).
+pub async fn discover(aws: &Aws, id: &str, record: Option<&SessionRecord>) -> Result<SessionResources> {
     let query = instances::Query { session_id: Some(id), ..Default::default() };
-    let group_id = match record.and_then(|r| r.security_group_id.clone()) {
-        Some(group) => Some(group),
-        None => network::find_security_group(aws, group_name).await?,
-    };
-    let rules = async {
-        match &group_id {
-            Some(group) => network::ssh_rules(aws, group).await.map_err(anyhow::Error::from),
-            None => Ok(Vec::new()),
-        }
-    };
-    let (found, rules, alarms) = tokio::try_join!(
+    let (found, groups, rules, alarms) = tokio::try_join!(
         async { instances::find(aws, query).await.map_err(anyhow::Error::from) },
-        rules,
+        async { network::own_groups(aws).await.map_err(anyhow::Error::from) },
+        async { network::own_ssh_rules(aws).await.map_err(anyhow::Error::from) },
         async { alarm::list_ours(aws).await.map_err(anyhow::Error::from) },
     )?;
+    let group_id = record
+        .and_then(|r| r.security_group_id.clone())
+        .or_else(|| groups.iter().find(|g| g.session_id.as_deref() == Some(id)).map(|g| g.id.clone()));
     let mut resources = record.map(SessionResources::from_record).unwrap_or_default();
     resources.session_id = id.to_string();
     resources.merge(SessionResources {
@@ -134,7 +123,7 @@ pub async fn discover(
         security_group_id: group_id,
         rule_ids: rules
             .iter()
-            .filter(|r| r.refs.iter().any(|x| x.session_id == id))
+            .filter(|r| r.session_id.as_deref() == Some(id))
             .map(|r| r.rule_id.clone())
             .collect(),
         alarm_names: alarms

@@ -27,11 +27,17 @@ pub struct SessionView {
     pub expires_at: Option<String>,
     pub time_left_seconds: Option<i64>,
     pub age_seconds: Option<i64>,
+    #[serde(serialize_with = "crate::output::money_opt")]
     pub cost_so_far: Option<f64>,
     pub host_key_fingerprint: Option<String>,
     pub kept: bool,
+    /// How long the box stays up with no SSH connection (the kept or the attached policy).
+    pub idle_grace_seconds: Option<u64>,
     /// Whether this machine has the session's record and key (needed to connect).
     pub local_record: bool,
+    /// When and why it ended, once it has.
+    pub ended_at: Option<String>,
+    pub end_reason: Option<String>,
 }
 
 impl SessionView {
@@ -68,7 +74,17 @@ impl SessionView {
             }
             _ => None,
         };
+        let (ended_at, end_reason) = match record.filter(|r| r.ended_at.is_some()) {
+            Some(r) => (r.ended_at.clone(), r.end_reason.clone()),
+            None if !live && instance.is_some() => {
+                let i = instance.expect("checked");
+                (None, i.state_reason.clone().or(i.state_transition_reason.clone()))
+            }
+            None => (None, None),
+        };
         SessionView {
+            ended_at,
+            end_reason,
             session_id: instance
                 .and_then(|i| i.session_id.clone())
                 .or_else(|| record.map(|r| r.id.clone()))
@@ -105,7 +121,19 @@ impl SessionView {
             cost_so_far,
             host_key_fingerprint: record.map(|r| r.host_key_fingerprint.clone()),
             kept: instance.map(|i| i.kept).or(record.map(|r| r.kept)).unwrap_or(false),
+            idle_grace_seconds: record.and_then(|r| r.idle_grace_secs),
             local_record: record.is_some(),
+        }
+    }
+
+    /// "kept: off after 30m without SSH" / "attached: off after 2m without SSH".
+    fn idle_policy(&self) -> String {
+        let mode = if self.kept { "kept" } else { "attached" };
+        match self.idle_grace_seconds {
+            Some(s) => {
+                format!("{mode}: off after {} without SSH", short_duration(std::time::Duration::from_secs(s)))
+            }
+            None => mode.to_string(),
         }
     }
 
@@ -136,11 +164,18 @@ impl SessionView {
             ("price", self.price_per_hour.map(|p| format!("{}/h", usd(p))).unwrap_or_else(dash)),
             ("address", self.public_ip.clone().or(self.private_ip.clone()).unwrap_or_else(dash)),
             ("user", self.user.clone().unwrap_or_else(dash)),
-            (
-                "expires",
-                format!("{} ({} left)", self.expires_at.clone().unwrap_or_else(dash), self.time_left()),
-            ),
+            match (&self.ended_at, &self.end_reason) {
+                (Some(at), reason) => {
+                    ("ended", format!("{at} ({})", reason.as_deref().unwrap_or("reason not recorded")))
+                }
+                (None, Some(reason)) => ("ended", reason.clone()),
+                (None, None) => (
+                    "expires",
+                    format!("{} ({} left)", self.expires_at.clone().unwrap_or_else(dash), self.time_left()),
+                ),
+            },
             ("host key", self.host_key_fingerprint.clone().unwrap_or_else(dash)),
+            ("idle", self.idle_policy()),
         ];
         if let Some(cost) = self.cost_so_far {
             rows.push(("cost so far", usd(cost)));
@@ -166,8 +201,9 @@ pub fn list_table(views: &[SessionView]) -> String {
                     .unwrap_or_default(),
                 v.time_left(),
                 v.cost_so_far.map(usd).unwrap_or_default(),
+                v.idle_policy(),
             ]
         })
         .collect();
-    table(&["ID", "STATE", "TYPE", "MARKET", "ZONE", "ADDRESS", "AGE", "LEFT", "COST"], &rows)
+    table(&["ID", "STATE", "TYPE", "MARKET", "ZONE", "ADDRESS", "AGE", "LEFT", "COST", "IDLE"], &rows)
 }

@@ -4,6 +4,7 @@
 //! [`store`] keeps the local record (written atomically, before the next step starts) and the
 //! session's private key.
 
+pub mod lifecycle;
 pub mod store;
 pub mod tags;
 
@@ -24,6 +25,59 @@ pub fn new_id() -> String {
 /// True for strings `new_id` could have made: guards paths built from user input.
 pub fn is_valid_id(id: &str) -> bool {
     id.len() == ID_LEN && id.bytes().all(|b| ID_ALPHABET.contains(&b))
+}
+
+/// What a local record belongs to: commands act only on the records of the account (and
+/// partition and region) their credentials are in, so a second AWS account never settles,
+/// sweeps or deletes the keys of the first one's sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub partition: String,
+    pub account: String,
+    pub region: String,
+}
+
+impl Scope {
+    /// True for records of this scope. A record that does not say its account (written before
+    /// records did) is judged by its owner ARN; one that cannot be placed belongs to no scope.
+    pub fn holds(&self, record: &store::SessionRecord) -> bool {
+        let (partition, account) = record.partition_and_account();
+        record.region == self.region && account == Some(self.account.as_str()) && partition == self.partition
+    }
+}
+
+/// What the characters of an id are, for messages.
+pub const ID_RULE: &str = "8 characters from a-z and 2-9, without i, l, o, 0 and 1";
+
+/// How a user names a session on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionRef {
+    /// The session id `launch` printed.
+    Id(String),
+    /// The EC2 instance id (`i-` and 8 or 17 hex digits).
+    Instance(String),
+}
+
+impl SessionRef {
+    /// Parses a session id or an instance id; anything else is bad input (exit 2).
+    pub fn parse(text: &str) -> Result<SessionRef, crate::error::UsageError> {
+        if is_valid_id(text) {
+            return Ok(SessionRef::Id(text.to_string()));
+        }
+        if is_instance_id(text) {
+            return Ok(SessionRef::Instance(text.to_string()));
+        }
+        Err(crate::error::UsageError::new(format!(
+            "{text:?} is neither a session id ({ID_RULE}, as `list` shows) nor an instance id (i-…)"
+        )))
+    }
+}
+
+/// `i-` and 8 or 17 lowercase hex digits.
+pub fn is_instance_id(text: &str) -> bool {
+    text.strip_prefix("i-").is_some_and(|hex| {
+        matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// The wall clock, injectable so tests can pin "now".
@@ -78,6 +132,14 @@ mod tests {
             assert!(is_valid_id(&id), "{id}");
         }
         assert!(!is_valid_id("../etc/x"));
+        assert!(!is_valid_id("abcd1234"), "1 is not in the alphabet");
+        assert_eq!(SessionRef::parse("abcd2345").unwrap(), SessionRef::Id("abcd2345".into()));
+        assert_eq!(
+            SessionRef::parse("i-0123456789abcdef0").unwrap(),
+            SessionRef::Instance("i-0123456789abcdef0".into())
+        );
+        let refused = SessionRef::parse("abcd1234").unwrap_err().to_string();
+        assert!(refused.contains("without i, l, o, 0 and 1"), "{refused}");
         assert_eq!(rfc3339(parse_rfc3339("2026-11-22T19:00:00.5+01:00").unwrap()), "2026-11-22T18:00:00Z");
     }
 }

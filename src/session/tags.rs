@@ -14,8 +14,6 @@ pub const OWNER: &str = "ephemeral-admin:owner";
 pub const EXPIRES_AT: &str = "ephemeral-admin:expires-at";
 /// `attached` (ends with the shell) or `kept` (`--keep`/`--detach`: ends by its watchdog).
 pub const MODE: &str = "ephemeral-admin:mode";
-/// On a shared ingress rule: one key per session that relies on it (reference counting).
-pub const RULE_REF_PREFIX: &str = "ephemeral-admin:ref:";
 
 /// Keys the tool sets itself; user tags may not use them.
 pub fn is_reserved(key: &str) -> bool {
@@ -48,11 +46,6 @@ pub fn session_tags(
     tags
 }
 
-/// The reference tag a session puts on an ingress rule it uses.
-pub fn rule_ref_key(session_id: &str) -> String {
-    format!("{RULE_REF_PREFIX}{session_id}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,6 +62,5 @@ mod tests {
         for (key, _) in &tags {
             assert!(crate::settings::valid_tag_key(key), "{key}");
         }
-        assert!(crate::settings::valid_tag_key(&rule_ref_key("k3x9q2ab")));
     }
 }

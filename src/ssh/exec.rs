@@ -12,7 +12,8 @@ use std::future::Future;
 use anyhow::Context;
 use russh::client::Msg;
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use std::io::Write as _;
+
+use crate::output::{Stream, is_reader_gone};
 
 use super::stdin::StdinPump;
 use super::{RemoteExit, Session, shell_quote};
@@ -90,15 +91,8 @@ impl Sink<'_> {
 /// every echoed keystroke. `block_in_place` tells the runtime this worker may block on a slow
 /// reader.
 pub(super) fn write_now(to_stderr: bool, data: &[u8]) -> std::io::Result<()> {
-    let write = || {
-        if to_stderr {
-            let mut err = std::io::stderr().lock();
-            err.write_all(data).and_then(|_| err.flush())
-        } else {
-            let mut out = std::io::stdout().lock();
-            out.write_all(data).and_then(|_| out.flush())
-        }
-    };
+    let stream = if to_stderr { Stream::Stderr } else { Stream::Stdout };
+    let write = || stream.write_all(data);
     match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(write),
         _ => write(),
@@ -165,15 +159,17 @@ async fn pump(
                 ChannelMsg::Close => break,
                 _ => continue,
             };
-            if stdout_gone && !to_stderr {
-                continue;
-            }
             match sink.write(to_stderr, &data).await {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe && !to_stderr => {
-                    // Like a local pipeline: the reader went away, so stop the writer.
+                // Nobody reads our stderr any more (a hung-up terminal): drop its bytes.
+                Err(e) if to_stderr && is_reader_gone(&e) => {}
+                Err(e) if is_reader_gone(&e) => {
+                    // Like a local pipeline: the reader went away, so stop the writer. Close the
+                    // channel and return at once: a command like `yes` may never notice, and
+                    // waiting for the box's close would hang.
                     stdout_gone = true;
                     let _ = writer.close().await;
+                    break;
                 }
                 Err(e) => {
                     let stream = if to_stderr { "stderr" } else { "stdout" };

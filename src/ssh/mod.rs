@@ -70,8 +70,8 @@ pub enum SshError {
     HostKeyMismatch { target: String, expected: String, presented: String },
     /// sshd answered but refused our key. Never retried.
     #[error(
-        "the box rejected the session's key for user {user:?} ({detail}); the box was not set up with \
-         this session's client key"
+        "the box rejected the session's key for user {user:?} ({detail}): a custom AMI often has \
+         another login user: pass --user NAME (ubuntu on Ubuntu, ec2-user on Amazon Linux, admin on Debian)"
     )]
     AuthRejected { user: String, detail: String },
     /// sshd was not reachable before the deadline.

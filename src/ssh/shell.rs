@@ -8,7 +8,6 @@
 //! unwinding drop then finds nothing left to do).
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
@@ -206,9 +205,7 @@ impl Drop for RawTerminal {
             }
             // Mouse reporting, bracketed paste off; cursor visible.
             reset.push_str("\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?2004l\x1b[?25h");
-            let mut stdout = std::io::stdout();
-            let _ = stdout.write_all(reset.as_bytes());
-            let _ = stdout.flush();
+            crate::output::Stream::Stdout.put(reset.as_bytes());
         }
         let _ = crossterm::terminal::disable_raw_mode();
     }

@@ -112,14 +112,22 @@ fn doctor_passes_against_the_local_cloud_and_names_the_caller() {
     );
     assert_eq!(report["checks"][0]["detail"], "arn:aws:sts::123456789012:user/moto");
     assert!(report["checks"][4]["detail"].as_str().unwrap().contains("ubuntu-24.04 → ami-"));
-    // Checks run in parallel and nothing was created.
+    // Checks run in parallel and nothing was created. RunInstances is probed with the tool's
+    // tags, as the policy requires; terminate and authorize are allowed only on the tool's own
+    // resources, and a fresh account has none to try them on.
     let actions = cloud.actions();
-    for write in ["RunInstances", "TerminateInstances", "AuthorizeSecurityGroupIngress"] {
-        let dry: Vec<Value> = cloud.calls().into_iter().filter(|c| c["action"] == write).collect();
-        assert_eq!(dry.len(), 1, "{write} probed once: {actions:?}");
-        assert_eq!(dry[0]["params"]["DryRun"], "true", "{write} only as a dry run");
+    let dry: Vec<Value> = cloud.calls().into_iter().filter(|c| c["action"] == "RunInstances").collect();
+    assert_eq!(dry.len(), 1, "RunInstances probed once: {actions:?}");
+    assert_eq!(dry[0]["params"]["DryRun"], "true", "only as a dry run");
+    assert_eq!(dry[0]["params"]["TagSpecification.1.Tag.1.Value"], "EphemeralContainer");
+    for write in ["TerminateInstances", "AuthorizeSecurityGroupIngress"] {
+        assert_eq!(cloud.count(write), 0, "{write} not probed on made-up ids: {actions:?}");
+        let check =
+            report["checks"].as_array().unwrap().iter().find(|c| c["name"] == format!("permission:{write}"));
+        assert!(check.unwrap()["detail"].as_str().unwrap().starts_with("not probed"), "{report:#}");
     }
     assert!(cloud.state()["instances"].as_array().unwrap().is_empty());
+    assert!(cloud.denials().is_empty(), "{:#?}", cloud.denials());
 
     // Text output is a table with a status per check.
     let text = user.run(&["doctor"]).success().stdout;
@@ -222,22 +230,16 @@ fn policy_is_valid_json_and_covers_every_action_the_tool_calls() {
     assert_policy_covers(&cloud, &user);
 }
 
-/// Every AWS action the local cloud saw is granted by `ephemeral-admin policy`.
+/// The local cloud enforced exactly the policy `ephemeral-admin policy` prints for this user, and
+/// denied nothing: every call the tool made is allowed by it, with IAM's rules (resources, tag
+/// conditions, the tag action a create-with-tags call needs, PassRole).
 pub fn assert_policy_covers(cloud: &LocalCloud, user: &User) {
     let policy: Value = serde_json::from_str(&user.run(&["policy"]).success().stdout).unwrap();
-    let granted: Vec<String> = policy["Statement"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| s["Action"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()))
-        .collect();
-    for call in cloud.calls() {
-        let action = ephemeral_admin::aws::permissions::iam_action_for(
-            call["service"].as_str().unwrap(),
-            call["action"].as_str().unwrap(),
-        );
-        assert!(granted.contains(&action), "{action} is called but missing from `ephemeral-admin policy`");
-    }
+    let enforced = cloud.control("GET", "policy", None);
+    assert_eq!(enforced["policy"], policy, "the local cloud enforces the printed policy");
+    assert!(!cloud.calls().is_empty(), "the tool made AWS calls");
+    let denials = cloud.denials();
+    assert!(denials.is_empty(), "`ephemeral-admin policy` lacks permissions the tool used: {denials:#?}");
 }
 
 #[test]
@@ -257,7 +259,7 @@ fn init_writes_the_documented_defaults_which_resolve_cleanly() {
     let path = user.config_dir().join("config.toml");
     assert!(run.stdout.contains(path.to_str().unwrap()));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), include_str!("../../config.example.toml"));
-    assert_eq!(user.run(&["init"]).code, 1, "never overwrites without --force");
+    assert_eq!(user.run(&["init"]).code, 2, "never overwrites without --force (bad input: exit 2)");
     user.run(&["init", "--force"]).success();
     // The example parses and validates: `policy` resolves settings before printing.
     user.run(&["policy"]).success();

@@ -3,11 +3,16 @@
 
 mod support;
 
+mod access;
+mod accounts;
 mod cleanup;
 mod cost;
 mod foundation;
+mod kept;
 mod launch;
 mod lifecycle;
+mod policy;
 mod realbox;
+mod robust;
 mod session;
 mod ssh;

@@ -223,7 +223,8 @@ fn a_vanished_laptop_is_noticed_and_the_box_powers_off_after_the_idle_grace() {
     let cloud = LocalCloud::start_real_vm();
     let user = user(
         &cloud,
-        "idle_grace = \"20s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
+        // Detached, so a kept session: kept_idle_grace is its idle grace.
+        "kept_idle_grace = \"20s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
     );
     let (session, instance) = launch_detached(&user, &[]);
     let (ip, port) = direct(&wait_up(&cloud, &instance));

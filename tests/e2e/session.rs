@@ -36,11 +36,8 @@ pub fn assert_nothing_left(cloud: &LocalCloud) {
     let live: Vec<&Value> =
         state["instances"].as_array().unwrap().iter().filter(|i| i["state"] != "terminated").collect();
     assert!(live.is_empty(), "live instances: {live:#?}");
-    for g in state["security_groups"].as_array().unwrap() {
-        if g["name"] == "ephemeral-admin-sg" {
-            assert!(g["ingress"].as_array().unwrap().is_empty(), "rules left: {g:#}");
-        }
-    }
+    let groups = crate::launch::own_groups(&state);
+    assert!(groups.is_empty(), "security groups (and their rules) left: {groups:#?}");
     assert!(state["alarms"].as_array().unwrap().is_empty(), "alarms left: {:#}", state["alarms"]);
     let open: Vec<&Value> = state["spot_requests"]
         .as_array()
@@ -233,6 +230,15 @@ fn sigint_while_provisioning_leaves_nothing() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.lines().last().unwrap().starts_with("error: interrupted"), "{stderr}");
+    // One message about it, not a "launch failed" line and then the interruption.
+    let about: Vec<&str> =
+        stderr.lines().filter(|l| l.contains("interrupted") || l.contains("launch failed")).collect();
+    assert_eq!(about.len(), 1, "{stderr}");
+    let ledger = std::fs::read_to_string(user.state_dir().join("ledger.jsonl")).unwrap_or_default();
+    assert!(
+        ledger.contains("\"ended_by\":\"interrupted\""),
+        "Ctrl-C while pending is `interrupted`: {ledger}"
+    );
     assert_nothing_left(&cloud);
     assert!(key_files(&user).is_empty());
 }
@@ -248,15 +254,7 @@ fn sigterm_during_the_shell_leaves_nothing() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the remote command to run", Duration::from_secs(30), || {
-        let boxes = cloud.control("GET", "box", None)["boxes"].as_array().cloned().unwrap_or_default();
-        boxes.iter().any(|b| {
-            let info = cloud.control("GET", &format!("box/{}", b["instance_id"].as_str().unwrap()), None);
-            info["sshd_log"]
-                .as_array()
-                .is_some_and(|l| l.iter().any(|x| x.as_str().unwrap_or("").contains("Accepted publickey")))
-        })
-    });
+    wait_until("the remote command to run", Duration::from_secs(30), || logged_in(&cloud));
     signal(child.id(), "TERM");
     let status = child.wait().unwrap();
     let mut stderr = String::new();
@@ -264,6 +262,17 @@ fn sigterm_during_the_shell_leaves_nothing() {
     assert_eq!(status.code(), Some(143), "{stderr}");
     assert_nothing_left(&cloud);
     assert!(key_files(&user).is_empty());
+}
+
+/// Some box's sshd has accepted a session's key: the command or shell is starting.
+pub fn logged_in(cloud: &LocalCloud) -> bool {
+    let boxes = cloud.control("GET", "box", None)["boxes"].as_array().cloned().unwrap_or_default();
+    boxes.iter().any(|b| {
+        let info = cloud.control("GET", &format!("box/{}", b["instance_id"].as_str().unwrap()), None);
+        info["sshd_log"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x.as_str().unwrap_or("").contains("Accepted publickey")))
+    })
 }
 
 fn signal(pid: u32, name: &str) {
@@ -435,6 +444,7 @@ fn box_tmux_attached() -> bool {
 
 #[test]
 fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
+    // `--tmux` alone: a tmux session exists to outlive the connection, so it implies `--keep`.
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let proxy = proxy(&cloud);
@@ -443,7 +453,7 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     let tmux = Tmux::start(&user, 120, 30);
     tmux.wait_for("local$", Duration::from_secs(10));
     tmux.line(&format!(
-        "ephemeral-admin launch --keep --tmux --my-ip 203.0.113.7 --user {} --proxy-command '{proxy}'",
+        "ephemeral-admin launch --tmux --my-ip 203.0.113.7 --user {} --proxy-command '{proxy}'",
         login()
     ));
     // The box's tmux redraws the screen as soon as it attaches (the banner may never be seen), and
@@ -456,6 +466,8 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     tmux.wait_for("left session", Duration::from_secs(20));
     let listed = user.run(&["list", "--output", "json"]).success().json();
     let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
+    assert_eq!(listed["sessions"][0]["kept"], true, "{listed}");
+    assert_eq!(listed["sessions"][0]["idle_grace_seconds"], 1800, "the kept idle policy: {listed}");
     tmux.line(&format!("ephemeral-admin connect {session} --tmux"));
     wait_until("connect to re-attach", Duration::from_secs(60), box_tmux_attached);
     std::thread::sleep(Duration::from_millis(500));

@@ -16,6 +16,9 @@ pub struct LocalCloud {
     pub box_ssh_port: Option<u16>,
     child: Child,
     _stdin: ChildStdin,
+    /// Set by tests that load a narrower policy on purpose; otherwise any denial fails the test
+    /// when the cloud is dropped (a denied call the CLI shrugged off is still a missing permission).
+    denials_expected: std::cell::Cell<bool>,
 }
 
 /// The Python that has moto: `EPHEMERAL_ADMIN_TEST_PYTHON`, else the repo's `.venv`.
@@ -72,7 +75,45 @@ impl LocalCloud {
             .split_whitespace()
             .find_map(|w| w.strip_prefix("box_ssh_port="))
             .and_then(|p| p.parse().ok());
-        LocalCloud { url, box_ssh_port, child, _stdin: stdin }
+        let cloud = LocalCloud {
+            url,
+            box_ssh_port,
+            child,
+            _stdin: stdin,
+            denials_expected: std::cell::Cell::new(false),
+        };
+        // Every test runs as a user holding exactly the policy `ephemeral-admin policy` prints:
+        // the local cloud answers anything else with AWS's denial.
+        cloud.enforce(&printed_policy());
+        cloud
+    }
+
+    /// Enforces a narrower `policy` than the printed one: denials are the point of such a test.
+    pub fn enforce_narrower(&self, policy: &Value) {
+        self.denials_expected.set(true);
+        self.enforce(policy);
+    }
+
+    /// Enforces `policy` on the CLI's requests (access key `testing`) from now on.
+    pub fn enforce(&self, policy: &Value) {
+        self.control("PUT", "policy", Some(json!({ "policy": policy })));
+    }
+
+    /// The requests the policy denied so far: `{seq, service, api, action, resource}`.
+    pub fn denials(&self) -> Vec<Value> {
+        self.control("GET", "policy", None)["denials"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Would the enforced policy allow this API call? Maps the request to its IAM checks the
+    /// same way enforcement does (`POST /_localcloud/policy/simulate`).
+    pub fn simulate(&self, service: &str, action: &str, body: Value) -> Value {
+        let mut req = json!({ "service": service, "action": action, "region": "us-east-1" });
+        req[if service == "ec2" || service == "iam" || service == "monitoring" {
+            "params"
+        } else {
+            "json"
+        }] = body;
+        self.control("POST", "policy/simulate", Some(req))
     }
 
     pub fn control(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -122,14 +163,60 @@ impl LocalCloud {
         assert!(ok, "retag {resource}");
     }
 
+    /// Runs `code` with `ec2` bound to a boto3 EC2 client of an administrator (another key, so
+    /// the printed policy does not apply), as someone working by hand in the console would.
+    /// Returns what the code printed.
+    pub fn admin_ec2(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3, json, sys\n\
+             ec2 = boto3.client('ec2', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                                aws_access_key_id='other', aws_secret_access_key='other')\n{code}\n"
+        );
+        let out = Command::new(python()).args(["-c", &script, &self.url]).output().expect("run boto3");
+        assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Everything moto holds in the region, as JSON.
     pub fn state(&self) -> Value {
         self.control("GET", "state?region=us-east-1", None)
     }
 }
 
+/// The user policy exactly as the CLI prints it with the default settings.
+pub fn printed_policy() -> Value {
+    let home = std::env::temp_dir().join(format!("ea-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ephemeral-admin"))
+        .arg("policy")
+        .env_clear()
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .expect("run ephemeral-admin policy");
+    assert!(out.status.success(), "policy failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("policy is JSON")
+}
+
 impl Drop for LocalCloud {
     fn drop(&mut self) {
+        let reachable = std::net::TcpStream::connect(self.url.trim_start_matches("http://")).is_ok();
+        if reachable && !std::thread::panicking() && !self.denials_expected.get() {
+            let (_, policy) = request(&self.url, "GET", "/_localcloud/policy", None);
+            let denials = policy["denials"].as_array().cloned().unwrap_or_default();
+            if !denials.is_empty() {
+                self.stop();
+                panic!("the printed policy denied calls the CLI made: {denials:#?}");
+            }
+        }
+        self.stop();
+    }
+}
+
+impl LocalCloud {
+    fn stop(&mut self) {
         // SIGTERM lets it stop its sshd and watchdog children; then make sure.
         unsafe_kill(self.child.id(), 15);
         for _ in 0..50 {

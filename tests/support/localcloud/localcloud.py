@@ -10,12 +10,14 @@ adds the things a plain moto server lacks:
 * fault injection (AWS-shaped error responses, or dropped connections),
 * fixes for the places where moto behaves differently from real AWS
   (see the section "Where moto differs from AWS"),
-* a JSON control API under /_localcloud/ (reset, rules, config, log, state).
+* IAM enforcement: with a policy loaded, requests are allowed or denied as IAM
+  would for a user holding it (iampolicy.py beside this file),
+* a JSON control API under /_localcloud/ (reset, rules, config, log, state, policy).
 
 Usage:
     .venv/bin/python tests/support/localcloud/localcloud.py [--port 0]
         [--delay-ms N] [--pending-seconds F] [--box-sim]
-        [--exit-on-stdin-eof] [-v]
+        [--exit-on-stdin-eof] [--policy FILE] [-v]
 
 When it is ready it prints exactly one line to stdout:
     LOCALCLOUD READY url=http://127.0.0.1:PORT [key=value ...]
@@ -29,6 +31,7 @@ Sections of this file:
   3. Fault rules
   4. Spot price model
   5. Middleware: the fault and latency proxy
+  5b. IAM enforcement (the loaded policy, via iampolicy.py)
   6. Where moto differs from AWS (all moto-gap fixes)
   7. Control API
   8. State dump
@@ -228,6 +231,7 @@ class AwsRequest:
         self.params: dict[str, str] | None = None
         self.json: Any = None
         self.content_type = environ.get("CONTENT_TYPE", "") or ""
+        self.access_key: str | None = None
         self._parse_scope()
         self._parse_action()
 
@@ -243,6 +247,7 @@ class AwsRequest:
             parts = scope.split("/")
             if len(parts) >= 5:
                 self.region, self.service = parts[-3], parts[-2].lower()
+                self.access_key = parts[0]
 
     def _parse_action(self) -> None:
         target = self.environ.get("HTTP_X_AMZ_TARGET")
@@ -252,6 +257,14 @@ class AwsRequest:
                 body = gzip.decompress(body)
             except OSError:
                 pass
+        if self.service == "access-analyzer" and self.environ.get("PATH_INFO") == "/policy/validation":
+            # restJson1: the operation is the route; errors are JSON with x-amzn-ErrorType.
+            self.protocol, self.action = "json", "ValidatePolicy"
+            try:
+                self.json = json.loads(body or b"{}")
+            except ValueError:
+                self.json = {}
+            return
         if target:
             self.protocol = "json"
             self.action = target.split(".", 1)[-1]
@@ -527,7 +540,7 @@ class Middleware:
                 resp = error_response(req, rule.error, rule.message
                                       or default_message(rule.error, req), rule.status or 400)
             else:
-                resp = self._forward(req, environ)
+                resp = self._authorize(req, entry) or self._forward(req, environ)
         except _DropConnection:
             self._finish(entry, status=None)
             raise
@@ -631,6 +644,121 @@ class Middleware:
             if fix is None:
                 return self._call_moto(environ)
             return fix(self, req, environ)
+
+
+# ---------------------------------------------------------------------------
+# 5b. IAM enforcement (iampolicy.py): the user's policy, applied as AWS would
+# ---------------------------------------------------------------------------
+# Off until a policy is loaded (--policy FILE or PUT /_localcloud/policy). Then
+# every request signed with one of the enforced access keys (default: the
+# CLI's "testing") is mapped to the IAM checks AWS makes for it and answered
+# with AWS's denial when one fails, before moto sees it. Other keys (the tests'
+# own boto3 clients, "other") act as an administrator.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import iampolicy  # noqa: E402
+
+PRINCIPAL_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/moto"
+PRINCIPAL_USERID = "AIDAMOTOUSER0000000001"
+
+
+class MotoWorld:
+    """What the evaluator asks the cloud: resource tags and instance profile roles
+    (read from moto; the caller holds moto_lock)."""
+    account = ACCOUNT_ID
+
+    def __init__(self, cloud: "LocalCloud"):
+        self.cloud = cloud
+
+    def resource_tags(self, service: str, region: str, resource_id: str) -> dict[str, str] | None:
+        try:
+            if service == "ec2":
+                tags = _tags(self.cloud.ec2_backend(region), resource_id)
+                return tags or None
+            if service == "iam":
+                from moto.iam.models import iam_backends
+                iam = iam_backends[ACCOUNT_ID]["global"]
+                kind, _, name = resource_id.rpartition(":")[2].partition("/")
+                obj = iam.get_role(name) if kind == "role" else iam.get_instance_profile(name)
+                return {k: v["Value"] for k, v in (obj.tags or {}).items()}
+        except Exception:
+            return None
+        return None
+
+    def instance_profile_roles(self, name: str) -> list[str]:
+        from moto.iam.models import iam_backends
+        try:
+            return [r.name for r in iam_backends[ACCOUNT_ID]["global"].get_instance_profile(name).roles]
+        except Exception:
+            return []
+
+
+class PolicyEnforcement:
+    """Evaluates requests against the loaded policy (mixed into LocalCloud)."""
+
+    def enforce(self, policy: dict[str, Any] | None, access_keys: list[str] | None = None) -> None:
+        with self.state_lock:
+            self.enforced_policy = policy
+            self.enforced_keys = list(access_keys or ["testing"])
+            self.denials = []
+
+    def _checks_for(self, req: AwsRequest) -> list[iampolicy.Check]:
+        call = iampolicy.Call(service=req.service or "", region=req.region or "us-east-1",
+                              action=req.action or "", params=dict(req.params or {}),
+                              json=req.json if isinstance(req.json, dict) else {})
+        with self.moto_lock:
+            self.ensure_region(req.region)
+            checks = iampolicy.authorizations(call, MotoWorld(self))
+        for check in checks:
+            check.context.setdefault("aws:username", "moto")
+            check.context.setdefault("aws:userid", PRINCIPAL_USERID)
+            check.context.setdefault("aws:PrincipalArn", PRINCIPAL_ARN)
+            check.context.setdefault("aws:RequestedRegion", req.region or "us-east-1")
+        return checks
+
+    def _authorize(self, req: AwsRequest, entry: dict[str, Any]) -> Resp | None:
+        """None when allowed (or not enforced); else AWS's denial."""
+        policy = self.enforced_policy
+        if policy is None or req.access_key not in self.enforced_keys or not req.action:
+            return None
+        denied = iampolicy.first_denied(policy, self._checks_for(req))
+        if denied is None:
+            return None
+        check, decision = denied
+        # CloudWatch's JSON protocol is awsQuery-compatible: its code stays AccessDenied.
+        protocol = "query" if req.service == "monitoring" else req.protocol
+        code, message, status = iampolicy.denial(check, decision, PRINCIPAL_ARN, protocol)
+        with self.state_lock:
+            entry["denied"] = {"action": check.action, "resource": check.resource}
+            self.denials.append({"seq": entry["seq"], "service": req.service, "api": req.action,
+                                 "action": check.action, "resource": check.resource})
+        return error_response(req, code, message, status)
+
+    def _policy_control(self, method: str, path: str, raw: bytes) -> tuple[int, Any]:
+        if path == "/_localcloud/policy":
+            if method == "GET":
+                with self.state_lock:
+                    return 200, {"policy": self.enforced_policy, "access_keys": self.enforced_keys,
+                                 "denials": list(self.denials)}
+            if method == "PUT":
+                body = _json_body(raw)
+                if not isinstance(body.get("policy"), dict):
+                    raise ControlError(400, "'policy' must be a policy document")
+                self.enforce(body["policy"], body.get("access_keys"))
+                return 200, {"ok": True}
+            if method == "DELETE":
+                self.enforce(None)
+                return 200, {"ok": True}
+        if path == "/_localcloud/policy/simulate" and method == "POST":
+            body = _json_body(raw)
+            req = AwsRequest({"HTTP_AUTHORIZATION": ""}, b"")
+            req.service, req.region, req.action = body.get("service"), body.get("region", "us-east-1"), body.get("action")
+            req.params, req.json = body.get("params") or {}, body.get("json") or {}
+            checks = self._checks_for(req)
+            policy = self.enforced_policy or {}
+            results = [{"action": c.action, "resource": c.resource,
+                        "allowed": iampolicy.evaluate(policy, c).allowed} for c in checks]
+            return 200, {"allowed": all(r["allowed"] for r in results), "checks": results}
+        raise ControlError(404, f"no such control route: {method} {path}")
 
 
 # ---------------------------------------------------------------------------
@@ -1215,6 +1343,72 @@ class MotoFixes:
         return Resp(200, [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(out)))], out)
 
 
+    def _fix_validate_policy(self, req: AwsRequest, environ: dict) -> Resp:
+        """IAM Access Analyzer ValidatePolicy (moto has no Access Analyzer): a documented
+        minimal validator, see validate_policy() and README, "Where moto differs"."""
+        body = req.json if isinstance(req.json, dict) else {}
+        findings = validate_policy(body.get("policyDocument") or "", body.get("policyType") or "")
+        out = json.dumps({"findings": findings}).encode()
+        return Resp(200, [("Content-Type", "application/json"), ("Content-Length", str(len(out)))], out)
+
+
+LEARN_MORE = "https://docs.aws.amazon.com/IAM/latest/UserGuide/access-analyzer-reference-policy-checks.html"
+KNOWN_SERVICES = {"ec2", "iam", "sts", "ssm", "ssmmessages", "ec2messages", "cloudwatch", "logs",
+                  "budgets", "access-analyzer", "s3", "kms", "events"}
+KNOWN_OPERATORS = re.compile(r"^(ForAllValues:|ForAnyValue:)?(String(Not)?Equals(IgnoreCase)?|String(Not)?Like|"
+                             r"Arn(Not)?(Equals|Like)|Numeric\w+|Date\w+|Bool|BinaryEquals|"
+                             r"(Not)?IpAddress)(IfExists)?$|^Null$")
+
+
+def validate_policy(document: str, policy_type: str) -> list[dict[str, Any]]:
+    """A few of Access Analyzer's checks, with its finding shape and issue codes:
+    ERROR for unparsable JSON, a missing Statement, an action without a service
+    prefix, an unknown service, an unknown condition operator; SECURITY_WARNING
+    for iam:PassRole on Resource "*"; WARNING for Allow with NotAction or
+    NotResource; SUGGESTION for a missing or old Version."""
+    def finding(kind: str, code: str, details: str) -> dict[str, Any]:
+        return {"findingType": kind, "issueCode": code, "findingDetails": details,
+                "learnMoreLink": f"{LEARN_MORE}#access-analyzer-reference-policy-checks-{code.lower()}",
+                "locations": []}
+
+    try:
+        doc = json.loads(document)
+    except ValueError as exc:
+        return [finding("ERROR", "JSON_SYNTAX_ERROR", f"The policy is not valid JSON: {exc}")]
+    out = []
+    if doc.get("Version") != "2012-10-17":
+        out.append(finding("SUGGESTION", "MISSING_VERSION",
+                           "Specify Version 2012-10-17 for the latest policy language."))
+    statements = doc.get("Statement")
+    if not statements:
+        return out + [finding("ERROR", "MISSING_STATEMENT", "Add a Statement element.")]
+    for st in statements if isinstance(statements, list) else [statements]:
+        actions = st.get("Action", st.get("NotAction", []))
+        for action in actions if isinstance(actions, list) else [actions]:
+            if action == "*":
+                continue
+            service, sep, _ = action.partition(":")
+            if not sep:
+                out.append(finding("ERROR", "INVALID_ACTION", f"The action {action} does not exist."))
+            elif service.lower() not in KNOWN_SERVICES:
+                out.append(finding("ERROR", "INVALID_SERVICE", f"The service {service} does not exist."))
+        resources = st.get("Resource", [])
+        resources = resources if isinstance(resources, list) else [resources]
+        acts = actions if isinstance(actions, list) else [actions]
+        if st.get("Effect") == "Allow" and "*" in resources and \
+                any(a.lower() in ("iam:passrole", "iam:*", "*") for a in acts) and "Action" in st:
+            out.append(finding("SECURITY_WARNING", "PASS_ROLE_WITH_STAR_IN_RESOURCE",
+                               "Using iam:PassRole with a wildcard in the resource can be overly permissive."))
+        if st.get("Effect") == "Allow" and ("NotAction" in st or "NotResource" in st):
+            out.append(finding("WARNING", "ALLOW_WITH_NOT_ACTION" if "NotAction" in st
+                               else "ALLOW_WITH_NOT_RESOURCE",
+                               "Allow with NotAction/NotResource can grant more than intended."))
+        for operator in (st.get("Condition") or {}):
+            if not KNOWN_OPERATORS.match(operator):
+                out.append(finding("ERROR", "INVALID_OPERATOR", f"The condition operator {operator} is not valid."))
+    return out
+
+
 MOTO_FIXES: dict[tuple[str, str], Callable[[LocalCloud, AwsRequest, dict], Resp]] = {
     ("budgets", "UpdateBudget"): MotoFixes._fix_update_budget,
     ("ec2", "DescribeSpotPriceHistory"): MotoFixes._fix_describe_spot_price_history,
@@ -1224,6 +1418,7 @@ MOTO_FIXES: dict[tuple[str, str], Callable[[LocalCloud, AwsRequest, dict], Resp]
     ("ec2", "DescribeSpotInstanceRequests"): MotoFixes._fix_describe_spot_instance_requests,
     ("ec2", "CancelSpotInstanceRequests"): MotoFixes._fix_cancel_spot_instance_requests,
     ("ec2", "DeleteSecurityGroup"): MotoFixes._fix_delete_security_group,
+    ("access-analyzer", "ValidatePolicy"): MotoFixes._fix_validate_policy,
 }
 
 
@@ -1282,6 +1477,9 @@ class ControlAPI:
             with self.state_lock:
                 return 200, {"ok": True, "url": self.base_url, "calls": len(self.calls),
                              "internal_errors": self.internal_errors}
+
+        if path.startswith("/_localcloud/policy"):
+            return self._policy_control(method, path, raw)
 
         if path == "/_localcloud/reset" and method == "POST":
             took = self.reset()
@@ -1667,7 +1865,7 @@ class StateDump:
 # ---------------------------------------------------------------------------
 # 9. LocalCloud: the central object
 # ---------------------------------------------------------------------------
-class LocalCloud(Middleware, MotoFixes, ControlAPI, StateDump):
+class LocalCloud(Middleware, PolicyEnforcement, MotoFixes, ControlAPI, StateDump):
     """Owns moto, the fault rules, the call log and the control API.
     
     boxsim.py (see README.md) gets this object through attach(cloud) and may use:
@@ -1691,6 +1889,9 @@ class LocalCloud(Middleware, MotoFixes, ControlAPI, StateDump):
         self.delay_ms = float(delay_ms)
         self.pending_seconds = float(pending_seconds)
         self.rules: list[FaultRule] = []
+        self.enforced_policy: dict[str, Any] | None = None  # section 5b
+        self.enforced_keys: list[str] = ["testing"]
+        self.denials: list[dict[str, Any]] = []
         self.calls: list[dict[str, Any]] = []
         self.seq = 0
         self.internal_errors = 0
@@ -1829,6 +2030,7 @@ class LocalCloud(Middleware, MotoFixes, ControlAPI, StateDump):
                 self.calls = []
                 self.seq = 0
                 self.internal_errors = 0
+                self.denials = []
                 self.delay_ms = self.start_delay_ms
                 self.pending_seconds = self.start_pending_seconds
                 self.price_overrides = {}
@@ -1913,6 +2115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--box-sim", action="store_true", help="load boxsim.py next to this file")
     ap.add_argument("--exit-on-stdin-eof", action="store_true",
                     help="exit when stdin reaches EOF (the harness died or closed it)")
+    ap.add_argument("--policy", metavar="FILE",
+                    help="enforce this IAM policy document on requests signed with access key 'testing'")
     ap.add_argument("-v", "--verbose", action="store_true", help="log each request to stderr")
     return ap.parse_args(argv)
 
@@ -1926,6 +2130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cloud = LocalCloud(delay_ms=args.delay_ms, pending_seconds=args.pending_seconds,
                        verbose=args.verbose)
+    if args.policy:
+        with open(args.policy) as f:
+            cloud.enforce(json.load(f))
     _RequestHandler.verbose = args.verbose
     server = make_server("127.0.0.1", args.port, cloud, threaded=True,
                          request_handler=_RequestHandler)

@@ -730,6 +730,82 @@ def t_state():
     check(health.get("internal_errors") == 0, "no internal errors so far", CLOUD.stderr_text())
 
 
+ENFORCED_POLICY = {"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": ["ec2:Describe*", "ssm:GetParameter", "iam:CreateRole",
+                                   "logs:CreateLogGroup", "access-analyzer:ValidatePolicy"],
+     "Resource": "*"},
+    {"Effect": "Allow", "Action": "ec2:RunInstances",
+     "Resource": ["arn:aws:ec2:*::image/*", "arn:aws:ec2:*:*:subnet/*",
+                  "arn:aws:ec2:*:*:network-interface/*", "arn:aws:ec2:*:*:security-group/*"]},
+    {"Effect": "Allow", "Action": ["ec2:RunInstances", "ec2:CreateTags"],
+     "Resource": ["arn:aws:ec2:*:*:instance/*", "arn:aws:ec2:*:*:volume/*"],
+     "Condition": {"StringEquals": {"aws:RequestTag/Project": "EphemeralContainer"}}},
+    {"Effect": "Allow", "Action": "ec2:TerminateInstances", "Resource": "*",
+     "Condition": {"StringEquals": {"ec2:ResourceTag/Project": "EphemeralContainer"}}}]}
+
+
+@section("IAM enforcement: the loaded policy, AWS-shaped denials, admin keys, simulate")
+def t_enforcement():
+    CLOUD.reset()
+    status, _ = CLOUD.api("PUT", "/_localcloud/policy", {"policy": ENFORCED_POLICY})
+    check(status == 200, "load a policy")
+    ec2 = CLOUD.client("ec2")
+    tags = [{"ResourceType": t, "Tags": [{"Key": "Project", "Value": "EphemeralContainer"}]}
+            for t in ("instance", "volume")]
+    inst = run_one(ec2, TagSpecifications=tags)
+    check(inst["InstanceId"].startswith("i-"), "RunInstances with the required tags is allowed")
+    exc = expect_error(run_one, ec2)
+    check(error_code(exc) == "UnauthorizedOperation" and http_status(exc) == 403,
+          "RunInstances without tags: UnauthorizedOperation 403", exc)
+    message = exc.response["Error"]["Message"] if exc else ""
+    check(message.startswith("You are not authorized to perform this operation. User: "
+                             "arn:aws:iam::123456789012:user/moto is not authorized to perform: "
+                             "ec2:RunInstances on resource: arn:aws:ec2:us-east-1:123456789012:instance/*")
+          and "Encoded authorization failure message: " in message, "EC2 denial message", message)
+    exc = expect_error(ec2.terminate_instances, InstanceIds=[inst["InstanceId"]], DryRun=True)
+    check(error_code(exc) == "DryRunOperation", "a dry run of an allowed call: DryRunOperation", exc)
+    admin = boto3.client("ec2", endpoint_url=CLOUD.url, region_name=REGION, config=NO_RETRY,
+                         aws_access_key_id="other", aws_secret_access_key="other")
+    admin.create_tags(Resources=[inst["InstanceId"]], Tags=[{"Key": "Project", "Value": "x"}])
+    check(True, "other access keys are not enforced (the tests' administrator)")
+    exc = expect_error(ec2.terminate_instances, InstanceIds=[inst["InstanceId"]])
+    check(error_code(exc) == "UnauthorizedOperation", "a resource tag condition bites after a retag", exc)
+    exc = expect_error(CLOUD.client("iam").create_role, RoleName="r", AssumeRolePolicyDocument="{}",
+                       Tags=[{"Key": "Project", "Value": "EphemeralContainer"}])
+    check(error_code(exc) == "AccessDenied" and http_status(exc) == 403 and "iam:TagRole" in str(exc),
+          "IAM: CreateRole with tags needs iam:TagRole (AccessDenied 403)", exc)
+    exc = expect_error(CLOUD.client("logs").create_log_group, logGroupName="/g", tags={"a": "b"})
+    check(error_code(exc) == "AccessDeniedException" and http_status(exc) == 403 and
+          "logs:TagResource" in str(exc), "Logs: AccessDeniedException, names logs:TagResource", exc)
+    exc = expect_error(CLOUD.client("cloudwatch").delete_alarms, AlarmNames=["x"])
+    check(error_code(exc) == "AccessDenied" and http_status(exc) == 403,
+          "CloudWatch (JSON, query-compatible): AccessDenied", exc)
+    check(CLOUD.client("sts").get_caller_identity()["Account"] == "123456789012",
+          "GetCallerIdentity needs no permission")
+    denials = CLOUD.api("GET", "/_localcloud/policy")[1]["denials"]
+    check([d["action"] for d in denials] == ["ec2:RunInstances", "ec2:TerminateInstances", "iam:TagRole",
+                                             "logs:TagResource", "cloudwatch:DeleteAlarms"],
+          "denials are listed in order", denials)
+    log = [c for c in CLOUD.log(action="TerminateInstances") if c.get("denied")]
+    check(len(log) == 1 and log[0]["status"] == 403, "the call log marks the denied call", log)
+    status, sim = CLOUD.api("POST", "/_localcloud/policy/simulate", {
+        "service": "ec2", "action": "TerminateInstances", "params": {"InstanceId.1": inst["InstanceId"]}})
+    check(status == 200 and sim["allowed"] is False and sim["checks"][0]["resource"].endswith(inst["InstanceId"]),
+          "simulate maps a call like enforcement does", sim)
+    # Access Analyzer ValidatePolicy (moto lacks it: a documented minimal validator).
+    aa = CLOUD.client("accessanalyzer")
+    clean = aa.validate_policy(policyDocument=json.dumps(ENFORCED_POLICY), policyType="IDENTITY_POLICY")
+    check(clean["findings"] == [], "ValidatePolicy: a sound policy has no findings", clean["findings"])
+    bad = {"Statement": [{"Effect": "Allow", "Action": ["iam:PassRole", "nosuch"], "Resource": "*",
+                          "Condition": {"StringEqualz": {"a": "b"}}}]}
+    found = aa.validate_policy(policyDocument=json.dumps(bad), policyType="IDENTITY_POLICY")["findings"]
+    codes = sorted(f["issueCode"] for f in found)
+    check(codes == ["INVALID_ACTION", "INVALID_OPERATOR", "MISSING_VERSION", "PASS_ROLE_WITH_STAR_IN_RESOURCE"],
+          "ValidatePolicy: findings for a bad policy", codes)
+    CLOUD.api("DELETE", "/_localcloud/policy")
+    check(error_code(expect_error(run_one, ec2)) is None, "DELETE turns enforcement off")
+
+
 @section("control API validation and errors")
 def t_control():
     status, doc = CLOUD.api("PUT", "/_localcloud/rules", {"rules": [{"acton": "X"}]})
@@ -818,6 +894,7 @@ def t_boxsim():
     tmp = tempfile.mkdtemp(prefix="localcloud-boxsim-")
     try:
         shutil.copy(LOCALCLOUD, tmp)
+        shutil.copy(os.path.join(HERE, "iampolicy.py"), tmp)  # localcloud imports it
         marker = os.path.join(tmp, "shutdown-ran")
         with open(os.path.join(tmp, "boxsim.py"), "w") as f:
             f.write(FAKE_BOXSIM.replace("@MARKER@", marker))
@@ -884,7 +961,7 @@ def main() -> int:
     try:
         for test in (t_basics, t_ice, t_every, t_drop, t_delay, t_log, t_spot_prices, t_pending,
                      t_sg_dependency, t_spot_requests, t_ssm_amis, t_protocol_errors, t_state,
-                     t_control, t_reset):
+                     t_enforcement, t_control, t_reset):
             test()
     finally:
         t_sigterm(CLOUD)
