@@ -153,7 +153,7 @@ fn watchdog_says(cloud: &LocalCloud, instance: &str, what: &str, limit: Duration
     });
 }
 
-/// 1. `launch -- CMD` on a real box: sshd offers the pinned host key and no other, the
+/// Lifecycle 1: `launch -- CMD` on a real box: sshd offers the pinned host key and no other, the
 /// watchdog runs under systemd, real cloud-init accepts the cloud-config, the command's output
 /// and status come back, and teardown leaves nothing.
 #[test]
@@ -213,7 +213,7 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
     assert!(log.iter().any(|l| l.contains("ssh connections=1")), "the real sshd's session counts: {log:#?}");
 }
 
-/// 2. A vanished laptop: its client stops answering without closing the connection (frozen,
+/// Lifecycle 2: A vanished laptop: its client stops answering without closing the connection (frozen,
 /// so TCP stays up). sshd's probes drop it, the watchdog sees the box idle, and after the
 /// idle grace the box powers off. On the way, `extend` and a tag past the cap reach the real
 /// watchdog through the IMDS.
@@ -266,7 +266,7 @@ fn a_vanished_laptop_is_noticed_and_the_box_powers_off_after_the_idle_grace() {
     assert!(console.contains("Timeout, client not responding"), "sshd's probes dropped the client");
 }
 
-/// 3. The cap: a box whose watchdog never starts (masked on the kernel command line) still
+/// Lifecycle 3: The cap: a box whose watchdog never starts (masked on the kernel command line) still
 /// powers off at launch + max_runtime_cap, by the timer the user-data arms at boot, even with
 /// a deadline tag set far past the cap.
 #[test]
