@@ -224,7 +224,7 @@ fn a_vanished_laptop_is_noticed_and_the_box_powers_off_after_the_idle_grace() {
     let user = user(
         &cloud,
         // Detached, so a kept session: kept_idle_grace is its idle grace.
-        "kept_idle_grace = \"20s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
+        "kept_idle_grace = \"10s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
     );
     let (session, instance) = launch_detached(&user, &[]);
     let (ip, port) = direct(&wait_up(&cloud, &instance));
@@ -251,14 +251,14 @@ fn a_vanished_laptop_is_noticed_and_the_box_powers_off_after_the_idle_grace() {
 
     signal(client.id(), "STOP");
     let vanished = Instant::now();
-    // sshd: 10 s x 3 probes (~40 s); then the 20 s grace; then a TCG poweroff.
-    wait_terminated(&cloud, &instance, Duration::from_secs(40 + 20 + 150));
+    // sshd: 10 s x 3 probes (~40 s); then the 10 s grace; then a TCG poweroff.
+    wait_terminated(&cloud, &instance, Duration::from_secs(40 + 10 + 150));
     let gone = vanished.elapsed();
     signal(client.id(), "KILL");
     let _ = client.wait();
     let info = box_info(&cloud, &instance);
     assert_eq!(info["poweroff_reason"], "idle", "{:#}", info["watchdog_log"]);
-    assert!(gone >= Duration::from_secs(20), "not before the idle grace: {gone:?}");
+    assert!(gone >= Duration::from_secs(10), "not before the idle grace: {gone:?}");
     let log = lines(&info, "watchdog_log");
     let seen = log.iter().position(|l| l.contains("ssh connections=1")).unwrap();
     assert!(log[seen..].iter().any(|l| l.contains("ssh connections=0")), "{log:#?}");
@@ -278,13 +278,13 @@ fn a_box_whose_watchdog_never_starts_powers_off_at_the_cap_whatever_the_tag_says
         "box-config",
         Some(json!({ "vm_kernel_args": "systemd.mask=ephemeral-admin-watchdog.service" })),
     );
-    let user = user(&cloud, "boot_grace = \"10m\"\nidle_grace = \"10m\"\nmax_runtime_cap = \"120s\"\n");
+    let user = user(&cloud, "boot_grace = \"10m\"\nidle_grace = \"10m\"\nmax_runtime_cap = \"90s\"\n");
     let launched = Instant::now();
     let (_, instance) = launch_detached(&user, &["--max-runtime", "1m"]);
     cloud.retag(&instance, "ephemeral-admin:expires-at", &rfc3339_in(3600));
-    wait_terminated(&cloud, &instance, Duration::from_secs(120 + 180));
+    wait_terminated(&cloud, &instance, Duration::from_secs(90 + 180));
     let at = launched.elapsed();
-    assert!(at >= Duration::from_secs(118), "not before the cap: {at:?}");
+    assert!(at >= Duration::from_secs(88), "not before the cap: {at:?}");
     let info = box_info(&cloud, &instance);
     assert_eq!(info["poweroff_reason"], "cap-fallback", "{:#}", info["notes"]);
     assert!(lines(&info, "watchdog_log").is_empty(), "the watchdog never ran");
