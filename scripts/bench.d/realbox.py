@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,7 +57,13 @@ class Cloud:
     def wait_up(self, iid):
         start = time.monotonic()
         while time.monotonic() - start < BOOT_LIMIT:
-            info = self.box(iid)
+            try:
+                info = self.box(iid)
+            except urllib.error.HTTPError as e:  # not noticed by the box simulator yet
+                if e.code != 404:
+                    raise
+                time.sleep(0.1)
+                continue
             if info["state"] != "booting":
                 return info
             time.sleep(0.5)
