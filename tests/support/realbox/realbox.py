@@ -18,11 +18,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
@@ -181,10 +179,3 @@ def free_port(host="127.0.0.1"):
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def tempdir(prefix="realbox-"):
-    return tempfile.mkdtemp(prefix=prefix)
-
-
-__all__ = ["build_image", "accel", "Vm", "ssh_banner", "wait_ssh", "free_port", "tempdir", "shutil"]
