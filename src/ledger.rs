@@ -67,9 +67,12 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The entry for a session from its record, ending at `end`.
+    /// The entry for a session from its record, ending at `end`, or at its deadline if that came
+    /// first: the watchdog and the alarm end the box there, so a late teardown or settlement of a
+    /// stale record does not bill the time after it.
     pub fn from_record(record: &SessionRecord, end: OffsetDateTime, ended_by: &str) -> Option<Entry> {
         let start = session::parse_rfc3339(record.launched_at.as_deref()?)?;
+        let end = session::parse_rfc3339(&record.expires_at).map_or(end, |deadline| end.min(deadline));
         let end = end.max(start);
         let duration = (end - start).whole_seconds();
         let cost =
@@ -281,6 +284,16 @@ pub async fn settle(aws: &Aws, store: &Store, ledger: &Ledger, clock: &dyn Clock
     settle_from(open, &found, store, ledger, clock)
 }
 
+/// The regions where local records may have ended while no CLI watched (each needs one
+/// DescribeInstances to settle), in name order.
+pub fn unsettled_regions(store: &Store) -> Vec<String> {
+    let mut regions: Vec<String> = store.all().into_iter().map(|r| r.region).collect();
+    regions.sort();
+    regions.dedup();
+    regions.retain(|region| !unsettled(store, region).is_empty());
+    regions
+}
+
 /// Records in the region that may have ended while no CLI watched: not ended, with an instance,
 /// and no live client.
 fn unsettled(store: &Store, region: &str) -> Vec<SessionRecord> {
@@ -336,7 +349,9 @@ fn settle_from(
     Ok(settled)
 }
 
-/// What sessions still running (per the local records) have cost so far, in every region.
+/// What sessions still running (per the local records) have cost so far, in every region. A
+/// session runs until its deadline at most (the watchdog and the alarm end it there), so a record
+/// nobody settled never counts past it.
 pub fn live_cost(store: &Store, now: OffsetDateTime) -> f64 {
     store
         .all()
@@ -344,7 +359,8 @@ pub fn live_cost(store: &Store, now: OffsetDateTime) -> f64 {
         .filter(|r| r.ended_at.is_none())
         .filter_map(|r| {
             let start = session::parse_rfc3339(r.launched_at.as_deref()?)?;
-            let seconds = (now - start).whole_seconds().max(0) as u64;
+            let end = session::parse_rfc3339(&r.expires_at).map_or(now, |deadline| deadline.min(now));
+            let seconds = (end - start).whole_seconds().max(0) as u64;
             Some(pricing::estimate(r.price_per_hour?, Duration::from_secs(seconds)).total)
         })
         .sum()

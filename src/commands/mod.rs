@@ -40,11 +40,25 @@ impl Context {
     }
 
     /// Writes the ledger lines of sessions that ended on their own (idle, deadline, spot) while
-    /// no CLI ran. Costs one AWS call when there is something to settle, none otherwise.
+    /// no CLI ran, in every region this machine has records for (a stale record elsewhere would
+    /// otherwise count against the budget forever). Costs one AWS call per region with something
+    /// to settle, none otherwise.
     pub async fn settle(&self, aws: &Aws) {
         let store = Store::new(self.settings.sessions_dir());
-        let settled = ledger::settle(aws, &store, &store.ledger(), session::clock().as_ref()).await;
-        self.report_settled(aws, settled).await;
+        let regions = ledger::unsettled_regions(&store);
+        let settles = regions.iter().map(|region| {
+            let store = &store;
+            async move {
+                let regional = match *region == aws.region {
+                    true => aws.clone(),
+                    false => aws.in_region(&self.settings.aws, region).await,
+                };
+                let settled =
+                    ledger::settle(&regional, store, &store.ledger(), session::clock().as_ref()).await;
+                self.report_settled(&regional, settled).await;
+            }
+        });
+        futures::future::join_all(settles).await;
     }
 
     /// [`Context::settle`] from instances the command described anyway (every state): no AWS call.
