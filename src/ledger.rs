@@ -334,6 +334,8 @@ fn settle_from(
                 (end, classify_end(info, &record, end))
             }
             Some(_) => continue, // still running: nothing to settle
+            // Launched less than an hour ago: EC2 must know it, so it is not visible yet.
+            None if crate::aws::instances::must_be_known(record.launched_at.as_deref(), now) => continue,
             None => {
                 // Gone from EC2's view (terminated more than about an hour ago): it ran at most
                 // until its deadline.

@@ -21,6 +21,9 @@ pub struct SessionResources {
     pub security_group_id: Option<String>,
     pub rule_ids: Vec<String>,
     pub alarm_names: Vec<String>,
+    /// When the instance was launched (RFC 3339): EC2 must know an instance younger than an hour,
+    /// so its "not found" means "not visible yet" (see [`instances::terminate`]).
+    pub launched_at: Option<String>,
 }
 
 impl SessionResources {
@@ -32,6 +35,7 @@ impl SessionResources {
             security_group_id: record.security_group_id.clone(),
             rule_ids: record.ingress_rule_ids.clone(),
             alarm_names: record.alarm_name.iter().cloned().collect(),
+            launched_at: record.launched_at.clone(),
         }
     }
 
@@ -50,6 +54,9 @@ impl SessionResources {
         add(&mut self.alarm_names, other.alarm_names);
         if self.security_group_id.is_none() {
             self.security_group_id = other.security_group_id;
+        }
+        if self.launched_at.is_none() {
+            self.launched_at = other.launched_at;
         }
     }
 }
@@ -148,12 +155,21 @@ pub async fn teardown(
             None => Vec::new(),
         }
     };
-    let (terminated, cancelled, released, alarms, warnings) = tokio::join!(
-        instances::terminate(aws, &resources.instance_ids),
+    // The alarm is the box's second net: it goes only once the instance is sure to end.
+    let known = instances::must_be_known(resources.launched_at.as_deref(), clock.now());
+    let end_instances = async {
+        let terminated = instances::terminate(aws, &resources.instance_ids, known).await;
+        let alarms = match terminated {
+            Ok(()) => Some(alarm::delete(aws, &resources.alarm_names).await),
+            Err(_) => None,
+        };
+        (terminated, alarms)
+    };
+    let ((terminated, alarms), cancelled, released, warnings) = tokio::join!(
+        end_instances,
         // A one-time spot request closes when its instance ends; cancelling makes sure.
         instances::cancel_spot_requests(aws, &resources.spot_request_ids),
         release_rules,
-        alarm::delete(aws, &resources.alarm_names),
         report_end,
     );
     report.warnings = warnings;
@@ -161,6 +177,7 @@ pub async fn teardown(
         report.duration_seconds = Some(entry.duration_seconds);
         report.cost = Some(entry.cost.total);
     }
+    let instance_ended = terminated.is_ok();
     match terminated {
         Ok(()) => report.terminated = resources.instance_ids.clone(),
         Err(e) => report.errors.push(e.to_string()),
@@ -176,12 +193,16 @@ pub async fn teardown(
         }
     }
     match alarms {
-        Ok(()) => report.alarms_deleted = resources.alarm_names.clone(),
-        Err(e) => report.errors.push(e.to_string()),
+        Some(Ok(())) => report.alarms_deleted = resources.alarm_names.clone(),
+        Some(Err(e)) => report.errors.push(e.to_string()),
+        None => {}
     }
-    match store.delete_private_key(&resources.session_id) {
-        Ok(()) => report.key_deleted = true,
-        Err(e) => report.errors.push(format!("{e:#}")),
+    // A box that may still run keeps its key: the user can still reach it.
+    if instance_ended {
+        match store.delete_private_key(&resources.session_id) {
+            Ok(()) => report.key_deleted = true,
+            Err(e) => report.errors.push(format!("{e:#}")),
+        }
     }
     report
 }

@@ -351,6 +351,14 @@ fn decide(id: &str, found: &Found, args: &CleanupArgs, now: OffsetDateTime) -> D
     }
     let live = found.live();
     let ended = found.record.as_ref().and_then(|r| r.end_reason.clone());
+    if let Some(record) = &found.record
+        && found.instances.is_empty()
+        && ended.is_none()
+        && instances::must_be_known(record.launched_at.as_deref(), now)
+    {
+        // Launched moments ago and not visible to EC2 yet: not gone.
+        return Decision::Keep("its instance is not visible to EC2 yet; try again in a minute".into());
+    }
     if live.is_empty() {
         return Decision::Remove(match (&ended, found.instances.is_empty()) {
             (Some(reason), _) => format!("ended ({reason})"),
@@ -431,7 +439,8 @@ async fn remove(
     let spot_ids: Vec<String> =
         doomed.iter().flat_map(|(_, f, _)| f.spot_requests.iter().map(|s| s.id.clone())).collect();
     let (terminated, cancelled) = tokio::join!(
-        instances::terminate(aws, &instance_ids),
+        // Found by DescribeInstances moments ago: EC2 knows them, "not found" is not "gone".
+        instances::terminate(aws, &instance_ids, true),
         instances::cancel_spot_requests(aws, &spot_ids)
     );
     errors.extend(terminated.err().map(|e| e.to_string()));

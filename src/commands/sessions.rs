@@ -131,6 +131,7 @@ pub async fn discover(
             .filter(|a| a.session_id.as_deref() == Some(id))
             .map(|a| a.name.clone())
             .collect(),
+        launched_at: found.iter().find_map(|i| i.launch_time.clone()),
     });
     Ok(resources)
 }

@@ -327,7 +327,7 @@ fn stale_record(user: &User, id: &str, region: &str, hours_ago: i64, pid: Option
     std::fs::create_dir_all(&dir).unwrap();
     let pid = pid.map(|p| format!("pid = {p}\n")).unwrap_or_default();
     let record = format!(
-        "id = \"{id}\"\nregion = \"{region}\"\nowner_arn = \"arn:aws:iam::123456789012:user/moto\"\n\
+        "id = \"{id}\"\nregion = \"{region}\"\nowner_arn = \"arn:aws:sts::123456789012:user/moto\"\n\
          created_at = \"{launched}\"\nlaunched_at = \"{launched}\"\nexpires_at = \"{deadline}\"\nkept = true\n\
          user = \"ubuntu\"\nhost_key_public = \"\"\nhost_key_fingerprint = \"\"\nclient_key_public = \"\"\n\
          instance_id = \"i-0123456789abcdef0\"\ninstance_type = \"m5.large\"\nmarket = \"on-demand\"\n\
