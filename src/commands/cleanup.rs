@@ -123,7 +123,7 @@ pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
         }
     };
     let aws = ctx.aws().await?;
-    let caller = identity::whoami(&aws).await?;
+    let caller = identity::me(&aws, ctx.settings.owner.as_deref()).await?;
     if !args.dry_run {
         ctx.settle(&aws).await;
     }
@@ -133,7 +133,7 @@ pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
     let regions = if args.all_regions { enabled_regions(&aws).await? } else { vec![aws.region.clone()] };
     let aws = &aws;
     let sweeps = regions.iter().map(|region| {
-        let caller = caller.arn.clone();
+        let caller = caller.clone();
         async move {
             let regional = if *region == aws.region {
                 aws.clone()
@@ -220,7 +220,13 @@ fn render(report: &Report) -> String {
 }
 
 /// One region: gather, decide, remove, purge.
-async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &CleanupArgs) -> Result<Report> {
+async fn sweep(
+    ctx: &Context,
+    aws: &Aws,
+    caller: &identity::Caller,
+    owners: Owners,
+    args: &CleanupArgs,
+) -> Result<Report> {
     let s = &ctx.settings;
     let store = Store::new(s.sessions_dir());
     let now = SystemClock.now();
@@ -282,7 +288,7 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
     let mut doomed: Vec<(String, Found, String)> = Vec::new();
     for (id, found) in sessions {
         let owner = found.owner();
-        if owners == Owners::Me && owner.as_deref().is_some_and(|o| o != caller) {
+        if owners == Owners::Me && owner.as_deref().is_some_and(|o| !caller.is_mine(o)) {
             continue; // Another owner's session: not ours to judge, not even to list.
         }
         match decide(&id, &found, args, now) {
@@ -328,7 +334,7 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
         report.log_groups_removed = stale_logs;
     }
     if args.purge && !args.dry_run {
-        match purge(ctx, aws, caller, group_id.as_deref()).await {
+        match purge(ctx, aws, &caller.account, group_id.as_deref()).await {
             Ok(purged) => report.purged = purged,
             Err(e) => report.errors.push(crate::exit_codes::one_line(&e)),
         }
@@ -513,9 +519,8 @@ async fn release_refs(aws: &Aws, rule_id: &str, sessions: &[String]) -> Result<(
 }
 
 /// `--purge`: the security group and the IAM role/profile, once nothing uses them.
-async fn purge(ctx: &Context, aws: &Aws, caller: &str, group_id: Option<&str>) -> Result<Vec<String>> {
+async fn purge(ctx: &Context, aws: &Aws, account: &str, group_id: Option<&str>) -> Result<Vec<String>> {
     let s = &ctx.settings;
-    let account = caller.split(':').nth(4).unwrap_or_default();
     let mut purged = Vec::new();
     let users = |filter: &'static str, value: String| async move {
         // Instances we just terminated may take a moment to let go: wait for them, bounded.

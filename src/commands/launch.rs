@@ -248,7 +248,7 @@ async fn provision(
     };
     let prepare = async {
         tokio::try_join!(
-            async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
+            async { identity::me(&aws, s.owner.as_deref()).await.map_err(anyhow::Error::from) },
             detect_ip,
             async {
                 let group = network::ensure_security_group(&aws, &s.security_group_name).await?;
@@ -287,14 +287,14 @@ async fn provision(
     mark("prepare", &mut timings);
 
     let expires_at = session::rfc3339(expires);
-    let session_tags = tags::session_tags(&session_id, &caller.arn, &expires_at, kept, &s.tags);
+    let session_tags = tags::session_tags(&session_id, &caller.owner, &expires_at, kept, &s.tags);
     let pid = std::process::id();
     let recorder = Recorder {
         store: store.clone(),
         record: Arc::new(Mutex::new(SessionRecord {
             id: session_id.clone(),
             region: aws.region.clone(),
-            owner_arn: caller.arn.clone(),
+            owner_arn: caller.owner.clone(),
             created_at: session::rfc3339(created),
             expires_at: expires_at.clone(),
             kept,

@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 pub struct SessionRecord {
     pub id: String,
     pub region: String,
+    /// The session's owner as tagged (`aws::identity::owner_of` the caller, or the `owner`
+    /// setting); the name is kept from when it was always the caller's full ARN.
     pub owner_arn: String,
     pub created_at: String,
     pub expires_at: String,
