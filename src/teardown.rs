@@ -1,12 +1,14 @@
-//! The single way a session ends: terminate the instance (and its spot request), release the SSH
-//! rule, delete the alarm, delete the private key, and mark the local record ended.
+//! The single way a session ends: terminate the instance (and its spot request), revoke the
+//! session's SSH rules, delete the alarm, delete the private key, mark the local record ended,
+//! then delete the session's own security group (or leave the empty group to `cleanup` while AWS
+//! still sees the instance shutting down in it).
 //!
 //! Every step runs even when another fails; independent steps run concurrently. Nothing waits
 //! for the instance to reach `terminated`: the user gets the prompt back at once.
 
 use serde::Serialize;
 
-use crate::aws::network::Release;
+use crate::aws::network::{GroupDeletion, Release};
 use crate::aws::{Aws, alarm, instances, logs, metrics, network};
 use crate::ledger;
 use crate::session::Clock;
@@ -68,6 +70,8 @@ pub struct TeardownReport {
     pub terminated: Vec<String>,
     pub cancelled_spot_requests: Vec<String>,
     pub rules: Vec<(String, Release)>,
+    /// The session's security group: deleted, or left empty for `cleanup` (still in use).
+    pub group: Option<GroupDeletion>,
     pub alarms_deleted: Vec<String>,
     pub key_deleted: bool,
     /// What the session ran for and cost, as written to the ledger.
@@ -89,13 +93,14 @@ impl TeardownReport {
         if !self.terminated.is_empty() {
             parts.push(format!("terminated {}", self.terminated.join(", ")));
         }
-        let revoked = self.rules.iter().filter(|(_, r)| *r == Release::Revoked).count();
-        let shared = self.rules.iter().filter(|(_, r)| *r == Release::StillShared).count();
-        if revoked > 0 {
+        if self.rules.iter().any(|(_, r)| *r == Release::Revoked) {
             parts.push("closed SSH".into());
         }
-        if shared > 0 {
-            parts.push("left the shared SSH rule to the other session".into());
+        match self.group {
+            Some(GroupDeletion::Deleted) => parts.push("deleted its security group".into()),
+            Some(GroupDeletion::StillInUse) => parts
+                .push("left its empty security group for `cleanup` (the instance is shutting down)".into()),
+            None => {}
         }
         if !self.alarms_deleted.is_empty() {
             parts.push("deleted the alarm".into());
@@ -142,12 +147,13 @@ pub async fn teardown(
             None
         }
     };
-    // Everything in AWS at once: the slowest step (releasing the SSH rule: look, then revoke) is
-    // two round trips, and that is the whole wait.
+    // Everything in AWS at once (one round trip), then the group, which the instance and the
+    // rules had to let go of first.
     let release_rules = futures::future::join_all(resources.security_group_id.iter().flat_map(|group| {
-        resources.rule_ids.iter().map(move |rule| async move {
-            (rule.clone(), network::release_ssh(aws, group, rule, &resources.session_id).await)
-        })
+        resources
+            .rule_ids
+            .iter()
+            .map(move |rule| async move { (rule.clone(), network::revoke_rule(aws, group, rule).await) })
     }));
     let report_end = async {
         match &entry {
@@ -202,6 +208,12 @@ pub async fn teardown(
         match store.delete_private_key(&resources.session_id) {
             Ok(()) => report.key_deleted = true,
             Err(e) => report.errors.push(format!("{e:#}")),
+        }
+    }
+    if let Some(group) = &resources.security_group_id {
+        match network::delete_security_group(aws, group).await {
+            Ok(deletion) => report.group = Some(deletion),
+            Err(e) => report.errors.push(e.to_string()),
         }
     }
     report

@@ -188,6 +188,18 @@ impl AwsError {
         self.code.as_deref()
     }
 
+    /// AWS answered without something it always sends (an id): never default it to "".
+    pub fn missing(doing: impl Into<String>, what: &str) -> AwsError {
+        AwsError {
+            doing: doing.into(),
+            code: None,
+            said: format!("AWS's answer had no {what}"),
+            hint: "; try again, and report it if it repeats".into(),
+            environment: false,
+            source: None,
+        }
+    }
+
     /// What to do about it, when we know.
     pub fn hint(&self) -> Option<&str> {
         self.hint.strip_prefix("; ")

@@ -1,18 +1,17 @@
-//! Where the box lives and who may reach it: the default VPC, the tool's security group, and
-//! per-session SSH rules for the caller's address only.
+//! Where the box lives and who may reach it: the default VPC, and for every session its own
+//! security group holding SSH rules for that session's sources only.
 //!
-//! One rule per source address. Two sessions from the same address share it by reference
-//! counting: each session adds an `ephemeral-admin:ref:<id>` tag to the rule, and the rule is
-//! revoked only when the last reference goes, so ending one session never cuts another off.
+//! A group per session, not one shared group: a rule made for one session (even an
+//! `--allow-cidr 0.0.0.0/0`) reaches that session's box and no other, and ending a session revokes
+//! its rules without asking who else might use them (nobody can). The empty group is deleted at
+//! teardown, or by `cleanup` once AWS lets go of it (not while its instance shuts down).
 
 use aws_sdk_ec2::types::{Filter, IpPermission, IpRange, Ipv6Range, ResourceType, Tag, TagSpecification};
-use std::time::Duration;
 
 use ipnet::IpNet;
-use time::OffsetDateTime;
 
 use super::{Aws, AwsError, AwsResultExt, code_of};
-use crate::session::{self, tags};
+use crate::session::tags;
 
 pub const SSH_PORT: i32 = 22;
 
@@ -58,12 +57,12 @@ pub async fn default_subnets(aws: &Aws, vpc_id: &str) -> Result<Vec<Subnet>, Aws
     Ok(subnets)
 }
 
-/// The tool's security group.
+/// A session's own security group: SSH from that session's sources only, attached to that
+/// session's box only.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SecurityGroup {
     pub id: String,
-    /// True when this call created it.
-    pub created: bool,
+    pub name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,46 +74,100 @@ pub enum NetworkError {
         "region {0} has no default VPC: create one with `aws ec2 create-default-vpc`, or pick another --region"
     )]
     NoDefaultVpc(String),
+    /// A group with the session group's name exists and is not the tool's.
+    #[error(
+        "security group {name} ({id}) already exists in {vpc} and is not this tool's: set another \
+         `security_group_name` prefix in the config, or remove that group"
+    )]
+    NameTaken { name: String, id: String, vpc: String },
 }
 
-/// Finds the tool's security group by name and tag, creating it in the default VPC if missing.
-/// One call when it exists; a concurrent creator is tolerated.
-pub async fn ensure_security_group(aws: &Aws, name: &str) -> Result<SecurityGroup, NetworkError> {
-    if let Some(id) = find_security_group(aws, name).await? {
-        return Ok(SecurityGroup { id, created: false });
-    }
-    let vpc_id = default_vpc(aws).await?.ok_or_else(|| NetworkError::NoDefaultVpc(aws.region.clone()))?;
+/// The name of a session's group: the configured prefix and the session id.
+pub fn session_group_name(prefix: &str, session_id: &str) -> String {
+    format!("{prefix}-{session_id}")
+}
+
+/// Creates the session's own group in the default VPC, tagged as the session's (so only the
+/// tool's scoped permissions can change it and `cleanup` finds it by tag). It starts with no
+/// ingress at all.
+pub async fn create_session_group(
+    aws: &Aws,
+    vpc_id: &str,
+    prefix: &str,
+    session_id: &str,
+    session_tags: &[(String, String)],
+) -> Result<SecurityGroup, NetworkError> {
+    let vpc_id = vpc_id.to_string();
+    let name = session_group_name(prefix, session_id);
     let created = aws
         .ec2
         .create_security_group()
-        .group_name(name)
-        .description("ephemeral-admin: SSH from the launching caller only, per session")
+        .group_name(&name)
+        .description(format!("ephemeral-admin session {session_id}: SSH from its caller only"))
         .vpc_id(&vpc_id)
-        .tag_specifications(tag_spec(ResourceType::SecurityGroup, &tags::shared_resource_tags()))
+        .tag_specifications(tag_spec(ResourceType::SecurityGroup, session_tags))
         .send()
         .await;
     match created {
-        Ok(out) => Ok(SecurityGroup { id: out.group_id().unwrap_or_default().to_string(), created: true }),
-        // Someone else created it between our lookup and our create.
+        Ok(out) => {
+            let id = out
+                .group_id()
+                .map(str::to_string)
+                .ok_or_else(|| AwsError::missing(format!("creating security group {name}"), "a group id"))?;
+            Ok(SecurityGroup { id, name })
+        }
         Err(e) if code_of(&e) == Some("InvalidGroup.Duplicate") => {
-            let id = find_security_group(aws, name).await?.unwrap_or_default();
-            Ok(SecurityGroup { id, created: false })
+            let id = group_id_by_name(aws, &vpc_id, &name).await?.unwrap_or_else(|| "id unknown".into());
+            Err(NetworkError::NameTaken { name, id, vpc: vpc_id })
         }
         Err(e) => Err(AwsError::new(format!("creating security group {name}"), e).into()),
     }
 }
 
-/// The tool's security group id, if it exists.
-pub async fn find_security_group(aws: &Aws, name: &str) -> Result<Option<String>, AwsError> {
+async fn group_id_by_name(aws: &Aws, vpc_id: &str, name: &str) -> Result<Option<String>, AwsError> {
     let out = aws
         .ec2
         .describe_security_groups()
         .filters(Filter::builder().name("group-name").values(name).build())
-        .filters(Filter::builder().name(format!("tag:{}", tags::PROJECT)).values(tags::PROJECT_VALUE).build())
+        .filters(Filter::builder().name("vpc-id").values(vpc_id).build())
         .send()
         .await
         .doing(format!("looking up security group {name}"))?;
     Ok(out.security_groups().first().and_then(|g| g.group_id()).map(str::to_string))
+}
+
+/// One of the tool's groups, found by its tags.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OwnGroup {
+    pub id: String,
+    pub name: String,
+    pub session_id: Option<String>,
+    pub owner: Option<String>,
+}
+
+/// Every security group tagged as the tool's in the region (one paginated call).
+pub async fn own_groups(aws: &Aws) -> Result<Vec<OwnGroup>, AwsError> {
+    let mut pages = aws
+        .ec2
+        .describe_security_groups()
+        .filters(Filter::builder().name(format!("tag:{}", tags::PROJECT)).values(tags::PROJECT_VALUE).build())
+        .into_paginator()
+        .send();
+    let mut groups = Vec::new();
+    while let Some(page) = pages.next().await {
+        let page = page.doing("listing the tool's security groups")?;
+        for g in page.security_groups() {
+            let Some(id) = g.group_id() else { continue };
+            let tag = |key: &str| g.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value());
+            groups.push(OwnGroup {
+                id: id.to_string(),
+                name: g.group_name().unwrap_or("?").to_string(),
+                session_id: tag(tags::SESSION).map(str::to_string),
+                owner: tag(tags::OWNER).map(str::to_string),
+            });
+        }
+    }
+    Ok(groups)
 }
 
 /// A per-session SSH rule.
@@ -122,11 +175,10 @@ pub async fn find_security_group(aws: &Aws, name: &str) -> Result<Option<String>
 pub struct IngressRule {
     pub rule_id: String,
     pub cidr: String,
-    /// True when another session already had this rule and we added a reference to it.
-    pub shared: bool,
 }
 
-/// Opens TCP 22 from `cidr` for this session, tagged with the session's tags and a reference.
+/// Opens TCP 22 from `cidr` in the session's own group, tagged with the session's tags.
+/// Idempotent: a rule that exists already (a retried call) is found and returned.
 pub async fn authorize_ssh(
     aws: &Aws,
     group_id: &str,
@@ -134,43 +186,27 @@ pub async fn authorize_ssh(
     session_id: &str,
     session_tags: &[(String, String)],
 ) -> Result<IngressRule, AwsError> {
-    let since = session::rfc3339(OffsetDateTime::now_utc());
-    let mut rule_tags = session_tags.to_vec();
-    rule_tags.push((tags::rule_ref_key(session_id), since.clone()));
+    let doing = || format!("opening SSH from {cidr}");
     let out = aws
         .ec2
         .authorize_security_group_ingress()
         .group_id(group_id)
         .ip_permissions(ssh_permission(cidr, session_id))
-        .tag_specifications(tag_spec(ResourceType::SecurityGroupRule, &rule_tags))
+        .tag_specifications(tag_spec(ResourceType::SecurityGroupRule, session_tags))
         .send()
         .await;
-    match out {
+    let rule_id = match out {
         Ok(out) => {
-            let rule_id = out
-                .security_group_rules()
-                .first()
-                .and_then(|r| r.security_group_rule_id())
-                .unwrap_or_default()
-                .to_string();
-            Ok(IngressRule { rule_id, cidr: cidr.to_string(), shared: false })
+            out.security_group_rules().first().and_then(|r| r.security_group_rule_id()).map(str::to_string)
         }
         Err(e) if code_of(&e) == Some("InvalidPermission.Duplicate") => {
-            // Another session from this address holds the rule: take a reference to it.
-            let rule_id = find_ssh_rule(aws, group_id, cidr)
-                .await?
-                .ok_or_else(|| AwsError::new(format!("opening SSH from {cidr}"), e))?;
-            aws.ec2
-                .create_tags()
-                .resources(&rule_id)
-                .tags(Tag::builder().key(tags::rule_ref_key(session_id)).value(since).build())
-                .send()
-                .await
-                .doing(format!("sharing SSH rule {rule_id}"))?;
-            Ok(IngressRule { rule_id, cidr: cidr.to_string(), shared: true })
+            let wanted = cidr.to_string();
+            ssh_rules(aws, group_id).await?.into_iter().find(|r| r.cidr == wanted).map(|r| r.rule_id)
         }
-        Err(e) => Err(AwsError::new(format!("opening SSH from {cidr}"), e)),
-    }
+        Err(e) => return Err(AwsError::new(doing(), e)),
+    };
+    let rule_id = rule_id.ok_or_else(|| AwsError::missing(doing(), "a security group rule id"))?;
+    Ok(IngressRule { rule_id, cidr: cidr.to_string() })
 }
 
 fn ssh_permission(cidr: IpNet, session_id: &str) -> IpPermission {
@@ -186,120 +222,64 @@ fn ssh_permission(cidr: IpNet, session_id: &str) -> IpPermission {
     }
 }
 
-/// The SSH ingress rule for `cidr` in the group, if any.
-async fn find_ssh_rule(aws: &Aws, group_id: &str, cidr: IpNet) -> Result<Option<String>, AwsError> {
-    let rules = ssh_rules(aws, group_id).await?;
-    let wanted = cidr.to_string();
-    Ok(rules.into_iter().find(|r| r.cidr == wanted).map(|r| r.rule_id))
-}
-
-/// An SSH rule in the tool's group and the sessions that hold references to it.
+/// An SSH rule in one of the tool's groups.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SshRule {
     pub rule_id: String,
+    pub group_id: String,
     pub cidr: String,
-    pub refs: Vec<SessionRef>,
+    pub session_id: Option<String>,
 }
 
-/// One session's reference to a shared rule, and when it took it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SessionRef {
-    pub session_id: String,
-    pub since: Option<String>,
-}
-
-/// Every SSH ingress rule in the group with its references.
+/// Every SSH ingress rule in the group.
 pub async fn ssh_rules(aws: &Aws, group_id: &str) -> Result<Vec<SshRule>, AwsError> {
-    let out = aws
-        .ec2
-        .describe_security_group_rules()
-        .filters(Filter::builder().name("group-id").values(group_id).build())
-        .send()
-        .await
-        .doing("listing SSH rules")?;
+    rules_where(aws, Filter::builder().name("group-id").values(group_id).build()).await
+}
+
+/// Every SSH rule the tool made in the region, in any group (found by tag, one call).
+pub async fn own_ssh_rules(aws: &Aws) -> Result<Vec<SshRule>, AwsError> {
+    rules_where(
+        aws,
+        Filter::builder().name(format!("tag:{}", tags::PROJECT)).values(tags::PROJECT_VALUE).build(),
+    )
+    .await
+}
+
+async fn rules_where(aws: &Aws, filter: Filter) -> Result<Vec<SshRule>, AwsError> {
+    let out =
+        aws.ec2.describe_security_group_rules().filters(filter).send().await.doing("listing SSH rules")?;
     Ok(out
         .security_group_rules()
         .iter()
         .filter(|r| r.is_egress() != Some(true) && r.from_port() == Some(SSH_PORT))
         .filter_map(|r| {
             let cidr = r.cidr_ipv4().or(r.cidr_ipv6())?.to_string();
-            let refs = r
+            let session_id = r
                 .tags()
                 .iter()
-                .filter_map(|t| {
-                    let session_id = t.key()?.strip_prefix(tags::RULE_REF_PREFIX)?.to_string();
-                    Some(SessionRef { session_id, since: t.value().map(str::to_string) })
-                })
-                .collect();
-            Some(SshRule { rule_id: r.security_group_rule_id()?.to_string(), cidr, refs })
+                .find(|t| t.key() == Some(tags::SESSION))
+                .and_then(|t| t.value())
+                .map(str::to_string);
+            Some(SshRule {
+                rule_id: r.security_group_rule_id()?.to_string(),
+                group_id: r.group_id()?.to_string(),
+                cidr,
+                session_id,
+            })
         })
         .collect())
 }
 
-/// What happened to a rule when a session let go of it.
+/// What happened to a session's SSH access at teardown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Release {
     Revoked,
-    /// Other live sessions still hold references; only ours was removed.
-    StillShared,
     AlreadyGone,
 }
 
-/// A reference from a session still launching (no instance yet) counts for this long.
-const LAUNCHING_REF_GRACE: Duration = Duration::from_secs(600);
-
-/// Drops this session's reference to the rule and revokes the rule when no other live session
-/// holds one. Another session counts as live while its instance is pending or running, or while
-/// its reference is younger than a launch can take (it may still be starting).
-pub async fn release_ssh(
-    aws: &Aws,
-    group_id: &str,
-    rule_id: &str,
-    session_id: &str,
-) -> Result<Release, AwsError> {
-    let rules = ssh_rules(aws, group_id).await?;
-    let Some(rule) = rules.into_iter().find(|r| r.rule_id == rule_id) else {
-        return Ok(Release::AlreadyGone);
-    };
-    let others: Vec<&SessionRef> = rule.refs.iter().filter(|r| r.session_id != session_id).collect();
-    if !others.is_empty() && any_live(aws, &others).await? {
-        aws.ec2
-            .delete_tags()
-            .resources(rule_id)
-            .tags(Tag::builder().key(tags::rule_ref_key(session_id)).build())
-            .send()
-            .await
-            .doing(format!("releasing shared SSH rule {rule_id}"))?;
-        return Ok(Release::StillShared);
-    }
-    revoke_rule(aws, group_id, rule_id).await
-}
-
-async fn any_live(aws: &Aws, refs: &[&SessionRef]) -> Result<bool, AwsError> {
-    let now = OffsetDateTime::now_utc();
-    let recent = refs.iter().any(|r| {
-        r.since.as_deref().and_then(session::parse_rfc3339).is_some_and(|t| now - t < LAUNCHING_REF_GRACE)
-    });
-    if recent {
-        return Ok(true);
-    }
-    let mut filter = Filter::builder().name(format!("tag:{}", tags::SESSION));
-    for r in refs {
-        filter = filter.values(&r.session_id);
-    }
-    let out = aws
-        .ec2
-        .describe_instances()
-        .filters(filter.build())
-        .filters(Filter::builder().name("instance-state-name").values("pending").values("running").build())
-        .send()
-        .await
-        .doing("checking who else uses the SSH rule")?;
-    Ok(out.reservations().iter().any(|r| !r.instances().is_empty()))
-}
-
-/// Revokes one rule by id; a rule already gone is fine.
+/// Ends a session's SSH access: revokes its rule. The rule lives in the session's own group, so
+/// no other session can depend on it: nothing to ask, nothing to race.
 pub async fn revoke_rule(aws: &Aws, group_id: &str, rule_id: &str) -> Result<Release, AwsError> {
     let out = aws
         .ec2
@@ -326,11 +306,22 @@ pub async fn revoke_rule(aws: &Aws, group_id: &str, rule_id: &str) -> Result<Rel
     }
 }
 
-/// Deletes the tool's security group (cleanup --purge). AWS refuses while an instance uses it.
-pub async fn delete_security_group(aws: &Aws, group_id: &str) -> Result<(), AwsError> {
+/// Whether a group could be deleted now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupDeletion {
+    Deleted,
+    /// AWS still sees an instance (shutting down) in it: `cleanup` deletes it later.
+    StillInUse,
+}
+
+/// Deletes a session's group. AWS refuses (`DependencyViolation`) while its instance is still
+/// shutting down; that is not a failure, the group is empty of rules and costs nothing.
+pub async fn delete_security_group(aws: &Aws, group_id: &str) -> Result<GroupDeletion, AwsError> {
     match aws.ec2.delete_security_group().group_id(group_id).send().await {
-        Ok(_) => Ok(()),
-        Err(e) if code_of(&e) == Some("InvalidGroup.NotFound") => Ok(()),
+        Ok(_) => Ok(GroupDeletion::Deleted),
+        Err(e) if code_of(&e) == Some("InvalidGroup.NotFound") => Ok(GroupDeletion::Deleted),
+        Err(e) if code_of(&e) == Some("DependencyViolation") => Ok(GroupDeletion::StillInUse),
         Err(e) => Err(AwsError::new(format!("deleting security group {group_id}"), e)),
     }
 }

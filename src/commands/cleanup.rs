@@ -15,19 +15,17 @@ use time::OffsetDateTime;
 
 use super::Context;
 use crate::aws::instances::{self, InstanceInfo, SpotRequestInfo};
-use crate::aws::network::{self, SshRule};
+use crate::aws::network;
 use crate::aws::{Aws, alarm, iam, identity, logs};
 use crate::cli::CleanupArgs;
 use crate::error::{ExitStatus, UsageError};
 use crate::output::{short_duration, table, usd};
 use crate::pricing;
 use crate::session::store::{SessionRecord, Store, process_alive};
-use crate::session::{self, Clock, SystemClock};
+use crate::session::{self, SystemClock};
 
 /// How long `--purge` waits for terminating instances to let go of the group and profile.
 const PURGE_WAIT: Duration = Duration::from_secs(120);
-/// A reference to a shared rule from a session still launching counts for this long.
-const LAUNCHING_GRACE: time::Duration = time::Duration::minutes(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Owners {
@@ -69,9 +67,10 @@ struct Found {
     record: Option<SessionRecord>,
     instances: Vec<InstanceInfo>,
     spot_requests: Vec<SpotRequestInfo>,
-    rules: Vec<String>,
+    /// (group id, rule id) of the session's SSH rules.
+    rules: Vec<(String, String)>,
+    groups: Vec<network::OwnGroup>,
     alarms: Vec<String>,
-    rule_owner: Option<String>,
 }
 
 impl Found {
@@ -81,7 +80,7 @@ impl Found {
             .find_map(|i| i.owner.clone())
             .or_else(|| self.record.as_ref().map(|r| r.owner_arn.clone()).filter(|o| !o.is_empty()))
             .or_else(|| self.spot_requests.iter().find_map(|s| s.owner.clone()))
-            .or_else(|| self.rule_owner.clone())
+            .or_else(|| self.groups.iter().find_map(|g| g.owner.clone()))
     }
 
     fn live(&self) -> Vec<&InstanceInfo> {
@@ -105,6 +104,7 @@ impl Found {
         self.live().is_empty()
             && self.spot_requests.is_empty()
             && self.rules.is_empty()
+            && self.groups.is_empty()
             && self.alarms.is_empty()
     }
 }
@@ -229,18 +229,12 @@ async fn sweep(
 ) -> Result<Report> {
     let s = &ctx.settings;
     let store = Store::new(s.sessions_dir());
-    let now = SystemClock.now();
-    let group_id = network::find_security_group(aws, &s.security_group_name).await?;
-    let rules = async {
-        match &group_id {
-            Some(group) => network::ssh_rules(aws, group).await,
-            None => Ok(Vec::new()),
-        }
-    };
-    let (found_instances, spot_requests, rules, alarms, log_groups) = tokio::try_join!(
+    let now = session::clock().now();
+    let (found_instances, spot_requests, groups, rules, alarms, log_groups) = tokio::try_join!(
         instances::find(aws, instances::Query { include_terminated: true, ..Default::default() }),
         instances::open_spot_requests(aws),
-        rules,
+        network::own_groups(aws),
+        network::own_ssh_rules(aws),
         alarm::list_ours(aws),
         logs::list(aws),
     )?;
@@ -271,9 +265,14 @@ async fn sweep(
             sessions.entry(id).or_default().spot_requests.push(request);
         }
     }
-    for rule in &rules {
-        for r in &rule.refs {
-            sessions.entry(r.session_id.clone()).or_default().rules.push(rule.rule_id.clone());
+    for rule in rules {
+        if let Some(id) = rule.session_id.clone() {
+            sessions.entry(id).or_default().rules.push((rule.group_id, rule.rule_id));
+        }
+    }
+    for group in groups {
+        if let Some(id) = group.session_id.clone() {
+            sessions.entry(id).or_default().groups.push(group);
         }
     }
     for a in alarms {
@@ -305,7 +304,6 @@ async fn sweep(
         }
     }
 
-    let doomed_ids: Vec<&str> = doomed.iter().map(|(id, _, _)| id.as_str()).collect();
     let mut outcomes: Vec<SessionOutcome> = doomed
         .iter()
         .map(|(id, found, reason)| SessionOutcome {
@@ -319,9 +317,7 @@ async fn sweep(
         })
         .collect();
     if !args.dry_run && !doomed.is_empty() {
-        report
-            .errors
-            .extend(remove(aws, &store, group_id.as_deref(), &rules, &doomed, &doomed_ids, now).await);
+        report.errors.extend(remove(aws, &store, &doomed, now).await);
     }
     if !args.dry_run {
         for name in &stale_logs {
@@ -334,7 +330,7 @@ async fn sweep(
         report.log_groups_removed = stale_logs;
     }
     if args.purge && !args.dry_run {
-        match purge(ctx, aws, &caller.account, group_id.as_deref()).await {
+        match purge(ctx, aws, &caller.account).await {
             Ok(purged) => report.purged = purged,
             Err(e) => report.errors.push(crate::exit_codes::one_line(&e)),
         }
@@ -404,7 +400,8 @@ fn describe_resources(found: &Found) -> Vec<String> {
     let mut list = Vec::new();
     list.extend(found.live().iter().map(|i| i.instance_id.clone()));
     list.extend(found.spot_requests.iter().map(|s| s.id.clone()));
-    list.extend(found.rules.iter().cloned());
+    list.extend(found.rules.iter().map(|(_, rule)| rule.clone()));
+    list.extend(found.groups.iter().map(|g| g.id.clone()));
     list.extend(found.alarms.iter().map(|_| "alarm".to_string()));
     if found.record.is_some() {
         list.push("local record".into());
@@ -433,10 +430,7 @@ fn saved(ctx: &Context, region: &str, found: &Found, now: OffsetDateTime) -> f64
 async fn remove(
     aws: &Aws,
     store: &Store,
-    group_id: Option<&str>,
-    rules: &[SshRule],
     doomed: &[(String, Found, String)],
-    doomed_ids: &[&str],
     now: OffsetDateTime,
 ) -> Vec<String> {
     let mut errors = Vec::new();
@@ -444,48 +438,33 @@ async fn remove(
         doomed.iter().flat_map(|(_, f, _)| f.live().into_iter().map(|i| i.instance_id.clone())).collect();
     let spot_ids: Vec<String> =
         doomed.iter().flat_map(|(_, f, _)| f.spot_requests.iter().map(|s| s.id.clone())).collect();
-    let (terminated, cancelled) = tokio::join!(
+    // Each rule is its own session's (its own group): revoking it cuts no one else off.
+    let revoke = futures::future::join_all(
+        doomed
+            .iter()
+            .flat_map(|(_, f, _)| f.rules.iter())
+            .map(|(group, rule)| network::revoke_rule(aws, group, rule)),
+    );
+    let alarm_names: Vec<String> = doomed.iter().flat_map(|(_, f, _)| f.alarms.clone()).collect();
+    let (terminated, cancelled, revoked, alarms) = tokio::join!(
         // Found by DescribeInstances moments ago: EC2 knows them, "not found" is not "gone".
         instances::terminate(aws, &instance_ids, true),
-        instances::cancel_spot_requests(aws, &spot_ids)
+        instances::cancel_spot_requests(aws, &spot_ids),
+        revoke,
+        alarm::delete(aws, &alarm_names),
     );
     errors.extend(terminated.err().map(|e| e.to_string()));
     errors.extend(cancelled.err().map(|e| e.to_string()));
-
-    let release_rules = async {
-        let mut errors = Vec::new();
-        let Some(group) = group_id else { return errors };
-        for rule in
-            rules.iter().filter(|r| r.refs.iter().any(|x| doomed_ids.contains(&x.session_id.as_str())))
-        {
-            // Another session's reference keeps the rule if that session is not being removed
-            // and is still launching (a recent reference) or running.
-            let others_alive = rule.refs.iter().any(|x| {
-                !doomed_ids.contains(&x.session_id.as_str())
-                    && x.since
-                        .as_deref()
-                        .and_then(session::parse_rfc3339)
-                        .is_none_or(|t| now - t < LAUNCHING_GRACE)
-            });
-            let result = if others_alive {
-                let ours: Vec<String> = rule
-                    .refs
-                    .iter()
-                    .filter(|x| doomed_ids.contains(&x.session_id.as_str()))
-                    .map(|x| x.session_id.clone())
-                    .collect();
-                release_refs(aws, &rule.rule_id, &ours).await
-            } else {
-                network::revoke_rule(aws, group, &rule.rule_id).await.map(|_| ())
-            };
-            errors.extend(result.err().map(|e| e.to_string()));
-        }
-        errors
-    };
-    let alarm_names: Vec<String> = doomed.iter().flat_map(|(_, f, _)| f.alarms.clone()).collect();
-    let (rule_errors, alarms) = tokio::join!(release_rules, alarm::delete(aws, &alarm_names));
-    errors.extend(rule_errors);
+    errors.extend(revoked.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()));
     errors.extend(alarms.err().map(|e| e.to_string()));
+    // Then the empty groups; one AWS still sees a shutting-down instance in stays for the next run.
+    let groups = futures::future::join_all(
+        doomed
+            .iter()
+            .flat_map(|(_, f, _)| f.groups.iter())
+            .map(|g| network::delete_security_group(aws, &g.id)),
+    );
+    errors.extend(groups.await.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()));
 
     for (id, found, _) in doomed {
         if found.record.is_some() {
@@ -507,19 +486,9 @@ async fn remove(
     errors
 }
 
-async fn release_refs(aws: &Aws, rule_id: &str, sessions: &[String]) -> Result<(), crate::aws::AwsError> {
-    use crate::aws::AwsResultExt;
-    let mut request = aws.ec2.delete_tags().resources(rule_id);
-    for id in sessions {
-        request = request
-            .tags(aws_sdk_ec2::types::Tag::builder().key(crate::session::tags::rule_ref_key(id)).build());
-    }
-    request.send().await.doing(format!("releasing shared SSH rule {rule_id}"))?;
-    Ok(())
-}
-
-/// `--purge`: the security group and the IAM role/profile, once nothing uses them.
-async fn purge(ctx: &Context, aws: &Aws, account: &str, group_id: Option<&str>) -> Result<Vec<String>> {
+/// `--purge`: the IAM roles and instance profiles, once nothing uses them. (Security groups are
+/// per session and go with their session.)
+async fn purge(ctx: &Context, aws: &Aws, account: &str) -> Result<Vec<String>> {
     let s = &ctx.settings;
     let mut purged = Vec::new();
     let users = |filter: &'static str, value: String| async move {
@@ -557,15 +526,6 @@ async fn purge(ctx: &Context, aws: &Aws, account: &str, group_id: Option<&str>) 
         }
     };
     let mut refusals = Vec::new();
-    if let Some(group) = group_id {
-        match users("instance.group-id", group.to_string()).await {
-            Ok(()) => {
-                network::delete_security_group(aws, group).await?;
-                purged.push(format!("security group {} ({group})", s.security_group_name));
-            }
-            Err(e) => refusals.push(format!("security group {} {e}", s.security_group_name)),
-        }
-    }
     for name in [s.iam_role_name.clone(), iam::ssm_role_name(&s.iam_role_name)] {
         let profile_arn = format!("arn:aws:iam::{account}:instance-profile/{name}");
         match users("iam-instance-profile.arn", profile_arn).await {
@@ -587,7 +547,7 @@ async fn purge(ctx: &Context, aws: &Aws, account: &str, group_id: Option<&str>) 
 /// when there is nothing to do), this region only, bounded in time. Returns what it removed.
 pub async fn quick_sweep(ctx: &Context, aws: &Aws) -> Vec<String> {
     let store = Store::new(ctx.settings.sessions_dir());
-    let now = SystemClock.now();
+    let now = session::clock().now();
     let dead: Vec<SessionRecord> = store
         .all()
         .into_iter()

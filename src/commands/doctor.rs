@@ -185,7 +185,7 @@ async fn check_permissions(ctx: &Context, aws: &Aws, image: Option<&str>) -> Vec
         .tag_specifications(network::tag_spec(ResourceType::Volume, &ours))
         .send();
     let (group, own_instance) = tokio::join!(
-        network::find_security_group(aws, &ctx.settings.security_group_name),
+        async { network::own_groups(aws).await.map(|groups| groups.into_iter().next().map(|g| g.id)) },
         instances::find(aws, instances::Query::default())
     );
     let own_instance = own_instance.ok().and_then(|found| found.into_iter().next()).map(|i| i.instance_id);

@@ -246,15 +246,29 @@ async fn provision(
             tokio::task::spawn_blocking(move || SessionKeys::generate(&id)).await.context("key generation")?
         }
     };
+    let expires_at = session::rfc3339(expires);
     let prepare = async {
         tokio::try_join!(
-            async { identity::me(&aws, s.owner.as_deref()).await.map_err(anyhow::Error::from) },
-            detect_ip,
+            // Who we are, then the session's own security group, tagged as the session's.
             async {
-                let group = network::ensure_security_group(&aws, &s.security_group_name).await?;
+                let (caller, vpc) = tokio::try_join!(
+                    async { identity::me(&aws, s.owner.as_deref()).await.map_err(anyhow::Error::from) },
+                    async { network::default_vpc(&aws).await.map_err(anyhow::Error::from) },
+                )?;
+                let vpc = vpc.ok_or_else(|| network::NetworkError::NoDefaultVpc(aws.region.clone()))?;
+                let session_tags = tags::session_tags(&session_id, &caller.owner, &expires_at, kept, &s.tags);
+                let group = network::create_session_group(
+                    &aws,
+                    &vpc,
+                    &s.security_group_name,
+                    &session_id,
+                    &session_tags,
+                )
+                .await?;
                 crash::point("security-group");
-                anyhow::Ok(group)
+                anyhow::Ok((caller, group))
             },
+            detect_ip,
             async {
                 let profile =
                     iam::ensure_instance_profile(&aws, &s.iam_role_name, s.connect == ConnectMode::Ssm)
@@ -275,7 +289,7 @@ async fn provision(
         super::cleanup::quick_sweep(ctx, &aws).await
     };
     let (prepared, swept) = tokio::join!(prepare, housekeeping);
-    let (caller, my_ip, group, profile, keys, image, prices) = prepared?;
+    let ((caller, group), my_ip, profile, keys, image, prices) = prepared?;
     drop(step);
     if !swept.is_empty() {
         ctx.printer.status(format!(
@@ -286,7 +300,6 @@ async fn provision(
     }
     mark("prepare", &mut timings);
 
-    let expires_at = session::rfc3339(expires);
     let session_tags = tags::session_tags(&session_id, &caller.owner, &expires_at, kept, &s.tags);
     let pid = std::process::id();
     let recorder = Recorder {

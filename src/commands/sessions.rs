@@ -73,7 +73,7 @@ pub async fn terminate(ctx: &Context, id: &str) -> Result<ExitStatus> {
     let aws = ctx.aws().await?;
     let store = Store::new(ctx.settings.sessions_dir());
     let record = store.load(id)?;
-    let resources = discover(&aws, &ctx.settings.security_group_name, id, record.as_ref()).await?;
+    let resources = discover(&aws, id, record.as_ref()).await?;
     if record.is_none()
         && resources.instance_ids.is_empty()
         && resources.rule_ids.is_empty()
@@ -90,30 +90,19 @@ pub fn print_teardown(ctx: &Context, report: &TeardownReport) {
     ctx.printer.result(report, || report.summary());
 }
 
-/// Everything AWS and the local record know a session owns: its live instances (by tag), its
-/// references on SSH rules, its alarms.
-pub async fn discover(
-    aws: &Aws,
-    group_name: &str,
-    id: &str,
-    record: Option<&SessionRecord>,
-) -> Result<SessionResources> {
+/// Everything AWS and the local record know a session owns: its live instances, its security
+/// group and SSH rules, its alarms (all by tag, at once).
+pub async fn discover(aws: &Aws, id: &str, record: Option<&SessionRecord>) -> Result<SessionResources> {
     let query = instances::Query { session_id: Some(id), ..Default::default() };
-    let group_id = match record.and_then(|r| r.security_group_id.clone()) {
-        Some(group) => Some(group),
-        None => network::find_security_group(aws, group_name).await?,
-    };
-    let rules = async {
-        match &group_id {
-            Some(group) => network::ssh_rules(aws, group).await.map_err(anyhow::Error::from),
-            None => Ok(Vec::new()),
-        }
-    };
-    let (found, rules, alarms) = tokio::try_join!(
+    let (found, groups, rules, alarms) = tokio::try_join!(
         async { instances::find(aws, query).await.map_err(anyhow::Error::from) },
-        rules,
+        async { network::own_groups(aws).await.map_err(anyhow::Error::from) },
+        async { network::own_ssh_rules(aws).await.map_err(anyhow::Error::from) },
         async { alarm::list_ours(aws).await.map_err(anyhow::Error::from) },
     )?;
+    let group_id = record
+        .and_then(|r| r.security_group_id.clone())
+        .or_else(|| groups.iter().find(|g| g.session_id.as_deref() == Some(id)).map(|g| g.id.clone()));
     let mut resources = record.map(SessionResources::from_record).unwrap_or_default();
     resources.session_id = id.to_string();
     resources.merge(SessionResources {
@@ -123,7 +112,7 @@ pub async fn discover(
         security_group_id: group_id,
         rule_ids: rules
             .iter()
-            .filter(|r| r.refs.iter().any(|x| x.session_id == id))
+            .filter(|r| r.session_id.as_deref() == Some(id))
             .map(|r| r.rule_id.clone())
             .collect(),
         alarm_names: alarms

@@ -14,8 +14,6 @@ pub const OWNER: &str = "ephemeral-admin:owner";
 pub const EXPIRES_AT: &str = "ephemeral-admin:expires-at";
 /// `attached` (ends with the shell) or `kept` (`--keep`/`--detach`: ends by its watchdog).
 pub const MODE: &str = "ephemeral-admin:mode";
-/// On a shared ingress rule: one key per session that relies on it (reference counting).
-pub const RULE_REF_PREFIX: &str = "ephemeral-admin:ref:";
 
 /// Keys the tool sets itself; user tags may not use them.
 pub fn is_reserved(key: &str) -> bool {
@@ -53,11 +51,6 @@ pub fn valid_tag_value_char(c: char) -> bool {
     c.is_alphanumeric() || c == ' ' || "_.:/=+-@".contains(c)
 }
 
-/// The reference tag a session puts on an ingress rule it uses.
-pub fn rule_ref_key(session_id: &str) -> String {
-    format!("{RULE_REF_PREFIX}{session_id}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +67,5 @@ mod tests {
         for (key, _) in &tags {
             assert!(crate::settings::valid_tag_key(key), "{key}");
         }
-        assert!(crate::settings::valid_tag_key(&rule_ref_key("k3x9q2ab")));
     }
 }

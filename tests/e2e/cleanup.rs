@@ -207,13 +207,13 @@ fn purge_removes_the_shared_resources_only_when_nothing_uses_them() {
     assert_eq!(run.code, 1, "refuses while an instance uses them: {}", run.stdout);
     assert!(run.stdout.contains("still used by") && run.stdout.contains(kept_id), "{}", run.stdout);
     let state = cloud.state();
-    assert!(state["security_groups"].as_array().unwrap().iter().any(|g| g["name"] == "ephemeral-admin-sg"));
+    assert_eq!(crate::launch::own_groups(&state).len(), 1, "the kept session's own group stays");
     assert_eq!(state["iam"]["roles"].as_array().unwrap().len(), 1);
 
     let run = user.run(&["cleanup", "--all", "--purge"]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     let state = cloud.state();
-    assert!(!state["security_groups"].as_array().unwrap().iter().any(|g| g["name"] == "ephemeral-admin-sg"));
+    assert!(crate::launch::own_groups(&state).is_empty());
     assert!(state["iam"]["roles"].as_array().unwrap().is_empty());
     assert!(state["iam"]["instance_profiles"].as_array().unwrap().is_empty());
     assert_nothing_left(&cloud);

@@ -18,14 +18,23 @@ fn instance<'a>(state: &'a Value, id: &str) -> &'a Value {
     state["instances"].as_array().unwrap().iter().find(|i| i["id"] == id).unwrap_or_else(|| panic!("no {id}"))
 }
 
-fn our_group(state: &Value) -> Value {
+/// The security groups the tool made (tagged as its own).
+pub fn own_groups(state: &Value) -> Vec<Value> {
     state["security_groups"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|g| g["name"] == "ephemeral-admin-sg")
+        .filter(|g| g["tags"]["Project"] == "EphemeralContainer")
         .cloned()
-        .unwrap()
+        .collect()
+}
+
+/// A session's own security group.
+fn session_group(state: &Value, session: &str) -> Value {
+    own_groups(state)
+        .into_iter()
+        .find(|g| g["tags"]["ephemeral-admin:session"] == session)
+        .unwrap_or_else(|| panic!("no security group for session {session}"))
 }
 
 /// Live instances, open rules and alarms a session left in moto.
@@ -37,11 +46,13 @@ pub fn leftovers(cloud: &LocalCloud, session: &str) -> Vec<String> {
             left.push(format!("instance {} ({})", i["id"], i["state"]));
         }
     }
-    for g in state["security_groups"].as_array().unwrap() {
-        for r in g["ingress"].as_array().unwrap() {
-            if r["tags"].as_object().unwrap().keys().any(|k| k == &format!("ephemeral-admin:ref:{session}")) {
-                left.push(format!("rule {}", r["security_group_rule_id"]));
-            }
+    for g in own_groups(&state) {
+        if g["tags"]["ephemeral-admin:session"] == session {
+            left.push(format!(
+                "security group {} ({} rules)",
+                g["id"],
+                g["ingress"].as_array().unwrap().len()
+            ));
         }
     }
     for a in state["alarms"].as_array().unwrap() {
@@ -116,10 +127,11 @@ fn detached_launch_creates_exactly_a_locked_down_tagged_spot_box() {
     assert_eq!(spot["tags"], expected_tags);
     assert_eq!(spot["type"], "one-time");
 
-    // SSH from the given address only, tagged with the session.
-    let group = our_group(&state);
-    assert_eq!(group["tags"], json!({"Project": "EphemeralContainer", "AutoManaged": "true"}));
-    assert!(box_["security_group_ids"].as_array().unwrap().contains(&group["id"]));
+    // SSH from the given address only, in the session's own group, tagged with the session.
+    let group = session_group(&state, session);
+    assert_eq!(group["tags"], expected_tags);
+    assert_eq!(group["name"], format!("ephemeral-admin-sg-{session}"));
+    assert_eq!(box_["security_group_ids"], json!([group["id"]]), "the box is in its own group only");
     let rules = group["ingress"].as_array().unwrap();
     assert_eq!(rules.len(), 1, "{rules:#?}");
     assert_eq!(rules[0]["cidr_ipv4"], format!("{MY_IP}/32"));
@@ -166,7 +178,7 @@ fn detached_launch_creates_exactly_a_locked_down_tagged_spot_box() {
 }
 
 #[test]
-fn a_second_launch_reuses_group_role_and_profile_and_shares_the_rule() {
+fn a_second_launch_reuses_role_and_profile_and_gets_its_own_group_and_rule() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let first = launch(&user, &[]);
@@ -175,25 +187,24 @@ fn a_second_launch_reuses_group_role_and_profile_and_shares_the_rule() {
     }
     cloud.clear_log();
     let second = launch(&user, &[]);
-    for create in [
-        "CreateSecurityGroup",
-        "CreateRole",
-        "PutRolePolicy",
-        "CreateInstanceProfile",
-        "AddRoleToInstanceProfile",
-    ] {
+    assert_eq!(cloud.count("CreateSecurityGroup"), 1, "every session gets its own group");
+    for create in ["CreateRole", "PutRolePolicy", "CreateInstanceProfile", "AddRoleToInstanceProfile"] {
         assert_eq!(cloud.count(create), 0, "{create} must not run on a warm account: {:?}", cloud.actions());
     }
     // Warm: one round of lookups, then RunInstances.
     assert_eq!(cloud.count("GetInstanceProfile"), 1);
-    assert_eq!(cloud.count("DescribeSecurityGroups"), 1);
+    assert_eq!(cloud.count("DescribeSecurityGroups"), 0);
 
-    // Same address: both sessions hold a reference to one rule.
-    let rules = our_group(&cloud.state())["ingress"].as_array().unwrap().clone();
-    assert_eq!(rules.len(), 1);
+    // Same address: each session has its own group with its own rule, on its own box only.
     let (a, b) = (first["session_id"].as_str().unwrap(), second["session_id"].as_str().unwrap());
-    assert!(rules[0]["tags"].get(format!("ephemeral-admin:ref:{a}")).is_some());
-    assert!(rules[0]["tags"].get(format!("ephemeral-admin:ref:{b}")).is_some());
+    let state = cloud.state();
+    let (group_a, group_b) = (session_group(&state, a), session_group(&state, b));
+    assert_ne!(group_a["id"], group_b["id"]);
+    for group in [&group_a, &group_b] {
+        let rules = group["ingress"].as_array().unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0]["cidr_ipv4"], format!("{MY_IP}/32"));
+    }
 
     // list: both, from one tag-filtered DescribeInstances.
     cloud.clear_log();
@@ -206,14 +217,15 @@ fn a_second_launch_reuses_group_role_and_profile_and_shares_the_rule() {
     let text = user.run(&["list"]).success().stdout;
     assert!(text.starts_with("ID ") && text.contains(a) && text.contains("running"), "{text}");
 
-    // Ending the first keeps the rule for the second; ending the second closes it.
+    // Ending the first revokes its rule and deletes its group; the second's access stays.
     let ended = user.run(&["terminate", a, "--output", "json"]).success().json();
-    assert_eq!(ended["rules"][0][1], "still-shared");
-    assert_eq!(our_group(&cloud.state())["ingress"].as_array().unwrap().len(), 1);
+    assert_eq!(ended["rules"][0][1], "revoked");
+    assert_eq!(ended["group"], "deleted");
+    assert_eq!(session_group(&cloud.state(), b)["ingress"].as_array().unwrap().len(), 1);
     assert!(leftovers(&cloud, a).is_empty(), "{:?}", leftovers(&cloud, a));
     let ended = user.run(&["terminate", b, "--output", "json"]).success().json();
     assert_eq!(ended["rules"][0][1], "revoked");
-    assert!(our_group(&cloud.state())["ingress"].as_array().unwrap().is_empty());
+    assert!(own_groups(&cloud.state()).is_empty());
     assert!(leftovers(&cloud, b).is_empty(), "{:?}", leftovers(&cloud, b));
     assert!(!user.state_dir().join(format!("sessions/{b}/id_ed25519")).exists(), "key deleted");
 
@@ -292,7 +304,11 @@ fn exhausted_capacity_exits_3_and_leaves_nothing() {
     );
     let state = cloud.state();
     assert!(state["instances"].as_array().unwrap().is_empty());
-    assert!(our_group(&state)["ingress"].as_array().unwrap().is_empty(), "the rule was revoked");
+    assert!(
+        own_groups(&state).is_empty(),
+        "the session's group and rule are gone: {:#?}",
+        own_groups(&state)
+    );
     assert!(state["alarms"].as_array().unwrap().is_empty());
     let sessions = user.state_dir().join("sessions");
     let left: Vec<_> = std::fs::read_dir(&sessions).map(|d| d.flatten().collect()).unwrap_or_default();
@@ -313,7 +329,7 @@ fn an_auth_error_on_run_instances_stops_at_once_and_revokes_the_rule() {
             && line.contains("ephemeral-admin policy"),
         "{line}"
     );
-    assert!(our_group(&cloud.state())["ingress"].as_array().unwrap().is_empty());
+    assert!(own_groups(&cloud.state()).is_empty(), "the session's group went with its rule");
     assert_eq!(cloud.count("RevokeSecurityGroupIngress"), 1);
 }
 
@@ -450,7 +466,7 @@ fn the_caller_ip_is_detected_from_echo_services() {
     let garbage = EchoServer::start("<html>captive portal</html>");
     let user = User::new(&cloud).env("EPHEMERAL_ADMIN_IP_SERVICES", &format!("{},{}", garbage.url, echo.url));
     let out = user.run(&["launch", "--detach", "--output", "json"]).success().json();
-    let rules = our_group(&cloud.state())["ingress"].as_array().unwrap().clone();
+    let rules = session_group(&cloud.state(), out["session_id"].as_str().unwrap())["ingress"].clone();
     assert_eq!(rules[0]["cidr_ipv4"], "198.51.100.23/32");
     user.run(&["terminate", out["session_id"].as_str().unwrap()]).success();
 

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod access;
 mod cleanup;
 mod cost;
 mod foundation;

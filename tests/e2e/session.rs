@@ -36,11 +36,8 @@ pub fn assert_nothing_left(cloud: &LocalCloud) {
     let live: Vec<&Value> =
         state["instances"].as_array().unwrap().iter().filter(|i| i["state"] != "terminated").collect();
     assert!(live.is_empty(), "live instances: {live:#?}");
-    for g in state["security_groups"].as_array().unwrap() {
-        if g["name"] == "ephemeral-admin-sg" {
-            assert!(g["ingress"].as_array().unwrap().is_empty(), "rules left: {g:#}");
-        }
-    }
+    let groups = crate::launch::own_groups(&state);
+    assert!(groups.is_empty(), "security groups (and their rules) left: {groups:#?}");
     assert!(state["alarms"].as_array().unwrap().is_empty(), "alarms left: {:#}", state["alarms"]);
     let open: Vec<&Value> = state["spot_requests"]
         .as_array()
