@@ -21,7 +21,9 @@ use time::OffsetDateTime;
 use crate::aws::instances::InstanceInfo;
 use crate::aws::{Aws, AwsResultExt};
 use crate::pricing::{self, Estimate};
-use crate::session::store::{SessionRecord, Store, process_alive, write_atomic};
+use crate::session::Scope;
+use crate::session::lifecycle::{self, Launcher};
+use crate::session::store::{SessionRecord, Store, write_atomic};
 use crate::session::{self, Clock};
 
 /// How a session ended.
@@ -119,6 +121,11 @@ pub struct Ledger {
 impl Ledger {
     pub fn new(path: impl Into<PathBuf>) -> Ledger {
         Ledger { path: path.into() }
+    }
+
+    /// The ledger beside the session records: `$XDG_STATE_HOME/ephemeral-admin/ledger.jsonl`.
+    pub fn beside(store: &Store) -> Ledger {
+        Ledger::new(store.state_dir().join("ledger.jsonl"))
     }
 
     pub fn path(&self) -> &Path {
@@ -223,17 +230,22 @@ pub fn record_end(
     ended_by: &str,
     end: OffsetDateTime,
 ) -> Result<Option<Entry>> {
-    let Some(mut record) = store.load(session_id)? else { return Ok(None) };
-    if record.ended_at.is_some() {
-        return Ok(None);
-    }
-    let entry = Entry::from_record(&record, end, ended_by);
-    if let Some(entry) = &entry {
-        ledger.append(entry)?;
-    }
-    record.ended_at = Some(session::rfc3339(end));
-    record.end_reason = Some(ended_by.to_string());
-    store.save(&record)?;
+    let entry = store.update(session_id, |record| {
+        if record.ended_at.is_some() {
+            return Ok(None);
+        }
+        let entry = Entry::from_record(record, end, ended_by);
+        if let Some(entry) = &entry {
+            ledger.append(entry)?;
+        }
+        record.ended_at = Some(session::rfc3339(end));
+        record.end_reason = Some(ended_by.to_string());
+        anyhow::Ok(entry)
+    })?;
+    let entry = match entry {
+        Some(result) => result?,
+        None => None,
+    };
     Ok(entry)
 }
 
@@ -269,52 +281,57 @@ fn transition_time(reason: Option<&str>) -> Option<OffsetDateTime> {
 /// and whose instance AWS reports terminated (or no longer knows). One DescribeInstances for all
 /// of them; none at all when there is nothing to settle. Returns the entries written.
 pub async fn settle(aws: &Aws, store: &Store, ledger: &Ledger, clock: &dyn Clock) -> Result<Vec<Entry>> {
-    let open = unsettled(store, &aws.region);
+    let open = unsettled(store, &aws.caller().await?.scope(&aws.region));
     if open.is_empty() {
         return Ok(Vec::new());
     }
     let mut filter = Filter::builder().name("instance-id");
-    for record in &open {
-        filter = filter.values(record.instance_id.clone().unwrap_or_default());
+    // `unsettled` keeps only records with an instance id.
+    for id in open.iter().filter_map(|r| r.instance_id.as_deref()) {
+        filter = filter.values(id);
     }
     let out =
         aws.ec2.describe_instances().filters(filter.build()).send().await.doing("settling ended sessions")?;
     let found: Vec<InstanceInfo> =
-        out.reservations().iter().flat_map(|r| r.instances()).map(InstanceInfo::from_sdk).collect();
+        out.reservations().iter().flat_map(|r| r.instances()).filter_map(InstanceInfo::from_sdk).collect();
     settle_from(open, &found, store, ledger, clock)
 }
 
-/// The regions where local records may have ended while no CLI watched (each needs one
-/// DescribeInstances to settle), in name order.
-pub fn unsettled_regions(store: &Store) -> Vec<String> {
+/// The regions where this (partition, account)'s local records may have ended while no CLI
+/// watched (each needs one DescribeInstances to settle), in name order.
+pub fn unsettled_regions(store: &Store, partition: &str, account: &str) -> Vec<String> {
     let mut regions: Vec<String> = store.all().into_iter().map(|r| r.region).collect();
     regions.sort();
     regions.dedup();
-    regions.retain(|region| !unsettled(store, region).is_empty());
+    regions.retain(|region| {
+        let scope = Scope { partition: partition.into(), account: account.into(), region: region.clone() };
+        !unsettled(store, &scope).is_empty()
+    });
     regions
 }
 
-/// Records in the region that may have ended while no CLI watched: not ended, with an instance,
-/// and no live client.
-fn unsettled(store: &Store, region: &str) -> Vec<SessionRecord> {
+/// Records of this (partition, account, region) that may have ended while no CLI watched: not
+/// ended, with an instance, and no live client. Another account's records are never touched:
+/// its instances are invisible from here, which would look like "gone".
+fn unsettled(store: &Store, scope: &Scope) -> Vec<SessionRecord> {
     store
-        .all()
+        .in_scope(scope)
         .into_iter()
-        .filter(|r| r.region == region && r.ended_at.is_none() && r.instance_id.is_some())
-        .filter(|r| !r.pid.is_some_and(|pid| process_alive(pid, r.pid_start)))
+        .filter(|r| r.ended_at.is_none() && r.instance_id.is_some())
+        .filter(|r| lifecycle::launcher_of(r) != Launcher::Alive)
         .collect()
 }
 
 /// [`settle`] with instances the caller already described (every state, terminated included),
 /// so a command that lists instances anyway settles at no extra AWS call.
 pub fn settle_known(
-    region: &str,
+    scope: &Scope,
     found: &[InstanceInfo],
     store: &Store,
     ledger: &Ledger,
     clock: &dyn Clock,
 ) -> Result<Vec<Entry>> {
-    settle_from(unsettled(store, region), found, store, ledger, clock)
+    settle_from(unsettled(store, scope), found, store, ledger, clock)
 }
 
 fn settle_from(

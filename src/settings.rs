@@ -32,6 +32,9 @@ pub struct Settings {
     pub max_runtime: Duration,
     pub max_runtime_cap: Duration,
     pub idle_grace: Duration,
+    /// The idle grace of a kept session (`--keep`, `--detach`, `--tmux`): long enough that work
+    /// survives a dropped connection; the deadline still applies.
+    pub kept_idle_grace: Duration,
     pub boot_grace: Duration,
     pub watchdog_interval: Duration,
     pub connect_timeout: Duration,
@@ -158,6 +161,7 @@ struct FileConfig {
     max_runtime: Option<String>,
     max_runtime_cap: Option<String>,
     idle_grace: Option<String>,
+    kept_idle_grace: Option<String>,
     boot_grace: Option<String>,
     watchdog_interval: Option<String>,
     connect_timeout: Option<String>,
@@ -321,6 +325,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         file.idle_grace,
         "2m",
     )?;
+    let kept_idle_grace = duration("kept_idle_grace", None, "", file.kept_idle_grace, "30m")?;
     let boot_grace = duration("boot_grace", None, "", file.boot_grace, "10m")?;
     let watchdog_interval = duration("watchdog_interval", None, "", file.watchdog_interval, "5s")?;
     let connect_timeout = duration("connect_timeout", None, "", file.connect_timeout, "3m")?;
@@ -455,6 +460,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         max_runtime,
         max_runtime_cap,
         idle_grace,
+        kept_idle_grace,
         boot_grace,
         watchdog_interval,
         connect_timeout,
@@ -872,6 +878,7 @@ mod tests {
         assert_eq!(s.max_runtime, Duration::from_secs(4 * 3600));
         assert_eq!(s.max_runtime_cap, Duration::from_secs(12 * 3600));
         assert_eq!(s.idle_grace, Duration::from_secs(120));
+        assert_eq!(s.kept_idle_grace, Duration::from_secs(1800));
         assert_eq!(s.spot_price_ratio, 0.5);
         assert!(s.on_demand_fallback);
         assert_eq!(s.security_group_name, "ephemeral-admin-sg");

@@ -140,15 +140,21 @@ pub async fn teardown(
 ) -> TeardownReport {
     let mut report = TeardownReport { session_id: resources.session_id.clone(), ..Default::default() };
     // The ledger line first: it is local, and its figures feed the metrics sent below.
-    let entry = match ledger::record_end(&store.ledger(), store, &resources.session_id, reason, clock.now()) {
+    let entry = match ledger::record_end(
+        &crate::ledger::Ledger::beside(store),
+        store,
+        &resources.session_id,
+        reason,
+        clock.now(),
+    ) {
         Ok(entry) => entry,
         Err(e) => {
             report.errors.push(format!("{e:#}"));
             None
         }
     };
-    // Everything in AWS at once (one round trip), then the group, which the instance and the
-    // rules had to let go of first.
+    // Everything in AWS at once; the group goes right after its instance (AWS refuses while the
+    // instance is still in it), so the whole wait stays two round trips.
     let release_rules = futures::future::join_all(resources.security_group_id.iter().flat_map(|group| {
         resources
             .rule_ids
@@ -161,18 +167,27 @@ pub async fn teardown(
             None => Vec::new(),
         }
     };
-    // The alarm is the box's second net: it goes only once the instance is sure to end.
+    // Once the instance is sure to end: its group can go, and its alarm (the box's second net).
     let known = instances::must_be_known(resources.launched_at.as_deref(), clock.now());
-    let end_instances = async {
+    let terminate_then_group = async {
         let terminated = instances::terminate(aws, &resources.instance_ids, known).await;
-        let alarms = match terminated {
-            Ok(()) => Some(alarm::delete(aws, &resources.alarm_names).await),
-            Err(_) => None,
+        let (group, alarms) = match &terminated {
+            Ok(()) => {
+                let group = async {
+                    match &resources.security_group_id {
+                        Some(group) => Some(network::delete_security_group(aws, group).await),
+                        None => None,
+                    }
+                };
+                let (group, alarms) = tokio::join!(group, alarm::delete(aws, &resources.alarm_names));
+                (group, Some(alarms))
+            }
+            Err(_) => (None, None),
         };
-        (terminated, alarms)
+        (terminated, group, alarms)
     };
-    let ((terminated, alarms), cancelled, released, warnings) = tokio::join!(
-        end_instances,
+    let ((terminated, group, alarms), cancelled, released, warnings) = tokio::join!(
+        terminate_then_group,
         // A one-time spot request closes when its instance ends; cancelling makes sure.
         instances::cancel_spot_requests(aws, &resources.spot_request_ids),
         release_rules,
@@ -210,11 +225,16 @@ pub async fn teardown(
             Err(e) => report.errors.push(format!("{e:#}")),
         }
     }
-    if let Some(group) = &resources.security_group_id {
-        match network::delete_security_group(aws, group).await {
-            Ok(deletion) => report.group = Some(deletion),
-            Err(e) => report.errors.push(e.to_string()),
+    match group {
+        Some(Ok(deletion)) => {
+            report.group = Some(deletion);
+            if deletion == GroupDeletion::Deleted {
+                // Nothing left for the launch sweep or `cleanup` to retry.
+                let _ = store.update(&resources.session_id, |r| r.security_group_id = None);
+            }
         }
+        Some(Err(e)) => report.errors.push(e.to_string()),
+        None => {}
     }
     report
 }

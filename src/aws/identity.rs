@@ -1,4 +1,5 @@
-//! Who is calling: the caller's account and ARN, and the owner of the sessions they launch.
+//! Who is calling: the caller's account and ARN, the (partition, account, region) every local
+//! record belongs to, and the owner of the sessions they launch.
 //!
 //! The owner tag must name the same human across logins. A caller ARN does not always: under an
 //! assumed role (`arn:aws:sts::ACCT:assumed-role/ROLE/SESSION`) the session name is whatever the
@@ -9,6 +10,7 @@
 //! through [`is_mine`], which also recognises tags written with the full ARN.
 
 use super::{Aws, AwsError, AwsResultExt};
+use crate::session::Scope;
 
 /// The identity behind the credentials.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -27,11 +29,36 @@ impl Caller {
     }
 }
 
-/// STS GetCallerIdentity: proves the credentials work and names their owner.
+impl Caller {
+    /// `aws`, `aws-cn`, `aws-us-gov`: the second field of the ARN.
+    pub fn partition(&self) -> &str {
+        self.arn.split(':').nth(1).unwrap_or("aws")
+    }
+
+    /// Where this caller's local records live in `region`.
+    pub fn scope(&self, region: &str) -> Scope {
+        Scope {
+            partition: self.partition().to_string(),
+            account: self.account.clone(),
+            region: region.into(),
+        }
+    }
+}
+
+/// STS GetCallerIdentity (once per process): proves the credentials work and names their owner.
 pub async fn whoami(aws: &Aws) -> Result<Caller, AwsError> {
-    let out = aws.sts.get_caller_identity().send().await.doing("checking your AWS credentials")?;
-    let arn = out.arn().unwrap_or_default().to_string();
-    Ok(Caller { account: out.account().unwrap_or_default().to_string(), owner: owner_of(&arn), arn })
+    aws.caller().await
+}
+
+pub(super) async fn ask(aws: &Aws) -> Result<Caller, AwsError> {
+    let doing = "checking your AWS credentials";
+    let out = aws.sts.get_caller_identity().send().await.doing(doing)?;
+    let arn = out.arn().ok_or_else(|| AwsError::missing(doing, "caller ARN"))?.to_string();
+    Ok(Caller {
+        account: out.account().ok_or_else(|| AwsError::missing(doing, "account"))?.to_string(),
+        owner: owner_of(&arn),
+        arn,
+    })
 }
 
 /// [`whoami`], with the `owner` setting (if any) as the owner.

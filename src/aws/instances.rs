@@ -36,14 +36,16 @@ pub struct InstanceInfo {
 }
 
 impl InstanceInfo {
-    pub fn from_sdk(i: &Instance) -> InstanceInfo {
+    /// `None` for an instance without an id (never sent by EC2; never defaulted to "").
+    pub fn from_sdk(i: &Instance) -> Option<InstanceInfo> {
+        let instance_id = i.instance_id()?.to_string();
         let tags: BTreeMap<String, String> = i
             .tags()
             .iter()
             .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
             .collect();
-        InstanceInfo {
-            instance_id: i.instance_id().unwrap_or_default().to_string(),
+        Some(InstanceInfo {
+            instance_id,
             session_id: tags.get(tags::SESSION).cloned(),
             owner: tags.get(tags::OWNER).cloned(),
             state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
@@ -69,7 +71,7 @@ impl InstanceInfo {
                 .filter(|r| !r.is_empty())
                 .map(str::to_string),
             tags,
-        }
+        })
     }
 
     pub fn is_live(&self) -> bool {
@@ -116,7 +118,7 @@ pub async fn find(aws: &Aws, query: Query<'_>) -> Result<Vec<InstanceInfo>, AwsE
     while let Some(page) = pages.next().await {
         let page = page.doing("listing session instances")?;
         for reservation in page.reservations() {
-            found.extend(reservation.instances().iter().map(InstanceInfo::from_sdk));
+            found.extend(reservation.instances().iter().filter_map(InstanceInfo::from_sdk));
         }
     }
     found.sort_by(|a, b| b.launch_time.cmp(&a.launch_time));
@@ -126,9 +128,7 @@ pub async fn find(aws: &Aws, query: Query<'_>) -> Result<Vec<InstanceInfo>, AwsE
 /// One instance by id, or None if AWS does not know it (yet, or any more).
 pub async fn describe(aws: &Aws, instance_id: &str) -> Result<Option<InstanceInfo>, AwsError> {
     match aws.ec2.describe_instances().instance_ids(instance_id).send().await {
-        Ok(out) => {
-            Ok(out.reservations().iter().flat_map(|r| r.instances()).next().map(InstanceInfo::from_sdk))
-        }
+        Ok(out) => Ok(out.reservations().iter().flat_map(|r| r.instances()).find_map(InstanceInfo::from_sdk)),
         // Just launched and not yet visible (EC2 is eventually consistent), or long gone.
         Err(e) if code_of(&e) == Some("InvalidInstanceID.NotFound") => Ok(None),
         Err(e) => Err(AwsError::new(format!("checking instance {instance_id}"), e)),
@@ -292,17 +292,17 @@ pub async fn open_spot_requests(aws: &Aws) -> Result<Vec<SpotRequestInfo>, AwsEr
     Ok(out
         .spot_instance_requests()
         .iter()
-        .map(|r| {
+        .filter_map(|r| {
             let tag = |key: &str| {
                 r.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value()).map(str::to_string)
             };
-            SpotRequestInfo {
-                id: r.spot_instance_request_id().unwrap_or_default().to_string(),
+            Some(SpotRequestInfo {
+                id: r.spot_instance_request_id()?.to_string(),
                 session_id: tag(tags::SESSION),
                 owner: tag(tags::OWNER),
                 instance_id: r.instance_id().map(str::to_string),
                 state: r.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
-            }
+            })
         })
         .collect())
 }
@@ -318,5 +318,5 @@ pub async fn users_of(aws: &Aws, filter_name: &str, value: &str) -> Result<Vec<I
         .send()
         .await
         .doing("checking what still uses the shared resources")?;
-    Ok(out.reservations().iter().flat_map(|r| r.instances()).map(InstanceInfo::from_sdk).collect())
+    Ok(out.reservations().iter().flat_map(|r| r.instances()).filter_map(InstanceInfo::from_sdk).collect())
 }

@@ -250,8 +250,11 @@ pub async fn run_first_available(
             let error = match result {
                 Ok(out) => {
                     let instance = out.instances().first();
+                    let Some(instance_id) = instance.and_then(|i| i.instance_id()) else {
+                        return Err(AwsError::missing(format!("launching {candidate}"), "instance id").into());
+                    };
                     return Ok(Launched {
-                        instance_id: instance.and_then(|i| i.instance_id()).unwrap_or_default().to_string(),
+                        instance_id: instance_id.to_string(),
                         instance_type: candidate.instance_type.clone(),
                         availability_zone: instance
                             .and_then(|i| i.placement())

@@ -45,6 +45,9 @@ pub struct Aws {
     pub cloudwatch: aws_sdk_cloudwatch::Client,
     pub logs: aws_sdk_cloudwatchlogs::Client,
     pub budgets: aws_sdk_budgets::Client,
+    /// Who the credentials belong to, asked once per process (shared by every region's clients:
+    /// the same credentials are the same caller everywhere).
+    caller: std::sync::Arc<tokio::sync::OnceCell<identity::Caller>>,
 }
 
 impl Aws {
@@ -65,7 +68,12 @@ impl Aws {
     /// The same account and endpoint in another region (for `cleanup --all-regions`).
     pub async fn in_region(&self, settings: &AwsSettings, region: &str) -> Aws {
         let config = load_sdk_config(settings, Some(region.to_string())).await;
-        Aws::from_config(config, region.to_string())
+        Aws { caller: self.caller.clone(), ..Aws::from_config(config, region.to_string()) }
+    }
+
+    /// The caller (STS GetCallerIdentity), asked at most once per process.
+    pub async fn caller(&self) -> Result<identity::Caller, AwsError> {
+        self.caller.get_or_try_init(|| identity::ask(self)).await.cloned()
     }
 
     fn from_config(config: SdkConfig, region: String) -> Aws {
@@ -82,6 +90,7 @@ impl Aws {
                 aws_sdk_budgets::config::Builder::from(&config).region(Region::new("us-east-1")).build(),
             ),
             config,
+            caller: Default::default(),
         }
     }
 }

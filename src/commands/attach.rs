@@ -76,7 +76,9 @@ pub fn connect_options(
     let client_key =
         russh::keys::PrivateKey::from_openssh(&key_text).context("the session's private key is damaged")?;
     let host_key = crate::keys::parse_public(&record.host_key_public)?;
-    let instance_id = record.instance_id.as_deref().unwrap_or_default();
+    let instance_id = record.instance_id.as_deref().with_context(|| {
+        format!("session {} has no instance id: `ephemeral-admin cleanup {}`", record.id, record.id)
+    })?;
     let address = match route.mode {
         ConnectMode::PrivateIp => record.private_ip.clone(),
         _ => record.public_ip.clone().or(record.private_ip.clone()),

@@ -21,7 +21,8 @@ use crate::cli::CleanupArgs;
 use crate::error::{ExitStatus, UsageError};
 use crate::output::{short_duration, table, usd};
 use crate::pricing;
-use crate::session::store::{SessionRecord, Store, process_alive};
+use crate::session::lifecycle::{self, Instance, Phase};
+use crate::session::store::{SessionRecord, Store};
 use crate::session::{self, SystemClock};
 
 /// How long `--purge` waits for terminating instances to let go of the group and profile.
@@ -93,10 +94,6 @@ impl Found {
             .find_map(|i| i.expires_at.clone())
             .or_else(|| self.record.as_ref().map(|r| r.expires_at.clone()))
             .and_then(|t| session::parse_rfc3339(&t))
-    }
-
-    fn kept(&self) -> bool {
-        self.instances.iter().any(|i| i.kept) || self.record.as_ref().is_some_and(|r| r.kept)
     }
 
     /// Nothing left in AWS (terminated instances stay visible for an hour but cost nothing).
@@ -251,7 +248,8 @@ async fn sweep(
         .collect();
 
     let mut sessions: BTreeMap<String, Found> = BTreeMap::new();
-    for record in store.all().into_iter().filter(|r| r.region == aws.region) {
+    let scope = aws.caller().await?.scope(&aws.region);
+    for record in store.in_scope(&scope) {
         let id = record.id.clone();
         sessions.entry(id).or_default().record = Some(record);
     }
@@ -352,48 +350,34 @@ fn decide(id: &str, found: &Found, args: &CleanupArgs, now: OffsetDateTime) -> D
         return Decision::Keep("not named".into());
     }
     let live = found.live();
-    let ended = found.record.as_ref().and_then(|r| r.end_reason.clone());
-    if let Some(record) = &found.record
-        && found.instances.is_empty()
-        && ended.is_none()
-        && instances::must_be_known(record.launched_at.as_deref(), now)
-    {
-        // Launched moments ago and not visible to EC2 yet: not gone.
-        return Decision::Keep("its instance is not visible to EC2 yet; try again in a minute".into());
+    let instance = if live.iter().any(|i| matches!(i.state.as_str(), "pending" | "running")) {
+        Instance::Live
+    } else if found.instances.is_empty() {
+        // Not in EC2's answer at all: gone, or (launched moments ago) not visible yet.
+        Instance::Unseen
+    } else if live.is_empty() {
+        Instance::Gone
+    } else {
+        Instance::Stuck
+    };
+    let kept_tag = found.instances.iter().any(|i| i.kept);
+    let phase = lifecycle::phase(found.record.as_ref(), instance, kept_tag, found.expires_at(), now);
+    if phase.is_abandoned() {
+        return Decision::Remove(phase.describe());
     }
-    if live.is_empty() {
-        return Decision::Remove(match (&ended, found.instances.is_empty()) {
-            (Some(reason), _) => format!("ended ({reason})"),
-            (None, true) => "half-made: it never got an instance".into(),
-            (None, false) => "its instance is gone".into(),
-        });
-    }
-    if args.all {
+    if args.all && instance == Instance::Live {
         return Decision::Remove("--all".into());
-    }
-    if let Some(expires) = found.expires_at()
-        && expires <= now
-    {
-        return Decision::Remove("past its deadline".into());
-    }
-    if let Some(stuck) = live.iter().find(|i| i.state != "running" && i.state != "pending") {
-        return Decision::Remove(format!("its instance is {}", stuck.state));
     }
     let left = found
         .expires_at()
         .map(|t| short_duration(Duration::from_secs((t - now).whole_seconds().max(0) as u64)))
         .unwrap_or_else(|| "?".into());
-    if found.kept() {
-        return Decision::Keep(format!("kept on purpose, {left} left"));
-    }
-    match found.record.as_ref().and_then(|r| r.pid.map(|pid| (pid, r.pid_start))) {
-        Some((pid, start)) if process_alive(pid, start) => Decision::Keep(format!("in use by pid {pid}")),
-        Some((pid, _)) => Decision::Remove(format!("orphaned: its client (pid {pid}) is gone")),
-        None if found.record.is_some() => Decision::Remove("orphaned: no client recorded".into()),
-        None => Decision::Keep(format!(
-            "attached elsewhere (no local record), {left} left; name it or pass --all"
-        )),
-    }
+    Decision::Keep(match phase {
+        Phase::Attached { pid: None } => {
+            format!("attached elsewhere (no local record), {left} left; name it or pass --all")
+        }
+        other => format!("{}, {left} left", other.describe()),
+    })
 }
 
 fn describe_resources(found: &Found) -> Vec<String> {
@@ -468,8 +452,13 @@ async fn remove(
 
     for (id, found, _) in doomed {
         if found.record.is_some() {
-            match crate::ledger::record_end(&store.ledger(), store, id, crate::ledger::ended_by::CLEANUP, now)
-            {
+            match crate::ledger::record_end(
+                &crate::ledger::Ledger::beside(store),
+                store,
+                id,
+                crate::ledger::ended_by::CLEANUP,
+                now,
+            ) {
                 Ok(Some(entry)) => {
                     for warning in crate::teardown::report_end(aws, &entry).await {
                         tracing::warn!("{warning}");
@@ -548,16 +537,30 @@ async fn purge(ctx: &Context, aws: &Aws, account: &str) -> Result<Vec<String>> {
 pub async fn quick_sweep(ctx: &Context, aws: &Aws) -> Vec<String> {
     let store = Store::new(ctx.settings.sessions_dir());
     let now = session::clock().now();
+    // Only this account's records: another account's sessions are not ours to judge.
+    let Ok(caller) = aws.caller().await else { return Vec::new() };
     let dead: Vec<SessionRecord> = store
-        .all()
+        .in_scope(&caller.scope(&aws.region))
         .into_iter()
-        .filter(|r| r.region == aws.region && r.ended_at.is_none())
+        .filter(|r| r.ended_at.is_none())
         .filter(|r| {
-            let past_deadline = session::parse_rfc3339(&r.expires_at).is_some_and(|t| t <= now);
-            let launcher_gone = !r.kept && r.pid.is_none_or(|pid| !process_alive(pid, r.pid_start));
-            past_deadline || launcher_gone
+            let expires = session::parse_rfc3339(&r.expires_at);
+            lifecycle::phase(Some(r), Instance::NotAsked, false, expires, now).is_abandoned()
         })
         .collect();
+    // Groups that AWS still held when their session was torn down (its instance shutting down).
+    let pending_groups: Vec<(String, String)> = store
+        .in_scope(&caller.scope(&aws.region))
+        .into_iter()
+        .filter(|r| r.ended_at.is_some())
+        .filter_map(|r| Some((r.id, r.security_group_id?)))
+        .collect();
+    for (id, group) in pending_groups {
+        if let Ok(network::GroupDeletion::Deleted) = network::delete_security_group(aws, &group).await {
+            tracing::info!("deleted security group {group} of ended session {id}");
+            let _ = store.update(&id, |r| r.security_group_id = None);
+        }
+    }
     if dead.is_empty() {
         return Vec::new();
     }

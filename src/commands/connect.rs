@@ -10,7 +10,8 @@ use crate::aws::instances;
 use crate::cli::{ConnectArgs, ConnectMode};
 use crate::error::{ExitStatus, Interrupted};
 use crate::output::short_duration;
-use crate::session::store::{SessionRecord, Store, process_alive, process_start_ticks, write_atomic};
+use crate::session::lifecycle::{self, Launcher};
+use crate::session::store::{SessionRecord, Store, write_atomic};
 use crate::signals::Signals;
 
 /// The local record of a session that is still running, with its address refreshed from AWS.
@@ -54,19 +55,19 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
     let (store, mut record) = running_session(ctx, id).await?;
     // With its launcher gone, this process becomes the session's client, so cleanup does not
     // take the session for an orphan while we use it. A live launcher stays the owner.
-    if !record.pid.is_some_and(|pid| process_alive(pid, record.pid_start)) {
-        let pid = std::process::id();
-        record.pid = Some(pid);
-        record.pid_start = process_start_ticks(pid);
-        store.save(&record)?;
+    let took_over = lifecycle::launcher_of(&record) != Launcher::Alive;
+    if took_over {
+        let (pid, start) = (std::process::id(), lifecycle::process_start(std::process::id()));
+        store.update(id, |r| (r.pid, r.pid_start) = (Some(pid), start))?;
+        (record.pid, record.pid_start) = (Some(pid), start);
     }
 
     let signals = Signals::install().context("listening for Ctrl-C")?;
     let route = Route::resolve(ctx, &record, args.connect, args.proxy_command.as_deref());
     let options = attach::connect_options(ctx, &store, &record, &route)?;
     let session = attach::open(ctx, &options, &signals).await?;
-    let log =
-        crate::aws::logs::Writer::spawn(&ctx.aws().await?, record.instance_id.as_deref().unwrap_or_default());
+    let instance_id = record.instance_id.as_deref().context("the session record has no instance id")?;
+    let log = crate::aws::logs::Writer::spawn(&ctx.aws().await?, instance_id);
     log.send(format!("connect session={id} via={}", options.transport));
     if args.command.is_empty() {
         ctx.printer.status(attach::banner(&record, true));
@@ -79,10 +80,17 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
     }
     match outcome? {
         Outcome::Exited(exit) => {
+            // The user came back to a session whose launcher was gone and left it running on
+            // purpose: from now on it is kept, not an orphan for the next launch to sweep.
+            if took_over {
+                store.update(id, |r| r.kept = true)?;
+            }
             if args.command.is_empty() {
                 ctx.printer.status(format!(
                     "left session {id} running: it ends after {} idle or at {}; `ephemeral-admin terminate {id}` ends it now",
-                    short_duration(ctx.settings.idle_grace),
+                    short_duration(std::time::Duration::from_secs(
+                        record.idle_grace_secs.unwrap_or(ctx.settings.idle_grace.as_secs())
+                    )),
                     record.expires_at
                 ));
             }
@@ -109,6 +117,7 @@ struct SshConfig {
 pub async fn ssh_config(ctx: &Context, id: &str) -> Result<ExitStatus> {
     let (store, record) = running_session(ctx, id).await?;
     let route = Route::resolve(ctx, &record, None, None);
+    let instance_id = record.instance_id.as_deref().context("the session record has no instance id")?;
     let alias = format!("ephemeral-admin-{id}");
     let known_hosts = store.dir(id).join("known_hosts");
     write_atomic(&known_hosts, format!("{alias} {}\n", record.host_key_public.trim()).as_bytes())?;
@@ -118,10 +127,7 @@ pub async fn ssh_config(ctx: &Context, id: &str) -> Result<ExitStatus> {
     };
     let mut lines = vec![
         format!("Host {alias}"),
-        format!(
-            "    HostName {}",
-            address.as_deref().unwrap_or(record.instance_id.as_deref().unwrap_or_default())
-        ),
+        format!("    HostName {}", address.as_deref().unwrap_or(instance_id)),
         format!("    User {}", record.user),
         format!("    Port {}", ctx.settings.ssh_port),
         format!("    IdentityFile {}", store.key_path(id).display()),
@@ -139,7 +145,7 @@ pub async fn ssh_config(ctx: &Context, id: &str) -> Result<ExitStatus> {
     };
     if let Some(template) = proxy {
         // OpenSSH expands %h, %p and %r itself; %i is ours.
-        let command = template.replace("%i", record.instance_id.as_deref().unwrap_or_default());
+        let command = template.replace("%i", instance_id);
         lines.push(format!("    ProxyCommand {command}"));
     }
     let config = lines.join("\n") + "\n";

@@ -59,7 +59,7 @@ pub async fn cost(ctx: &Context, args: &CostArgs) -> Result<ExitStatus> {
         None => now,
     };
     let store = Store::new(ctx.settings.sessions_dir());
-    let ledger = store.ledger();
+    let ledger = crate::ledger::Ledger::beside(&store);
     // Settle sessions that ended on their own, if AWS is configured; the ledger is enough otherwise.
     if let Ok(aws) = ctx.aws().await {
         ctx.settle(&aws).await;

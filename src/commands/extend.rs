@@ -113,18 +113,18 @@ pub async fn run(ctx: &Context, args: &ExtendArgs) -> Result<ExitStatus> {
     }
     let expires_at = session::rfc3339(wanted);
     instances::set_expiry(&aws, &instance.instance_id, &expires_at).await?;
-    let record = store.load(id)?;
-    if let Some(mut record) = record.clone() {
+    let record = store.update(id, |record| {
         record.expires_at = expires_at.clone();
-        store.save(&record)?;
-    }
+        record.clone()
+    })?;
     let added_seconds = (wanted - current).whole_seconds();
     let price = record.and_then(|r| r.price_per_hour);
     let added_cost_estimate = price
         .filter(|_| added_seconds > 0)
         .map(|p| pricing::estimate(p, Duration::from_secs(added_seconds as u64)).total);
     if let Some(added) = added_cost_estimate {
-        let spent = store.ledger().month_to_date(now)? + crate::ledger::live_cost(&store, now);
+        let spent =
+            crate::ledger::Ledger::beside(&store).month_to_date(now)? + crate::ledger::live_cost(&store, now);
         let committed = spent + added;
         if committed > s.monthly_budget {
             ctx.printer.warn(format!(

@@ -24,7 +24,8 @@ use crate::error::{ExitStatus, Interrupted, OverBudget};
 use crate::keys::SessionKeys;
 use crate::ledger::ended_by;
 use crate::output::{short_duration, usd};
-use crate::session::store::{SessionRecord, Store, process_start_ticks};
+use crate::session::lifecycle;
+use crate::session::store::{SessionRecord, Store};
 use crate::session::{self, Clock, SystemClock, tags};
 use crate::signals::Signals;
 use crate::teardown::{self, SessionResources};
@@ -40,10 +41,12 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn update(&self, change: impl FnOnce(&mut SessionRecord)) -> Result<()> {
+    /// Applies `change` to the launch's own copy and, under the record's lock, to the record on
+    /// disk (where `extend` or `connect` may have changed other fields meanwhile).
+    fn update(&self, change: impl Fn(&mut SessionRecord)) -> Result<()> {
         let mut record = self.record.lock().expect("record lock");
         change(&mut record);
-        self.store.save(&record)
+        self.store.create_or_update(&record, |on_disk| change(on_disk))
     }
 
     fn snapshot(&self) -> SessionRecord {
@@ -76,7 +79,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         ));
     }
     let (aws, store, record, mut result) = provision(ctx, args, &signals).await?;
-    let instance_id = record.instance_id.clone().unwrap_or_default();
+    let instance_id = record.instance_id.clone().context("the launch recorded no instance id")?;
     let log = logs::Writer::spawn(&aws, &instance_id);
     log.send(format!(
         "start session={} owner={} type={} market={} zone={} price={} expires={} kept={}",
@@ -102,7 +105,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         });
         return Ok(ExitStatus::Success);
     }
-    let keep = args.keep;
+    let keep = record.kept;
     let clock = SystemClock;
     let mut attached = false;
     let outcome = async {
@@ -126,10 +129,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         let ms = first.saturating_duration_since(result.started).as_millis() as u64;
         result.timings_ms.push(("first_output".into(), ms));
     }
-    if let Ok(Some(mut saved)) = store.load(&record.id) {
-        saved.timings_ms = result.timings_ms.iter().cloned().collect();
-        let _ = store.save(&saved);
-    }
+    let _ = store.update(&record.id, |saved| saved.timings_ms = result.timings_ms.iter().cloned().collect());
     for failure in log.finish().await {
         ctx.printer.warn(failure);
     }
@@ -140,7 +140,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         ctx.printer.status(format!(
             "left session {} running (--keep): it ends after {} idle or at {}; `ephemeral-admin terminate {}` ends it now",
             record.id,
-            short_duration(ctx.settings.idle_grace),
+            short_duration(std::time::Duration::from_secs(record.idle_grace_secs.unwrap_or(0))),
             record.expires_at,
             record.id
         ));
@@ -219,7 +219,8 @@ async fn provision(
     let session_id = session::new_id();
     let created = clock.now();
     let expires = created + TimeDuration::try_from(s.max_runtime).context("max_runtime is too long")?;
-    let kept = args.detach || args.keep;
+    // A tmux session exists to survive a dropped connection: it is a kept session.
+    let kept = args.detach || args.keep || s.tmux;
     // Through SSM no inbound port is needed at all.
     let need_ingress = s.connect != ConnectMode::Ssm;
     mark("settings", &mut timings);
@@ -307,13 +308,16 @@ async fn provision(
         record: Arc::new(Mutex::new(SessionRecord {
             id: session_id.clone(),
             region: aws.region.clone(),
+            account: caller.account.clone(),
+            partition: caller.partition().to_string(),
             owner_arn: caller.owner.clone(),
             created_at: session::rfc3339(created),
             expires_at: expires_at.clone(),
             kept,
+            idle_grace_secs: Some(if kept { s.kept_idle_grace } else { s.idle_grace }.as_secs()),
             user: s.user.clone(),
             pid: Some(pid),
-            pid_start: process_start_ticks(pid),
+            pid_start: lifecycle::process_start(pid),
             host_key_public: keys.host.public_openssh.clone(),
             host_key_fingerprint: keys.host.fingerprint.clone(),
             client_key_public: keys.client.public_openssh.clone(),
@@ -355,13 +359,14 @@ async fn provision(
         return Err(undo(ctx, &aws, &store, &recorder, refusal, &clock).await);
     }
 
+    let idle_grace = if kept { s.kept_idle_grace } else { s.idle_grace };
     let user_data = userdata::render(&userdata::BoxConfig {
         session_id: &session_id,
         host_key_private: &keys.host.private_openssh,
         host_key_public: &keys.host.public_openssh,
         client_key_public: &keys.client.public_openssh,
         deadline_epoch: expires.unix_timestamp(),
-        idle_grace_secs: s.idle_grace.as_secs(),
+        idle_grace_secs: idle_grace.as_secs(),
         boot_grace_secs: s.boot_grace.as_secs(),
         interval_secs: s.watchdog_interval.as_secs().max(1),
         install_tmux: s.tmux,
@@ -563,7 +568,7 @@ fn budget_guard(
         return Ok(());
     };
     let estimate = pricing::estimate(price, s.max_runtime).total;
-    let spent = store.ledger().month_to_date(now)? + ledger::live_cost(store, now);
+    let spent = crate::ledger::Ledger::beside(store).month_to_date(now)? + ledger::live_cost(store, now);
     let left = s.monthly_budget - spent;
     if spent + estimate <= s.monthly_budget {
         return Ok(());

@@ -45,7 +45,11 @@ impl Context {
     /// to settle, none otherwise.
     pub async fn settle(&self, aws: &Aws) {
         let store = Store::new(self.settings.sessions_dir());
-        let regions = ledger::unsettled_regions(&store);
+        let caller = match aws.caller().await {
+            Ok(caller) => caller,
+            Err(e) => return self.printer.warn(format!("could not settle ended sessions: {e}")),
+        };
+        let regions = ledger::unsettled_regions(&store, caller.partition(), &caller.account);
         let settles = regions.iter().map(|region| {
             let store = &store;
             async move {
@@ -53,8 +57,8 @@ impl Context {
                     true => aws.clone(),
                     false => aws.in_region(&self.settings.aws, region).await,
                 };
-                let settled =
-                    ledger::settle(&regional, store, &store.ledger(), session::clock().as_ref()).await;
+                let ledger = crate::ledger::Ledger::beside(store);
+                let settled = ledger::settle(&regional, store, &ledger, session::clock().as_ref()).await;
                 self.report_settled(&regional, settled).await;
             }
         });
@@ -62,10 +66,15 @@ impl Context {
     }
 
     /// [`Context::settle`] from instances the command described anyway (every state): no AWS call.
-    pub async fn settle_known(&self, aws: &Aws, found: &[InstanceInfo]) {
+    pub async fn settle_known(&self, aws: &Aws, scope: &session::Scope, found: &[InstanceInfo]) {
         let store = Store::new(self.settings.sessions_dir());
-        let settled =
-            ledger::settle_known(&aws.region, found, &store, &store.ledger(), session::clock().as_ref());
+        let settled = ledger::settle_known(
+            scope,
+            found,
+            &store,
+            &crate::ledger::Ledger::beside(&store),
+            session::clock().as_ref(),
+        );
         self.report_settled(aws, settled).await;
     }
 

@@ -15,6 +15,8 @@ use crate::teardown::{self, SessionResources, TeardownReport};
 struct ListReport {
     region: String,
     sessions: Vec<SessionView>,
+    /// Live sessions this machine holds for other AWS accounts (not shown, never touched).
+    other_accounts: usize,
 }
 
 /// One DescribeInstances (filtered by tags) and one GetCallerIdentity, at once, whatever the
@@ -28,9 +30,11 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
         async { instances::find(&aws, every_state).await.map_err(anyhow::Error::from) },
     )?;
     // The same answer settles sessions that ended while no CLI ran: no extra call.
-    ctx.settle_known(&aws, &found).await;
+    let scope = caller.scope(&aws.region);
+    ctx.settle_known(&aws, &scope, &found).await;
     let found: Vec<_> = found.into_iter().filter(|i| i.state != "terminated").collect();
-    let records = store.all();
+    let records = store.in_scope(&scope);
+    let elsewhere = store.elsewhere(&scope);
     let now = SystemClock.now();
     let sessions: Vec<SessionView> = found
         .iter()
@@ -40,13 +44,20 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
             SessionView::build(record, Some(i), now)
         })
         .collect();
-    let report = ListReport { region: aws.region.clone(), sessions };
+    let report = ListReport { region: aws.region.clone(), sessions, other_accounts: elsewhere };
     ctx.printer.result(&report, || {
-        if report.sessions.is_empty() {
+        let mut text = if report.sessions.is_empty() {
             format!("no live sessions in {}", report.region)
         } else {
             list_table(&report.sessions)
+        };
+        if report.other_accounts > 0 {
+            text.push_str(&format!(
+                "\n({} session(s) of other AWS accounts are recorded on this machine; switch credentials to see them)",
+                report.other_accounts
+            ));
         }
+        text
     });
     Ok(ExitStatus::Success)
 }

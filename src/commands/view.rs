@@ -31,6 +31,8 @@ pub struct SessionView {
     pub cost_so_far: Option<f64>,
     pub host_key_fingerprint: Option<String>,
     pub kept: bool,
+    /// How long the box stays up with no SSH connection (the kept or the attached policy).
+    pub idle_grace_seconds: Option<u64>,
     /// Whether this machine has the session's record and key (needed to connect).
     pub local_record: bool,
     /// When and why it ended, once it has.
@@ -119,7 +121,19 @@ impl SessionView {
             cost_so_far,
             host_key_fingerprint: record.map(|r| r.host_key_fingerprint.clone()),
             kept: instance.map(|i| i.kept).or(record.map(|r| r.kept)).unwrap_or(false),
+            idle_grace_seconds: record.and_then(|r| r.idle_grace_secs),
             local_record: record.is_some(),
+        }
+    }
+
+    /// "kept: off after 30m without SSH" / "attached: off after 2m without SSH".
+    fn idle_policy(&self) -> String {
+        let mode = if self.kept { "kept" } else { "attached" };
+        match self.idle_grace_seconds {
+            Some(s) => {
+                format!("{mode}: off after {} without SSH", short_duration(std::time::Duration::from_secs(s)))
+            }
+            None => mode.to_string(),
         }
     }
 
@@ -161,6 +175,7 @@ impl SessionView {
                 ),
             },
             ("host key", self.host_key_fingerprint.clone().unwrap_or_else(dash)),
+            ("idle", self.idle_policy()),
         ];
         if let Some(cost) = self.cost_so_far {
             rows.push(("cost so far", usd(cost)));
@@ -186,8 +201,9 @@ pub fn list_table(views: &[SessionView]) -> String {
                     .unwrap_or_default(),
                 v.time_left(),
                 v.cost_so_far.map(usd).unwrap_or_default(),
+                v.idle_policy(),
             ]
         })
         .collect();
-    table(&["ID", "STATE", "TYPE", "MARKET", "ZONE", "ADDRESS", "AGE", "LEFT", "COST"], &rows)
+    table(&["ID", "STATE", "TYPE", "MARKET", "ZONE", "ADDRESS", "AGE", "LEFT", "COST", "IDLE"], &rows)
 }

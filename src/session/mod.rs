@@ -4,6 +4,7 @@
 //! [`store`] keeps the local record (written atomically, before the next step starts) and the
 //! session's private key.
 
+pub mod lifecycle;
 pub mod store;
 pub mod tags;
 
@@ -24,6 +25,25 @@ pub fn new_id() -> String {
 /// True for strings `new_id` could have made: guards paths built from user input.
 pub fn is_valid_id(id: &str) -> bool {
     id.len() == ID_LEN && id.bytes().all(|b| ID_ALPHABET.contains(&b))
+}
+
+/// What a local record belongs to: commands act only on the records of the account (and
+/// partition and region) their credentials are in, so a second AWS account never settles,
+/// sweeps or deletes the keys of the first one's sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub partition: String,
+    pub account: String,
+    pub region: String,
+}
+
+impl Scope {
+    /// True for records of this scope. A record that does not say its account (written before
+    /// records did) is judged by its owner ARN; one that cannot be placed belongs to no scope.
+    pub fn holds(&self, record: &store::SessionRecord) -> bool {
+        let (partition, account) = record.partition_and_account();
+        record.region == self.region && account == Some(self.account.as_str()) && partition == self.partition
+    }
 }
 
 /// What the characters of an id are, for messages.

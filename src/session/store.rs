@@ -19,20 +19,27 @@ use serde::{Deserialize, Serialize};
 pub struct SessionRecord {
     pub id: String,
     pub region: String,
+    /// The AWS account and partition the session was launched in (see [`super::Scope`]).
+    pub account: String,
+    pub partition: String,
     /// The session's owner as tagged (`aws::identity::owner_of` the caller, or the `owner`
     /// setting); the name is kept from when it was always the caller's full ARN.
     pub owner_arn: String,
     pub created_at: String,
     pub expires_at: String,
-    /// Kept on purpose (`--keep`/`--detach`): not an orphan when its launcher is gone.
+    /// Kept on purpose (`--keep`/`--detach`/`--tmux`, or left running by `connect`): not an
+    /// orphan when its launcher is gone.
     pub kept: bool,
+    /// How long its box stays up without an SSH connection (`idle_grace`, or `kept_idle_grace`
+    /// for a kept session), as baked into its watchdog.
+    pub idle_grace_secs: Option<u64>,
     pub user: String,
     /// How `connect` reaches the box unless told otherwise: the mode and proxy command template
     /// the session was launched with.
     pub connect: Option<String>,
     pub proxy_command: Option<String>,
-    /// The process that launched or last attached to the session, and its start time (clock
-    /// ticks since boot) so a recycled pid is not mistaken for it.
+    /// The process that launched or last attached to the session, and its start time
+    /// (`lifecycle::process_start`) so a recycled pid is not mistaken for it.
     pub pid: Option<u32>,
     pub pid_start: Option<u64>,
     pub host_key_public: String,
@@ -59,6 +66,22 @@ pub struct SessionRecord {
     pub end_reason: Option<String>,
 }
 
+impl SessionRecord {
+    /// (partition, account), from the fields or, for older records, from the owner ARN
+    /// (`arn:PARTITION:sts::ACCOUNT:…`).
+    pub fn partition_and_account(&self) -> (&str, Option<&str>) {
+        let arn: Vec<&str> = self.owner_arn.split(':').collect();
+        let partition =
+            if self.partition.is_empty() { arn.get(1).copied().unwrap_or("aws") } else { &self.partition };
+        let account = if self.account.is_empty() {
+            arn.get(4).copied().filter(|a| !a.is_empty())
+        } else {
+            Some(self.account.as_str())
+        };
+        (partition, account)
+    }
+}
+
 /// The sessions directory and the files in it.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -70,9 +93,10 @@ impl Store {
         Store { root: sessions_dir.into() }
     }
 
-    /// The ledger beside the sessions directory: `$XDG_STATE_HOME/ephemeral-admin/ledger.jsonl`.
-    pub fn ledger(&self) -> crate::ledger::Ledger {
-        crate::ledger::Ledger::new(self.root.parent().unwrap_or(&self.root).join("ledger.jsonl"))
+    /// The state directory the sessions directory lives in (`$XDG_STATE_HOME/ephemeral-admin`).
+    /// The record knows nothing of the ledger; `ledger::Ledger::beside` puts it here.
+    pub fn state_dir(&self) -> &Path {
+        self.root.parent().unwrap_or(&self.root)
     }
 
     pub fn dir(&self, id: &str) -> PathBuf {
@@ -93,6 +117,51 @@ impl Store {
         create_private_dir(&dir)?;
         let text = toml::to_string_pretty(record).context("serializing the session record")?;
         write_atomic(&self.record_path(&record.id), text.as_bytes())
+    }
+
+    /// Read-modify-write of one record under an exclusive lock (`flock` on `<id>/.lock`, held
+    /// until the new record is in place), so `launch`, `connect`, `extend` and teardown running at
+    /// once never lose each other's changes. `None` when there is no record.
+    pub fn update<T>(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut SessionRecord) -> T,
+    ) -> anyhow::Result<Option<T>> {
+        let _lock = self.lock(id)?;
+        let Some(mut record) = self.load(id)? else { return Ok(None) };
+        let out = change(&mut record);
+        self.save(&record)?;
+        Ok(Some(out))
+    }
+
+    /// Writes a new record, or applies `change` to the one on disk, under the record's lock.
+    pub fn create_or_update(
+        &self,
+        initial: &SessionRecord,
+        change: impl FnOnce(&mut SessionRecord),
+    ) -> anyhow::Result<()> {
+        let _lock = self.lock(&initial.id)?;
+        let mut record = self.load(&initial.id)?.unwrap_or_else(|| initial.clone());
+        change(&mut record);
+        self.save(&record)
+    }
+
+    fn lock(&self, id: &str) -> anyhow::Result<RecordLock> {
+        create_private_dir(&self.dir(id))?;
+        let path = self.dir(id).join(".lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own; it blocks until the lock is ours.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
+        }
+        Ok(RecordLock(file))
     }
 
     pub fn load(&self, id: &str) -> anyhow::Result<Option<SessionRecord>> {
@@ -127,6 +196,19 @@ impl Store {
             .collect()
     }
 
+    /// The records of one (partition, account, region): the only ones a command may change.
+    pub fn in_scope(&self, scope: &super::Scope) -> Vec<SessionRecord> {
+        self.all().into_iter().filter(|r| scope.holds(r)).collect()
+    }
+
+    /// How many live (not ended) records belong to other accounts, for `list` to mention.
+    pub fn elsewhere(&self, scope: &super::Scope) -> usize {
+        self.all()
+            .iter()
+            .filter(|r| r.ended_at.is_none() && r.partition_and_account().1 != Some(scope.account.as_str()))
+            .count()
+    }
+
     /// Writes the session's private key (0600) and returns its path.
     pub fn save_private_key(&self, id: &str, openssh_pem: &str) -> anyhow::Result<PathBuf> {
         create_private_dir(&self.dir(id))?;
@@ -154,6 +236,9 @@ impl Store {
         }
     }
 }
+
+/// Held while a record is read, changed and written; closing the file releases the lock.
+struct RecordLock(#[allow(dead_code)] fs::File);
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     fs::DirBuilder::new()
@@ -184,24 +269,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
-/// This process's start time in clock ticks since boot (Linux), to tell a live launcher from a
-/// recycled pid.
-pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces; fields after the last ')' are fixed.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// True when the process that recorded (pid, start) still runs.
-pub fn process_alive(pid: u32, start: Option<u64>) -> bool {
-    match (process_start_ticks(pid), start) {
-        (Some(now), Some(then)) => now == then,
-        (Some(_), None) => true,
-        (None, _) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,14 +292,5 @@ mod tests {
         assert_eq!(store.all().len(), 1);
         store.forget("abcdefgh").unwrap();
         assert!(store.load("abcdefgh").unwrap().is_none());
-    }
-
-    #[test]
-    fn this_process_is_alive() {
-        let me = std::process::id();
-        let start = process_start_ticks(me);
-        assert!(start.is_some());
-        assert!(process_alive(me, start));
-        assert!(!process_alive(me, start.map(|s| s + 1)));
     }
 }

@@ -126,3 +126,28 @@ fn a_hand_made_group_of_the_same_name_is_left_alone_and_a_taken_name_is_one_line
     assert!(own_groups(&cloud.state()).is_empty());
     assert_nothing_left(&cloud);
 }
+
+#[test]
+fn a_group_aws_still_holds_at_teardown_is_deleted_by_the_next_launch() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let first = launch_detached(&user, &proxy, &[]);
+    // As on AWS right after TerminateInstances: the shutting-down instance still holds the group.
+    cloud.rules(json!([{ "action": "DeleteSecurityGroup", "error": "DependencyViolation", "times": 1 }]));
+    let ended =
+        user.run(&["terminate", first["session_id"].as_str().unwrap(), "--output", "json"]).success().json();
+    assert_eq!(ended["group"], "still-in-use", "{ended}");
+    assert_eq!(ended["rules"][0][1], "revoked", "access is cut at once all the same");
+    let left = own_groups(&cloud.state());
+    assert_eq!(left.len(), 1);
+    assert!(left[0]["ingress"].as_array().unwrap().is_empty(), "an empty group: {left:#?}");
+    // The next launch's own sweep removes it; nothing else has to remember.
+    let second = launch_detached(&user, &proxy, &[]);
+    let state = cloud.state();
+    let groups = own_groups(&state);
+    assert_eq!(groups.len(), 1, "only the new session's group: {groups:#?}");
+    assert_eq!(groups[0]["tags"]["ephemeral-admin:session"], second["session_id"]);
+    user.run(&["terminate", second["session_id"].as_str().unwrap()]).success();
+    assert_nothing_left(&cloud);
+}

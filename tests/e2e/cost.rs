@@ -325,7 +325,7 @@ fn stale_record(user: &User, id: &str, region: &str, hours_ago: i64, pid: Option
     let launched = time::OffsetDateTime::now_utc() - time::Duration::hours(hours_ago);
     let dir = user.state_dir().join("sessions").join(id);
     std::fs::create_dir_all(&dir).unwrap();
-    let pid = pid.map(|p| format!("pid = {p}\n")).unwrap_or_default();
+    let pid = pid.map(|p| format!("pid = {p}\npid_start = {}\n", start_ticks(p))).unwrap_or_default();
     let record = format!(
         "id = \"{id}\"\nregion = \"{region}\"\nowner_arn = \"arn:aws:sts::123456789012:user/moto\"\n\
          created_at = \"{launched}\"\nlaunched_at = \"{launched}\"\nexpires_at = \"{deadline}\"\nkept = true\n\
@@ -336,6 +336,13 @@ fn stale_record(user: &User, id: &str, region: &str, hours_ago: i64, pid: Option
         deadline = fmt(launched + time::Duration::hours(1)),
     );
     std::fs::write(dir.join("session.toml"), record).unwrap();
+}
+
+/// A process's start time as the CLI records it (Linux: clock ticks since boot), so the CLI can
+/// tell the process is certainly alive.
+fn start_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(19).unwrap().parse().unwrap()
 }
 
 #[test]

@@ -540,7 +540,7 @@ fn an_instance_launched_moments_ago_that_ec2_does_not_show_yet_is_not_taken_for_
     let verdict = out["sessions"].as_array().unwrap().iter().find(|s| s["session_id"] == "justrvn2").cloned();
     let verdict = verdict.expect("listed");
     assert_eq!(verdict["action"], "kept", "{verdict}");
-    assert!(verdict["reason"].as_str().unwrap().contains("not visible to EC2 yet"), "{verdict}");
+    assert!(verdict["reason"].as_str().unwrap().starts_with("launching"), "{verdict}");
     let run = user.run(&["connect", "justrvn2"]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("is not visible to EC2 yet: try again in a few seconds"), "{}", run.stderr);

@@ -110,7 +110,7 @@ fn log_lines(info: &Value, key: &str) -> Vec<String> {
 #[test]
 fn a_box_nobody_connects_to_powers_off_after_the_boot_grace() {
     let cloud = LocalCloud::start();
-    let user = quick_user(&cloud, "boot_grace = \"4s\"\nidle_grace = \"3s\"\n");
+    let user = quick_user(&cloud, "boot_grace = \"4s\"\nidle_grace = \"3s\"\nkept_idle_grace = \"3s\"\n");
     let (_, instance) = launch(&user, &[]);
     wait_box_up(&cloud, &instance);
     let up = Instant::now();
@@ -125,7 +125,7 @@ fn a_box_nobody_connects_to_powers_off_after_the_boot_grace() {
 #[test]
 fn a_connection_to_the_public_ip_counts_as_activity_too() {
     let cloud = LocalCloud::start();
-    let user = quick_user(&cloud, "boot_grace = \"60s\"\nidle_grace = \"3s\"\n");
+    let user = quick_user(&cloud, "boot_grace = \"60s\"\nidle_grace = \"3s\"\nkept_idle_grace = \"3s\"\n");
     let (session, instance) = launch(&user, &[]);
     wait_box_up(&cloud, &instance);
     let direct =
@@ -146,7 +146,7 @@ fn a_connection_to_the_public_ip_counts_as_activity_too() {
 #[test]
 fn an_open_session_keeps_the_box_and_closing_it_ends_the_box_one_grace_later() {
     let cloud = LocalCloud::start();
-    let user = quick_user(&cloud, "boot_grace = \"60s\"\nidle_grace = \"3s\"\n");
+    let user = quick_user(&cloud, "boot_grace = \"60s\"\nidle_grace = \"3s\"\nkept_idle_grace = \"3s\"\n");
     let (session, instance) = launch(&user, &[]);
     let port = wait_box_up(&cloud, &instance);
     // A non-interactive connection with no PTY still counts (the watchdog counts TCP connections).

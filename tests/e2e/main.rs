@@ -4,9 +4,11 @@
 mod support;
 
 mod access;
+mod accounts;
 mod cleanup;
 mod cost;
 mod foundation;
+mod kept;
 mod launch;
 mod lifecycle;
 mod policy;

@@ -444,6 +444,7 @@ fn box_tmux_attached() -> bool {
 
 #[test]
 fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
+    // `--tmux` alone: a tmux session exists to outlive the connection, so it implies `--keep`.
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let proxy = proxy(&cloud);
@@ -452,7 +453,7 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     let tmux = Tmux::start(&user, 120, 30);
     tmux.wait_for("local$", Duration::from_secs(10));
     tmux.line(&format!(
-        "ephemeral-admin launch --keep --tmux --my-ip 203.0.113.7 --user {} --proxy-command '{proxy}'",
+        "ephemeral-admin launch --tmux --my-ip 203.0.113.7 --user {} --proxy-command '{proxy}'",
         login()
     ));
     // The box's tmux redraws the screen as soon as it attaches (the banner may never be seen), and
@@ -465,6 +466,8 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     tmux.wait_for("left session", Duration::from_secs(20));
     let listed = user.run(&["list", "--output", "json"]).success().json();
     let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
+    assert_eq!(listed["sessions"][0]["kept"], true, "{listed}");
+    assert_eq!(listed["sessions"][0]["idle_grace_seconds"], 1800, "the kept idle policy: {listed}");
     tmux.line(&format!("ephemeral-admin connect {session} --tmux"));
     wait_until("connect to re-attach", Duration::from_secs(60), box_tmux_attached);
     std::thread::sleep(Duration::from_millis(500));
