@@ -258,4 +258,19 @@ mod tests {
         assert!(phase(Some(&half), Instance::NotAsked, false, later, now).is_abandoned());
         assert_eq!(phase(None, Instance::Live, false, later, now), Phase::Attached { pid: None });
     }
+
+    #[test]
+    fn an_instance_ec2_does_not_show_is_gone_only_once_it_could_have_been_forgotten() {
+        let now = OffsetDateTime::now_utc();
+        let later = Some(now + time::Duration::hours(4));
+        let launched = |ago: time::Duration| SessionRecord {
+            launched_at: Some(crate::session::rfc3339(now - ago)),
+            ..record(true, true, None, None)
+        };
+        let young = launched(time::Duration::seconds(5));
+        assert_eq!(phase(Some(&young), Instance::Unseen, false, later, now), Phase::Launching);
+        let old = launched(time::Duration::hours(2));
+        assert!(phase(Some(&old), Instance::Unseen, false, later, now).is_abandoned());
+        assert!(phase(Some(&young), Instance::Gone, false, later, now).is_abandoned(), "terminated");
+    }
 }
