@@ -46,6 +46,10 @@ pub mod ended_by {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     pub session_id: String,
+    /// The AWS account the session ran in: spending and the budget are per account. Absent in
+    /// lines written before entries said so (they count for every account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
     pub region: String,
@@ -81,6 +85,7 @@ impl Entry {
             pricing::estimate(record.price_per_hour.unwrap_or(0.0), Duration::from_secs(duration as u64));
         Some(Entry {
             session_id: record.id.clone(),
+            account: record.partition_and_account().1.map(str::to_string),
             instance_id: record.instance_id.clone(),
             region: record.region.clone(),
             availability_zone: record.availability_zone.clone(),
@@ -95,6 +100,14 @@ impl Entry {
             launch_attempts: record.launch_attempts,
             timings_ms: record.timings_ms.clone(),
         })
+    }
+
+    /// Whether this line counts for `account` (`None`: the account is not known, count all).
+    pub fn belongs_to(&self, account: Option<&str>) -> bool {
+        match (account, self.account.as_deref()) {
+            (Some(wanted), Some(mine)) => wanted == mine,
+            _ => true,
+        }
     }
 
     fn interval(&self) -> Option<(OffsetDateTime, OffsetDateTime)> {
@@ -180,9 +193,15 @@ impl Ledger {
     }
 
     /// Spend in the calendar month (UTC) that contains `now`, up to `now`.
-    pub fn month_to_date(&self, now: OffsetDateTime) -> Result<f64> {
+    /// This month's spending so far of `account`'s sessions (every line's if `None`).
+    pub fn month_to_date(&self, now: OffsetDateTime, account: Option<&str>) -> Result<f64> {
         let (from, to) = month_bounds(now);
-        Ok(self.entries()?.iter().map(|e| e.cost_between(from, to.min(now))).sum())
+        Ok(self
+            .entries()?
+            .iter()
+            .filter(|e| e.belongs_to(account))
+            .map(|e| e.cost_between(from, to.min(now)))
+            .sum())
     }
 }
 
@@ -371,11 +390,12 @@ fn settle_from(
 /// What sessions still running (per the local records) have cost so far, in every region. A
 /// session runs until its deadline at most (the watchdog and the alarm end it there), so a record
 /// nobody settled never counts past it.
-pub fn live_cost(store: &Store, now: OffsetDateTime) -> f64 {
+pub fn live_cost(store: &Store, now: OffsetDateTime, account: Option<&str>) -> f64 {
     store
         .all()
         .iter()
         .filter(|r| r.ended_at.is_none())
+        .filter(|r| account.is_none() || r.partition_and_account().1 == account)
         .filter_map(|r| {
             let start = session::parse_rfc3339(r.launched_at.as_deref()?)?;
             let end = session::parse_rfc3339(&r.expires_at).map_or(now, |deadline| deadline.min(now));
@@ -391,6 +411,7 @@ mod tests {
 
     fn entry(id: &str, start: &str, end: &str, total: f64) -> Entry {
         Entry {
+            account: None,
             session_id: id.into(),
             instance_id: None,
             region: "us-east-1".into(),
@@ -437,7 +458,8 @@ mod tests {
         assert!(!ledger.append(&e).unwrap());
         assert!(ledger.append(&entry("b", "2026-11-02T00:00:00Z", "2026-11-02T01:00:00Z", 0.2)).unwrap());
         assert_eq!(ledger.entries().unwrap().len(), 2);
-        let mtd = ledger.month_to_date(session::parse_rfc3339("2026-11-20T00:00:00Z").unwrap()).unwrap();
+        let mtd =
+            ledger.month_to_date(session::parse_rfc3339("2026-11-20T00:00:00Z").unwrap(), None).unwrap();
         assert!((mtd - 0.3).abs() < 1e-12);
         let _ = fs::remove_dir_all(dir);
     }

@@ -123,8 +123,9 @@ pub async fn run(ctx: &Context, args: &ExtendArgs) -> Result<ExitStatus> {
         .filter(|_| added_seconds > 0)
         .map(|p| pricing::estimate(p, Duration::from_secs(added_seconds as u64)).total);
     if let Some(added) = added_cost_estimate {
-        let spent =
-            crate::ledger::Ledger::beside(&store).month_to_date(now)? + crate::ledger::live_cost(&store, now);
+        let account = aws.caller().await?.account;
+        let spent = crate::ledger::Ledger::beside(&store).month_to_date(now, Some(&account))?
+            + crate::ledger::live_cost(&store, now, Some(&account));
         let committed = spent + added;
         if committed > s.monthly_budget {
             ctx.printer.warn(format!(

@@ -355,7 +355,9 @@ async fn provision(
             .unwrap_or_default();
         ctx.printer.status(format!("session {session_id}: {first}{price}{estimate}"));
     }
-    if let Err(refusal) = budget_guard(ctx, &store, &candidates, args.over_budget, clock.now()) {
+    if let Err(refusal) =
+        budget_guard(ctx, &store, &caller.account, &candidates, args.over_budget, clock.now())
+    {
         return Err(undo(ctx, &aws, &store, &recorder, refusal, &clock).await);
     }
 
@@ -556,6 +558,7 @@ fn ip_services() -> Vec<String> {
 fn budget_guard(
     ctx: &Context,
     store: &Store,
+    account: &str,
     candidates: &[Candidate],
     over_budget: bool,
     now: time::OffsetDateTime,
@@ -568,7 +571,10 @@ fn budget_guard(
         return Ok(());
     };
     let estimate = pricing::estimate(price, s.max_runtime).total;
-    let spent = crate::ledger::Ledger::beside(store).month_to_date(now)? + ledger::live_cost(store, now);
+    // This account's spending: the budget is the account's, not the machine's.
+    let account = Some(account);
+    let spent = crate::ledger::Ledger::beside(store).month_to_date(now, account)?
+        + ledger::live_cost(store, now, account);
     let left = s.monthly_budget - spent;
     if spent + estimate <= s.monthly_budget {
         return Ok(());

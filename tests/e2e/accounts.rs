@@ -41,7 +41,11 @@ fn a_second_account_never_touches_the_first_ones_sessions() {
     assert!(listed["sessions"].as_array().unwrap().is_empty());
     assert_eq!(listed["other_accounts"], 1, "{listed}");
     assert!(other.run(&["list"]).success().stdout.contains("1 session(s) of other AWS accounts"));
-    other.run(&["cost"]).success();
+    let cost = other.run(&["cost", "--output", "json"]).success().json();
+    assert!(cost["sessions"].as_array().unwrap().is_empty(), "another account's spending: {cost}");
+    assert_eq!(cost["live"], 0.0, "{cost}");
+    let mine = user.run(&["cost", "--output", "json"]).success().json();
+    assert_eq!(mine["sessions"].as_array().unwrap().len(), 1, "{mine}");
     other.run(&["cleanup"]).success();
 
     assert!(key.exists(), "the first account's key is still there");
