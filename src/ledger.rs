@@ -74,8 +74,11 @@ impl Entry {
         let start = session::parse_rfc3339(record.launched_at.as_deref()?)?;
         let end = end.max(start);
         let duration = (end - start).whole_seconds();
-        let cost =
-            pricing::estimate(record.price_per_hour.unwrap_or(0.0), Duration::from_secs(duration as u64));
+        let cost = pricing::estimate(
+            record.price_per_hour.unwrap_or(0.0),
+            Duration::from_secs(duration as u64),
+            record.root_volume(),
+        );
         Some(Entry {
             session_id: record.id.clone(),
             instance_id: record.instance_id.clone(),
@@ -359,7 +362,7 @@ pub fn live_cost(store: &Store, now: OffsetDateTime) -> f64 {
         .filter_map(|r| {
             let start = session::parse_rfc3339(r.launched_at.as_deref()?)?;
             let seconds = (now - start).whole_seconds().max(0) as u64;
-            Some(pricing::estimate(r.price_per_hour?, Duration::from_secs(seconds)).total)
+            Some(pricing::estimate(r.price_per_hour?, Duration::from_secs(seconds), r.root_volume()).total)
         })
         .sum()
 }
