@@ -146,7 +146,7 @@ pub struct PolicyArgs {
 /// Flags of `launch`. Every one that is also a config key has the same name in snake_case.
 #[derive(Debug, Args, Default)]
 pub struct LaunchArgs {
-    /// Instance type, repeatable, in order of preference [default: t3.small, t3.micro].
+    /// Instance type, repeatable, preferred first [default: t3.small, t3.micro].
     #[arg(long = "instance-type", value_name = "TYPE")]
     pub instance_types: Vec<String>,
     /// AMI alias (ubuntu-24.04, al2023) or an explicit ami- id [default: ubuntu-24.04].

@@ -107,18 +107,11 @@ pub async fn resolve_session(ctx: &Context, text: &str) -> Result<String> {
             ids.dedup();
             match ids.as_slice() {
                 [id] => Ok(id.clone()),
-                [] => {
-                    let hint = if name.len() == session::NAME_LEN_OF_ID {
-                        format!(" (a session id is {})", session::ID_RULE)
-                    } else {
-                        String::new()
-                    };
-                    Err(crate::error::UsageError::new(format!(
-                        "no live session named {name:?} in {}{hint}: `ephemeral-admin list` shows your sessions",
-                        aws.region
-                    ))
-                    .into())
-                }
+                [] => Err(crate::error::UsageError::new(format!(
+                    "no live session named {name:?} in {}: `ephemeral-admin list` shows your sessions",
+                    aws.region
+                ))
+                .into()),
                 many => Err(crate::error::UsageError::new(format!(
                     "the name {name:?} is ambiguous in {}: sessions {} carry it; use a session id",
                     aws.region,

@@ -15,8 +15,6 @@ use time::format_description::well_known::Rfc3339;
 /// Id alphabet: lowercase letters and digits, minus look-alikes (0/o, 1/l/i).
 const ID_ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
 const ID_LEN: usize = 8;
-/// How long an id is: a name of this length may be a mistyped id (messages say so).
-pub const NAME_LEN_OF_ID: usize = ID_LEN;
 
 /// A fresh session id: 8 characters, about 39 bits, safe in tags, file names and DNS labels.
 pub fn new_id() -> String {
@@ -94,8 +92,9 @@ pub const NAME_MAX: usize = 63;
 
 /// A session name is a DNS label (lowercase letters, digits and inner hyphens, starting with a
 /// letter, at most 63 characters), so it works as an SSH host alias and within the instance
-/// metadata tag character set. It may not read as a session id, an instance id or `last`, and
-/// may not start with `ephemeral-admin-` (the unnamed sessions' host aliases).
+/// metadata tag character set. It may not read as a session id (nor have an id's shape, 8
+/// letters and digits, so a mistyped id is reported as one), an instance id or `last`, and may
+/// not start with `ephemeral-admin-` (the unnamed sessions' host aliases).
 pub fn validate_name(name: &str) -> Result<(), String> {
     let label = !name.is_empty()
         && name.len() <= NAME_MAX
@@ -107,9 +106,10 @@ pub fn validate_name(name: &str) -> Result<(), String> {
             "{name:?} is not a valid name: use 1 to {NAME_MAX} lowercase letters, digits and hyphens, starting with a letter and not ending with a hyphen (like db-fix)"
         ));
     }
-    if is_valid_id(name) || is_instance_id(name) || name == LAST || name.starts_with("ephemeral-admin-") {
+    let id_shaped = name.len() == ID_LEN && name.bytes().all(|b| b.is_ascii_alphanumeric());
+    if id_shaped || is_instance_id(name) || name == LAST || name.starts_with("ephemeral-admin-") {
         return Err(format!(
-            "{name:?} reads as a session id, an instance id, `last` or an unnamed session's host alias: pick another name"
+            "{name:?} reads as a session id (8 letters and digits), an instance id, `last` or an unnamed session's host alias: pick another name"
         ));
     }
     Ok(())
@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn names_are_dns_labels_that_never_read_as_ids() {
-        for good in ["db-fix", "a", "web2", &"a".repeat(63)] {
+        for good in ["db-fix", "a", "web2", "web-host", "webhost12", &"a".repeat(63)] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
         for bad in [
@@ -181,6 +181,7 @@ mod tests {
             "db.fix",
             &"a".repeat(64),
             "abcd2345",
+            "webhost1",
             "i-0123abcd",
             "last",
             "ephemeral-admin-x",
@@ -202,7 +203,7 @@ mod tests {
             SessionRef::parse("i-0123456789abcdef0").unwrap(),
             SessionRef::Instance("i-0123456789abcdef0".into())
         );
-        let refused = SessionRef::parse("Abcd1234").unwrap_err().to_string();
+        let refused = SessionRef::parse("abcd1234").unwrap_err().to_string();
         assert!(refused.contains("without i, l, o, 0 and 1"), "{refused}");
         assert_eq!(SessionRef::parse("db-fix").unwrap(), SessionRef::Name("db-fix".into()));
         assert_eq!(SessionRef::parse("last").unwrap(), SessionRef::Last);

@@ -23,7 +23,7 @@ fn instance_of(state: &Value, session: &str) -> Value {
 #[test]
 fn bad_names_are_refused_before_any_aws_call() {
     let user = User::offline();
-    for bad in ["DB", "db_fix", "abcd2345", "last", "i-0123abcd", "ephemeral-admin-x", "fix-"] {
+    for bad in ["DB", "db_fix", "abcd2345", "webhost1", "last", "i-0123abcd", "ephemeral-admin-x", "fix-"] {
         let run = user.run(&["launch", "--name", bad, "--my-ip", "203.0.113.7"]);
         assert_eq!(run.code, 2, "{bad}: {}", run.stderr);
         assert!(run.stderr.contains("invalid --name"), "{bad}: {}", run.stderr);
