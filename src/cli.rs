@@ -60,7 +60,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  ephemeral-admin launch                         # a shell; everything is removed when it ends\n  ephemeral-admin launch -- sudo apt-get update  # one command; its exit status is ours\n  ephemeral-admin launch --keep --tmux           # work survives a dropped connection"
     )]
-    Launch(LaunchArgs),
+    Launch(Box<LaunchArgs>),
     /// Open a shell (or run a command) on a running session.
     #[command(
         after_help = "Examples:\n  ephemeral-admin connect k3x9q2ab               # a shell on a running session\n  ephemeral-admin connect k3x9q2ab -- df -h       # one command\n  ephemeral-admin connect i-0123456789abcdef0 --tmux"
@@ -359,7 +359,7 @@ impl Command {
     /// The launch-time flags this command carries, if any, for settings resolution.
     pub fn launch_args(&self) -> Option<&LaunchArgs> {
         match self {
-            Command::Launch(args) => Some(args),
+            Command::Launch(args) => Some(args.as_ref()),
             _ => None,
         }
     }
