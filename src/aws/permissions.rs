@@ -118,12 +118,11 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
         },
         Statement {
             sid: "ChangeOnlyOwnResources",
-            why: "terminate boxes, cancel spot requests, open and close SSH, move deadlines, share and release rules, delete the group: only on resources tagged Project=EphemeralContainer",
+            why: "terminate boxes, cancel spot requests, open and close SSH, move deadlines, delete a session's group: only on resources tagged Project=EphemeralContainer",
             actions: &[
                 "ec2:TerminateInstances",
                 "ec2:CancelSpotInstanceRequests",
                 "ec2:CreateTags",
-                "ec2:DeleteTags",
                 "ec2:AuthorizeSecurityGroupIngress",
                 "ec2:RevokeSecurityGroupIngress",
                 "ec2:DeleteSecurityGroup",
