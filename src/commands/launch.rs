@@ -523,10 +523,18 @@ async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Option<iam::I
         let Some(name) = s.name.as_deref() else { return anyhow::Ok(()) };
         let caller = identity::whoami(aws).await?;
         let taken = super::live_named(aws, &caller.arn, name).await?;
-        if let Some(other) = taken.first() {
+        // A launch of this machine still provisioning has no instance for AWS to show yet.
+        let launching =
+            Store::new(s.sessions_dir()).in_scope(&caller.scope(&aws.region)).into_iter().find(|r| {
+                r.name.as_deref() == Some(name)
+                    && r.ended_at.is_none()
+                    && r.instance_id.is_none()
+                    && lifecycle::launcher_of(r) == lifecycle::Launcher::Alive
+            });
+        let holder = taken.first().and_then(|i| i.session_id.clone()).or(launching.map(|r| r.id));
+        if let Some(other) = holder {
             return Err(crate::error::UsageError::new(format!(
-                "the name {name:?} is taken by your live session {} in {}: pick another --name, or end that one with `ephemeral-admin terminate {name}`",
-                other.session_id.as_deref().unwrap_or(&other.instance_id),
+                "the name {name:?} is taken by your live session {other} in {}: pick another --name, or end that one with `ephemeral-admin terminate {other}`",
                 aws.region
             ))
             .into());
