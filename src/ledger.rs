@@ -69,9 +69,12 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The entry for a session from its record, ending at `end`.
+    /// The entry for a session from its record, ending at `end`, or at its deadline if that came
+    /// first: the watchdog and the alarm end the box there, so a late teardown or settlement of a
+    /// stale record does not bill the time after it.
     pub fn from_record(record: &SessionRecord, end: OffsetDateTime, ended_by: &str) -> Option<Entry> {
         let start = session::parse_rfc3339(record.launched_at.as_deref()?)?;
+        let end = session::parse_rfc3339(&record.expires_at).map_or(end, |deadline| end.min(deadline));
         let end = end.max(start);
         let duration = (end - start).whole_seconds();
         let cost = pricing::estimate(
@@ -297,6 +300,19 @@ pub async fn settle(aws: &Aws, store: &Store, ledger: &Ledger, clock: &dyn Clock
     settle_from(open, &found, store, ledger, clock)
 }
 
+/// The regions where this (partition, account)'s local records may have ended while no CLI
+/// watched (each needs one DescribeInstances to settle), in name order.
+pub fn unsettled_regions(store: &Store, partition: &str, account: &str) -> Vec<String> {
+    let mut regions: Vec<String> = store.all().into_iter().map(|r| r.region).collect();
+    regions.sort();
+    regions.dedup();
+    regions.retain(|region| {
+        let scope = Scope { partition: partition.into(), account: account.into(), region: region.clone() };
+        !unsettled(store, &scope).is_empty()
+    });
+    regions
+}
+
 /// Records of this (partition, account, region) that may have ended while no CLI watched: not
 /// ended, with an instance, and no live client. Another account's records are never touched:
 /// its instances are invisible from here, which would look like "gone".
@@ -338,6 +354,8 @@ fn settle_from(
                 (end, classify_end(info, &record, end))
             }
             Some(_) => continue, // still running: nothing to settle
+            // Launched less than an hour ago: EC2 must know it, so it is not visible yet.
+            None if crate::aws::instances::must_be_known(record.launched_at.as_deref(), now) => continue,
             None => {
                 // Gone from EC2's view (terminated more than about an hour ago): it ran at most
                 // until its deadline.
@@ -353,7 +371,9 @@ fn settle_from(
     Ok(settled)
 }
 
-/// What sessions still running (per the local records) have cost so far, in every region.
+/// What sessions still running (per the local records) have cost so far, in every region. A
+/// session runs until its deadline at most (the watchdog and the alarm end it there), so a record
+/// nobody settled never counts past it.
 pub fn live_cost(store: &Store, now: OffsetDateTime) -> f64 {
     store
         .all()
@@ -361,7 +381,8 @@ pub fn live_cost(store: &Store, now: OffsetDateTime) -> f64 {
         .filter(|r| r.ended_at.is_none())
         .filter_map(|r| {
             let start = session::parse_rfc3339(r.launched_at.as_deref()?)?;
-            let seconds = (now - start).whole_seconds().max(0) as u64;
+            let end = session::parse_rfc3339(&r.expires_at).map_or(now, |deadline| deadline.min(now));
+            let seconds = (end - start).whole_seconds().max(0) as u64;
             Some(pricing::estimate(r.price_per_hour?, Duration::from_secs(seconds), r.root_volume()).total)
         })
         .sum()

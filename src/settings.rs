@@ -46,6 +46,9 @@ pub struct Settings {
     pub on_demand_fallback: bool,
     pub security_group_name: String,
     pub iam_role_name: String,
+    /// Who owns the sessions this user launches (the owner tag), instead of the one derived from
+    /// the caller's identity (see `aws::identity::owner_of`).
+    pub owner: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub monthly_budget: f64,
     pub connect: ConnectMode,
@@ -214,6 +217,7 @@ struct FileConfig {
     on_demand_fallback: Option<bool>,
     security_group_name: Option<String>,
     iam_role_name: Option<String>,
+    owner: Option<String>,
     tags: Option<BTreeMap<String, String>>,
     monthly_budget: Option<Number>,
     connect: Option<String>,
@@ -426,6 +430,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         .map(|(v, s)| validate_resource_name("iam_role_name", v, &s))
         .transpose()?
         .unwrap_or_else(|| "SystemAdminTestingRole".into());
+    let owner = r.string("owner", None, "", file.owner)?.map(|(v, s)| validate_owner(v, &s)).transpose()?;
 
     let tags = match file.tags {
         Some(tags) => {
@@ -534,6 +539,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         on_demand_fallback,
         security_group_name,
         iam_role_name,
+        owner,
         tags,
         monthly_budget,
         connect,
@@ -882,6 +888,21 @@ fn validate_resource_name(key: &str, name: String, source: &Source) -> Result<St
     } else {
         Err(UsageError::new(format!(
             "invalid {key} {name:?} ({source}): use up to 64 letters, digits and + = , . @ _ -"
+        )))
+    }
+}
+
+/// The owner goes into a tag value the box reads through IMDS: tag value characters only
+/// (letters, digits, spaces and `_ . : / = + - @`), at most 256.
+fn validate_owner(owner: String, source: &Source) -> Result<String, UsageError> {
+    let ok = !owner.trim().is_empty()
+        && owner.chars().count() <= 256
+        && owner.chars().all(crate::session::tags::valid_tag_value_char);
+    if ok {
+        Ok(owner)
+    } else {
+        Err(UsageError::new(format!(
+            "invalid owner {owner:?} ({source}): use up to 256 letters, digits, spaces and _ . : / = + - @ (e.g. your email)"
         )))
     }
 }

@@ -26,6 +26,9 @@ pub struct SessionResources {
     pub alarm_names: Vec<String>,
     /// The OpenSSH config file holding the session's host block, if one was installed.
     pub ssh_config_file: Option<std::path::PathBuf>,
+    /// When the instance was launched (RFC 3339): EC2 must know an instance younger than an hour,
+    /// so its "not found" means "not visible yet" (see [`instances::terminate`]).
+    pub launched_at: Option<String>,
 }
 
 impl SessionResources {
@@ -38,6 +41,7 @@ impl SessionResources {
             rule_ids: record.ingress_rule_ids.clone(),
             alarm_names: record.alarm_name.iter().cloned().collect(),
             ssh_config_file: record.ssh_config_file.clone(),
+            launched_at: record.launched_at.clone(),
         }
     }
 
@@ -59,6 +63,9 @@ impl SessionResources {
         }
         if self.ssh_config_file.is_none() {
             self.ssh_config_file = other.ssh_config_file;
+        }
+        if self.launched_at.is_none() {
+            self.launched_at = other.launched_at;
         }
     }
 }
@@ -172,20 +179,30 @@ pub async fn teardown(
             None => Vec::new(),
         }
     };
+    // Once the instance is sure to end: its group can go, and its alarm (the box's second net).
+    let known = instances::must_be_known(resources.launched_at.as_deref(), clock.now());
     let terminate_then_group = async {
-        let terminated = instances::terminate(aws, &resources.instance_ids).await;
-        let group = match &resources.security_group_id {
-            Some(group) if terminated.is_ok() => Some(network::delete_security_group(aws, group).await),
-            _ => None,
+        let terminated = instances::terminate(aws, &resources.instance_ids, known).await;
+        let (group, alarms) = match &terminated {
+            Ok(()) => {
+                let group = async {
+                    match &resources.security_group_id {
+                        Some(group) => Some(network::delete_security_group(aws, group).await),
+                        None => None,
+                    }
+                };
+                let (group, alarms) = tokio::join!(group, alarm::delete(aws, &resources.alarm_names));
+                (group, Some(alarms))
+            }
+            Err(_) => (None, None),
         };
-        (terminated, group)
+        (terminated, group, alarms)
     };
-    let ((terminated, group), cancelled, released, alarms, warnings) = tokio::join!(
+    let ((terminated, group, alarms), cancelled, released, warnings) = tokio::join!(
         terminate_then_group,
         // A one-time spot request closes when its instance ends; cancelling makes sure.
         instances::cancel_spot_requests(aws, &resources.spot_request_ids),
         release_rules,
-        alarm::delete(aws, &resources.alarm_names),
         report_end,
     );
     report.warnings = warnings;
@@ -193,6 +210,7 @@ pub async fn teardown(
         report.duration_seconds = Some(entry.duration_seconds);
         report.cost = Some(entry.cost.total);
     }
+    let instance_ended = terminated.is_ok();
     match terminated {
         Ok(()) => report.terminated = resources.instance_ids.clone(),
         Err(e) => report.errors.push(e.to_string()),
@@ -208,17 +226,21 @@ pub async fn teardown(
         }
     }
     match alarms {
-        Ok(()) => report.alarms_deleted = resources.alarm_names.clone(),
-        Err(e) => report.errors.push(e.to_string()),
+        Some(Ok(())) => report.alarms_deleted = resources.alarm_names.clone(),
+        Some(Err(e)) => report.errors.push(e.to_string()),
+        None => {}
     }
-    match store.delete_private_key(&resources.session_id) {
-        Ok(()) => report.key_deleted = true,
-        Err(e) => report.errors.push(format!("{e:#}")),
-    }
-    if let Some(file) = &resources.ssh_config_file {
-        match crate::ssh::config_file::remove(file, &resources.session_id) {
-            Ok(removed) => report.ssh_host_removed = removed,
+    // A box that may still run keeps its key and its ssh host: the user can still reach it.
+    if instance_ended {
+        match store.delete_private_key(&resources.session_id) {
+            Ok(()) => report.key_deleted = true,
             Err(e) => report.errors.push(format!("{e:#}")),
+        }
+        if let Some(file) = &resources.ssh_config_file {
+            match crate::ssh::config_file::remove(file, &resources.session_id) {
+                Ok(removed) => report.ssh_host_removed = removed,
+                Err(e) => report.errors.push(format!("{e:#}")),
+            }
         }
     }
     match group {

@@ -20,8 +20,8 @@ pub const LOG_GROUP_PREFIX: &str = "/aws/ephemeral-container/";
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct InstanceProfile {
     pub name: String,
-    /// True when this call created the profile (or linked its role): EC2 may not see it for a
-    /// few seconds, so RunInstances retries the resulting error (see `launch`).
+    /// True when this call created the profile (or linked its role). EC2 may not see a profile
+    /// for a few seconds, whoever made it: RunInstances waits for it either way (see `launch`).
     pub fresh: bool,
 }
 

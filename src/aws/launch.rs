@@ -3,8 +3,9 @@
 //!
 //! RunInstances does its own retry classification instead of the SDK's: AWS reports capacity
 //! problems as HTTP 500, which standard retry would repeat against the same full zone. Here
-//! capacity errors move to the next candidate, throttling and transient failures retry the same
-//! candidate with backoff (safely: every request carries an idempotency token), a freshly created
+//! capacity errors move to the next candidate, throttling, transient failures and lost answers
+//! retry the same candidate with backoff (safely: every request of a candidate carries the same
+//! idempotency token, so a request whose answer was lost yields its one instance, not a second), an
 //! instance profile that EC2 cannot see yet is waited for, and anything else stops at once.
 
 use std::time::{Duration, Instant};
@@ -149,8 +150,6 @@ pub struct LaunchSpec {
     pub root_device_name: String,
     pub security_group_id: String,
     pub instance_profile_name: String,
-    /// True when the profile was created moments ago (EC2 may not see it yet).
-    pub instance_profile_fresh: bool,
     pub user_data: String,
     pub tags: Vec<(String, String)>,
     pub root_volume: RootVolume,
@@ -208,8 +207,22 @@ const TRANSIENT_CODES: &[&str] = &[
 ];
 
 const MAX_TRANSIENT_RETRIES: u32 = 6;
-/// How long to keep retrying a freshly created instance profile (IAM propagation).
+/// How long to keep retrying an instance profile EC2 cannot see yet (IAM propagation).
 const PROFILE_PROPAGATION: Duration = Duration::from_secs(30);
+
+/// Is this EC2's "the instance profile is not visible (yet)" answer? EC2 gives it no code of its
+/// own: it is `InvalidParameterValue` with "Value (NAME) for parameter iamInstanceProfile.name is
+/// invalid. Invalid IAM Instance Profile name", and the same code means any other bad parameter
+/// (which no wait can fix). So, and only here, the message decides: it must name the instance
+/// profile. Who created the profile does not matter: another launch may have made it seconds ago,
+/// and GetInstanceProfile (IAM) seeing it says nothing about EC2 seeing it.
+fn is_profile_not_visible(error: &SdkError<RunInstancesError>) -> bool {
+    use aws_sdk_ec2::error::ProvideErrorMetadata;
+    let Some(service_error) = error.as_service_error() else { return false };
+    let message = service_error.message().unwrap_or_default().to_ascii_lowercase();
+    service_error.code() == Some("InvalidParameterValue")
+        && (message.contains("iaminstanceprofile") || message.contains("iam instance profile"))
+}
 
 enum Outcome {
     Capacity(String),
@@ -218,18 +231,15 @@ enum Outcome {
     Fatal,
 }
 
-fn classify(error: &SdkError<RunInstancesError>, spec: &LaunchSpec, started: Instant) -> Outcome {
+fn classify(error: &SdkError<RunInstancesError>, started: Instant) -> Outcome {
     if is_transport_error(error) {
         return Outcome::Transient("no answer from EC2".into());
     }
     match code_of(error) {
         Some(code) if CAPACITY_CODES.contains(&code) => Outcome::Capacity(code.to_string()),
         Some(code) if TRANSIENT_CODES.contains(&code) => Outcome::Transient(code.to_string()),
-        // EC2 reports an instance profile it cannot see yet as an invalid parameter. Only a
-        // profile we just created gets the benefit of the doubt, and only for a bounded time.
-        Some("InvalidParameterValue")
-            if spec.instance_profile_fresh && started.elapsed() < PROFILE_PROPAGATION =>
-        {
+        // An instance profile EC2 cannot see yet: waited for, for a bounded time.
+        Some(_) if is_profile_not_visible(error) && started.elapsed() < PROFILE_PROPAGATION => {
             Outcome::ProfileNotReady
         }
         None if matches!(error, SdkError::ServiceError(e) if e.raw().status().is_server_error()) => {
@@ -284,7 +294,7 @@ pub async fn run_first_available(
                 }
                 Err(error) => error,
             };
-            match classify(&error, spec, started) {
+            match classify(&error, started) {
                 Outcome::Capacity(code) => {
                     on_event(LaunchEvent::NoCapacity { candidate, code: &code });
                     if code == "MaxSpotInstanceCountExceeded" {

@@ -40,6 +40,12 @@ async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecor
             }
         }
         Some(info) => bail!("session {id}'s instance {instance_id} is {}: nothing to connect to", info.state),
+        // EC2 is eventually consistent: a young instance it does not show is not visible yet.
+        None if instances::must_be_known(record.launched_at.as_deref(), crate::session::clock().now()) => {
+            bail!(
+                "session {id}'s instance {instance_id} is not visible to EC2 yet: try again in a few seconds"
+            )
+        }
         None => bail!("session {id}'s instance {instance_id} no longer exists"),
     }
     Ok((store, record))

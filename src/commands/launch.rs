@@ -36,6 +36,8 @@ use crate::{crash, ip, ledger, pricing, userdata};
 struct Recorder {
     store: Store,
     record: Arc<Mutex<SessionRecord>>,
+    /// RunInstances was sent: an instance may exist even if no answer said so.
+    requested: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Recorder {
@@ -253,13 +255,13 @@ async fn provision(
             // Who we are, then the session's own security group, tagged as the session's.
             async {
                 let (caller, vpc) = tokio::try_join!(
-                    async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
+                    async { identity::me(&aws, s.owner.as_deref()).await.map_err(anyhow::Error::from) },
                     async { network::default_vpc(&aws).await.map_err(anyhow::Error::from) },
                 )?;
                 let vpc = vpc.ok_or_else(|| network::NetworkError::NoDefaultVpc(aws.region.clone()))?;
                 let session_tags = tags::session_tags(
                     &session_id,
-                    &caller.arn,
+                    &caller.owner,
                     &expires_at,
                     kept,
                     s.name.as_deref(),
@@ -317,7 +319,7 @@ async fn provision(
     mark("prepare", &mut timings);
 
     let session_tags =
-        tags::session_tags(&session_id, &caller.arn, &expires_at, kept, s.name.as_deref(), &s.tags);
+        tags::session_tags(&session_id, &caller.owner, &expires_at, kept, s.name.as_deref(), &s.tags);
     let pid = std::process::id();
     let recorder = Recorder {
         store: store.clone(),
@@ -329,7 +331,7 @@ async fn provision(
             region: aws.region.clone(),
             account: caller.account.clone(),
             partition: caller.partition().to_string(),
-            owner_arn: caller.arn.clone(),
+            owner_arn: caller.owner.clone(),
             created_at: session::rfc3339(created),
             expires_at: expires_at.clone(),
             kept,
@@ -346,6 +348,7 @@ async fn provision(
             instance_profile_name: Some(profile.name.clone()),
             ..Default::default()
         })),
+        requested: Arc::default(),
     };
     store.save_private_key(&session_id, &keys.client.private_openssh)?;
     recorder.update(|_| {})?;
@@ -395,7 +398,6 @@ async fn provision(
         root_device_name: image.root_device_name.clone(),
         security_group_id: group.id.clone(),
         instance_profile_name: profile.name.clone(),
-        instance_profile_fresh: profile.fresh,
         user_data: base64::engine::general_purpose::STANDARD.encode(user_data),
         tags: session_tags.clone(),
         root_volume: s.root_volume,
@@ -425,6 +427,7 @@ async fn provision(
         }
     };
     let run_instance = async {
+        recorder.requested.store(true, std::sync::atomic::Ordering::SeqCst);
         let launched = ec2_launch::run_first_available(&aws, &spec, &candidates, &on_event).await.map_err(
             |e| match e {
                 // Keep the typed error at the top of the chain: it chooses the exit code.
@@ -522,7 +525,7 @@ async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Option<iam::I
     let name_free = async {
         let Some(name) = s.name.as_deref() else { return anyhow::Ok(()) };
         let caller = identity::whoami(aws).await?;
-        let taken = super::live_named(aws, &caller.arn, name).await?;
+        let taken = super::live_sessions(aws, &caller, Some(name)).await?;
         // A launch of this machine still provisioning has no instance for AWS to show yet.
         let launching =
             Store::new(s.sessions_dir()).in_scope(&caller.scope(&aws.region)).into_iter().find(|r| {
@@ -578,7 +581,10 @@ async fn undo(
     clock: &dyn Clock,
 ) -> anyhow::Error {
     let record = recorder.snapshot();
-    let resources = SessionResources::from_record(&record);
+    let mut resources = SessionResources::from_record(&record);
+    if record.instance_id.is_none() && recorder.requested.load(std::sync::atomic::Ordering::SeqCst) {
+        resources.merge(unanswered_launch(ctx, aws, &record.id).await);
+    }
     let interrupted = error.downcast_ref::<Interrupted>().is_some();
     let reason = if interrupted { ended_by::INTERRUPTED } else { ended_by::LAUNCH_FAILED };
     let report = teardown::teardown(aws, store, &resources, reason, clock).await;
@@ -592,6 +598,27 @@ async fn undo(
         ctx.printer.warn(report.summary());
     }
     error
+}
+
+/// The instance a RunInstances whose answer never came may have started anyway, found by the
+/// session's tag (it was created carrying it).
+async fn unanswered_launch(ctx: &Context, aws: &crate::aws::Aws, session_id: &str) -> SessionResources {
+    let query = instances::Query { session_id: Some(session_id), ..Default::default() };
+    match instances::find(aws, query).await {
+        Ok(found) => SessionResources {
+            session_id: session_id.to_string(),
+            instance_ids: found.iter().map(|i| i.instance_id.clone()).collect(),
+            spot_request_ids: found.iter().filter_map(|i| i.spot_request_id.clone()).collect(),
+            launched_at: found.iter().find_map(|i| i.launch_time.clone()),
+            ..Default::default()
+        },
+        Err(e) => {
+            ctx.printer.warn(format!(
+                "could not check whether the unanswered launch started an instance ({e}): run `ephemeral-admin cleanup`"
+            ));
+            SessionResources::default()
+        }
+    }
 }
 
 /// The IP echo services: `EPHEMERAL_ADMIN_IP_SERVICES` (comma-separated URLs) replaces the

@@ -40,13 +40,29 @@ impl Context {
     }
 
     /// Writes the ledger lines of sessions that ended on their own (idle, deadline, spot) while
-    /// no CLI ran. Costs one AWS call when there is something to settle, none otherwise.
+    /// no CLI ran, in every region this machine has records for (a stale record elsewhere would
+    /// otherwise count against the budget forever). Costs one AWS call per region with something
+    /// to settle, none otherwise.
     pub async fn settle(&self, aws: &Aws) {
         let store = Store::new(self.settings.sessions_dir());
-        let settled =
-            ledger::settle(aws, &store, &crate::ledger::Ledger::beside(&store), session::clock().as_ref())
-                .await;
-        self.report_settled(aws, settled).await;
+        let caller = match aws.caller().await {
+            Ok(caller) => caller,
+            Err(e) => return self.printer.warn(format!("could not settle ended sessions: {e}")),
+        };
+        let regions = ledger::unsettled_regions(&store, caller.partition(), &caller.account);
+        let settles = regions.iter().map(|region| {
+            let store = &store;
+            async move {
+                let regional = match *region == aws.region {
+                    true => aws.clone(),
+                    false => aws.in_region(&self.settings.aws, region).await,
+                };
+                let ledger = crate::ledger::Ledger::beside(store);
+                let settled = ledger::settle(&regional, store, &ledger, session::clock().as_ref()).await;
+                self.report_settled(&regional, settled).await;
+            }
+        });
+        futures::future::join_all(settles).await;
     }
 
     /// [`Context::settle`] from instances the command described anyway (every state): no AWS call.
@@ -83,11 +99,20 @@ impl Context {
     }
 }
 
-/// The caller's live sessions (instance not ending or gone) named `name` in the region.
-pub async fn live_named(aws: &Aws, owner: &str, name: &str) -> Result<Vec<InstanceInfo>> {
-    let query = crate::aws::instances::Query { owner: Some(owner), name: Some(name), ..Default::default() };
+/// The caller's live sessions (instance not ending or gone) in the region, newest first; only
+/// those named `name` when one is given.
+pub async fn live_sessions(
+    aws: &Aws,
+    caller: &crate::aws::identity::Caller,
+    name: Option<&str>,
+) -> Result<Vec<InstanceInfo>> {
+    let query = crate::aws::instances::Query { name, ..Default::default() };
     let found = crate::aws::instances::find(aws, query).await?;
-    Ok(found.into_iter().filter(|i| i.state != "shutting-down" && i.session_id.is_some()).collect())
+    Ok(found
+        .into_iter()
+        .filter(|i| i.state != "shutting-down" && i.session_id.is_some())
+        .filter(|i| i.owner.as_deref().is_some_and(|o| caller.is_mine(o)))
+        .collect())
 }
 
 /// The session id a user meant: a session id as typed; the session an instance id belongs to
@@ -101,7 +126,7 @@ pub async fn resolve_session(ctx: &Context, text: &str) -> Result<String> {
         session::SessionRef::Name(name) => {
             let aws = ctx.aws().await?;
             let caller = crate::aws::identity::whoami(&aws).await?;
-            let found = live_named(&aws, &caller.arn, &name).await?;
+            let found = live_sessions(&aws, &caller, Some(&name)).await?;
             let mut ids: Vec<String> = found.iter().filter_map(|i| i.session_id.clone()).collect();
             ids.sort();
             ids.dedup();
@@ -123,12 +148,10 @@ pub async fn resolve_session(ctx: &Context, text: &str) -> Result<String> {
         session::SessionRef::Last => {
             let aws = ctx.aws().await?;
             let caller = crate::aws::identity::whoami(&aws).await?;
-            let query = crate::aws::instances::Query { owner: Some(&caller.arn), ..Default::default() };
-            let found = crate::aws::instances::find(&aws, query).await?;
-            // `find` answers newest first; launch times have whole seconds, and among sessions
-            // launched in the same second the one EC2 lists last is the newest.
-            let live: Vec<&InstanceInfo> =
-                found.iter().filter(|i| i.state != "shutting-down" && i.session_id.is_some()).collect();
+            let found = live_sessions(&aws, &caller, None).await?;
+            // Newest first; launch times have whole seconds, and among sessions launched in the
+            // same second the one EC2 lists last is the newest.
+            let live: Vec<&InstanceInfo> = found.iter().collect();
             let newest = live.first().map(|i| i.launch_time.clone());
             live.iter()
                 .rev()

@@ -24,6 +24,8 @@ pub struct SessionRecord {
     /// The AWS account and partition the session was launched in (see [`super::Scope`]).
     pub account: String,
     pub partition: String,
+    /// The session's owner as tagged (`aws::identity::owner_of` the caller, or the `owner`
+    /// setting); the name is kept from when it was always the caller's full ARN.
     pub owner_arn: String,
     pub created_at: String,
     pub expires_at: String,

@@ -30,7 +30,7 @@ pub fn shared_resource_tags() -> Vec<(String, String)> {
 /// Everything a session's resources carry, user tags last.
 pub fn session_tags(
     session_id: &str,
-    owner_arn: &str,
+    owner: &str,
     expires_at: &str,
     kept: bool,
     name: Option<&str>,
@@ -41,13 +41,18 @@ pub fn session_tags(
         (PROJECT.to_string(), PROJECT_VALUE.to_string()),
         (AUTO_MANAGED.to_string(), "true".to_string()),
         (SESSION.to_string(), session_id.to_string()),
-        (OWNER.to_string(), owner_arn.to_string()),
+        (OWNER.to_string(), owner.to_string()),
         (EXPIRES_AT.to_string(), expires_at.to_string()),
         (MODE.to_string(), if kept { "kept" } else { "attached" }.to_string()),
     ];
     tags.extend(name.map(|n| (SESSION_NAME.to_string(), n.to_string())));
     tags.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     tags
+}
+
+/// A character AWS allows in a tag value (letters, digits, spaces, `_ . : / = + - @`).
+pub fn valid_tag_value_char(c: char) -> bool {
+    c.is_alphanumeric() || c == ' ' || "_.:/=+-@".contains(c)
 }
 
 #[cfg(test)]
