@@ -179,10 +179,13 @@ pub async fn teardown(
             None => Vec::new(),
         }
     };
-    // Once the instance is sure to end: its group can go, and its alarm (the box's second net).
+    // Once the instance is sure to end and its rules are revoked (so the summary says what was
+    // closed, and nothing races the group away under them): the group can go, and the alarm
+    // (the box's second net).
     let known = instances::must_be_known(resources.launched_at.as_deref(), clock.now());
     let terminate_then_group = async {
-        let terminated = instances::terminate(aws, &resources.instance_ids, known).await;
+        let (terminated, released) =
+            tokio::join!(instances::terminate(aws, &resources.instance_ids, known), release_rules);
         let (group, alarms) = match &terminated {
             Ok(()) => {
                 let group = async {
@@ -196,13 +199,12 @@ pub async fn teardown(
             }
             Err(_) => (None, None),
         };
-        (terminated, group, alarms)
+        (terminated, released, group, alarms)
     };
-    let ((terminated, group, alarms), cancelled, released, warnings) = tokio::join!(
+    let ((terminated, released, group, alarms), cancelled, warnings) = tokio::join!(
         terminate_then_group,
         // A one-time spot request closes when its instance ends; cancelling makes sure.
         instances::cancel_spot_requests(aws, &resources.spot_request_ids),
-        release_rules,
         report_end,
     );
     report.warnings = warnings;
