@@ -81,8 +81,11 @@ impl Entry {
         let end = session::parse_rfc3339(&record.expires_at).map_or(end, |deadline| end.min(deadline));
         let end = end.max(start);
         let duration = (end - start).whole_seconds();
-        let cost =
-            pricing::estimate(record.price_per_hour.unwrap_or(0.0), Duration::from_secs(duration as u64));
+        let cost = pricing::estimate(
+            record.price_per_hour.unwrap_or(0.0),
+            Duration::from_secs(duration as u64),
+            record.root_volume(),
+        );
         Some(Entry {
             session_id: record.id.clone(),
             account: record.partition_and_account().1.map(str::to_string),
@@ -400,7 +403,7 @@ pub fn live_cost(store: &Store, now: OffsetDateTime, account: Option<&str>) -> f
             let start = session::parse_rfc3339(r.launched_at.as_deref()?)?;
             let end = session::parse_rfc3339(&r.expires_at).map_or(now, |deadline| deadline.min(now));
             let seconds = (end - start).whole_seconds().max(0) as u64;
-            Some(pricing::estimate(r.price_per_hour?, Duration::from_secs(seconds)).total)
+            Some(pricing::estimate(r.price_per_hour?, Duration::from_secs(seconds), r.root_volume()).total)
         })
         .sum()
 }

@@ -1,7 +1,8 @@
 //! The single way a session ends: terminate the instance (and its spot request), revoke the
 //! session's SSH rules, delete the alarm, delete the private key, mark the local record ended,
-//! then delete the session's own security group (or leave the empty group to `cleanup` while AWS
-//! still sees the instance shutting down in it).
+//! take its host block out of the user's OpenSSH config (`ssh-config --install`), then delete the
+//! session's own security group (or leave the empty group to `cleanup` while AWS still sees the
+//! instance shutting down in it).
 //!
 //! Every step runs even when another fails; independent steps run concurrently. Nothing waits
 //! for the instance to reach `terminated`: the user gets the prompt back at once.
@@ -23,6 +24,8 @@ pub struct SessionResources {
     pub security_group_id: Option<String>,
     pub rule_ids: Vec<String>,
     pub alarm_names: Vec<String>,
+    /// The OpenSSH config file holding the session's host block, if one was installed.
+    pub ssh_config_file: Option<std::path::PathBuf>,
     /// When the instance was launched (RFC 3339): EC2 must know an instance younger than an hour,
     /// so its "not found" means "not visible yet" (see [`instances::terminate`]).
     pub launched_at: Option<String>,
@@ -37,6 +40,7 @@ impl SessionResources {
             security_group_id: record.security_group_id.clone(),
             rule_ids: record.ingress_rule_ids.clone(),
             alarm_names: record.alarm_name.iter().cloned().collect(),
+            ssh_config_file: record.ssh_config_file.clone(),
             launched_at: record.launched_at.clone(),
         }
     }
@@ -57,6 +61,9 @@ impl SessionResources {
         if self.security_group_id.is_none() {
             self.security_group_id = other.security_group_id;
         }
+        if self.ssh_config_file.is_none() {
+            self.ssh_config_file = other.ssh_config_file;
+        }
         if self.launched_at.is_none() {
             self.launched_at = other.launched_at;
         }
@@ -74,6 +81,8 @@ pub struct TeardownReport {
     pub group: Option<GroupDeletion>,
     pub alarms_deleted: Vec<String>,
     pub key_deleted: bool,
+    /// The session's host block left the user's OpenSSH config.
+    pub ssh_host_removed: bool,
     /// What the session ran for and cost, as written to the ledger.
     pub duration_seconds: Option<i64>,
     pub cost: Option<f64>,
@@ -107,6 +116,9 @@ impl TeardownReport {
         }
         if self.key_deleted {
             parts.push("deleted the key".into());
+        }
+        if self.ssh_host_removed {
+            parts.push("removed its ssh host".into());
         }
         if parts.is_empty() {
             parts.push("nothing was left to remove".into());
@@ -220,11 +232,17 @@ pub async fn teardown(
         Some(Err(e)) => report.errors.push(e.to_string()),
         None => {}
     }
-    // A box that may still run keeps its key: the user can still reach it.
+    // A box that may still run keeps its key and its ssh host: the user can still reach it.
     if instance_ended {
         match store.delete_private_key(&resources.session_id) {
             Ok(()) => report.key_deleted = true,
             Err(e) => report.errors.push(format!("{e:#}")),
+        }
+        if let Some(file) = &resources.ssh_config_file {
+            match crate::ssh::config_file::remove(file, &resources.session_id) {
+                Ok(removed) => report.ssh_host_removed = removed,
+                Err(e) => report.errors.push(format!("{e:#}")),
+            }
         }
     }
     match group {
@@ -239,6 +257,15 @@ pub async fn teardown(
         None => {}
     }
     report
+}
+
+/// Takes an ended session's host block out of the OpenSSH config its record names (sessions
+/// that ended on their own, or that `cleanup` removes). Answers whether there was one.
+pub fn remove_ssh_host(store: &Store, session_id: &str) -> anyhow::Result<bool> {
+    match store.load(session_id)?.and_then(|r| r.ssh_config_file) {
+        Some(file) => crate::ssh::config_file::remove(&file, session_id),
+        None => Ok(false),
+    }
 }
 
 /// Publishes an ended session's metrics and its last log event. Returns what failed.

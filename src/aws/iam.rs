@@ -185,6 +185,20 @@ fn iam_tags() -> Vec<Tag> {
         .collect()
 }
 
+/// The roles in an existing instance profile (`instance_profile`), or None when there is no
+/// such profile.
+pub async fn profile_roles(aws: &Aws, name: &str) -> Result<Option<Vec<String>>, AwsError> {
+    match aws.iam.get_instance_profile().instance_profile_name(name).send().await {
+        Ok(out) => Ok(Some(
+            out.instance_profile()
+                .map(|p| p.roles().iter().map(|r| r.role_name().to_string()).collect())
+                .unwrap_or_default(),
+        )),
+        Err(e) if code_of(&e) == Some("NoSuchEntity") => Ok(None),
+        Err(e) => Err(AwsError::new(format!("looking up instance profile {name}"), e)),
+    }
+}
+
 /// Removes the profile and role (cleanup --purge). Missing pieces are fine; answers whether
 /// there was anything to remove.
 pub async fn delete_instance_profile_and_role(aws: &Aws, name: &str) -> Result<bool, AwsError> {

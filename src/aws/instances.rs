@@ -16,6 +16,8 @@ use crate::session::tags;
 pub struct InstanceInfo {
     pub instance_id: String,
     pub session_id: Option<String>,
+    /// The session's name (`launch --name`).
+    pub name: Option<String>,
     pub owner: Option<String>,
     pub state: String,
     pub instance_type: String,
@@ -47,6 +49,7 @@ impl InstanceInfo {
         Some(InstanceInfo {
             instance_id,
             session_id: tags.get(tags::SESSION).cloned(),
+            name: tags.get(tags::SESSION_NAME).cloned(),
             owner: tags.get(tags::OWNER).cloned(),
             state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
             instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
@@ -91,6 +94,8 @@ pub struct Query<'a> {
     /// Only this owner's (the caller's ARN), or anyone's.
     pub owner: Option<&'a str>,
     pub session_id: Option<&'a str>,
+    /// Only the session with this name (`launch --name`).
+    pub name: Option<&'a str>,
     /// Include terminated instances (AWS keeps them visible for about an hour).
     pub include_terminated: bool,
 }
@@ -109,6 +114,10 @@ pub async fn find(aws: &Aws, query: Query<'_>) -> Result<Vec<InstanceInfo>, AwsE
     if let Some(session) = query.session_id {
         request =
             request.filters(Filter::builder().name(format!("tag:{}", tags::SESSION)).values(session).build());
+    }
+    if let Some(name) = query.name {
+        request = request
+            .filters(Filter::builder().name(format!("tag:{}", tags::SESSION_NAME)).values(name).build());
     }
     if !query.include_terminated {
         request = request.filters(not_terminated());

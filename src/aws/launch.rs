@@ -24,7 +24,7 @@ use super::network::tag_spec;
 use super::spot::SpotPrice;
 use super::{Aws, AwsError, code_of, is_transport_error};
 use crate::error::CapacityExhausted;
-use crate::pricing::ROOT_VOLUME_GB;
+use crate::settings::{RootVolume, VolumeKind};
 
 /// Spot or on-demand.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -66,17 +66,39 @@ impl std::fmt::Display for Candidate {
     }
 }
 
+/// Which markets the chain may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Markets {
+    /// Spot only (`on_demand_fallback = false`).
+    SpotOnly,
+    /// Spot first, then on-demand (the default).
+    SpotThenOnDemand,
+    /// On-demand only (`--on-demand`): spot is skipped entirely.
+    OnDemandOnly,
+}
+
+impl Markets {
+    pub fn of(on_demand: bool, on_demand_fallback: bool) -> Markets {
+        match (on_demand, on_demand_fallback) {
+            (true, _) => Markets::OnDemandOnly,
+            (false, true) => Markets::SpotThenOnDemand,
+            (false, false) => Markets::SpotOnly,
+        }
+    }
+}
+
 /// The order to try: for each type in preference order, its zones by ascending spot price
 /// (skipping zones whose price is already above our bid); then on-demand for each type.
 pub fn plan(
     instance_types: &[String],
     prices: &[SpotPrice],
-    on_demand_fallback: bool,
+    markets: Markets,
     spot_max_price: impl Fn(&str) -> Option<f64>,
     on_demand_price: impl Fn(&str) -> Option<f64>,
 ) -> Vec<Candidate> {
     let mut candidates = Vec::new();
-    for instance_type in instance_types {
+    let spot_types = if markets == Markets::OnDemandOnly { &[][..] } else { instance_types };
+    for instance_type in spot_types {
         let max_price = spot_max_price(instance_type);
         let mut zones: Vec<&SpotPrice> =
             prices.iter().filter(|p| &p.instance_type == instance_type).collect();
@@ -106,7 +128,7 @@ pub fn plan(
             });
         }
     }
-    if on_demand_fallback {
+    if markets != Markets::SpotOnly {
         for instance_type in instance_types {
             candidates.push(Candidate {
                 instance_type: instance_type.clone(),
@@ -130,6 +152,7 @@ pub struct LaunchSpec {
     pub instance_profile_name: String,
     pub user_data: String,
     pub tags: Vec<(String, String)>,
+    pub root_volume: RootVolume,
 }
 
 /// The instance that started.
@@ -373,8 +396,11 @@ fn request(
                 .device_name(&spec.root_device_name)
                 .ebs(
                     EbsBlockDevice::builder()
-                        .volume_type(VolumeType::Gp3)
-                        .volume_size(ROOT_VOLUME_GB)
+                        .volume_type(match spec.root_volume.kind {
+                            VolumeKind::Gp3 => VolumeType::Gp3,
+                            VolumeKind::Gp2 => VolumeType::Gp2,
+                        })
+                        .volume_size(i32::try_from(spec.root_volume.gb).unwrap_or(i32::MAX))
                         .encrypted(true)
                         .delete_on_termination(true)
                         .build(),
@@ -433,7 +459,7 @@ mod tests {
         let types = vec!["t3.small".to_string(), "t3.micro".to_string()];
         let bid = |t: &str| Some(if t == "t3.small" { 0.0104 } else { 0.0052 });
         let od = |t: &str| Some(if t == "t3.small" { 0.0208 } else { 0.0104 });
-        let plan = plan(&types, &prices, true, bid, od);
+        let plan = plan(&types, &prices, Markets::SpotThenOnDemand, bid, od);
         let shown: Vec<String> = plan.iter().map(|c| c.to_string()).collect();
         assert_eq!(
             shown,
@@ -447,7 +473,14 @@ mod tests {
         );
         assert_eq!(plan[0].max_price, Some(0.0104));
         assert_eq!(plan[3].expected_price, Some(0.0208));
-        assert!(super::plan(&types, &prices, false, bid, od).iter().all(|c| c.market == Market::Spot));
+        assert!(
+            super::plan(&types, &prices, Markets::SpotOnly, bid, od).iter().all(|c| c.market == Market::Spot)
+        );
+        let on_demand: Vec<String> = super::plan(&types, &prices, Markets::OnDemandOnly, bid, od)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(on_demand, ["t3.small on-demand", "t3.micro on-demand"]);
     }
 
     #[test]

@@ -406,7 +406,8 @@ fn saved(ctx: &Context, region: &str, found: &Found, now: OffsetDateTime) -> f64
         .as_ref()
         .and_then(|r| r.price_per_hour)
         .or_else(|| pricing::on_demand_price(&ctx.settings, region, &instance.instance_type));
-    price.map(|p| pricing::estimate(p, Duration::from_secs(left as u64)).total).unwrap_or(0.0)
+    let volume = found.record.as_ref().map(|r| r.root_volume()).unwrap_or_default();
+    price.map(|p| pricing::estimate(p, Duration::from_secs(left as u64), volume).total).unwrap_or(0.0)
 }
 
 /// Removes in dependency order: instances and spot requests, then rules and alarms, then the
@@ -466,6 +467,9 @@ async fn remove(
                 }
                 Ok(None) => {}
                 Err(e) => errors.push(format!("{e:#}")),
+            }
+            if let Err(e) = crate::teardown::remove_ssh_host(store, id) {
+                errors.push(format!("{e:#}"));
             }
             if let Err(e) = store.delete_private_key(id).and_then(|_| store.forget(id)) {
                 errors.push(format!("{e:#}"));

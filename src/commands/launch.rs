@@ -224,6 +224,8 @@ async fn provision(
     // Through SSM no inbound port is needed at all.
     let need_ingress = s.connect != ConnectMode::Ssm;
     mark("settings", &mut timings);
+    // A taken name or a missing instance profile is bad input: refused before anything exists.
+    let own_profile = preflight(ctx, &aws).await?;
 
     // Phase 1: everything independent, at once.
     let step =
@@ -257,7 +259,14 @@ async fn provision(
                     async { network::default_vpc(&aws).await.map_err(anyhow::Error::from) },
                 )?;
                 let vpc = vpc.ok_or_else(|| network::NetworkError::NoDefaultVpc(aws.region.clone()))?;
-                let session_tags = tags::session_tags(&session_id, &caller.owner, &expires_at, kept, &s.tags);
+                let session_tags = tags::session_tags(
+                    &session_id,
+                    &caller.owner,
+                    &expires_at,
+                    kept,
+                    s.name.as_deref(),
+                    &s.tags,
+                );
                 let group = network::create_session_group(
                     &aws,
                     &vpc,
@@ -271,6 +280,9 @@ async fn provision(
             },
             detect_ip,
             async {
+                if let Some(profile) = own_profile.clone() {
+                    return anyhow::Ok(profile);
+                }
                 let profile =
                     iam::ensure_instance_profile(&aws, &s.iam_role_name, s.connect == ConnectMode::Ssm)
                         .await?;
@@ -279,7 +291,12 @@ async fn provision(
             },
             keys,
             async { ami::resolve(&aws, &s.ami, s.arch()).await.map_err(anyhow::Error::from) },
-            async { spot::current_prices(&aws, &s.instance_types).await.map_err(anyhow::Error::from) },
+            async {
+                if s.on_demand {
+                    return Ok(Vec::new());
+                }
+                spot::current_prices(&aws, &s.instance_types).await.map_err(anyhow::Error::from)
+            },
         )
     };
     // Leftovers of this user's earlier crashed sessions go first, off the critical path.
@@ -301,12 +318,16 @@ async fn provision(
     }
     mark("prepare", &mut timings);
 
-    let session_tags = tags::session_tags(&session_id, &caller.owner, &expires_at, kept, &s.tags);
+    let session_tags =
+        tags::session_tags(&session_id, &caller.owner, &expires_at, kept, s.name.as_deref(), &s.tags);
     let pid = std::process::id();
     let recorder = Recorder {
         store: store.clone(),
         record: Arc::new(Mutex::new(SessionRecord {
             id: session_id.clone(),
+            name: s.name.clone(),
+            root_volume_gb: Some(s.root_volume.gb),
+            root_volume_type: Some(s.root_volume.kind.as_str().to_string()),
             region: aws.region.clone(),
             account: caller.account.clone(),
             partition: caller.partition().to_string(),
@@ -337,7 +358,7 @@ async fn provision(
     let candidates = ec2_launch::plan(
         &s.instance_types,
         &prices,
-        s.on_demand_fallback,
+        ec2_launch::Markets::of(s.on_demand, s.on_demand_fallback),
         |t| pricing::spot_max_price(s, &aws.region, t),
         |t| pricing::on_demand_price(s, &aws.region, t),
     );
@@ -348,7 +369,7 @@ async fn provision(
             .map(|p| {
                 format!(
                     ", at most {} for {}",
-                    usd(pricing::estimate(p, s.max_runtime).total),
+                    usd(pricing::estimate(p, s.max_runtime, s.root_volume).total),
                     short_duration(s.max_runtime)
                 )
             })
@@ -381,6 +402,7 @@ async fn provision(
         instance_profile_name: profile.name.clone(),
         user_data: base64::engine::general_purpose::STANDARD.encode(user_data),
         tags: session_tags.clone(),
+        root_volume: s.root_volume,
     };
 
     // Phase 2: the SSH rule(s) while RunInstances is in flight.
@@ -485,13 +507,70 @@ async fn provision(
     let record = recorder.snapshot();
     let view = SessionView::build(Some(&record), Some(&running), clock.now());
     let result = Launched {
-        estimate: launched.price_per_hour.map(|p| pricing::estimate(p, s.max_runtime).rounded()),
+        estimate: launched
+            .price_per_hour
+            .map(|p| pricing::estimate(p, s.max_runtime, s.root_volume).rounded()),
         launch_attempts: launched.attempts,
         timings_ms: timings.clone(),
         started,
         session: view,
     };
     Ok((aws, store, record, result))
+}
+
+/// What must hold before anything is created, checked at once: the name is not taken by one of
+/// the caller's live sessions in the region, and the instance profile asked for exists (with a
+/// role in it). Either failing is bad input (exit 2). Answers the profile to launch with, if the
+/// user named one.
+async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Option<iam::InstanceProfile>> {
+    let s = &ctx.settings;
+    let name_free = async {
+        let Some(name) = s.name.as_deref() else { return anyhow::Ok(()) };
+        let caller = identity::whoami(aws).await?;
+        let taken = super::live_sessions(aws, &caller, Some(name)).await?;
+        // A launch of this machine still provisioning has no instance for AWS to show yet.
+        let launching =
+            Store::new(s.sessions_dir()).in_scope(&caller.scope(&aws.region)).into_iter().find(|r| {
+                r.name.as_deref() == Some(name)
+                    && r.ended_at.is_none()
+                    && r.instance_id.is_none()
+                    && lifecycle::launcher_of(r) == lifecycle::Launcher::Alive
+            });
+        let holder = taken.first().and_then(|i| i.session_id.clone()).or(launching.map(|r| r.id));
+        if let Some(other) = holder {
+            return Err(crate::error::UsageError::new(format!(
+                "the name {name:?} is taken by your live session {other} in {}: pick another --name, or end that one with `ephemeral-admin terminate {other}`",
+                aws.region
+            ))
+            .into());
+        }
+        Ok(())
+    };
+    let profile = async {
+        let Some(name) = s.instance_profile.as_deref() else { return anyhow::Ok(None) };
+        let roles = iam::profile_roles(aws, name).await?.ok_or_else(|| {
+            crate::error::UsageError::new(format!(
+                "instance profile {name:?} does not exist in this account: create it (with a role EC2 may assume), or check --instance-profile"
+            ))
+        })?;
+        let Some(role) = roles.first() else {
+            return Err(crate::error::UsageError::new(format!(
+                "instance profile {name:?} holds no role: add one (`aws iam add-role-to-instance-profile`) or pick another profile"
+            ))
+            .into());
+        };
+        if role != name {
+            ctx.printer.warn(format!(
+                "instance profile {name} holds role {role}: the policy `ephemeral-admin policy` prints lets you pass role {name} only, so your administrator must allow iam:PassRole on {role}"
+            ));
+        }
+        ctx.printer.status(format!(
+            "the box gets instance profile {name} (role {role}) instead of the tool's minimal role: it can do whatever that role allows"
+        ));
+        Ok(Some(iam::InstanceProfile { name: name.to_string(), fresh: false }))
+    };
+    let ((), profile) = tokio::try_join!(name_free, profile)?;
+    Ok(profile)
 }
 
 /// A failed launch removes what it made so far, then reports the original error.
@@ -570,7 +649,7 @@ fn budget_guard(
             .warn(format!("no price known for {first}: the budget guard cannot estimate this session"));
         return Ok(());
     };
-    let estimate = pricing::estimate(price, s.max_runtime).total;
+    let estimate = pricing::estimate(price, s.max_runtime, s.root_volume).total;
     // This account's spending: the budget is the account's, not the machine's.
     let account = Some(account);
     let spent = crate::ledger::Ledger::beside(store).month_to_date(now, account)?

@@ -131,6 +131,7 @@ pub async fn discover(aws: &Aws, id: &str, record: Option<&SessionRecord>) -> Re
             .filter(|a| a.session_id.as_deref() == Some(id))
             .map(|a| a.name.clone())
             .collect(),
+        ssh_config_file: None,
         launched_at: found.iter().find_map(|i| i.launch_time.clone()),
     });
     Ok(resources)
