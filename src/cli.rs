@@ -60,7 +60,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  ephemeral-admin launch                         # a shell; everything is removed when it ends\n  ephemeral-admin launch -- sudo apt-get update  # one command; its exit status is ours\n  ephemeral-admin launch --keep --tmux           # work survives a dropped connection"
     )]
-    Launch(LaunchArgs),
+    Launch(Box<LaunchArgs>),
     /// Open a shell (or run a command) on a running session.
     #[command(
         after_help = "Examples:\n  ephemeral-admin connect k3x9q2ab               # a shell on a running session\n  ephemeral-admin connect k3x9q2ab -- df -h       # one command\n  ephemeral-admin connect i-0123456789abcdef0 --tmux"
@@ -112,9 +112,9 @@ pub enum Command {
     Budget(BudgetArgs),
     /// Print an OpenSSH `Host` block for a session (for ssh, scp, rsync, editors).
     #[command(
-        after_help = "Examples:\n  ephemeral-admin ssh-config k3x9q2ab >> ~/.ssh/config\n  ssh ephemeral-admin-k3x9q2ab"
+        after_help = "Examples:\n  ephemeral-admin ssh-config k3x9q2ab >> ~/.ssh/config\n  ssh ephemeral-admin-k3x9q2ab\n  ephemeral-admin ssh-config db-fix --install && ssh db-fix   # removed again at teardown"
     )]
-    SshConfig(SessionIdArg),
+    SshConfig(SshConfigArgs),
     /// Print the least-privilege IAM policy a user needs to run every command.
     #[command(
         after_help = "Examples:\n  ephemeral-admin policy > policy.json\n  ephemeral-admin policy --box\n  ephemeral-admin policy --validate"
@@ -146,7 +146,7 @@ pub struct PolicyArgs {
 /// Flags of `launch`. Every one that is also a config key has the same name in snake_case.
 #[derive(Debug, Args, Default)]
 pub struct LaunchArgs {
-    /// Instance type, repeatable, in order of preference [default: t3.small, t3.micro].
+    /// Instance type, repeatable, preferred first [default: t3.small, t3.micro].
     #[arg(long = "instance-type", value_name = "TYPE")]
     pub instance_types: Vec<String>,
     /// AMI alias (ubuntu-24.04, al2023) or an explicit ami- id [default: ubuntu-24.04].
@@ -191,6 +191,21 @@ pub struct LaunchArgs {
     /// Launch even if it would exceed the monthly budget.
     #[arg(long)]
     pub over_budget: bool,
+    /// A name for the session, usable wherever an id is (unique among your live sessions).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Skip spot: launch on-demand only, for work that must not be interrupted.
+    #[arg(long)]
+    pub on_demand: bool,
+    /// Root volume size in GB, 8 to 16384 [default: 8].
+    #[arg(long, value_name = "GB")]
+    pub root_volume_gb: Option<u32>,
+    /// Root volume type: gp3 or gp2 [default: gp3].
+    #[arg(long, value_name = "TYPE")]
+    pub root_volume_type: Option<String>,
+    /// An existing instance profile for the box, replacing the tool's minimal role.
+    #[arg(long, value_name = "NAME")]
+    pub instance_profile: Option<String>,
     /// Run this command on the box instead of a shell (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -225,9 +240,19 @@ impl ConnectMode {
 
 #[derive(Debug, Args)]
 pub struct SessionIdArg {
-    /// Session id (as printed by `launch` and `list`) or its instance id (i-…).
+    /// Session id (as printed by `launch` and `list`), its name, its instance id (i-…), or `last`.
     #[arg(value_name = "ID")]
     pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SshConfigArgs {
+    #[command(flatten)]
+    pub session: SessionIdArg,
+    /// Write the block into ~/.ssh/ephemeral-admin/config (included from ~/.ssh/config) instead
+    /// of printing it; teardown and cleanup remove it again.
+    #[arg(long)]
+    pub install: bool,
 }
 
 #[derive(Debug, Args)]
@@ -269,7 +294,7 @@ pub struct ExtendArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct CleanupArgs {
-    /// Only these sessions (default: every session that is over or orphaned).
+    /// Only these sessions: ids, names, instance ids or `last` (default: every session that is over or orphaned).
     #[arg(value_name = "ID")]
     pub ids: Vec<String>,
     /// List what would be removed, and why; change nothing.
@@ -334,7 +359,7 @@ impl Command {
     /// The launch-time flags this command carries, if any, for settings resolution.
     pub fn launch_args(&self) -> Option<&LaunchArgs> {
         match self {
-            Command::Launch(args) => Some(args),
+            Command::Launch(args) => Some(args.as_ref()),
             _ => None,
         }
     }

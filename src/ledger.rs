@@ -46,6 +46,10 @@ pub mod ended_by {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     pub session_id: String,
+    /// The AWS account the session ran in: spending and the budget are per account. Absent in
+    /// lines written before entries said so (they count for every account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
     pub region: String,
@@ -69,15 +73,22 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The entry for a session from its record, ending at `end`.
+    /// The entry for a session from its record, ending at `end`, or at its deadline if that came
+    /// first: the watchdog and the alarm end the box there, so a late teardown or settlement of a
+    /// stale record does not bill the time after it.
     pub fn from_record(record: &SessionRecord, end: OffsetDateTime, ended_by: &str) -> Option<Entry> {
         let start = session::parse_rfc3339(record.launched_at.as_deref()?)?;
+        let end = session::parse_rfc3339(&record.expires_at).map_or(end, |deadline| end.min(deadline));
         let end = end.max(start);
         let duration = (end - start).whole_seconds();
-        let cost =
-            pricing::estimate(record.price_per_hour.unwrap_or(0.0), Duration::from_secs(duration as u64));
+        let cost = pricing::estimate(
+            record.price_per_hour.unwrap_or(0.0),
+            Duration::from_secs(duration as u64),
+            record.root_volume(),
+        );
         Some(Entry {
             session_id: record.id.clone(),
+            account: record.partition_and_account().1.map(str::to_string),
             instance_id: record.instance_id.clone(),
             region: record.region.clone(),
             availability_zone: record.availability_zone.clone(),
@@ -92,6 +103,14 @@ impl Entry {
             launch_attempts: record.launch_attempts,
             timings_ms: record.timings_ms.clone(),
         })
+    }
+
+    /// Whether this line counts for `account` (`None`: the account is not known, count all).
+    pub fn belongs_to(&self, account: Option<&str>) -> bool {
+        match (account, self.account.as_deref()) {
+            (Some(wanted), Some(mine)) => wanted == mine,
+            _ => true,
+        }
     }
 
     fn interval(&self) -> Option<(OffsetDateTime, OffsetDateTime)> {
@@ -177,9 +196,15 @@ impl Ledger {
     }
 
     /// Spend in the calendar month (UTC) that contains `now`, up to `now`.
-    pub fn month_to_date(&self, now: OffsetDateTime) -> Result<f64> {
+    /// This month's spending so far of `account`'s sessions (every line's if `None`).
+    pub fn month_to_date(&self, now: OffsetDateTime, account: Option<&str>) -> Result<f64> {
         let (from, to) = month_bounds(now);
-        Ok(self.entries()?.iter().map(|e| e.cost_between(from, to.min(now))).sum())
+        Ok(self
+            .entries()?
+            .iter()
+            .filter(|e| e.belongs_to(account))
+            .map(|e| e.cost_between(from, to.min(now)))
+            .sum())
     }
 }
 
@@ -294,6 +319,19 @@ pub async fn settle(aws: &Aws, store: &Store, ledger: &Ledger, clock: &dyn Clock
     settle_from(open, &found, store, ledger, clock)
 }
 
+/// The regions where this (partition, account)'s local records may have ended while no CLI
+/// watched (each needs one DescribeInstances to settle), in name order.
+pub fn unsettled_regions(store: &Store, partition: &str, account: &str) -> Vec<String> {
+    let mut regions: Vec<String> = store.all().into_iter().map(|r| r.region).collect();
+    regions.sort();
+    regions.dedup();
+    regions.retain(|region| {
+        let scope = Scope { partition: partition.into(), account: account.into(), region: region.clone() };
+        !unsettled(store, &scope).is_empty()
+    });
+    regions
+}
+
 /// Records of this (partition, account, region) that may have ended while no CLI watched: not
 /// ended, with an instance, and no live client. Another account's records are never touched:
 /// its instances are invisible from here, which would look like "gone".
@@ -335,6 +373,8 @@ fn settle_from(
                 (end, classify_end(info, &record, end))
             }
             Some(_) => continue, // still running: nothing to settle
+            // Launched less than an hour ago: EC2 must know it, so it is not visible yet.
+            None if crate::aws::instances::must_be_known(record.launched_at.as_deref(), now) => continue,
             None => {
                 // Gone from EC2's view (terminated more than about an hour ago): it ran at most
                 // until its deadline.
@@ -350,16 +390,20 @@ fn settle_from(
     Ok(settled)
 }
 
-/// What sessions still running (per the local records) have cost so far, in every region.
-pub fn live_cost(store: &Store, now: OffsetDateTime) -> f64 {
+/// What sessions still running (per the local records) have cost so far, in every region. A
+/// session runs until its deadline at most (the watchdog and the alarm end it there), so a record
+/// nobody settled never counts past it.
+pub fn live_cost(store: &Store, now: OffsetDateTime, account: Option<&str>) -> f64 {
     store
         .all()
         .iter()
         .filter(|r| r.ended_at.is_none())
+        .filter(|r| account.is_none() || r.partition_and_account().1 == account)
         .filter_map(|r| {
             let start = session::parse_rfc3339(r.launched_at.as_deref()?)?;
-            let seconds = (now - start).whole_seconds().max(0) as u64;
-            Some(pricing::estimate(r.price_per_hour?, Duration::from_secs(seconds)).total)
+            let end = session::parse_rfc3339(&r.expires_at).map_or(now, |deadline| deadline.min(now));
+            let seconds = (end - start).whole_seconds().max(0) as u64;
+            Some(pricing::estimate(r.price_per_hour?, Duration::from_secs(seconds), r.root_volume()).total)
         })
         .sum()
 }
@@ -370,6 +414,7 @@ mod tests {
 
     fn entry(id: &str, start: &str, end: &str, total: f64) -> Entry {
         Entry {
+            account: None,
             session_id: id.into(),
             instance_id: None,
             region: "us-east-1".into(),
@@ -416,7 +461,8 @@ mod tests {
         assert!(!ledger.append(&e).unwrap());
         assert!(ledger.append(&entry("b", "2026-11-02T00:00:00Z", "2026-11-02T01:00:00Z", 0.2)).unwrap());
         assert_eq!(ledger.entries().unwrap().len(), 2);
-        let mtd = ledger.month_to_date(session::parse_rfc3339("2026-11-20T00:00:00Z").unwrap()).unwrap();
+        let mtd =
+            ledger.month_to_date(session::parse_rfc3339("2026-11-20T00:00:00Z").unwrap(), None).unwrap();
         assert!((mtd - 0.3).abs() < 1e-12);
         let _ = fs::remove_dir_all(dir);
     }

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::settings::Settings;
+use crate::settings::{RootVolume, Settings, VolumeKind};
 
 /// AWS charges for every public IPv4 address, in use or not (since 2024-02).
 pub const PUBLIC_IPV4_PER_HOUR: f64 = 0.005;
 /// gp3 storage, USD per GB-month (us-east-1; other regions differ by cents).
 pub const GP3_PER_GB_MONTH: f64 = 0.08;
-/// The root volume every session gets.
-pub const ROOT_VOLUME_GB: i32 = 8;
+/// gp2 storage, USD per GB-month (us-east-1).
+pub const GP2_PER_GB_MONTH: f64 = 0.10;
 const HOURS_PER_MONTH: f64 = 730.0;
 
 #[derive(Debug, Deserialize)]
@@ -72,11 +72,20 @@ pub struct Estimate {
     pub total: f64,
 }
 
-pub fn estimate(compute_per_hour: f64, runtime: Duration) -> Estimate {
+/// USD per GB-month of a root volume type.
+pub fn per_gb_month(kind: VolumeKind) -> f64 {
+    match kind {
+        VolumeKind::Gp3 => GP3_PER_GB_MONTH,
+        VolumeKind::Gp2 => GP2_PER_GB_MONTH,
+    }
+}
+
+/// The cost of running one box with `volume` as its root volume for `runtime` at `compute_per_hour`.
+pub fn estimate(compute_per_hour: f64, runtime: Duration, volume: RootVolume) -> Estimate {
     let hours = runtime.as_secs_f64() / 3600.0;
     let compute = compute_per_hour * hours;
     let ipv4 = PUBLIC_IPV4_PER_HOUR * hours;
-    let ebs = f64::from(ROOT_VOLUME_GB) * GP3_PER_GB_MONTH / HOURS_PER_MONTH * hours;
+    let ebs = f64::from(volume.gb) * per_gb_month(volume.kind) / HOURS_PER_MONTH * hours;
     Estimate { compute, ipv4, ebs, total: compute + ipv4 + ebs }
 }
 
@@ -86,11 +95,19 @@ mod tests {
 
     #[test]
     fn four_hours_of_t3_small_spot_fit_the_session_target() {
-        let e = estimate(0.0065, Duration::from_secs(4 * 3600));
+        let e = estimate(0.0065, Duration::from_secs(4 * 3600), RootVolume::default());
         assert!((e.compute - 0.026).abs() < 1e-9);
         assert!((e.ipv4 - 0.02).abs() < 1e-9);
         assert!((e.ebs - 8.0 * 0.08 / 730.0 * 4.0).abs() < 1e-9);
         assert!(e.total < 0.33);
+    }
+
+    #[test]
+    fn the_estimate_grows_with_the_volume_and_its_type() {
+        let four_hours = Duration::from_secs(4 * 3600);
+        let big = estimate(0.0065, four_hours, RootVolume { gb: 100, kind: VolumeKind::Gp2 });
+        assert!((big.ebs - 100.0 * 0.10 / 730.0 * 4.0).abs() < 1e-9);
+        assert!(big.total > estimate(0.0065, four_hours, RootVolume::default()).total);
     }
 
     #[test]

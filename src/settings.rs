@@ -46,6 +46,9 @@ pub struct Settings {
     pub on_demand_fallback: bool,
     pub security_group_name: String,
     pub iam_role_name: String,
+    /// Who owns the sessions this user launches (the owner tag), instead of the one derived from
+    /// the caller's identity (see `aws::identity::owner_of`).
+    pub owner: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub monthly_budget: f64,
     pub connect: ConnectMode,
@@ -53,10 +56,20 @@ pub struct Settings {
     pub my_ip: Option<IpNet>,
     pub allow_cidrs: Vec<IpNet>,
     pub tmux: bool,
+    /// `launch --name`: validated by [`crate::session::validate_name`]; a flag only (a name is
+    /// per session, so a config default would collide with itself).
+    pub name: Option<String>,
+    /// Skip spot entirely: only the fallback chain's on-demand candidates.
+    pub on_demand: bool,
+    pub root_volume: RootVolume,
+    /// An existing instance profile that replaces the tool's minimal box role.
+    pub instance_profile: Option<String>,
     /// USD per hour by region and instance type, overriding the shipped table.
     pub on_demand_prices: BTreeMap<String, BTreeMap<String, f64>>,
     /// `$XDG_STATE_HOME/ephemeral-admin`: session records, keys, ledger.
     pub state_dir: PathBuf,
+    /// `$HOME/.ssh`, where `ssh-config --install` writes (None without HOME).
+    pub ssh_dir: Option<PathBuf>,
 }
 
 /// What the AWS SDK needs beyond its own default chain.
@@ -108,6 +121,43 @@ impl fmt::Display for AmiChoice {
         }
     }
 }
+
+/// The box's root volume: size and EBS type (always encrypted, deleted with the instance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootVolume {
+    pub gb: u32,
+    pub kind: VolumeKind,
+}
+
+impl Default for RootVolume {
+    fn default() -> RootVolume {
+        RootVolume { gb: 8, kind: VolumeKind::Gp3 }
+    }
+}
+
+/// The EBS volume types a root volume may have. io1/io2 need provisioned IOPS (and cost per
+/// IOPS), which the tool does not set, so they are refused with that reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeKind {
+    Gp3,
+    Gp2,
+}
+
+impl VolumeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeKind::Gp3 => "gp3",
+            VolumeKind::Gp2 => "gp2",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<VolumeKind> {
+        [VolumeKind::Gp3, VolumeKind::Gp2].into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+/// Root volume sizes EBS accepts for gp2 and gp3.
+pub const ROOT_VOLUME_GB_RANGE: std::ops::RangeInclusive<u32> = 8..=16384;
 
 /// CPU architecture, derived from the instance types (Graviton families end in `g`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +217,7 @@ struct FileConfig {
     on_demand_fallback: Option<bool>,
     security_group_name: Option<String>,
     iam_role_name: Option<String>,
+    owner: Option<String>,
     tags: Option<BTreeMap<String, String>>,
     monthly_budget: Option<Number>,
     connect: Option<String>,
@@ -174,6 +225,10 @@ struct FileConfig {
     my_ip: Option<String>,
     allow_cidr: Option<Vec<String>>,
     tmux: Option<bool>,
+    on_demand: Option<bool>,
+    root_volume_gb: Option<u32>,
+    root_volume_type: Option<String>,
+    instance_profile: Option<String>,
     output: Option<String>,
     on_demand_prices: Option<BTreeMap<String, BTreeMap<String, Number>>>,
 }
@@ -375,6 +430,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         .map(|(v, s)| validate_resource_name("iam_role_name", v, &s))
         .transpose()?
         .unwrap_or_else(|| "SystemAdminTestingRole".into());
+    let owner = r.string("owner", None, "", file.owner)?.map(|(v, s)| validate_owner(v, &s)).transpose()?;
 
     let tags = match file.tags {
         Some(tags) => {
@@ -437,7 +493,26 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         on_demand_prices.insert(region, prices);
     }
 
+    let name = launch
+        .and_then(|l| l.name.clone())
+        .map(|n| crate::session::validate_name(&n).map(|_| n))
+        .transpose()
+        .map_err(|why| UsageError::new(format!("invalid --name: {why}")))?;
+    let on_demand =
+        launch.is_some_and(|l| l.on_demand) || r.boolean("on_demand", file.on_demand)?.unwrap_or(false);
+    let root_volume = root_volume(&r, launch, file.root_volume_gb, file.root_volume_type)?;
+    let instance_profile = r
+        .string(
+            "instance_profile",
+            launch.and_then(|l| l.instance_profile.clone()),
+            "--instance-profile",
+            file.instance_profile,
+        )?
+        .map(|(v, s)| validate_resource_name("instance_profile", v, &s))
+        .transpose()?;
+
     let state_dir = state_dir(env)?;
+    let ssh_dir = env.var("HOME").map(|home| Path::new(&home).join(".ssh"));
 
     Ok(Settings {
         config_path,
@@ -464,6 +539,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         on_demand_fallback,
         security_group_name,
         iam_role_name,
+        owner,
         tags,
         monthly_budget,
         connect,
@@ -471,9 +547,56 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         my_ip,
         allow_cidrs,
         tmux,
+        name,
+        on_demand,
+        root_volume,
+        instance_profile,
         on_demand_prices,
         state_dir,
+        ssh_dir,
     })
+}
+
+/// `root_volume_gb` and `root_volume_type`, checked against what EBS accepts.
+fn root_volume(
+    r: &Resolver,
+    launch: Option<&crate::cli::LaunchArgs>,
+    file_gb: Option<u32>,
+    file_type: Option<String>,
+) -> Result<RootVolume, UsageError> {
+    let mut volume = RootVolume::default();
+    let gb_flag = launch.and_then(|l| l.root_volume_gb).map(|g| g.to_string());
+    if let Some((value, source)) =
+        r.string("root_volume_gb", gb_flag, "--root-volume-gb", file_gb.map(|g| g.to_string()))?
+    {
+        volume.gb = match value.trim().parse::<u32>() {
+            Ok(gb) if ROOT_VOLUME_GB_RANGE.contains(&gb) => gb,
+            _ => {
+                return Err(UsageError::new(format!(
+                    "invalid root_volume_gb {value:?} ({source}): expected whole GB from {} to {}",
+                    ROOT_VOLUME_GB_RANGE.start(),
+                    ROOT_VOLUME_GB_RANGE.end()
+                )));
+            }
+        };
+    }
+    let type_flag = launch.and_then(|l| l.root_volume_type.clone());
+    if let Some((value, source)) = r.string("root_volume_type", type_flag, "--root-volume-type", file_type)? {
+        volume.kind = match VolumeKind::from_name(value.trim()) {
+            Some(kind) => kind,
+            None if matches!(value.trim(), "io1" | "io2") => {
+                return Err(UsageError::new(format!(
+                    "root_volume_type {value:?} ({source}) needs provisioned IOPS, which ephemeral-admin does not set: use gp3 (3000 IOPS included) or gp2"
+                )));
+            }
+            None => {
+                return Err(UsageError::new(format!(
+                    "invalid root_volume_type {value:?} ({source}): expected gp3 or gp2"
+                )));
+            }
+        };
+    }
+    Ok(volume)
 }
 
 /// `--instance-type` of `launch` or `prices`: like every flag, it beats the environment and the
@@ -765,6 +888,21 @@ fn validate_resource_name(key: &str, name: String, source: &Source) -> Result<St
     } else {
         Err(UsageError::new(format!(
             "invalid {key} {name:?} ({source}): use up to 64 letters, digits and + = , . @ _ -"
+        )))
+    }
+}
+
+/// The owner goes into a tag value the box reads through IMDS: tag value characters only
+/// (letters, digits, spaces and `_ . : / = + - @`), at most 256.
+fn validate_owner(owner: String, source: &Source) -> Result<String, UsageError> {
+    let ok = !owner.trim().is_empty()
+        && owner.chars().count() <= 256
+        && owner.chars().all(crate::session::tags::valid_tag_value_char);
+    if ok {
+        Ok(owner)
+    } else {
+        Err(UsageError::new(format!(
+            "invalid owner {owner:?} ({source}): use up to 256 letters, digits, spaces and _ . : / = + - @ (e.g. your email)"
         )))
     }
 }

@@ -1,7 +1,8 @@
 //! The single way a session ends: terminate the instance (and its spot request), revoke the
 //! session's SSH rules, delete the alarm, delete the private key, mark the local record ended,
-//! then delete the session's own security group (or leave the empty group to `cleanup` while AWS
-//! still sees the instance shutting down in it).
+//! take its host block out of the user's OpenSSH config (`ssh-config --install`), then delete the
+//! session's own security group (or leave the empty group to `cleanup` while AWS still sees the
+//! instance shutting down in it).
 //!
 //! Every step runs even when another fails; independent steps run concurrently. Nothing waits
 //! for the instance to reach `terminated`: the user gets the prompt back at once.
@@ -23,6 +24,11 @@ pub struct SessionResources {
     pub security_group_id: Option<String>,
     pub rule_ids: Vec<String>,
     pub alarm_names: Vec<String>,
+    /// The OpenSSH config file holding the session's host block, if one was installed.
+    pub ssh_config_file: Option<std::path::PathBuf>,
+    /// When the instance was launched (RFC 3339): EC2 must know an instance younger than an hour,
+    /// so its "not found" means "not visible yet" (see [`instances::terminate`]).
+    pub launched_at: Option<String>,
 }
 
 impl SessionResources {
@@ -34,6 +40,8 @@ impl SessionResources {
             security_group_id: record.security_group_id.clone(),
             rule_ids: record.ingress_rule_ids.clone(),
             alarm_names: record.alarm_name.iter().cloned().collect(),
+            ssh_config_file: record.ssh_config_file.clone(),
+            launched_at: record.launched_at.clone(),
         }
     }
 
@@ -53,6 +61,12 @@ impl SessionResources {
         if self.security_group_id.is_none() {
             self.security_group_id = other.security_group_id;
         }
+        if self.ssh_config_file.is_none() {
+            self.ssh_config_file = other.ssh_config_file;
+        }
+        if self.launched_at.is_none() {
+            self.launched_at = other.launched_at;
+        }
     }
 }
 
@@ -67,6 +81,8 @@ pub struct TeardownReport {
     pub group: Option<GroupDeletion>,
     pub alarms_deleted: Vec<String>,
     pub key_deleted: bool,
+    /// The session's host block left the user's OpenSSH config.
+    pub ssh_host_removed: bool,
     /// What the session ran for and cost, as written to the ledger.
     pub duration_seconds: Option<i64>,
     pub cost: Option<f64>,
@@ -100,6 +116,9 @@ impl TeardownReport {
         }
         if self.key_deleted {
             parts.push("deleted the key".into());
+        }
+        if self.ssh_host_removed {
+            parts.push("removed its ssh host".into());
         }
         if parts.is_empty() {
             parts.push("nothing was left to remove".into());
@@ -160,20 +179,32 @@ pub async fn teardown(
             None => Vec::new(),
         }
     };
+    // Once the instance is sure to end and its rules are revoked (so the summary says what was
+    // closed, and nothing races the group away under them): the group can go, and the alarm
+    // (the box's second net).
+    let known = instances::must_be_known(resources.launched_at.as_deref(), clock.now());
     let terminate_then_group = async {
-        let terminated = instances::terminate(aws, &resources.instance_ids).await;
-        let group = match &resources.security_group_id {
-            Some(group) if terminated.is_ok() => Some(network::delete_security_group(aws, group).await),
-            _ => None,
+        let (terminated, released) =
+            tokio::join!(instances::terminate(aws, &resources.instance_ids, known), release_rules);
+        let (group, alarms) = match &terminated {
+            Ok(()) => {
+                let group = async {
+                    match &resources.security_group_id {
+                        Some(group) => Some(network::delete_security_group(aws, group).await),
+                        None => None,
+                    }
+                };
+                let (group, alarms) = tokio::join!(group, alarm::delete(aws, &resources.alarm_names));
+                (group, Some(alarms))
+            }
+            Err(_) => (None, None),
         };
-        (terminated, group)
+        (terminated, released, group, alarms)
     };
-    let ((terminated, group), cancelled, released, alarms, warnings) = tokio::join!(
+    let ((terminated, released, group, alarms), cancelled, warnings) = tokio::join!(
         terminate_then_group,
         // A one-time spot request closes when its instance ends; cancelling makes sure.
         instances::cancel_spot_requests(aws, &resources.spot_request_ids),
-        release_rules,
-        alarm::delete(aws, &resources.alarm_names),
         report_end,
     );
     report.warnings = warnings;
@@ -181,6 +212,7 @@ pub async fn teardown(
         report.duration_seconds = Some(entry.duration_seconds);
         report.cost = Some(entry.cost.total);
     }
+    let instance_ended = terminated.is_ok();
     match terminated {
         Ok(()) => report.terminated = resources.instance_ids.clone(),
         Err(e) => report.errors.push(e.to_string()),
@@ -196,12 +228,22 @@ pub async fn teardown(
         }
     }
     match alarms {
-        Ok(()) => report.alarms_deleted = resources.alarm_names.clone(),
-        Err(e) => report.errors.push(e.to_string()),
+        Some(Ok(())) => report.alarms_deleted = resources.alarm_names.clone(),
+        Some(Err(e)) => report.errors.push(e.to_string()),
+        None => {}
     }
-    match store.delete_private_key(&resources.session_id) {
-        Ok(()) => report.key_deleted = true,
-        Err(e) => report.errors.push(format!("{e:#}")),
+    // A box that may still run keeps its key and its ssh host: the user can still reach it.
+    if instance_ended {
+        match store.delete_private_key(&resources.session_id) {
+            Ok(()) => report.key_deleted = true,
+            Err(e) => report.errors.push(format!("{e:#}")),
+        }
+        if let Some(file) = &resources.ssh_config_file {
+            match crate::ssh::config_file::remove(file, &resources.session_id) {
+                Ok(removed) => report.ssh_host_removed = removed,
+                Err(e) => report.errors.push(format!("{e:#}")),
+            }
+        }
     }
     match group {
         Some(Ok(deletion)) => {
@@ -215,6 +257,15 @@ pub async fn teardown(
         None => {}
     }
     report
+}
+
+/// Takes an ended session's host block out of the OpenSSH config its record names (sessions
+/// that ended on their own, or that `cleanup` removes). Answers whether there was one.
+pub fn remove_ssh_host(store: &Store, session_id: &str) -> anyhow::Result<bool> {
+    match store.load(session_id)?.and_then(|r| r.ssh_config_file) {
+        Some(file) => crate::ssh::config_file::remove(&file, session_id),
+        None => Ok(false),
+    }
 }
 
 /// Publishes an ended session's metrics and its last log event. Returns what failed.

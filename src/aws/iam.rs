@@ -20,8 +20,8 @@ pub const LOG_GROUP_PREFIX: &str = "/aws/ephemeral-container/";
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct InstanceProfile {
     pub name: String,
-    /// True when this call created the profile (or linked its role): EC2 may not see it for a
-    /// few seconds, so RunInstances retries the resulting error (see `launch`).
+    /// True when this call created the profile (or linked its role). EC2 may not see a profile
+    /// for a few seconds, whoever made it: RunInstances waits for it either way (see `launch`).
     pub fresh: bool,
 }
 
@@ -183,6 +183,20 @@ fn iam_tags() -> Vec<Tag> {
         .into_iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build().expect("key and value are set"))
         .collect()
+}
+
+/// The roles in an existing instance profile (`instance_profile`), or None when there is no
+/// such profile.
+pub async fn profile_roles(aws: &Aws, name: &str) -> Result<Option<Vec<String>>, AwsError> {
+    match aws.iam.get_instance_profile().instance_profile_name(name).send().await {
+        Ok(out) => Ok(Some(
+            out.instance_profile()
+                .map(|p| p.roles().iter().map(|r| r.role_name().to_string()).collect())
+                .unwrap_or_default(),
+        )),
+        Err(e) if code_of(&e) == Some("NoSuchEntity") => Ok(None),
+        Err(e) => Err(AwsError::new(format!("looking up instance profile {name}"), e)),
+    }
 }
 
 /// Removes the profile and role (cleanup --purge). Missing pieces are fine; answers whether

@@ -16,6 +16,8 @@ use crate::session::tags;
 pub struct InstanceInfo {
     pub instance_id: String,
     pub session_id: Option<String>,
+    /// The session's name (`launch --name`).
+    pub name: Option<String>,
     pub owner: Option<String>,
     pub state: String,
     pub instance_type: String,
@@ -47,6 +49,7 @@ impl InstanceInfo {
         Some(InstanceInfo {
             instance_id,
             session_id: tags.get(tags::SESSION).cloned(),
+            name: tags.get(tags::SESSION_NAME).cloned(),
             owner: tags.get(tags::OWNER).cloned(),
             state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
             instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
@@ -91,6 +94,8 @@ pub struct Query<'a> {
     /// Only this owner's (the caller's ARN), or anyone's.
     pub owner: Option<&'a str>,
     pub session_id: Option<&'a str>,
+    /// Only the session with this name (`launch --name`).
+    pub name: Option<&'a str>,
     /// Include terminated instances (AWS keeps them visible for about an hour).
     pub include_terminated: bool,
 }
@@ -109,6 +114,10 @@ pub async fn find(aws: &Aws, query: Query<'_>) -> Result<Vec<InstanceInfo>, AwsE
     if let Some(session) = query.session_id {
         request =
             request.filters(Filter::builder().name(format!("tag:{}", tags::SESSION)).values(session).build());
+    }
+    if let Some(name) = query.name {
+        request = request
+            .filters(Filter::builder().name(format!("tag:{}", tags::SESSION_NAME)).values(name).build());
     }
     if !query.include_terminated {
         request = request.filters(not_terminated());
@@ -184,15 +193,57 @@ pub async fn wait_running(
     }
 }
 
-/// Terminates instances; ids AWS no longer knows are fine.
-pub async fn terminate(aws: &Aws, instance_ids: &[String]) -> Result<(), AwsError> {
+/// EC2 keeps a terminated instance visible for about an hour, then forgets it. An instance that
+/// was launched (or seen) less than this long ago and that EC2 does not know is not visible *yet*
+/// (EC2 is eventually consistent), never gone.
+pub const FORGOTTEN_AFTER: time::Duration = time::Duration::hours(1);
+
+/// True when EC2 must know an instance launched at `launched_at` (RFC 3339): "not found" then
+/// means "not visible yet". False when it may have been forgotten, or the time is unknown.
+pub fn must_be_known(launched_at: Option<&str>, now: time::OffsetDateTime) -> bool {
+    launched_at.and_then(crate::session::parse_rfc3339).is_some_and(|t| now - t < FORGOTTEN_AFTER)
+}
+
+/// How long TerminateInstances keeps retrying ids EC2 does not know yet.
+pub const VISIBILITY_WAIT: Duration = Duration::from_secs(30);
+
+/// Terminates instances. `known`: EC2 must know these ids (just launched, or just described), so
+/// `InvalidInstanceID.NotFound` means "not visible yet": retried with backoff (TerminateInstances
+/// is idempotent) until EC2 sees them or [`VISIBILITY_WAIT`] passes, then reported as a failure,
+/// never as terminated. Otherwise (an old record's id) NotFound means EC2 forgot it: done.
+pub async fn terminate(aws: &Aws, instance_ids: &[String], known: bool) -> Result<(), AwsError> {
     if instance_ids.is_empty() {
         return Ok(());
     }
-    match aws.ec2.terminate_instances().set_instance_ids(Some(instance_ids.to_vec())).send().await {
-        Ok(_) => Ok(()),
-        Err(e) if code_of(&e) == Some("InvalidInstanceID.NotFound") => Ok(()),
-        Err(e) => Err(AwsError::new(format!("terminating {}", instance_ids.join(", ")), e)),
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let error =
+            match aws.ec2.terminate_instances().set_instance_ids(Some(instance_ids.to_vec())).send().await {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+        let not_found = code_of(&error) == Some("InvalidInstanceID.NotFound");
+        if not_found && !known {
+            return Ok(());
+        }
+        let ids = instance_ids.join(", ");
+        if !not_found {
+            return Err(AwsError::new(format!("terminating {ids}"), error));
+        }
+        if started.elapsed() + pause > VISIBILITY_WAIT {
+            return Err(AwsError::new(
+                format!(
+                    "terminating {ids}: EC2 still does not see it after {}s (eventual consistency); \
+                     its watchdog and alarm end it at its deadline, and `cleanup` retries",
+                    VISIBILITY_WAIT.as_secs()
+                ),
+                error,
+            ));
+        }
+        tracing::info!("EC2 does not see {ids} yet; retrying the termination in {pause:?}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 

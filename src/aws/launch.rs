@@ -3,8 +3,9 @@
 //!
 //! RunInstances does its own retry classification instead of the SDK's: AWS reports capacity
 //! problems as HTTP 500, which standard retry would repeat against the same full zone. Here
-//! capacity errors move to the next candidate, throttling and transient failures retry the same
-//! candidate with backoff (safely: every request carries an idempotency token), a freshly created
+//! capacity errors move to the next candidate, throttling, transient failures and lost answers
+//! retry the same candidate with backoff (safely: every request of a candidate carries the same
+//! idempotency token, so a request whose answer was lost yields its one instance, not a second), an
 //! instance profile that EC2 cannot see yet is waited for, and anything else stops at once.
 
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use super::network::tag_spec;
 use super::spot::SpotPrice;
 use super::{Aws, AwsError, code_of, is_transport_error};
 use crate::error::CapacityExhausted;
-use crate::pricing::ROOT_VOLUME_GB;
+use crate::settings::{RootVolume, VolumeKind};
 
 /// Spot or on-demand.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -65,17 +66,39 @@ impl std::fmt::Display for Candidate {
     }
 }
 
+/// Which markets the chain may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Markets {
+    /// Spot only (`on_demand_fallback = false`).
+    SpotOnly,
+    /// Spot first, then on-demand (the default).
+    SpotThenOnDemand,
+    /// On-demand only (`--on-demand`): spot is skipped entirely.
+    OnDemandOnly,
+}
+
+impl Markets {
+    pub fn of(on_demand: bool, on_demand_fallback: bool) -> Markets {
+        match (on_demand, on_demand_fallback) {
+            (true, _) => Markets::OnDemandOnly,
+            (false, true) => Markets::SpotThenOnDemand,
+            (false, false) => Markets::SpotOnly,
+        }
+    }
+}
+
 /// The order to try: for each type in preference order, its zones by ascending spot price
 /// (skipping zones whose price is already above our bid); then on-demand for each type.
 pub fn plan(
     instance_types: &[String],
     prices: &[SpotPrice],
-    on_demand_fallback: bool,
+    markets: Markets,
     spot_max_price: impl Fn(&str) -> Option<f64>,
     on_demand_price: impl Fn(&str) -> Option<f64>,
 ) -> Vec<Candidate> {
     let mut candidates = Vec::new();
-    for instance_type in instance_types {
+    let spot_types = if markets == Markets::OnDemandOnly { &[][..] } else { instance_types };
+    for instance_type in spot_types {
         let max_price = spot_max_price(instance_type);
         let mut zones: Vec<&SpotPrice> =
             prices.iter().filter(|p| &p.instance_type == instance_type).collect();
@@ -105,7 +128,7 @@ pub fn plan(
             });
         }
     }
-    if on_demand_fallback {
+    if markets != Markets::SpotOnly {
         for instance_type in instance_types {
             candidates.push(Candidate {
                 instance_type: instance_type.clone(),
@@ -127,10 +150,9 @@ pub struct LaunchSpec {
     pub root_device_name: String,
     pub security_group_id: String,
     pub instance_profile_name: String,
-    /// True when the profile was created moments ago (EC2 may not see it yet).
-    pub instance_profile_fresh: bool,
     pub user_data: String,
     pub tags: Vec<(String, String)>,
+    pub root_volume: RootVolume,
 }
 
 /// The instance that started.
@@ -185,8 +207,22 @@ const TRANSIENT_CODES: &[&str] = &[
 ];
 
 const MAX_TRANSIENT_RETRIES: u32 = 6;
-/// How long to keep retrying a freshly created instance profile (IAM propagation).
+/// How long to keep retrying an instance profile EC2 cannot see yet (IAM propagation).
 const PROFILE_PROPAGATION: Duration = Duration::from_secs(30);
+
+/// Is this EC2's "the instance profile is not visible (yet)" answer? EC2 gives it no code of its
+/// own: it is `InvalidParameterValue` with "Value (NAME) for parameter iamInstanceProfile.name is
+/// invalid. Invalid IAM Instance Profile name", and the same code means any other bad parameter
+/// (which no wait can fix). So, and only here, the message decides: it must name the instance
+/// profile. Who created the profile does not matter: another launch may have made it seconds ago,
+/// and GetInstanceProfile (IAM) seeing it says nothing about EC2 seeing it.
+fn is_profile_not_visible(error: &SdkError<RunInstancesError>) -> bool {
+    use aws_sdk_ec2::error::ProvideErrorMetadata;
+    let Some(service_error) = error.as_service_error() else { return false };
+    let message = service_error.message().unwrap_or_default().to_ascii_lowercase();
+    service_error.code() == Some("InvalidParameterValue")
+        && (message.contains("iaminstanceprofile") || message.contains("iam instance profile"))
+}
 
 enum Outcome {
     Capacity(String),
@@ -195,18 +231,15 @@ enum Outcome {
     Fatal,
 }
 
-fn classify(error: &SdkError<RunInstancesError>, spec: &LaunchSpec, started: Instant) -> Outcome {
+fn classify(error: &SdkError<RunInstancesError>, started: Instant) -> Outcome {
     if is_transport_error(error) {
         return Outcome::Transient("no answer from EC2".into());
     }
     match code_of(error) {
         Some(code) if CAPACITY_CODES.contains(&code) => Outcome::Capacity(code.to_string()),
         Some(code) if TRANSIENT_CODES.contains(&code) => Outcome::Transient(code.to_string()),
-        // EC2 reports an instance profile it cannot see yet as an invalid parameter. Only a
-        // profile we just created gets the benefit of the doubt, and only for a bounded time.
-        Some("InvalidParameterValue")
-            if spec.instance_profile_fresh && started.elapsed() < PROFILE_PROPAGATION =>
-        {
+        // An instance profile EC2 cannot see yet: waited for, for a bounded time.
+        Some(_) if is_profile_not_visible(error) && started.elapsed() < PROFILE_PROPAGATION => {
             Outcome::ProfileNotReady
         }
         None if matches!(error, SdkError::ServiceError(e) if e.raw().status().is_server_error()) => {
@@ -261,7 +294,7 @@ pub async fn run_first_available(
                 }
                 Err(error) => error,
             };
-            match classify(&error, spec, started) {
+            match classify(&error, started) {
                 Outcome::Capacity(code) => {
                     on_event(LaunchEvent::NoCapacity { candidate, code: &code });
                     if code == "MaxSpotInstanceCountExceeded" {
@@ -363,8 +396,11 @@ fn request(
                 .device_name(&spec.root_device_name)
                 .ebs(
                     EbsBlockDevice::builder()
-                        .volume_type(VolumeType::Gp3)
-                        .volume_size(ROOT_VOLUME_GB)
+                        .volume_type(match spec.root_volume.kind {
+                            VolumeKind::Gp3 => VolumeType::Gp3,
+                            VolumeKind::Gp2 => VolumeType::Gp2,
+                        })
+                        .volume_size(i32::try_from(spec.root_volume.gb).unwrap_or(i32::MAX))
                         .encrypted(true)
                         .delete_on_termination(true)
                         .build(),
@@ -423,7 +459,7 @@ mod tests {
         let types = vec!["t3.small".to_string(), "t3.micro".to_string()];
         let bid = |t: &str| Some(if t == "t3.small" { 0.0104 } else { 0.0052 });
         let od = |t: &str| Some(if t == "t3.small" { 0.0208 } else { 0.0104 });
-        let plan = plan(&types, &prices, true, bid, od);
+        let plan = plan(&types, &prices, Markets::SpotThenOnDemand, bid, od);
         let shown: Vec<String> = plan.iter().map(|c| c.to_string()).collect();
         assert_eq!(
             shown,
@@ -437,7 +473,14 @@ mod tests {
         );
         assert_eq!(plan[0].max_price, Some(0.0104));
         assert_eq!(plan[3].expected_price, Some(0.0208));
-        assert!(super::plan(&types, &prices, false, bid, od).iter().all(|c| c.market == Market::Spot));
+        assert!(
+            super::plan(&types, &prices, Markets::SpotOnly, bid, od).iter().all(|c| c.market == Market::Spot)
+        );
+        let on_demand: Vec<String> = super::plan(&types, &prices, Markets::OnDemandOnly, bid, od)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(on_demand, ["t3.small on-demand", "t3.micro on-demand"]);
     }
 
     #[test]

@@ -34,8 +34,9 @@ fn ec2(types: &[&str]) -> Vec<String> {
     types.iter().map(|t| format!("arn:aws:ec2:*:*:{t}/*")).collect()
 }
 
-/// The statements of the user policy, for the box role named `role_name` (and its SSM twin).
-pub fn statements(role_name: &str) -> Vec<Statement> {
+/// The statements of the user policy, for the box role named `role_name` (and its SSM twin), and
+/// for the user's own `instance_profile` when one is configured.
+pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statement> {
     let roles = [role_name.to_string(), iam::ssm_role_name(role_name)];
     let mut out = vec![
         Statement {
@@ -226,7 +227,33 @@ pub fn statements(role_name: &str) -> Vec<Statement> {
         ],
         condition: None,
     });
+    if let Some(profile) = instance_profile {
+        out.extend(configured_profile(profile));
+    }
     out
+}
+
+/// `instance_profile`: read that one profile (to check it exists and name its role) and pass its
+/// role to EC2. The role is taken to have the profile's name, as the IAM console creates them;
+/// a profile holding a differently named role needs `iam:PassRole` on that role instead (launch
+/// says so).
+fn configured_profile(profile: &str) -> [Statement; 2] {
+    [
+        Statement {
+            sid: "ReadConfiguredInstanceProfile",
+            why: "`instance_profile`: check the configured profile exists and find its role",
+            actions: &["iam:GetInstanceProfile"],
+            resources: vec![format!("arn:aws:iam::*:instance-profile/{profile}")],
+            condition: None,
+        },
+        Statement {
+            sid: "PassConfiguredInstanceProfileRole",
+            why: "`instance_profile`: launch boxes with the configured profile's role, to EC2 only",
+            actions: &["iam:PassRole"],
+            resources: vec![format!("arn:aws:iam::*:role/{profile}")],
+            condition: Some(json!({"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}})),
+        },
+    ]
 }
 
 fn to_json(statements: &[Statement]) -> Value {
@@ -249,14 +276,14 @@ fn to_json(statements: &[Statement]) -> Value {
 }
 
 /// The IAM policy document a user needs to run every command.
-pub fn policy_document(role_name: &str) -> Value {
-    to_json(&statements(role_name))
+pub fn policy_document(role_name: &str, instance_profile: Option<&str>) -> Value {
+    to_json(&statements(role_name, instance_profile))
 }
 
 /// `service:Action` of every statement, deduplicated (for tests and the README).
 pub fn granted_actions(role_name: &str) -> Vec<String> {
     let mut all: Vec<String> =
-        statements(role_name).iter().flat_map(|s| s.actions.iter().map(|a| a.to_string())).collect();
+        statements(role_name, None).iter().flat_map(|s| s.actions.iter().map(|a| a.to_string())).collect();
     all.sort();
     all.dedup();
     all
@@ -268,7 +295,7 @@ mod tests {
 
     #[test]
     fn statements_have_unique_sids_and_only_own_resources_are_written() {
-        let list = statements("SystemAdminTestingRole");
+        let list = statements("SystemAdminTestingRole", Some("AdminWork"));
         let mut sids: Vec<&str> = list.iter().map(|s| s.sid).collect();
         sids.sort();
         sids.dedup();
@@ -280,14 +307,17 @@ mod tests {
             .filter(|a| !a.contains(":Describe") && *a != "access-analyzer:ValidatePolicy")
             .collect();
         assert!(star_writes.is_empty(), "unscoped writes: {star_writes:?}");
-        let doc = policy_document("R");
+        let doc = policy_document("R", None);
         assert!(doc.to_string().contains("arn:aws:iam::*:role/R-ssm"));
+        assert!(!doc.to_string().contains("PassConfiguredInstanceProfileRole"));
+        let doc = policy_document("R", Some("AdminWork")).to_string();
+        assert!(doc.contains("arn:aws:iam::*:role/AdminWork") && doc.contains("instance-profile/AdminWork"));
     }
 
     #[test]
     fn readme_explains_every_statement() {
         let readme = include_str!("../../README.md");
-        for s in statements("SystemAdminTestingRole") {
+        for s in statements("SystemAdminTestingRole", Some("AdminWork")) {
             assert!(readme.contains(&format!("`{}`", s.sid)), "README lacks statement {}", s.sid);
         }
     }

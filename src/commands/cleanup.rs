@@ -120,7 +120,7 @@ pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
         }
     };
     let aws = ctx.aws().await?;
-    let caller = identity::whoami(&aws).await?;
+    let caller = identity::me(&aws, ctx.settings.owner.as_deref()).await?;
     if !args.dry_run {
         ctx.settle(&aws).await;
     }
@@ -130,7 +130,7 @@ pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
     let regions = if args.all_regions { enabled_regions(&aws).await? } else { vec![aws.region.clone()] };
     let aws = &aws;
     let sweeps = regions.iter().map(|region| {
-        let caller = caller.arn.clone();
+        let caller = caller.clone();
         async move {
             let regional = if *region == aws.region {
                 aws.clone()
@@ -217,7 +217,13 @@ fn render(report: &Report) -> String {
 }
 
 /// One region: gather, decide, remove, purge.
-async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &CleanupArgs) -> Result<Report> {
+async fn sweep(
+    ctx: &Context,
+    aws: &Aws,
+    caller: &identity::Caller,
+    owners: Owners,
+    args: &CleanupArgs,
+) -> Result<Report> {
     let s = &ctx.settings;
     let store = Store::new(s.sessions_dir());
     let now = session::clock().now();
@@ -279,7 +285,7 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
     let mut doomed: Vec<(String, Found, String)> = Vec::new();
     for (id, found) in sessions {
         let owner = found.owner();
-        if owners == Owners::Me && owner.as_deref().is_some_and(|o| o != caller) {
+        if owners == Owners::Me && owner.as_deref().is_some_and(|o| !caller.is_mine(o)) {
             continue; // Another owner's session: not ours to judge, not even to list.
         }
         match decide(&id, &found, args, now) {
@@ -322,7 +328,7 @@ async fn sweep(ctx: &Context, aws: &Aws, caller: &str, owners: Owners, args: &Cl
         report.log_groups_removed = stale_logs;
     }
     if args.purge && !args.dry_run {
-        match purge(ctx, aws).await {
+        match purge(ctx, aws, &caller.account).await {
             Ok(purged) => report.purged = purged,
             Err(e) => report.errors.push(crate::exit_codes::one_line(&e)),
         }
@@ -346,6 +352,9 @@ fn decide(id: &str, found: &Found, args: &CleanupArgs, now: OffsetDateTime) -> D
     let live = found.live();
     let instance = if live.iter().any(|i| matches!(i.state.as_str(), "pending" | "running")) {
         Instance::Live
+    } else if found.instances.is_empty() {
+        // Not in EC2's answer at all: gone, or (launched moments ago) not visible yet.
+        Instance::Unseen
     } else if live.is_empty() {
         Instance::Gone
     } else {
@@ -397,7 +406,8 @@ fn saved(ctx: &Context, region: &str, found: &Found, now: OffsetDateTime) -> f64
         .as_ref()
         .and_then(|r| r.price_per_hour)
         .or_else(|| pricing::on_demand_price(&ctx.settings, region, &instance.instance_type));
-    price.map(|p| pricing::estimate(p, Duration::from_secs(left as u64)).total).unwrap_or(0.0)
+    let volume = found.record.as_ref().map(|r| r.root_volume()).unwrap_or_default();
+    price.map(|p| pricing::estimate(p, Duration::from_secs(left as u64), volume).total).unwrap_or(0.0)
 }
 
 /// Removes in dependency order: instances and spot requests, then rules and alarms, then the
@@ -422,7 +432,8 @@ async fn remove(
     );
     let alarm_names: Vec<String> = doomed.iter().flat_map(|(_, f, _)| f.alarms.clone()).collect();
     let (terminated, cancelled, revoked, alarms) = tokio::join!(
-        instances::terminate(aws, &instance_ids),
+        // Found by DescribeInstances moments ago: EC2 knows them, "not found" is not "gone".
+        instances::terminate(aws, &instance_ids, true),
         instances::cancel_spot_requests(aws, &spot_ids),
         revoke,
         alarm::delete(aws, &alarm_names),
@@ -457,6 +468,9 @@ async fn remove(
                 Ok(None) => {}
                 Err(e) => errors.push(format!("{e:#}")),
             }
+            if let Err(e) = crate::teardown::remove_ssh_host(store, id) {
+                errors.push(format!("{e:#}"));
+            }
             if let Err(e) = store.delete_private_key(id).and_then(|_| store.forget(id)) {
                 errors.push(format!("{e:#}"));
             }
@@ -467,9 +481,8 @@ async fn remove(
 
 /// `--purge`: the IAM roles and instance profiles, once nothing uses them. (Security groups are
 /// per session and go with their session.)
-async fn purge(ctx: &Context, aws: &Aws) -> Result<Vec<String>> {
+async fn purge(ctx: &Context, aws: &Aws, account: &str) -> Result<Vec<String>> {
     let s = &ctx.settings;
-    let account = aws.caller().await?.account;
     let mut purged = Vec::new();
     let users = |filter: &'static str, value: String| async move {
         // Instances we just terminated may take a moment to let go: wait for them, bounded.

@@ -13,6 +13,7 @@ use crate::output::short_duration;
 use crate::session::lifecycle::{self, Launcher};
 use crate::session::store::{SessionRecord, Store, write_atomic};
 use crate::signals::Signals;
+use crate::ssh::config_file;
 
 /// The local record of a session that is still running, with its address refreshed from AWS.
 async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecord)> {
@@ -39,6 +40,12 @@ async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecor
             }
         }
         Some(info) => bail!("session {id}'s instance {instance_id} is {}: nothing to connect to", info.state),
+        // EC2 is eventually consistent: a young instance it does not show is not visible yet.
+        None if instances::must_be_known(record.launched_at.as_deref(), crate::session::clock().now()) => {
+            bail!(
+                "session {id}'s instance {instance_id} is not visible to EC2 yet: try again in a few seconds"
+            )
+        }
         None => bail!("session {id}'s instance {instance_id} no longer exists"),
     }
     Ok((store, record))
@@ -106,13 +113,21 @@ struct SshConfig {
     host: String,
     known_hosts_file: String,
     config: String,
+    /// Where `--install` put the block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    installed: Option<config_file::Installed>,
 }
 
-pub async fn ssh_config(ctx: &Context, id: &str) -> Result<ExitStatus> {
+/// The `Host` alias of a session: its name, else `ephemeral-admin-<id>`.
+pub fn host_alias(record: &SessionRecord) -> String {
+    record.name.clone().unwrap_or_else(|| format!("ephemeral-admin-{}", record.id))
+}
+
+pub async fn ssh_config(ctx: &Context, id: &str, install: bool) -> Result<ExitStatus> {
     let (store, record) = running_session(ctx, id).await?;
     let route = Route::resolve(ctx, &record, None, None);
     let instance_id = record.instance_id.as_deref().context("the session record has no instance id")?;
-    let alias = format!("ephemeral-admin-{id}");
+    let alias = host_alias(&record);
     let known_hosts = store.dir(id).join("known_hosts");
     write_atomic(&known_hosts, format!("{alias} {}\n", record.host_key_public.trim()).as_bytes())?;
     let address = match route.mode {
@@ -143,13 +158,51 @@ pub async fn ssh_config(ctx: &Context, id: &str) -> Result<ExitStatus> {
         lines.push(format!("    ProxyCommand {command}"));
     }
     let config = lines.join("\n") + "\n";
+    let installed = if install { Some(install_block(ctx, &store, &record, &alias, &config)?) } else { None };
     let result = SshConfig {
         session_id: id.to_string(),
         instance_id: record.instance_id.clone(),
         host: alias,
         known_hosts_file: known_hosts.display().to_string(),
         config,
+        installed,
     };
-    ctx.printer.result(&result, || result.config.clone());
+    ctx.printer.result(&result, || match &result.installed {
+        None => result.config.clone(),
+        Some(done) => {
+            let mut text = format!(
+                "installed host {} in {} (removed when the session ends): `ssh {}`",
+                result.host,
+                done.config_file.display(),
+                result.host
+            );
+            if done.include_added {
+                text.push_str(&format!("\nadded `{}` on top of ~/.ssh/config", config_file::INCLUDE_LINE));
+            }
+            if let Some(backup) = &done.backup {
+                text.push_str(&format!(" (the file as it was: {})", backup.display()));
+            }
+            text
+        }
+    });
     Ok(ExitStatus::Success)
+}
+
+/// Writes the block into `~/.ssh/ephemeral-admin/config` and remembers the file in the record,
+/// so teardown and cleanup can take the block out again.
+fn install_block(
+    ctx: &Context,
+    store: &Store,
+    record: &SessionRecord,
+    alias: &str,
+    config: &str,
+) -> Result<config_file::Installed> {
+    let ssh_dir = ctx.settings.ssh_dir.as_deref().ok_or_else(|| {
+        crate::error::UsageError::new("HOME is not set, so there is no ~/.ssh to install into: set HOME, or print the block without --install")
+    })?;
+    let file = config_file::own_file(ssh_dir);
+    // Recorded first: a crash between the two leaves a record that points at no block (harmless),
+    // never a block nothing will remove.
+    store.update(&record.id, |r| r.ssh_config_file = Some(file.clone()))?;
+    config_file::install(ssh_dir, &record.id, alias, config)
 }

@@ -61,14 +61,18 @@ pub async fn cost(ctx: &Context, args: &CostArgs) -> Result<ExitStatus> {
     let store = Store::new(ctx.settings.sessions_dir());
     let ledger = crate::ledger::Ledger::beside(&store);
     // Settle sessions that ended on their own, if AWS is configured; the ledger is enough otherwise.
+    // This account's spending when the credentials say which account; every line otherwise.
+    let mut account = None;
     if let Ok(aws) = ctx.aws().await {
         ctx.settle(&aws).await;
+        account = aws.caller().await.ok().map(|c| c.account);
     }
     let (from, to) = month_bounds(at);
     let until = to.min(now);
     let mut sessions: Vec<SessionCost> = ledger
         .entries()?
         .iter()
+        .filter(|e| e.belongs_to(account.as_deref()))
         .filter_map(|e: &Entry| {
             let cost = e.cost_between(from, until);
             let start = session::parse_rfc3339(&e.start)?;
@@ -88,7 +92,9 @@ pub async fn cost(ctx: &Context, args: &CostArgs) -> Result<ExitStatus> {
     let live_in_month = from <= now && now < to;
     let mut live = 0.0;
     if live_in_month {
-        for record in store.all().into_iter().filter(|r| r.ended_at.is_none()) {
+        let open = store.all().into_iter().filter(|r| r.ended_at.is_none());
+        for record in open.filter(|r| account.is_none() || r.partition_and_account().1 == account.as_deref())
+        {
             let Some(entry) = Entry::from_record(&record, now, "running") else { continue };
             let cost = entry.cost_between(from, until);
             live += cost;

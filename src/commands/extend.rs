@@ -118,13 +118,15 @@ pub async fn run(ctx: &Context, args: &ExtendArgs) -> Result<ExitStatus> {
         record.clone()
     })?;
     let added_seconds = (wanted - current).whole_seconds();
-    let price = record.and_then(|r| r.price_per_hour);
+    let price = record.as_ref().and_then(|r| r.price_per_hour);
+    let volume = record.as_ref().map(|r| r.root_volume()).unwrap_or_default();
     let added_cost_estimate = price
         .filter(|_| added_seconds > 0)
-        .map(|p| pricing::estimate(p, Duration::from_secs(added_seconds as u64)).total);
+        .map(|p| pricing::estimate(p, Duration::from_secs(added_seconds as u64), volume).total);
     if let Some(added) = added_cost_estimate {
-        let spent =
-            crate::ledger::Ledger::beside(&store).month_to_date(now)? + crate::ledger::live_cost(&store, now);
+        let account = aws.caller().await?.account;
+        let spent = crate::ledger::Ledger::beside(&store).month_to_date(now, Some(&account))?
+            + crate::ledger::live_cost(&store, now, Some(&account));
         let committed = spent + added;
         if committed > s.monthly_budget {
             ctx.printer.warn(format!(

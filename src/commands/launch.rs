@@ -36,6 +36,8 @@ use crate::{crash, ip, ledger, pricing, userdata};
 struct Recorder {
     store: Store,
     record: Arc<Mutex<SessionRecord>>,
+    /// RunInstances was sent: an instance may exist even if no answer said so.
+    requested: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Recorder {
@@ -223,6 +225,8 @@ async fn provision(
     // Through SSM no inbound port is needed at all.
     let need_ingress = s.connect != ConnectMode::Ssm;
     mark("settings", &mut timings);
+    // A taken name or a missing instance profile is bad input: refused before anything exists.
+    let own_profile = preflight(ctx, &aws).await?;
 
     // Phase 1: everything independent, at once.
     let step =
@@ -252,11 +256,18 @@ async fn provision(
             // Who we are, then the session's own security group, tagged as the session's.
             async {
                 let (caller, vpc) = tokio::try_join!(
-                    async { identity::whoami(&aws).await.map_err(anyhow::Error::from) },
+                    async { identity::me(&aws, s.owner.as_deref()).await.map_err(anyhow::Error::from) },
                     async { network::default_vpc(&aws).await.map_err(anyhow::Error::from) },
                 )?;
                 let vpc = vpc.ok_or_else(|| network::NetworkError::NoDefaultVpc(aws.region.clone()))?;
-                let session_tags = tags::session_tags(&session_id, &caller.arn, &expires_at, kept, &s.tags);
+                let session_tags = tags::session_tags(
+                    &session_id,
+                    &caller.owner,
+                    &expires_at,
+                    kept,
+                    s.name.as_deref(),
+                    &s.tags,
+                );
                 let group = network::create_session_group(
                     &aws,
                     &vpc,
@@ -270,6 +281,9 @@ async fn provision(
             },
             detect_ip,
             async {
+                if let Some(profile) = own_profile.clone() {
+                    return anyhow::Ok(profile);
+                }
                 let profile =
                     iam::ensure_instance_profile(&aws, &s.iam_role_name, s.connect == ConnectMode::Ssm)
                         .await?;
@@ -278,7 +292,12 @@ async fn provision(
             },
             keys,
             async { ami::resolve(&aws, &s.ami, s.arch()).await.map_err(anyhow::Error::from) },
-            async { spot::current_prices(&aws, &s.instance_types).await.map_err(anyhow::Error::from) },
+            async {
+                if s.on_demand {
+                    return Ok(Vec::new());
+                }
+                spot::current_prices(&aws, &s.instance_types).await.map_err(anyhow::Error::from)
+            },
         )
     };
     // Leftovers of this user's earlier crashed sessions go first, off the critical path.
@@ -300,16 +319,20 @@ async fn provision(
     }
     mark("prepare", &mut timings);
 
-    let session_tags = tags::session_tags(&session_id, &caller.arn, &expires_at, kept, &s.tags);
+    let session_tags =
+        tags::session_tags(&session_id, &caller.owner, &expires_at, kept, s.name.as_deref(), &s.tags);
     let pid = std::process::id();
     let recorder = Recorder {
         store: store.clone(),
         record: Arc::new(Mutex::new(SessionRecord {
             id: session_id.clone(),
+            name: s.name.clone(),
+            root_volume_gb: Some(s.root_volume.gb),
+            root_volume_type: Some(s.root_volume.kind.as_str().to_string()),
             region: aws.region.clone(),
             account: caller.account.clone(),
             partition: caller.partition().to_string(),
-            owner_arn: caller.arn.clone(),
+            owner_arn: caller.owner.clone(),
             created_at: session::rfc3339(created),
             expires_at: expires_at.clone(),
             kept,
@@ -326,6 +349,7 @@ async fn provision(
             instance_profile_name: Some(profile.name.clone()),
             ..Default::default()
         })),
+        requested: Arc::default(),
     };
     store.save_private_key(&session_id, &keys.client.private_openssh)?;
     recorder.update(|_| {})?;
@@ -335,7 +359,7 @@ async fn provision(
     let candidates = ec2_launch::plan(
         &s.instance_types,
         &prices,
-        s.on_demand_fallback,
+        ec2_launch::Markets::of(s.on_demand, s.on_demand_fallback),
         |t| pricing::spot_max_price(s, &aws.region, t),
         |t| pricing::on_demand_price(s, &aws.region, t),
     );
@@ -346,14 +370,16 @@ async fn provision(
             .map(|p| {
                 format!(
                     ", at most {} for {}",
-                    usd(pricing::estimate(p, s.max_runtime).total),
+                    usd(pricing::estimate(p, s.max_runtime, s.root_volume).total),
                     short_duration(s.max_runtime)
                 )
             })
             .unwrap_or_default();
         ctx.printer.status(format!("session {session_id}: {first}{price}{estimate}"));
     }
-    if let Err(refusal) = budget_guard(ctx, &store, &candidates, args.over_budget, clock.now()) {
+    if let Err(refusal) =
+        budget_guard(ctx, &store, &caller.account, &candidates, args.over_budget, clock.now())
+    {
         return Err(undo(ctx, &aws, &store, &recorder, refusal, &clock).await);
     }
 
@@ -376,9 +402,9 @@ async fn provision(
         root_device_name: image.root_device_name.clone(),
         security_group_id: group.id.clone(),
         instance_profile_name: profile.name.clone(),
-        instance_profile_fresh: profile.fresh,
         user_data: base64::engine::general_purpose::STANDARD.encode(user_data),
         tags: session_tags.clone(),
+        root_volume: s.root_volume,
     };
 
     // Phase 2: the SSH rule(s) while RunInstances is in flight.
@@ -405,6 +431,7 @@ async fn provision(
         }
     };
     let run_instance = async {
+        recorder.requested.store(true, std::sync::atomic::Ordering::SeqCst);
         let launched = ec2_launch::run_first_available(&aws, &spec, &candidates, &on_event).await.map_err(
             |e| match e {
                 // Keep the typed error at the top of the chain: it chooses the exit code.
@@ -482,13 +509,70 @@ async fn provision(
     let record = recorder.snapshot();
     let view = SessionView::build(Some(&record), Some(&running), clock.now());
     let result = Launched {
-        estimate: launched.price_per_hour.map(|p| pricing::estimate(p, s.max_runtime).rounded()),
+        estimate: launched
+            .price_per_hour
+            .map(|p| pricing::estimate(p, s.max_runtime, s.root_volume).rounded()),
         launch_attempts: launched.attempts,
         timings_ms: timings.clone(),
         started,
         session: view,
     };
     Ok((aws, store, record, result))
+}
+
+/// What must hold before anything is created, checked at once: the name is not taken by one of
+/// the caller's live sessions in the region, and the instance profile asked for exists (with a
+/// role in it). Either failing is bad input (exit 2). Answers the profile to launch with, if the
+/// user named one.
+async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Option<iam::InstanceProfile>> {
+    let s = &ctx.settings;
+    let name_free = async {
+        let Some(name) = s.name.as_deref() else { return anyhow::Ok(()) };
+        let caller = identity::whoami(aws).await?;
+        let taken = super::live_sessions(aws, &caller, Some(name)).await?;
+        // A launch of this machine still provisioning has no instance for AWS to show yet.
+        let launching =
+            Store::new(s.sessions_dir()).in_scope(&caller.scope(&aws.region)).into_iter().find(|r| {
+                r.name.as_deref() == Some(name)
+                    && r.ended_at.is_none()
+                    && r.instance_id.is_none()
+                    && lifecycle::launcher_of(r) == lifecycle::Launcher::Alive
+            });
+        let holder = taken.first().and_then(|i| i.session_id.clone()).or(launching.map(|r| r.id));
+        if let Some(other) = holder {
+            return Err(crate::error::UsageError::new(format!(
+                "the name {name:?} is taken by your live session {other} in {}: pick another --name, or end that one with `ephemeral-admin terminate {other}`",
+                aws.region
+            ))
+            .into());
+        }
+        Ok(())
+    };
+    let profile = async {
+        let Some(name) = s.instance_profile.as_deref() else { return anyhow::Ok(None) };
+        let roles = iam::profile_roles(aws, name).await?.ok_or_else(|| {
+            crate::error::UsageError::new(format!(
+                "instance profile {name:?} does not exist in this account: create it (with a role EC2 may assume), or check --instance-profile"
+            ))
+        })?;
+        let Some(role) = roles.first() else {
+            return Err(crate::error::UsageError::new(format!(
+                "instance profile {name:?} holds no role: add one (`aws iam add-role-to-instance-profile`) or pick another profile"
+            ))
+            .into());
+        };
+        if role != name {
+            ctx.printer.warn(format!(
+                "instance profile {name} holds role {role}: the policy `ephemeral-admin policy` prints lets you pass role {name} only, so your administrator must allow iam:PassRole on {role}"
+            ));
+        }
+        ctx.printer.status(format!(
+            "the box gets instance profile {name} (role {role}) instead of the tool's minimal role: it can do whatever that role allows"
+        ));
+        Ok(Some(iam::InstanceProfile { name: name.to_string(), fresh: false }))
+    };
+    let ((), profile) = tokio::try_join!(name_free, profile)?;
+    Ok(profile)
 }
 
 /// A failed launch removes what it made so far, then reports the original error.
@@ -501,7 +585,10 @@ async fn undo(
     clock: &dyn Clock,
 ) -> anyhow::Error {
     let record = recorder.snapshot();
-    let resources = SessionResources::from_record(&record);
+    let mut resources = SessionResources::from_record(&record);
+    if record.instance_id.is_none() && recorder.requested.load(std::sync::atomic::Ordering::SeqCst) {
+        resources.merge(unanswered_launch(ctx, aws, &record.id).await);
+    }
     let interrupted = error.downcast_ref::<Interrupted>().is_some();
     let reason = if interrupted { ended_by::INTERRUPTED } else { ended_by::LAUNCH_FAILED };
     let report = teardown::teardown(aws, store, &resources, reason, clock).await;
@@ -515,6 +602,27 @@ async fn undo(
         ctx.printer.warn(report.summary());
     }
     error
+}
+
+/// The instance a RunInstances whose answer never came may have started anyway, found by the
+/// session's tag (it was created carrying it).
+async fn unanswered_launch(ctx: &Context, aws: &crate::aws::Aws, session_id: &str) -> SessionResources {
+    let query = instances::Query { session_id: Some(session_id), ..Default::default() };
+    match instances::find(aws, query).await {
+        Ok(found) => SessionResources {
+            session_id: session_id.to_string(),
+            instance_ids: found.iter().map(|i| i.instance_id.clone()).collect(),
+            spot_request_ids: found.iter().filter_map(|i| i.spot_request_id.clone()).collect(),
+            launched_at: found.iter().find_map(|i| i.launch_time.clone()),
+            ..Default::default()
+        },
+        Err(e) => {
+            ctx.printer.warn(format!(
+                "could not check whether the unanswered launch started an instance ({e}): run `ephemeral-admin cleanup`"
+            ));
+            SessionResources::default()
+        }
+    }
 }
 
 /// The IP echo services: `EPHEMERAL_ADMIN_IP_SERVICES` (comma-separated URLs) replaces the
@@ -531,6 +639,7 @@ fn ip_services() -> Vec<String> {
 fn budget_guard(
     ctx: &Context,
     store: &Store,
+    account: &str,
     candidates: &[Candidate],
     over_budget: bool,
     now: time::OffsetDateTime,
@@ -542,8 +651,11 @@ fn budget_guard(
             .warn(format!("no price known for {first}: the budget guard cannot estimate this session"));
         return Ok(());
     };
-    let estimate = pricing::estimate(price, s.max_runtime).total;
-    let spent = crate::ledger::Ledger::beside(store).month_to_date(now)? + ledger::live_cost(store, now);
+    let estimate = pricing::estimate(price, s.max_runtime, s.root_volume).total;
+    // This account's spending: the budget is the account's, not the machine's.
+    let account = Some(account);
+    let spent = crate::ledger::Ledger::beside(store).month_to_date(now, account)?
+        + ledger::live_cost(store, now, account);
     let left = s.monthly_budget - spent;
     if spent + estimate <= s.monthly_budget {
         return Ok(());

@@ -16,7 +16,7 @@ pub fn document(ctx: &Context, args: &PolicyArgs) -> Value {
     if args.box_role {
         iam::box_policy_document(ctx.settings.connect == ConnectMode::Ssm)
     } else {
-        permissions::policy_document(&ctx.settings.iam_role_name)
+        permissions::policy_document(&ctx.settings.iam_role_name, ctx.settings.instance_profile.as_deref())
     }
 }
 

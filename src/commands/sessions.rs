@@ -25,10 +25,10 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
     let aws = ctx.aws().await?;
     let store = Store::new(ctx.settings.sessions_dir());
     let every_state = instances::Query { include_terminated: true, ..Default::default() };
-    let (caller, found) =
-        tokio::try_join!(async { identity::whoami(&aws).await.map_err(anyhow::Error::from) }, async {
-            instances::find(&aws, every_state).await.map_err(anyhow::Error::from)
-        },)?;
+    let (caller, found) = tokio::try_join!(
+        async { identity::me(&aws, ctx.settings.owner.as_deref()).await.map_err(anyhow::Error::from) },
+        async { instances::find(&aws, every_state).await.map_err(anyhow::Error::from) },
+    )?;
     // The same answer settles sessions that ended while no CLI ran: no extra call.
     let scope = caller.scope(&aws.region);
     ctx.settle_known(&aws, &scope, &found).await;
@@ -38,7 +38,7 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
     let now = SystemClock.now();
     let sessions: Vec<SessionView> = found
         .iter()
-        .filter(|i| i.owner.as_deref() == Some(caller.arn.as_str()))
+        .filter(|i| i.owner.as_deref().is_some_and(|o| caller.is_mine(o)))
         .map(|i| {
             let record = records.iter().find(|r| Some(&r.id) == i.session_id.as_ref());
             SessionView::build(record, Some(i), now)
@@ -131,6 +131,8 @@ pub async fn discover(aws: &Aws, id: &str, record: Option<&SessionRecord>) -> Re
             .filter(|a| a.session_id.as_deref() == Some(id))
             .map(|a| a.name.clone())
             .collect(),
+        ssh_config_file: None,
+        launched_at: found.iter().find_map(|i| i.launch_time.clone()),
     });
     Ok(resources)
 }

@@ -13,6 +13,8 @@ use crate::session::{self};
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionView {
     pub session_id: String,
+    /// The name given with `launch --name`.
+    pub name: Option<String>,
     pub instance_id: Option<String>,
     pub state: String,
     pub region: Option<String>,
@@ -70,7 +72,8 @@ impl SessionView {
         let price_per_hour = record.and_then(|r| r.price_per_hour);
         let cost_so_far = match (price_per_hour, age_seconds) {
             (Some(price), Some(age)) if live => {
-                Some(pricing::estimate(price, std::time::Duration::from_secs(age as u64)).total)
+                let volume = record.map(|r| r.root_volume()).unwrap_or_default();
+                Some(pricing::estimate(price, std::time::Duration::from_secs(age as u64), volume).total)
             }
             _ => None,
         };
@@ -89,6 +92,7 @@ impl SessionView {
                 .and_then(|i| i.session_id.clone())
                 .or_else(|| record.map(|r| r.id.clone()))
                 .unwrap_or_default(),
+            name: pick(instance.and_then(|i| i.name.clone()), record.and_then(|r| r.name.clone())),
             instance_id: pick(
                 instance.map(|i| i.instance_id.clone()),
                 record.and_then(|r| r.instance_id.clone()),
@@ -150,6 +154,7 @@ impl SessionView {
         let dash = || "-".to_string();
         let mut rows = vec![
             ("session", self.session_id.clone()),
+            ("name", self.name.clone().unwrap_or_else(dash)),
             ("instance", self.instance_id.clone().unwrap_or_else(dash)),
             ("state", self.state.clone()),
             (
@@ -191,6 +196,7 @@ pub fn list_table(views: &[SessionView]) -> String {
         .map(|v| {
             vec![
                 v.session_id.clone(),
+                v.name.clone().unwrap_or_default(),
                 v.state.clone(),
                 v.instance_type.clone().unwrap_or_default(),
                 v.market.clone().unwrap_or_default(),
@@ -205,5 +211,5 @@ pub fn list_table(views: &[SessionView]) -> String {
             ]
         })
         .collect();
-    table(&["ID", "STATE", "TYPE", "MARKET", "ZONE", "ADDRESS", "AGE", "LEFT", "COST", "IDLE"], &rows)
+    table(&["ID", "NAME", "STATE", "TYPE", "MARKET", "ZONE", "ADDRESS", "AGE", "LEFT", "COST", "IDLE"], &rows)
 }

@@ -35,8 +35,11 @@ pub enum Instance {
     Live,
     /// `stopping`, `stopped`: it will not come back on its own.
     Stuck,
-    /// Terminated, shutting down, or unknown to EC2.
+    /// Terminated or shutting down.
     Gone,
+    /// Not in EC2's answer at all: forgotten (terminated over an hour ago), or launched moments
+    /// ago and not visible yet (EC2 is eventually consistent); the launch time tells which.
+    Unseen,
     /// Nothing was asked (the launch sweep reads local records only).
     NotAsked,
 }
@@ -82,6 +85,19 @@ pub fn phase(
     }
     let launcher = record.map(launcher_of);
     let has_instance = record.is_some_and(|r| r.instance_id.is_some());
+    let instance = match instance {
+        Instance::Unseen
+            if has_instance
+                && crate::aws::instances::must_be_known(
+                    record.and_then(|r| r.launched_at.as_deref()),
+                    now,
+                ) =>
+        {
+            return Phase::Launching;
+        }
+        Instance::Unseen => Instance::Gone,
+        other => other,
+    };
     match instance {
         Instance::Gone if has_instance || record.is_none() => {
             return Phase::Over("its instance is gone".into());
@@ -241,5 +257,20 @@ mod tests {
         let half = record(false, false, Some(dead_pid), Some(1));
         assert!(phase(Some(&half), Instance::NotAsked, false, later, now).is_abandoned());
         assert_eq!(phase(None, Instance::Live, false, later, now), Phase::Attached { pid: None });
+    }
+
+    #[test]
+    fn an_instance_ec2_does_not_show_is_gone_only_once_it_could_have_been_forgotten() {
+        let now = OffsetDateTime::now_utc();
+        let later = Some(now + time::Duration::hours(4));
+        let launched = |ago: time::Duration| SessionRecord {
+            launched_at: Some(crate::session::rfc3339(now - ago)),
+            ..record(true, true, None, None)
+        };
+        let young = launched(time::Duration::seconds(5));
+        assert_eq!(phase(Some(&young), Instance::Unseen, false, later, now), Phase::Launching);
+        let old = launched(time::Duration::hours(2));
+        assert!(phase(Some(&old), Instance::Unseen, false, later, now).is_abandoned());
+        assert!(phase(Some(&young), Instance::Gone, false, later, now).is_abandoned(), "terminated");
     }
 }

@@ -56,10 +56,18 @@ pub enum SessionRef {
     Id(String),
     /// The EC2 instance id (`i-` and 8 or 17 hex digits).
     Instance(String),
+    /// The name given with `launch --name`.
+    Name(String),
+    /// `last`: the caller's most recently launched live session in the region.
+    Last,
 }
 
+/// The word that means the caller's most recent live session.
+pub const LAST: &str = "last";
+
 impl SessionRef {
-    /// Parses a session id or an instance id; anything else is bad input (exit 2).
+    /// Parses a session id, an instance id, `last` or a session name; anything else is bad
+    /// input (exit 2). A name can never be read as an id: [`validate_name`] refuses those.
     pub fn parse(text: &str) -> Result<SessionRef, crate::error::UsageError> {
         if is_valid_id(text) {
             return Ok(SessionRef::Id(text.to_string()));
@@ -67,10 +75,44 @@ impl SessionRef {
         if is_instance_id(text) {
             return Ok(SessionRef::Instance(text.to_string()));
         }
+        if text == LAST {
+            return Ok(SessionRef::Last);
+        }
+        if validate_name(text).is_ok() {
+            return Ok(SessionRef::Name(text.to_string()));
+        }
         Err(crate::error::UsageError::new(format!(
-            "{text:?} is neither a session id ({ID_RULE}, as `list` shows) nor an instance id (i-…)"
+            "{text:?} is not a session id ({ID_RULE}, as `list` shows), a session name, an instance id (i-…) or `last`"
         )))
     }
+}
+
+/// The longest session name: one DNS label.
+pub const NAME_MAX: usize = 63;
+
+/// A session name is a DNS label (lowercase letters, digits and inner hyphens, starting with a
+/// letter, at most 63 characters), so it works as an SSH host alias and within the instance
+/// metadata tag character set. It may not read as a session id (nor have an id's shape, 8
+/// letters and digits, so a mistyped id is reported as one), an instance id or `last`, and may
+/// not start with `ephemeral-admin-` (the unnamed sessions' host aliases).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let label = !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !label {
+        return Err(format!(
+            "{name:?} is not a valid name: use 1 to {NAME_MAX} lowercase letters, digits and hyphens, starting with a letter and not ending with a hyphen (like db-fix)"
+        ));
+    }
+    let id_shaped = name.len() == ID_LEN && name.bytes().all(|b| b.is_ascii_alphanumeric());
+    if id_shaped || is_instance_id(name) || name == LAST || name.starts_with("ephemeral-admin-") {
+        return Err(format!(
+            "{name:?} reads as a session id (8 letters and digits), an instance id, `last` or an unnamed session's host alias: pick another name"
+        ));
+    }
+    Ok(())
 }
 
 /// `i-` and 8 or 17 lowercase hex digits.
@@ -126,6 +168,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn names_are_dns_labels_that_never_read_as_ids() {
+        for good in ["db-fix", "a", "web2", "web-host", "webhost12", &"a".repeat(63)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Db",
+            "2db",
+            "db-",
+            "db_fix",
+            "db.fix",
+            &"a".repeat(64),
+            "abcd2345",
+            "webhost1",
+            "i-0123abcd",
+            "last",
+            "ephemeral-admin-x",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn ids_are_short_and_safe() {
         for _ in 0..100 {
             let id = new_id();
@@ -140,6 +205,9 @@ mod tests {
         );
         let refused = SessionRef::parse("abcd1234").unwrap_err().to_string();
         assert!(refused.contains("without i, l, o, 0 and 1"), "{refused}");
+        assert_eq!(SessionRef::parse("db-fix").unwrap(), SessionRef::Name("db-fix".into()));
+        assert_eq!(SessionRef::parse("last").unwrap(), SessionRef::Last);
+        assert!(SessionRef::parse("db_fix").is_err());
         assert_eq!(rfc3339(parse_rfc3339("2026-11-22T19:00:00.5+01:00").unwrap()), "2026-11-22T18:00:00Z");
     }
 }

@@ -18,10 +18,14 @@ use serde::{Deserialize, Serialize};
 #[serde(default)]
 pub struct SessionRecord {
     pub id: String,
+    /// The name given with `launch --name`, if any.
+    pub name: Option<String>,
     pub region: String,
     /// The AWS account and partition the session was launched in (see [`super::Scope`]).
     pub account: String,
     pub partition: String,
+    /// The session's owner as tagged (`aws::identity::owner_of` the caller, or the `owner`
+    /// setting); the name is kept from when it was always the caller's full ARN.
     pub owner_arn: String,
     pub created_at: String,
     pub expires_at: String,
@@ -62,9 +66,28 @@ pub struct SessionRecord {
     pub timings_ms: std::collections::BTreeMap<String, u64>,
     pub ended_at: Option<String>,
     pub end_reason: Option<String>,
+    /// The root volume's size and type (absent in records written before they were settings).
+    pub root_volume_gb: Option<u32>,
+    pub root_volume_type: Option<String>,
+    /// The OpenSSH config file `ssh-config --install` wrote this session's host block into;
+    /// teardown and cleanup remove the block from it.
+    pub ssh_config_file: Option<std::path::PathBuf>,
 }
 
 impl SessionRecord {
+    /// The root volume the box was launched with (8 GB gp3 for older records).
+    pub fn root_volume(&self) -> crate::settings::RootVolume {
+        let default = crate::settings::RootVolume::default();
+        crate::settings::RootVolume {
+            gb: self.root_volume_gb.unwrap_or(default.gb),
+            kind: self
+                .root_volume_type
+                .as_deref()
+                .and_then(crate::settings::VolumeKind::from_name)
+                .unwrap_or(default.kind),
+        }
+    }
+
     /// (partition, account), from the fields or, for older records, from the owner ARN
     /// (`arn:PARTITION:sts::ACCOUNT:…`).
     pub fn partition_and_account(&self) -> (&str, Option<&str>) {

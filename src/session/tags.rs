@@ -14,6 +14,8 @@ pub const OWNER: &str = "ephemeral-admin:owner";
 pub const EXPIRES_AT: &str = "ephemeral-admin:expires-at";
 /// `attached` (ends with the shell) or `kept` (`--keep`/`--detach`: ends by its watchdog).
 pub const MODE: &str = "ephemeral-admin:mode";
+/// The session's name (`launch --name`), a DNS label; absent for unnamed sessions.
+pub const SESSION_NAME: &str = "ephemeral-admin:name";
 
 /// Keys the tool sets itself; user tags may not use them.
 pub fn is_reserved(key: &str) -> bool {
@@ -28,9 +30,10 @@ pub fn shared_resource_tags() -> Vec<(String, String)> {
 /// Everything a session's resources carry, user tags last.
 pub fn session_tags(
     session_id: &str,
-    owner_arn: &str,
+    owner: &str,
     expires_at: &str,
     kept: bool,
+    name: Option<&str>,
     extra: &BTreeMap<String, String>,
 ) -> Vec<(String, String)> {
     let mut tags = vec![
@@ -38,12 +41,18 @@ pub fn session_tags(
         (PROJECT.to_string(), PROJECT_VALUE.to_string()),
         (AUTO_MANAGED.to_string(), "true".to_string()),
         (SESSION.to_string(), session_id.to_string()),
-        (OWNER.to_string(), owner_arn.to_string()),
+        (OWNER.to_string(), owner.to_string()),
         (EXPIRES_AT.to_string(), expires_at.to_string()),
         (MODE.to_string(), if kept { "kept" } else { "attached" }.to_string()),
     ];
+    tags.extend(name.map(|n| (SESSION_NAME.to_string(), n.to_string())));
     tags.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     tags
+}
+
+/// A character AWS allows in a tag value (letters, digits, spaces, `_ . : / = + - @`).
+pub fn valid_tag_value_char(c: char) -> bool {
+    c.is_alphanumeric() || c == ' ' || "_.:/=+-@".contains(c)
 }
 
 #[cfg(test)]
@@ -57,8 +66,10 @@ mod tests {
             "arn:aws:iam::1:user/a",
             "2026-11-22T18:00:00Z",
             false,
+            Some("db-fix"),
             &BTreeMap::new(),
         );
+        assert!(tags.iter().any(|(k, v)| k == SESSION_NAME && v == "db-fix"));
         for (key, _) in &tags {
             assert!(crate::settings::valid_tag_key(key), "{key}");
         }

@@ -5,6 +5,7 @@
 //! No known_hosts, no trust on first use, no agent: the session made both keys, so the box either
 //! presents exactly the host key we gave it or we stop.
 
+pub mod config_file;
 mod connect;
 mod exec;
 mod quote;

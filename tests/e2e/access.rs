@@ -23,7 +23,17 @@ fn one_sessions_rule_never_opens_another_sessions_box() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let proxy = proxy(&cloud);
-    let wide = launch_detached(&user, &proxy, &["--allow-cidr", "0.0.0.0/0"]);
+    let run =
+        user.run(&attached_args(&proxy, &["--detach", "--output", "json", "--allow-cidr", "0.0.0.0/0"]));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "--allow-cidr 0.0.0.0/0: SSH on this session's box is open to every address on the internet"
+        ),
+        "a wide rule is said out loud: {}",
+        run.stderr
+    );
+    let wide = run.json();
     let narrow = launch_detached(&user, &proxy, &[]);
     let state = cloud.state();
     let rules = |instance: &str| -> Vec<String> {

@@ -41,7 +41,11 @@ fn a_second_account_never_touches_the_first_ones_sessions() {
     assert!(listed["sessions"].as_array().unwrap().is_empty());
     assert_eq!(listed["other_accounts"], 1, "{listed}");
     assert!(other.run(&["list"]).success().stdout.contains("1 session(s) of other AWS accounts"));
-    other.run(&["cost"]).success();
+    let cost = other.run(&["cost", "--output", "json"]).success().json();
+    assert!(cost["sessions"].as_array().unwrap().is_empty(), "another account's spending: {cost}");
+    assert_eq!(cost["live"], 0.0, "{cost}");
+    let mine = user.run(&["cost", "--output", "json"]).success().json();
+    assert_eq!(mine["sessions"].as_array().unwrap().len(), 1, "{mine}");
     other.run(&["cleanup"]).success();
 
     assert!(key.exists(), "the first account's key is still there");
@@ -60,18 +64,13 @@ fn a_second_account_never_touches_the_first_ones_sessions() {
 /// Runs the CLI in a mount namespace whose `/proc` is an empty tmpfs: how a Mac looks to code
 /// that reads `/proc`.
 fn without_proc(user: &User, args: &[&str]) -> crate::support::cli::Run {
-    let template = user.command(args);
-    let mut cmd = Command::new("unshare");
-    cmd.args(["-m", "sh", "-c", r#"mount -t tmpfs none /proc && exec "$@""#, "sh"])
-        .arg(template.get_program())
-        .args(template.get_args())
-        .env_clear();
-    for (k, v) in template.get_envs() {
-        if let Some(v) = v {
-            cmd.env(k, v);
-        }
-    }
-    let out = cmd.output().unwrap();
+    let out = user
+        .wrapper("unshare")
+        .args(["-m", "sh", "-c", r#"mount -t tmpfs none /proc && exec "$@""#, "sh"])
+        .arg(env!("CARGO_BIN_EXE_ephemeral-admin"))
+        .args(args)
+        .output()
+        .unwrap();
     crate::support::cli::Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -257,3 +257,89 @@ fn all_regions_scans_every_region_in_parallel() {
     assert!(eu["alarms"].as_array().unwrap().is_empty());
     assert!(key_files(&user).is_empty());
 }
+
+/// Credentials of an STS AssumeRole session into role `role` (made here, by an administrator),
+/// as `(access key, secret, session token)`.
+fn assume_role(cloud: &LocalCloud, role: &str, session_name: &str) -> (String, String, String) {
+    let script = r#"
+import boto3, json, sys
+kw = dict(endpoint_url=sys.argv[1], region_name="us-east-1",
+          aws_access_key_id="other", aws_secret_access_key="other")
+iam = boto3.client("iam", **kw)
+trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+         "Principal": {"AWS": "arn:aws:iam::123456789012:root"}, "Action": "sts:AssumeRole"}]}
+try:
+    iam.create_role(RoleName=sys.argv[2], AssumeRolePolicyDocument=json.dumps(trust))
+except iam.exceptions.EntityAlreadyExistsException:
+    pass
+c = boto3.client("sts", **kw).assume_role(
+    RoleArn="arn:aws:iam::123456789012:role/" + sys.argv[2], RoleSessionName=sys.argv[3])["Credentials"]
+print(json.dumps([c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"]]))
+"#;
+    let out = std::process::Command::new(crate::support::cloud::python())
+        .args(["-c", script, &cloud.url, role, session_name])
+        .output()
+        .expect("run boto3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let creds: (String, String, String) = serde_json::from_slice(&out.stdout).unwrap();
+    creds
+}
+
+fn as_role_session(user: &User, creds: &(String, String, String)) -> User {
+    user.env("AWS_ACCESS_KEY_ID", &creds.0)
+        .env("AWS_SECRET_ACCESS_KEY", &creds.1)
+        .env("AWS_SESSION_TOKEN", &creds.2)
+}
+
+fn listed(user: &User) -> Vec<String> {
+    let out = user.run(&["list", "--output", "json"]).success().json();
+    out["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_owner_is_the_role_not_the_login_session_and_an_owner_setting_overrides_it() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    // Two logins into the same (non-SSO) role: the session name differs each time.
+    let monday = assume_role(&cloud, "ea-admins", "alice-1764500000");
+    let tuesday = assume_role(&cloud, "ea-admins", "alice-1764586400");
+    let policy = crate::support::cloud::printed_policy();
+    cloud.control(
+        "PUT",
+        "policy",
+        Some(serde_json::json!({ "policy": policy, "access_keys": ["testing", monday.0, tuesday.0] })),
+    );
+    let (monday, tuesday) = (as_role_session(&user, &monday), as_role_session(&user, &tuesday));
+    let out =
+        monday.run(&["launch", "--detach", "--my-ip", "203.0.113.7", "--output", "json"]).success().json();
+    let id = out["session_id"].as_str().unwrap().to_string();
+    let state = cloud.state();
+    let instance =
+        state["instances"].as_array().unwrap().iter().find(|i| i["id"] == out["instance_id"]).unwrap();
+    assert_eq!(instance["tags"]["ephemeral-admin:owner"], "arn:aws:iam::123456789012:role/ea-admins");
+    assert_eq!(listed(&tuesday), [id.as_str()], "the next login sees its own session");
+    let cleanup = tuesday.run(&["cleanup", "--dry-run", "--output", "json"]).success().json();
+    let seen: Vec<&Value> =
+        cleanup["sessions"].as_array().unwrap().iter().filter(|s| s["session_id"] == id).collect();
+    assert_eq!(seen.len(), 1, "cleanup judges it as the caller's own: {cleanup:#}");
+    assert!(listed(&user).is_empty(), "another identity (an IAM user) does not own it");
+
+    // The `owner` setting names the owner whatever the login.
+    let ops = user.env("EPHEMERAL_ADMIN_OWNER", "ops@example.com");
+    let out = ops.run(&["launch", "--detach", "--my-ip", "203.0.113.7", "--output", "json"]).success().json();
+    let other = out["session_id"].as_str().unwrap().to_string();
+    let state = cloud.state();
+    let instance =
+        state["instances"].as_array().unwrap().iter().find(|i| i["id"] == out["instance_id"]).unwrap();
+    assert_eq!(instance["tags"]["ephemeral-admin:owner"], "ops@example.com");
+    let monday_as_ops = monday.env("EPHEMERAL_ADMIN_OWNER", "ops@example.com");
+    assert_eq!(listed(&monday_as_ops), [other.as_str()]);
+    assert_eq!(user.env("EPHEMERAL_ADMIN_OWNER", "bad,owner").run(&["list"]).code, 2);
+    tuesday.run(&["terminate", &id]).success();
+    ops.run(&["terminate", &other]).success();
+}

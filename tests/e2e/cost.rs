@@ -317,3 +317,60 @@ fn cost_splits_sessions_across_month_boundaries_in_utc() {
     assert!(close(report["spent"].as_f64().unwrap(), 1.0));
     assert_eq!(dec.run(&["cost", "--month", "2026-9"]).code, 2);
 }
+
+/// Writes a local record of a session that nobody settled: launched `hours_ago` at $1/h, with a
+/// one-hour deadline long past (issue #12, item 9).
+fn stale_record(user: &User, id: &str, region: &str, hours_ago: i64, pid: Option<u32>) {
+    let fmt = |t: time::OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap();
+    let launched = time::OffsetDateTime::now_utc() - time::Duration::hours(hours_ago);
+    let dir = user.state_dir().join("sessions").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid = pid.map(|p| format!("pid = {p}\npid_start = {}\n", start_ticks(p))).unwrap_or_default();
+    let record = format!(
+        "id = \"{id}\"\nregion = \"{region}\"\nowner_arn = \"arn:aws:sts::123456789012:user/moto\"\n\
+         created_at = \"{launched}\"\nlaunched_at = \"{launched}\"\nexpires_at = \"{deadline}\"\nkept = true\n\
+         user = \"ubuntu\"\nhost_key_public = \"\"\nhost_key_fingerprint = \"\"\nclient_key_public = \"\"\n\
+         instance_id = \"i-0123456789abcdef0\"\ninstance_type = \"m5.large\"\nmarket = \"on-demand\"\n\
+         price_per_hour = 1.0\n{pid}",
+        launched = fmt(launched),
+        deadline = fmt(launched + time::Duration::hours(1)),
+    );
+    std::fs::write(dir.join("session.toml"), record).unwrap();
+}
+
+/// A process's start time as the CLI records it (Linux: clock ticks since boot), so the CLI can
+/// tell the process is certainly alive.
+fn start_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+#[test]
+fn stale_records_count_only_up_to_their_deadline_and_are_settled_in_every_region() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    user.write_config("monthly_budget = 5\n");
+    // Counted up to now, each of these two would be over $25: the launch used to be refused.
+    // Both are in other regions: one was never settled there, one has a live launcher (this
+    // test), so it is not settled at all and counts as running, up to its deadline.
+    stale_record(&user, "stavewes", "eu-west-1", 26, None);
+    stale_record(&user, "stazzyve", "us-west-2", 26, Some(std::process::id()));
+    let run = user.run(&["launch", "--detach", "--my-ip", "203.0.113.7", "--output", "json"]);
+    assert_eq!(run.code, 0, "not refused: {}", run.stderr);
+    let launched = run.json();
+    // The other region was asked about its record, once, and it was settled at its deadline.
+    let asked: Vec<Value> = cloud
+        .calls()
+        .into_iter()
+        .filter(|c| c["action"] == "DescribeInstances" && c["region"] == "eu-west-1")
+        .collect();
+    assert_eq!(asked.len(), 1, "{asked:#?}");
+    assert!(!cloud.calls().iter().any(|c| c["region"] == "us-west-2"), "nothing to settle there");
+    let lines = ledger(&user);
+    let stale = lines.iter().find(|e| e["session_id"] == "stavewes").expect("settled");
+    assert_eq!(stale["region"], "eu-west-1");
+    assert_eq!(stale["duration_seconds"], 3600, "ran until its deadline at most: {stale}");
+    // Nothing in any ledger line runs past its deadline.
+    assert!(lines.iter().all(|e| e["duration_seconds"].as_i64().unwrap() <= 3600), "{lines:#?}");
+    user.run(&["terminate", launched["session_id"].as_str().unwrap()]).success();
+}

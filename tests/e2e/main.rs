@@ -5,12 +5,14 @@ mod support;
 
 mod access;
 mod accounts;
+mod boxopts;
 mod cleanup;
 mod cost;
 mod foundation;
 mod kept;
 mod launch;
 mod lifecycle;
+mod names;
 mod policy;
 mod realbox;
 mod robust;

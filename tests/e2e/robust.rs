@@ -5,7 +5,7 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
@@ -21,15 +21,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_ephemeral-admin");
 fn pipelines(user: &User, script: &str, n: usize) -> Vec<(i32, String)> {
     (0..n)
         .map(|_| {
-            let template = user.command(&[]);
-            let mut cmd = Command::new("bash");
-            cmd.args(["-o", "pipefail", "-c", script]).env_clear().env("BIN", BIN);
-            for (k, v) in template.get_envs() {
-                if let Some(v) = v {
-                    cmd.env(k, v);
-                }
-            }
-            let out = cmd.output().unwrap();
+            let out =
+                user.wrapper("bash").args(["-o", "pipefail", "-c", script]).env("BIN", BIN).output().unwrap();
             (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
         })
         .collect()

@@ -342,11 +342,19 @@ impl Tmux {
     }
 
     fn wait_for(&self, text: &str, limit: Duration) {
+        assert!(self.saw(text, limit), "never saw {text:?} on screen:\n{}", self.screen());
+    }
+
+    /// Whether `text` appears on screen within `limit`.
+    fn saw(&self, text: &str, limit: Duration) -> bool {
         let start = Instant::now();
         while !self.screen().contains(text) {
-            assert!(start.elapsed() < limit, "never saw {text:?} on screen:\n{}", self.screen());
+            if start.elapsed() > limit {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
+        true
     }
 
     fn pane_size(&self) -> String {
@@ -461,9 +469,13 @@ fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     wait_until("a client on the box's tmux session", Duration::from_secs(60), box_tmux_attached);
     std::thread::sleep(Duration::from_millis(500));
     tmux.line("export MARK=kept-$((6*7))");
-    // Detach the box's tmux (C-b d): the connection ends, the work stays on the box.
-    tmux.keys(&["C-b", "d"]);
-    tmux.wait_for("left session", Duration::from_secs(20));
+    // Detach the box's tmux (C-b d): the connection ends, the work stays on the box. On a loaded
+    // machine the keys can reach the box's tmux before it reads its prefix: say it again.
+    let detached = (0..3).any(|_| {
+        tmux.keys(&["C-b", "d"]);
+        tmux.saw("left session", Duration::from_secs(10))
+    });
+    assert!(detached, "never detached:\n{}", tmux.screen());
     let listed = user.run(&["list", "--output", "json"]).success().json();
     let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
     assert_eq!(listed["sessions"][0]["kept"], true, "{listed}");

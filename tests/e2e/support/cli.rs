@@ -105,6 +105,20 @@ impl User {
         cmd
     }
 
+    /// `program` with exactly the environment the CLI gets (for a shell pipeline or a wrapper
+    /// such as `unshare` around it).
+    pub fn wrapper(&self, program: &str) -> Command {
+        let template = self.command(&[]);
+        let mut cmd = Command::new(program);
+        cmd.env_clear();
+        for (k, v) in template.get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        cmd
+    }
+
     pub fn run(&self, args: &[&str]) -> Run {
         let Output { status, stdout, stderr } = self.command(args).output().expect("run ephemeral-admin");
         Run {

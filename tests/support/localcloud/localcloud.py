@@ -375,7 +375,7 @@ def default_message(code: str, req: AwsRequest) -> str:
 
 class FaultRule:
     KEYS = {"service", "region", "action", "match", "error", "status", "message", "drop",
-            "delay_ms", "times", "every"}
+            "drop_after", "delay_ms", "times", "every"}
 
     def __init__(self, spec: Any):
         if not isinstance(spec, dict):
@@ -393,6 +393,10 @@ class FaultRule:
         self.error = spec.get("error")
         self.message = spec.get("message")
         self.drop = bool(spec.get("drop", False))
+        # Process the request (moto acts on it), then drop the connection: a lost answer.
+        self.drop_after = bool(spec.get("drop_after", False))
+        if self.drop_after and (self.drop or self.error):
+            raise ValueError("rule 'drop_after' cannot be combined with 'drop' or 'error'")
         self.delay_ms = float(spec.get("delay_ms") or 0)
         self.times = spec.get("times")
         if self.times is not None:
@@ -425,7 +429,8 @@ class FaultRule:
     def to_json(self) -> dict[str, Any]:
         return {"service": self.service, "region": self.region, "action": self.action,
                 "match": self.match, "error": self.error, "status": self.status,
-                "message": self.message, "drop": self.drop, "delay_ms": self.delay_ms,
+                "message": self.message, "drop": self.drop, "drop_after": self.drop_after,
+                "delay_ms": self.delay_ms,
                 "times": self.times, "every": self.every, "seen": self.seen,
                 "hits": self.hits}
 
@@ -529,6 +534,8 @@ class Middleware:
             entry["delay_ms"] = delay_ms
             if rule is not None and rule.drop:
                 entry["injected"] = "drop"
+            elif rule is not None and rule.drop_after:
+                entry["injected"] = "drop_after"
             elif rule is not None and rule.error:
                 entry["injected"] = f"error:{rule.error}"
         try:
@@ -541,6 +548,10 @@ class Middleware:
                                       or default_message(rule.error, req), rule.status or 400)
             else:
                 resp = self._authorize(req, entry) or self._forward(req, environ)
+            if rule is not None and rule.drop_after:
+                with self.state_lock:
+                    entry["processed_status"] = resp.status
+                self._drop(environ)
         except _DropConnection:
             self._finish(entry, status=None)
             raise
@@ -769,7 +780,7 @@ class PolicyEnforcement:
 #    policies) are set in section 1, before moto is imported;
 #  * public SSM parameters and their AMIs: Ubuntu 24.04 is seeded, AL2023 checked;
 #  * DescribeSpotPriceHistory answers seeded, per-AZ prices;
-#  * RunInstances: SpotMaxPriceTooLow, spot requests for spot launches,
+#  * RunInstances: ClientToken idempotency, SpotMaxPriceTooLow, spot requests for spot launches,
 #    "pending" for pending_seconds, request parameters kept for the state dump;
 #  * TerminateInstances closes one-time spot requests;
 #  * Describe/CancelSpotInstanceRequests: NotFound errors; cancel keeps the request;
@@ -1130,6 +1141,9 @@ class MotoFixes:
         p = req.params or {}
         region = req.region or "us-east-1"
         backend = self.ec2_backend(region)
+        token_key, repeated = self._client_token_answer(req)
+        if repeated is not None:
+            return repeated
         spot = p.get("InstanceMarketOptions.MarketType") == "spot"
         max_price = p.get("InstanceMarketOptions.SpotOptions.MaxPrice")
         itype = p.get("InstanceType", "m1.small")
@@ -1173,8 +1187,37 @@ class MotoFixes:
         self._hold_pending(region, ids)
         if spot:
             resp = resp.with_body(text.encode())
+        if token_key is not None:
+            self.client_tokens[token_key] = (self._idempotent_params(p), resp)
         self._fire(self._launch_hooks, region, ids)
         return resp
+
+    @staticmethod
+    def _idempotent_params(p: dict[str, str]) -> dict[str, str]:
+        """The parameters a repeated ClientToken must repeat (AWS: all but region and zone)."""
+        return {k: v for k, v in p.items() if k not in ("Placement.AvailabilityZone", "Version")}
+
+    def _client_token_answer(self, req: AwsRequest) -> tuple[Any, Resp | None]:
+        """EC2 idempotency (moto ignores ClientToken): a RunInstances that repeats the
+        ClientToken of one that succeeded, in the same account and region, launches nothing
+        and answers with the first one's reservation; with other parameters it fails with
+        IdempotentParameterMismatch. Returns (key to remember a success under, answer)."""
+        p = req.params or {}
+        token = p.get("ClientToken")
+        if not token:
+            return None, None
+        from moto.iam.models import get_account_id_from
+        key = (get_account_id_from(req.access_key or ""), req.region or "us-east-1", token)
+        known = self.client_tokens.get(key)
+        if known is None:
+            return key, None
+        params, resp = known
+        if params != self._idempotent_params(p):
+            return key, error_response(
+                req, "IdempotentParameterMismatch",
+                "Arguments on this idempotent request are inconsistent with arguments used in "
+                "previous request(s).", 400)
+        return key, resp
 
     def _fix_request_spot_instances(self, req: AwsRequest, environ: dict) -> Resp:
         """moto launches the instances but does not set their SpotInstanceRequestId."""
@@ -1902,6 +1945,8 @@ class LocalCloud(Middleware, PolicyEnforcement, MotoFixes, ControlAPI, StateDump
         self.seeded_regions: set[str] = set()
         self.public_params: dict[str, dict[str, str]] = {}
         self.launch_requests: dict[str, dict[str, str]] = {}  # instance id -> RunInstances params
+        # (account, region, ClientToken) -> (parameters, answer) of successful RunInstances
+        self.client_tokens: dict[tuple[str, str, str], tuple[dict[str, str], Resp]] = {}
         self.routes: list[tuple[str, str, Callable[[dict, bytes], tuple[int, Any]]]] = []
         self.ready_extras: dict[str, str] = {}
         self._shutdown_hooks: list[Callable[[], None]] = []
@@ -2025,6 +2070,7 @@ class LocalCloud(Middleware, PolicyEnforcement, MotoFixes, ControlAPI, StateDump
             self.seeded_regions.clear()
             self.public_params.clear()
             self.launch_requests.clear()
+            self.client_tokens.clear()
             with self.state_lock:
                 self.rules = []
                 self.calls = []

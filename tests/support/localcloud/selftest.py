@@ -248,6 +248,34 @@ def t_drop():
     check(doc.get("internal_errors") == 0, "drop is not an internal error", doc)
 
 
+@section("drop_after: moto acts, the answer is lost; ClientToken makes the retry safe")
+def t_drop_after():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    CLOUD.api("POST", "/_localcloud/rules", {"rule": {
+        "action": "RunInstances", "drop_after": True, "times": 1}})
+    exc = expect_error(run_one, ec2, ClientToken="tok-1")
+    check(isinstance(exc, (botocore.exceptions.ConnectionError,
+                           botocore.exceptions.HTTPClientError)),
+          "boto3 sees a connection error", repr(exc))
+    check(len(CLOUD.state()["instances"]) == 1, "the dropped request launched the instance")
+    again = run_one(ec2, ClientToken="tok-1")
+    instances = CLOUD.state()["instances"]
+    check(len(instances) == 1 and again["InstanceId"] == instances[0]["id"],
+          "the same ClientToken answers with the same instance, launching nothing", instances)
+    exc = expect_error(run_one, ec2, ClientToken="tok-1", InstanceType="t3.small")
+    check(error_code(exc) == "IdempotentParameterMismatch",
+          "the same token with other parameters: IdempotentParameterMismatch", repr(exc))
+    run_one(ec2, ClientToken="tok-2")
+    check(len(CLOUD.state()["instances"]) == 2, "another token launches another instance")
+    calls = CLOUD.log(action="RunInstances")
+    check(calls[0]["injected"] == "drop_after" and calls[0].get("processed_status") == 200,
+          "log marks drop_after and what moto answered", calls[0])
+    status, doc = CLOUD.api("POST", "/_localcloud/rules", {"rule": {
+        "action": "RunInstances", "drop_after": True, "error": "InternalError"}})
+    check(status == 400, "drop_after with error is refused", doc)
+
+
 @section("latency: global delay_ms and per-rule delay_ms")
 def t_delay():
     CLOUD.reset()
@@ -959,9 +987,9 @@ def main() -> int:
     CLOUD = Cloud()
     timings["startup to READY (s)"] = CLOUD.startup
     try:
-        for test in (t_basics, t_ice, t_every, t_drop, t_delay, t_log, t_spot_prices, t_pending,
-                     t_sg_dependency, t_spot_requests, t_ssm_amis, t_protocol_errors, t_state,
-                     t_enforcement, t_control, t_reset):
+        for test in (t_basics, t_ice, t_every, t_drop, t_drop_after, t_delay, t_log, t_spot_prices,
+                     t_pending, t_sg_dependency, t_spot_requests, t_ssm_amis, t_protocol_errors,
+                     t_state, t_enforcement, t_control, t_reset):
             test()
     finally:
         t_sigterm(CLOUD)
