@@ -167,22 +167,9 @@ impl Store {
         self.save(&record)
     }
 
-    fn lock(&self, id: &str) -> anyhow::Result<RecordLock> {
+    fn lock(&self, id: &str) -> anyhow::Result<FileLock> {
         create_private_dir(&self.dir(id))?;
-        let path = self.dir(id).join(".lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on a descriptor we own; it blocks until the lock is ours.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", path.display()));
-        }
-        Ok(RecordLock(file))
+        FileLock::acquire(&self.dir(id).join(".lock"))
     }
 
     pub fn load(&self, id: &str) -> anyhow::Result<Option<SessionRecord>> {
@@ -258,8 +245,27 @@ impl Store {
     }
 }
 
-/// Held while a record is read, changed and written; closing the file releases the lock.
-struct RecordLock(#[allow(dead_code)] fs::File);
+/// An exclusive `flock` on a lock file (created 0600), held until dropped: closing the file
+/// releases it. Guards read-modify-write of the tool's local files against concurrent commands.
+pub struct FileLock(#[allow(dead_code)] fs::File);
+
+impl FileLock {
+    pub fn acquire(path: &Path) -> anyhow::Result<FileLock> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own; it blocks until the lock is ours.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
+        }
+        Ok(FileLock(file))
+    }
+}
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     fs::DirBuilder::new()

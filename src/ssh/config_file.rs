@@ -10,12 +10,12 @@
 //! lock and written atomically.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::session::store::write_atomic;
+use crate::session::store::{FileLock, write_atomic};
 
 /// The line `~/.ssh/config` gets. OpenSSH expands `~` in `Include` itself.
 pub const INCLUDE_LINE: &str = "Include ~/.ssh/ephemeral-admin/config";
@@ -201,23 +201,8 @@ fn private_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", dir.display()))
 }
 
-/// Held while the file is read, changed and written.
-struct FileLock(#[allow(dead_code)] fs::File);
-
 fn lock(file: &Path) -> Result<FileLock> {
-    let path = file.with_file_name(".config.lock");
-    let handle = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; it blocks until the lock is ours.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&handle), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
-    }
-    Ok(FileLock(handle))
+    FileLock::acquire(&file.with_file_name(".config.lock"))
 }
 
 #[cfg(test)]
