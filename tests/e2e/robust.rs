@@ -366,3 +366,45 @@ fn exit_codes_for_a_broken_environment_are_2() {
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(run.stderr.contains("--allow-cidr"), "{}", run.stderr);
 }
+
+#[test]
+fn ctrl_c_on_a_terminal_clears_the_spinner_and_says_one_thing() {
+    let cloud = LocalCloud::start();
+    cloud.config(json!({ "pending_seconds": 30 }));
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let (master, slave) = pty();
+    // stderr is a terminal: spinners are on, as for a person.
+    let mut cmd = user.command(&attached_args(&proxy, &["--", "true"]));
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(slave);
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let mut screen = Vec::new();
+    wait_until("RunInstances", Duration::from_secs(60), || {
+        drain(&master, &mut screen);
+        cloud.count("RunInstances") == 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let start = std::time::Instant::now();
+    let status = loop {
+        drain(&master, &mut screen);
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "Ctrl-C did not end the launch");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drain(&master, &mut screen);
+    assert_eq!(status.code(), Some(130));
+    let text = String::from_utf8_lossy(&screen);
+    // What is left on screen after the last line clear: the one message, no spinner.
+    let after_clear = text.rsplit("\x1b[2K").next().unwrap();
+    assert!(after_clear.contains("error: interrupted"), "{text:?}");
+    assert!(
+        !after_clear.contains("starting") && !after_clear.contains("requesting"),
+        "spinner left: {after_clear:?}"
+    );
+    assert_eq!(text.matches("interrupted").count(), 1, "one message: {text:?}");
+    assert_nothing_left(&cloud);
+}
