@@ -8,6 +8,18 @@ PARLIAMENT_VERSION=1.6.4
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$REPO_ROOT/.venv"
 
+# Installs the Debian packages named (none: nothing to do); as root only, else says what to run.
+apt_install() {
+  [ $# -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: $*; install them (as root: apt-get install $*)" >&2
+    return 1
+  fi
+  echo "installing $*" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 # Debian packages: OpenSSH's sshd plays the box, shellcheck lints the watchdog, tmux and asciinema
 # drive and replay the interactive shell in the tests.
 ensure_packages() {
@@ -19,14 +31,7 @@ ensure_packages() {
   command -v asciinema >/dev/null || missing+=(asciinema)
   command -v curl >/dev/null || missing+=(curl)
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
-  [ ${#missing[@]} -eq 0 ] && return 0
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
-    return 1
-  fi
-  echo "installing ${missing[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
 }
 
 # moto[server] and parliament, pinned, in the repo's own venv.
@@ -56,12 +61,5 @@ ensure_realbox_packages() {
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
   command -v ssh-keyscan >/dev/null || missing+=(openssh-client)
-  [ ${#missing[@]} -eq 0 ] && return 0
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing packages: ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
-    return 1
-  fi
-  echo "installing ${missing[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
 }

@@ -7,9 +7,7 @@
 //! [`settle`] the next time a command runs.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,7 +21,7 @@ use crate::aws::{Aws, AwsResultExt};
 use crate::pricing::{self, Estimate};
 use crate::session::Scope;
 use crate::session::lifecycle::{self, Launcher};
-use crate::session::store::{SessionRecord, Store, write_atomic};
+use crate::session::store::{FileLock, SessionRecord, Store, write_atomic};
 use crate::session::{self, Clock};
 
 /// How a session ended.
@@ -173,7 +171,7 @@ impl Ledger {
     pub fn append(&self, entry: &Entry) -> Result<bool> {
         let dir = self.path.parent().context("the ledger has a directory")?;
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let _lock = Lock::exclusive(&dir.join(".ledger.lock"))?;
+        let _lock = FileLock::acquire(&dir.join(".ledger.lock"))?;
         let mut text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -218,30 +216,6 @@ pub fn month_bounds(t: OffsetDateTime) -> (OffsetDateTime, OffsetDateTime) {
     };
     let to = from.replace_year(year).and_then(|d| d.replace_month(month)).expect("valid month");
     (from, to)
-}
-
-/// An exclusive advisory lock (flock) held until dropped.
-struct Lock {
-    _file: fs::File,
-}
-
-impl Lock {
-    fn exclusive(path: &Path) -> Result<Lock> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on a file descriptor we own; released when the file closes.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", path.display()));
-        }
-        Ok(Lock { _file: file })
-    }
 }
 
 /// Writes the ledger entry of a session that ends now (teardown) and marks the record ended.

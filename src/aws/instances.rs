@@ -144,12 +144,20 @@ pub async fn describe(aws: &Aws, instance_id: &str) -> Result<Option<InstanceInf
     }
 }
 
+/// ": REASON" when EC2 gave one.
+fn because(reason: Option<&str>) -> String {
+    match reason {
+        Some(r) => format!(": {r}"),
+        None => String::new(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WaitError {
     /// Not transparent: the AWS error stays a node of the chain, where `exit_codes::report` finds it.
     #[error("{0}")]
     Aws(#[from] AwsError),
-    #[error("instance {instance_id} ended while starting ({state}{}); run `ephemeral-admin launch` again", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    #[error("instance {instance_id} ended while starting ({state}{}); run `ephemeral-admin launch` again", because(reason.as_deref()))]
     Ended { instance_id: String, state: String, reason: Option<String> },
     #[error("instance {instance_id} did not start within {}; it will be terminated", humantime::format_duration(*.waited))]
     TimedOut { instance_id: String, waited: Duration },
