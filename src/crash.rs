@@ -3,7 +3,7 @@
 //! cut or `kill -9` would. A debugging aid for testing `cleanup`; inert otherwise.
 //!
 //! Steps: `security-group`, `instance-profile`, `prepare`, `rule`, `run-instances`, `alarm`,
-//! `connecting`.
+//! `schedule`, `connecting`.
 
 pub const VARIABLE: &str = "EPHEMERAL_ADMIN_ABORT_AFTER";
 

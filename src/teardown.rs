@@ -1,8 +1,9 @@
 //! The single way a session ends: terminate the instance (and its spot request), revoke the
 //! session's SSH rules, delete the alarm, delete the private key, mark the local record ended,
 //! take its host block out of the user's OpenSSH config (`ssh-config --install`), then delete the
-//! session's own security group (or leave the empty group to `cleanup` while AWS still sees the
-//! instance shutting down in it).
+//! session's own security group (or leave the empty group to its scheduled sweep, brought
+//! forward to a few minutes from now, while AWS still sees the instance shutting down in it),
+//! and disarm the session's scheduled deadline once the instance is sure to end.
 //!
 //! Every step runs even when another fails; independent steps run concurrently. Nothing waits
 //! for the instance to reach `terminated`: the user gets the prompt back at once.
@@ -10,6 +11,7 @@
 use serde::Serialize;
 
 use crate::aws::network::{GroupDeletion, Release};
+use crate::aws::schedule::{self, Job};
 use crate::aws::{Aws, alarm, instances, logs, metrics, network};
 use crate::ledger;
 use crate::session::Clock;
@@ -24,6 +26,8 @@ pub struct SessionResources {
     pub security_group_id: Option<String>,
     pub rule_ids: Vec<String>,
     pub alarm_names: Vec<String>,
+    /// The scheduled deadline and sweeps (`aws::schedule`).
+    pub schedule_names: Vec<String>,
     /// The OpenSSH config file holding the session's host block, if one was installed.
     pub ssh_config_file: Option<std::path::PathBuf>,
     /// When the instance was launched (RFC 3339): EC2 must know an instance younger than an hour,
@@ -40,6 +44,7 @@ impl SessionResources {
             security_group_id: record.security_group_id.clone(),
             rule_ids: record.ingress_rule_ids.clone(),
             alarm_names: record.alarm_name.iter().cloned().collect(),
+            schedule_names: record.schedule_names.clone(),
             ssh_config_file: record.ssh_config_file.clone(),
             launched_at: record.launched_at.clone(),
         }
@@ -58,6 +63,7 @@ impl SessionResources {
         add(&mut self.spot_request_ids, other.spot_request_ids);
         add(&mut self.rule_ids, other.rule_ids);
         add(&mut self.alarm_names, other.alarm_names);
+        add(&mut self.schedule_names, other.schedule_names);
         if self.security_group_id.is_none() {
             self.security_group_id = other.security_group_id;
         }
@@ -80,6 +86,7 @@ pub struct TeardownReport {
     /// The session's security group: deleted, or left empty for `cleanup` (still in use).
     pub group: Option<GroupDeletion>,
     pub alarms_deleted: Vec<String>,
+    pub schedules_deleted: Vec<String>,
     pub key_deleted: bool,
     /// The session's host block left the user's OpenSSH config.
     pub ssh_host_removed: bool,
@@ -113,6 +120,9 @@ impl TeardownReport {
         }
         if !self.alarms_deleted.is_empty() {
             parts.push("deleted the alarm".into());
+        }
+        if !self.schedules_deleted.is_empty() {
+            parts.push("disarmed the scheduled deadline".into());
         }
         if self.key_deleted {
             parts.push("deleted the key".into());
@@ -186,22 +196,26 @@ pub async fn teardown(
     let terminate_then_group = async {
         let (terminated, released) =
             tokio::join!(instances::terminate(aws, &resources.instance_ids, known), release_rules);
-        let (group, alarms) = match &terminated {
+        // A box that may still run keeps its scheduled deadline: it is one of its nets.
+        let (group, alarms, schedules) = match &terminated {
             Ok(()) => {
                 let group = async {
-                    match &resources.security_group_id {
+                    let deletion = match &resources.security_group_id {
                         Some(group) => Some(network::delete_security_group(aws, group).await),
                         None => None,
-                    }
+                    };
+                    let disarmed = disarm(aws, &resources.schedule_names, deletion.as_ref(), clock).await;
+                    (deletion, disarmed)
                 };
                 let (group, alarms) = tokio::join!(group, alarm::delete(aws, &resources.alarm_names));
-                (group, Some(alarms))
+                let (group, disarmed) = group;
+                (group, Some(alarms), Some(disarmed))
             }
-            Err(_) => (None, None),
+            Err(_) => (None, None, None),
         };
-        (terminated, released, group, alarms)
+        (terminated, released, group, alarms, schedules)
     };
-    let ((terminated, released, group, alarms), cancelled, warnings) = tokio::join!(
+    let ((terminated, released, group, alarms, schedules), cancelled, warnings) = tokio::join!(
         terminate_then_group,
         // A one-time spot request closes when its instance ends; cancelling makes sure.
         instances::cancel_spot_requests(aws, &resources.spot_request_ids),
@@ -232,6 +246,11 @@ pub async fn teardown(
         Some(Err(e)) => report.errors.push(e.to_string()),
         None => {}
     }
+    match schedules {
+        Some(Ok(())) => report.schedules_deleted = resources.schedule_names.clone(),
+        Some(Err(e)) => report.errors.push(e.to_string()),
+        None => {}
+    }
     // A box that may still run keeps its key and its ssh host: the user can still reach it.
     if instance_ended {
         match store.delete_private_key(&resources.session_id) {
@@ -257,6 +276,38 @@ pub async fn teardown(
         None => {}
     }
     report
+}
+
+/// How soon a session's group sweep runs when teardown finds the group still in use (the
+/// instance is shutting down): the schedule deletes it then, with no `cleanup` needed.
+pub const GROUP_SWEEP_SOON: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// Deletes a session's schedules once its instance is sure to end. The group sweep is deleted
+/// too once the group is gone, or brought forward to [`GROUP_SWEEP_SOON`] while the group is
+/// still in use (or could not be deleted), so the group goes soon even if nobody runs `cleanup`.
+pub async fn disarm(
+    aws: &Aws,
+    names: &[String],
+    group: Option<&Result<GroupDeletion, crate::aws::AwsError>>,
+    clock: &dyn Clock,
+) -> Result<(), crate::aws::AwsError> {
+    let (sweep, others): (Vec<String>, Vec<String>) = names
+        .iter()
+        .cloned()
+        .partition(|n| schedule::parse_name(n).is_some_and(|(_, job)| job == Job::SweepGroup));
+    let settle_sweep = async {
+        match group {
+            Some(Ok(GroupDeletion::StillInUse)) | Some(Err(_)) => {
+                for name in &sweep {
+                    schedule::reschedule(aws, name.clone(), clock.now() + GROUP_SWEEP_SOON).await?;
+                }
+                Ok(())
+            }
+            Some(Ok(GroupDeletion::Deleted)) | None => schedule::delete(aws, &sweep).await,
+        }
+    };
+    let (others, swept) = tokio::join!(schedule::delete(aws, &others), settle_sweep);
+    others.and(swept)
 }
 
 /// Takes an ended session's host block out of the OpenSSH config its record names (sessions

@@ -185,6 +185,122 @@ fn iam_tags() -> Vec<Tag> {
         .collect()
 }
 
+/// The role EventBridge Scheduler assumes to run the session schedules (`aws::schedule`).
+pub fn scheduler_role_name(base: &str) -> String {
+    format!("{base}-scheduler")
+}
+
+pub const SCHEDULER_POLICY_NAME: &str = "ephemeral-admin-scheduler";
+
+/// Trusts EventBridge Scheduler, and only on behalf of schedules in this account (AWS's
+/// confused-deputy guard).
+pub fn scheduler_trust_policy(account: &str) -> String {
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Principal": {"Service": super::schedule::SERVICE},
+            "Action": "sts:AssumeRole",
+            "Condition": {"StringEquals": {"aws:SourceAccount": account}}
+        }]
+    })
+    .to_string()
+}
+
+/// What the schedules may do: end the tool's instances, delete its groups and alarms. Nothing
+/// else, and nothing that is not tagged (or named) as the tool's.
+pub fn scheduler_policy_document() -> serde_json::Value {
+    let ours = json!({"StringEquals": {format!("ec2:ResourceTag/{}", tags::PROJECT): tags::PROJECT_VALUE}});
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "EndOwnBoxesOnly",
+                "Effect": "Allow",
+                "Action": "ec2:TerminateInstances",
+                "Resource": "arn:aws:ec2:*:*:instance/*",
+                "Condition": ours
+            },
+            {
+                "Sid": "SweepOwnGroupsOnly",
+                "Effect": "Allow",
+                "Action": "ec2:DeleteSecurityGroup",
+                "Resource": "arn:aws:ec2:*:*:security-group/*",
+                "Condition": ours
+            },
+            {
+                "Sid": "SweepOwnAlarmsOnly",
+                "Effect": "Allow",
+                "Action": "cloudwatch:DeleteAlarms",
+                "Resource": format!("arn:aws:cloudwatch:*:*:alarm:{}*", super::alarm::ALARM_PREFIX)
+            }
+        ]
+    })
+}
+
+/// The scheduler role's ARN: one GetRole when it exists, else created with its policy. Safe
+/// against a concurrent launch doing the same.
+pub async fn ensure_scheduler_role(
+    aws: &Aws,
+    base: &str,
+    caller: &super::identity::Caller,
+) -> Result<String, AwsError> {
+    let name = &scheduler_role_name(base);
+    let account = &caller.account;
+    match aws.iam.get_role().role_name(name).send().await {
+        Ok(out) => {
+            if let Some(arn) = out.role().map(|r| r.arn()) {
+                return Ok(arn.to_string());
+            }
+            return Err(AwsError::missing(format!("looking up IAM role {name}"), "role"));
+        }
+        Err(e) if code_of(&e) == Some("NoSuchEntity") => {}
+        Err(e) => return Err(AwsError::new(format!("looking up IAM role {name}"), e)),
+    }
+    let created = aws
+        .iam
+        .create_role()
+        .role_name(name)
+        .description("ephemeral-admin: EventBridge Scheduler ends the tool's boxes at their deadline")
+        .assume_role_policy_document(scheduler_trust_policy(account))
+        .set_tags(Some(iam_tags()))
+        .send()
+        .await;
+    let arn = match created {
+        Ok(out) => out.role().map(|r| r.arn().to_string()),
+        Err(e) if code_of(&e) == Some("EntityAlreadyExists") => None,
+        Err(e) => return Err(AwsError::new(format!("creating IAM role {name}"), e)),
+    };
+    aws.iam
+        .put_role_policy()
+        .role_name(name)
+        .policy_name(SCHEDULER_POLICY_NAME)
+        .policy_document(scheduler_policy_document().to_string())
+        .send()
+        .await
+        .doing(format!("setting the policy of IAM role {name}"))?;
+    match arn {
+        Some(arn) => Ok(arn),
+        // Made by a concurrent launch: its ARN follows from the name.
+        None => Ok(format!("arn:{}:iam::{account}:role/{name}", caller.partition())),
+    }
+}
+
+/// Removes the scheduler role (cleanup --purge). Answers whether there was one.
+pub async fn delete_scheduler_role(aws: &Aws, base: &str) -> Result<bool, AwsError> {
+    let name = &scheduler_role_name(base);
+    match aws.iam.delete_role_policy().role_name(name).policy_name(SCHEDULER_POLICY_NAME).send().await {
+        Ok(_) => {}
+        Err(e) if code_of(&e) == Some("NoSuchEntity") => {}
+        Err(e) => return Err(AwsError::new(format!("deleting the policy of role {name}"), e)),
+    }
+    match aws.iam.delete_role().role_name(name).send().await {
+        Ok(_) => Ok(true),
+        Err(e) if code_of(&e) == Some("NoSuchEntity") => Ok(false),
+        Err(e) => Err(AwsError::new(format!("deleting role {name}"), e)),
+    }
+}
+
 /// The roles in an existing instance profile (`instance_profile`), or None when there is no
 /// such profile.
 pub async fn profile_roles(aws: &Aws, name: &str) -> Result<Option<Vec<String>>, AwsError> {

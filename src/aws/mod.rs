@@ -17,6 +17,7 @@ pub mod metrics;
 
 pub mod network;
 pub mod permissions;
+pub mod schedule;
 pub mod spot;
 
 use std::time::Duration;
@@ -45,6 +46,7 @@ pub struct Aws {
     pub cloudwatch: aws_sdk_cloudwatch::Client,
     pub logs: aws_sdk_cloudwatchlogs::Client,
     pub budgets: aws_sdk_budgets::Client,
+    pub scheduler: aws_sdk_scheduler::Client,
     /// Who the credentials belong to, asked once per process (shared by every region's clients:
     /// the same credentials are the same caller everywhere).
     caller: std::sync::Arc<tokio::sync::OnceCell<identity::Caller>>,
@@ -85,6 +87,7 @@ impl Aws {
             ssm: aws_sdk_ssm::Client::new(&config),
             cloudwatch: aws_sdk_cloudwatch::Client::new(&config),
             logs: aws_sdk_cloudwatchlogs::Client::new(&config),
+            scheduler: aws_sdk_scheduler::Client::new(&config),
             // AWS Budgets has one endpoint, in us-east-1, whatever the session's region.
             budgets: aws_sdk_budgets::Client::from_conf(
                 aws_sdk_budgets::config::Builder::from(&config).region(Region::new("us-east-1")).build(),

@@ -8,7 +8,7 @@
 
 use serde_json::{Value, json};
 
-use crate::aws::{alarm, budgets, iam, metrics};
+use crate::aws::{alarm, budgets, iam, metrics, schedule};
 use crate::session::tags;
 
 /// One statement of the user policy and why the tool needs it.
@@ -41,7 +41,7 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
     let mut out = vec![
         Statement {
             sid: "ReadOnly",
-            why: "find the default VPC, subnets, the tool's group, images, prices, instances, spot requests, alarms and log groups; validate policies",
+            why: "find the default VPC, subnets, the tool's group, images, prices, instances, spot requests, alarms, log groups and schedules; validate policies",
             actions: &[
                 "ec2:DescribeRegions",
                 "ec2:DescribeAvailabilityZones",
@@ -55,6 +55,7 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
                 "ec2:DescribeSpotInstanceRequests",
                 "cloudwatch:DescribeAlarms",
                 "logs:DescribeLogGroups",
+                "scheduler:ListSchedules",
                 "access-analyzer:ValidatePolicy",
             ],
             resources: vec!["*".into()],
@@ -155,6 +156,43 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
                 })
                 .collect(),
             condition: None,
+        },
+        Statement {
+            sid: "OwnSchedulesOnly",
+            why: "the scheduled deadline: a session's one-time schedules (terminate at the deadline, sweep its group and alarm after), moved by `extend`, deleted at teardown",
+            actions: &[
+                "scheduler:CreateSchedule",
+                "scheduler:UpdateSchedule",
+                "scheduler:GetSchedule",
+                "scheduler:DeleteSchedule",
+            ],
+            resources: vec![format!(
+                "arn:aws:scheduler:*:*:schedule/{}/{}*",
+                schedule::GROUP,
+                schedule::PREFIX
+            )],
+            condition: None,
+        },
+        Statement {
+            sid: "OwnSchedulerRoleOnly",
+            why: "create, tag and delete the role the schedules run as (it may only end the tool's boxes and delete their group and alarm)",
+            actions: &[
+                "iam:GetRole",
+                "iam:CreateRole",
+                "iam:TagRole",
+                "iam:PutRolePolicy",
+                "iam:DeleteRolePolicy",
+                "iam:DeleteRole",
+            ],
+            resources: vec![format!("arn:aws:iam::*:role/{}", iam::scheduler_role_name(role_name))],
+            condition: None,
+        },
+        Statement {
+            sid: "PassSchedulerRoleToSchedulerOnly",
+            why: "a schedule names the role it runs as: pass that one role, to EventBridge Scheduler only",
+            actions: &["iam:PassRole"],
+            resources: vec![format!("arn:aws:iam::*:role/{}", iam::scheduler_role_name(role_name))],
+            condition: Some(json!({"StringEquals": {"iam:PassedToService": schedule::SERVICE}})),
         },
         Statement {
             sid: "AlarmActionsServiceLinkedRole",
@@ -304,7 +342,9 @@ mod tests {
             .iter()
             .filter(|s| s.resources == ["*"] && s.condition.is_none())
             .flat_map(|s| s.actions.iter().copied())
-            .filter(|a| !a.contains(":Describe") && *a != "access-analyzer:ValidatePolicy")
+            .filter(|a| {
+                !a.contains(":Describe") && !a.contains(":List") && *a != "access-analyzer:ValidatePolicy"
+            })
             .collect();
         assert!(star_writes.is_empty(), "unscoped writes: {star_writes:?}");
         let doc = policy_document("R", None);

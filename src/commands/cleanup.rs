@@ -16,7 +16,8 @@ use time::OffsetDateTime;
 use super::Context;
 use crate::aws::instances::{self, InstanceInfo, SpotRequestInfo};
 use crate::aws::network;
-use crate::aws::{Aws, alarm, iam, identity, logs};
+use crate::aws::network::GroupDeletion;
+use crate::aws::{Aws, alarm, iam, identity, logs, schedule};
 use crate::cli::CleanupArgs;
 use crate::error::{ExitStatus, UsageError};
 use crate::output::{short_duration, table, usd};
@@ -24,6 +25,9 @@ use crate::pricing;
 use crate::session::lifecycle::{self, Instance, Phase};
 use crate::session::store::{SessionRecord, Store};
 use crate::session::{self, SystemClock};
+
+/// A schedule younger than this with nothing else of its session visible is left alone.
+const ARMING: Duration = Duration::from_secs(10 * 60);
 
 /// How long `--purge` waits for terminating instances to let go of the group and profile.
 const PURGE_WAIT: Duration = Duration::from_secs(120);
@@ -72,6 +76,7 @@ struct Found {
     rules: Vec<(String, String)>,
     groups: Vec<network::OwnGroup>,
     alarms: Vec<String>,
+    schedules: Vec<schedule::Armed>,
 }
 
 impl Found {
@@ -96,6 +101,15 @@ impl Found {
             .and_then(|t| session::parse_rfc3339(&t))
     }
 
+    /// Only schedules, made moments ago: a launch (perhaps on another machine, whose instance
+    /// EC2 does not list yet) is arming them. Schedules carry no owner tag to tell.
+    fn arming(&self, now: OffsetDateTime) -> bool {
+        self.record.is_none()
+            && self.instances.is_empty()
+            && !self.schedules.is_empty()
+            && self.schedules.iter().all(|a| a.created.is_some_and(|t| now - t < ARMING))
+    }
+
     /// Nothing left in AWS (terminated instances stay visible for an hour but cost nothing).
     fn is_empty(&self) -> bool {
         self.live().is_empty()
@@ -103,6 +117,7 @@ impl Found {
             && self.rules.is_empty()
             && self.groups.is_empty()
             && self.alarms.is_empty()
+            && self.schedules.is_empty()
     }
 }
 
@@ -227,13 +242,14 @@ async fn sweep(
     let s = &ctx.settings;
     let store = Store::new(s.sessions_dir());
     let now = session::clock().now();
-    let (found_instances, spot_requests, groups, rules, alarms, log_groups) = tokio::try_join!(
+    let (found_instances, spot_requests, groups, rules, alarms, log_groups, schedules) = tokio::try_join!(
         instances::find(aws, instances::Query { include_terminated: true, ..Default::default() }),
         instances::open_spot_requests(aws),
         network::own_groups(aws),
         network::own_ssh_rules(aws),
         alarm::list_ours(aws),
         logs::list(aws),
+        schedule::list_ours(aws),
     )?;
     // A session's log group outlives it by its retention; once that has passed it is empty.
     let retention_ms = i64::from(logs::RETENTION_DAYS) * 86_400_000;
@@ -277,6 +293,9 @@ async fn sweep(
         if let Some(id) = a.session_id.clone() {
             sessions.entry(id).or_default().alarms.push(a.name);
         }
+    }
+    for armed in schedules {
+        sessions.entry(armed.session_id.clone()).or_default().schedules.push(armed);
     }
     // Terminated instances only matter when something else of the session is left.
     sessions.retain(|_, f| f.record.is_some() || !f.is_empty());
@@ -349,6 +368,9 @@ fn decide(id: &str, found: &Found, args: &CleanupArgs, now: OffsetDateTime) -> D
     if !args.ids.is_empty() {
         return Decision::Keep("not named".into());
     }
+    if found.arming(now) {
+        return Decision::Keep("its scheduled deadline is being armed by a launch right now".into());
+    }
     let live = found.live();
     let instance = if live.iter().any(|i| matches!(i.state.as_str(), "pending" | "running")) {
         Instance::Live
@@ -387,6 +409,9 @@ fn describe_resources(found: &Found) -> Vec<String> {
     list.extend(found.rules.iter().map(|(_, rule)| rule.clone()));
     list.extend(found.groups.iter().map(|g| g.id.clone()));
     list.extend(found.alarms.iter().map(|_| "alarm".to_string()));
+    if !found.schedules.is_empty() {
+        list.push(format!("{} schedule(s)", found.schedules.len()));
+    }
     if found.record.is_some() {
         list.push("local record".into());
     }
@@ -438,18 +463,40 @@ async fn remove(
         revoke,
         alarm::delete(aws, &alarm_names),
     );
+    let ended = terminated.is_ok();
     errors.extend(terminated.err().map(|e| e.to_string()));
     errors.extend(cancelled.err().map(|e| e.to_string()));
     errors.extend(revoked.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()));
     errors.extend(alarms.err().map(|e| e.to_string()));
-    // Then the empty groups; one AWS still sees a shutting-down instance in stays for the next run.
-    let groups = futures::future::join_all(
-        doomed
-            .iter()
-            .flat_map(|(_, f, _)| f.groups.iter())
-            .map(|g| network::delete_security_group(aws, &g.id)),
-    );
-    errors.extend(groups.await.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()));
+    // Then the empty groups; one AWS still sees a shutting-down instance in stays for the next
+    // run, and its scheduled sweep. Schedules go only once the instances are sure to end.
+    let groups = futures::future::join_all(doomed.iter().map(|(_, f, _)| async move {
+        let deletions =
+            futures::future::join_all(f.groups.iter().map(|g| network::delete_security_group(aws, &g.id)))
+                .await;
+        let mut errors: Vec<String> = Vec::new();
+        let mut group = None;
+        for deletion in deletions {
+            match deletion {
+                Ok(d) if group != Some(GroupDeletion::StillInUse) => group = Some(d),
+                Ok(_) => {}
+                Err(e) => {
+                    errors.push(e.to_string());
+                    group = Some(GroupDeletion::StillInUse);
+                }
+            }
+        }
+        if ended {
+            let names: Vec<String> = f.schedules.iter().map(|a| a.name.clone()).collect();
+            if let Err(e) =
+                crate::teardown::disarm(aws, &names, group.map(Ok).as_ref(), session::clock().as_ref()).await
+            {
+                errors.push(e.to_string());
+            }
+        }
+        errors
+    }));
+    errors.extend(groups.await.into_iter().flatten());
 
     for (id, found, _) in doomed {
         if found.record.is_some() {
@@ -530,6 +577,19 @@ async fn purge(ctx: &Context, aws: &Aws, account: &str) -> Result<Vec<String>> {
             Err(e) => refusals.push(format!("IAM role and instance profile {name} {e}")),
         }
     }
+    // The schedules' role, once no schedule of the tool's is left to run as it.
+    let scheduler_role = iam::scheduler_role_name(&s.iam_role_name);
+    match schedule::list_ours(aws).await?.as_slice() {
+        [] => {
+            if iam::delete_scheduler_role(aws, &s.iam_role_name).await? {
+                purged.push(format!("IAM role {scheduler_role}"));
+            }
+        }
+        left => refusals.push(format!(
+            "IAM role {scheduler_role} still used by {} schedule(s) of live sessions: end them first, or run `cleanup --all --purge`",
+            left.len()
+        )),
+    }
     if !refusals.is_empty() {
         bail!("not purged: {}", refusals.join("; "));
     }
@@ -563,6 +623,11 @@ pub async fn quick_sweep(ctx: &Context, aws: &Aws) -> Vec<String> {
         if let Ok(network::GroupDeletion::Deleted) = network::delete_security_group(aws, &group).await {
             tracing::info!("deleted security group {group} of ended session {id}");
             let _ = store.update(&id, |r| r.security_group_id = None);
+            // Its scheduled sweep (brought forward at teardown) has nothing left to do.
+            let sweep = schedule::schedule_name(&id, schedule::Job::SweepGroup);
+            if let Err(e) = schedule::delete(aws, &[sweep]).await {
+                tracing::warn!("{e}");
+            }
         }
     }
     if dead.is_empty() {

@@ -1,7 +1,7 @@
 //! `extend ID --by DUR | --until TIME`: moves a session's hard deadline by rewriting its
 //! `ephemeral-admin:expires-at` tag. No SSH needed: the watchdog on the box reads the tag through
 //! instance metadata and picks the new deadline up within one interval, so this works even when
-//! the box is unreachable.
+//! the box is unreachable. The session's scheduled deadline (`aws::schedule`) moves with it.
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::Context;
-use crate::aws::instances;
+use crate::aws::{instances, schedule};
 use crate::cli::ExtendArgs;
 use crate::error::{ExitStatus, UsageError};
 use crate::output::{short_duration, usd};
@@ -26,6 +26,8 @@ struct Extended {
     expires_at: String,
     time_left_seconds: i64,
     added_seconds: i64,
+    /// How many of the session's schedules (`aws::schedule`) moved with it.
+    schedules_moved: usize,
     #[serde(serialize_with = "crate::output::money_opt")]
     added_cost_estimate: Option<f64>,
 }
@@ -112,7 +114,17 @@ pub async fn run(ctx: &Context, args: &ExtendArgs) -> Result<ExitStatus> {
         .into());
     }
     let expires_at = session::rfc3339(wanted);
-    instances::set_expiry(&aws, &instance.instance_id, &expires_at).await?;
+    // The box's tag (the watchdog's deadline) and the schedule outside it move together.
+    let (tagged, moved) = tokio::join!(
+        instances::set_expiry(&aws, &instance.instance_id, &expires_at),
+        schedule::move_to(&aws, id, wanted),
+    );
+    tagged?;
+    let schedules_moved = moved.map_err(|e| {
+        anyhow::Error::from(e).context(format!(
+            "the box's deadline moved to {expires_at} but its scheduled deadline did not: run this `extend` again"
+        ))
+    })?;
     let record = store.update(id, |record| {
         record.expires_at = expires_at.clone();
         record.clone()
@@ -149,6 +161,7 @@ pub async fn run(ctx: &Context, args: &ExtendArgs) -> Result<ExitStatus> {
         time_left_seconds: (wanted - now).whole_seconds(),
         expires_at,
         added_seconds,
+        schedules_moved,
         added_cost_estimate,
     };
     ctx.printer.result(&result, || {

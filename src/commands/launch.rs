@@ -18,7 +18,7 @@ use super::attach::{self, Outcome, Route, Work};
 use super::{Context, SessionView};
 use crate::aws::launch::Candidate;
 use crate::aws::launch::{self as ec2_launch, LaunchEvent, LaunchSpec};
-use crate::aws::{alarm, ami, iam, identity, instances, logs, network, spot};
+use crate::aws::{alarm, ami, iam, identity, instances, logs, network, schedule, spot};
 use crate::cli::{ConnectMode, LaunchArgs};
 use crate::error::{ExitStatus, Interrupted, OverBudget};
 use crate::keys::SessionKeys;
@@ -485,9 +485,18 @@ async fn provision(
             }.into()),
         }
     };
-    let (alarm_result, running) = tokio::join!(create_alarm, wait);
+    let arm_deadline =
+        arm_scheduled_deadline(&aws, &recorder, &s.iam_role_name, &caller, &launched.instance_id, expires);
+    let (alarm_result, running, armed) = tokio::join!(create_alarm, wait, arm_deadline);
     drop(step);
     mark("running", &mut timings);
+    if let Err(e) = armed {
+        // The watchdog, the alarm and `cleanup` still end the box: a warning, not a failure.
+        ctx.printer.warn(format!(
+            "the scheduled deadline is not armed (the watchdog and the alarm still end the box): {}",
+            crate::exit_codes::one_line(&e)
+        ));
+    }
     let running = match (alarm_result, running) {
         (Ok(_), Ok(running)) => running,
         (alarm_result, running) => {
@@ -518,6 +527,34 @@ async fn provision(
         session: view,
     };
     Ok((aws, store, record, result))
+}
+
+/// The fourth layer (`aws::schedule`): the scheduler role, then the session's schedules. Runs
+/// while the instance starts, off the critical path. The names are recorded before the
+/// schedules exist, so a crash in between leaves nothing the record does not name.
+async fn arm_scheduled_deadline(
+    aws: &crate::aws::Aws,
+    recorder: &Recorder,
+    role_base: &str,
+    caller: &identity::Caller,
+    instance_id: &str,
+    deadline: time::OffsetDateTime,
+) -> Result<Vec<String>> {
+    let record = recorder.snapshot();
+    let role = iam::ensure_scheduler_role(aws, role_base, caller).await?;
+    let alarm_name = alarm::alarm_name(&record.id, instance_id);
+    let plan = schedule::Plan {
+        session_id: &record.id,
+        instance_id,
+        group_id: record.security_group_id.as_deref(),
+        alarm_name: &alarm_name,
+        role_arn: &role,
+        deadline,
+    };
+    recorder.update(|r| r.schedule_names = plan.names())?;
+    let names = schedule::arm(aws, &plan).await?;
+    crash::point("schedule");
+    Ok(names)
 }
 
 /// What must hold before anything is created, checked at once: the name is not taken by one of

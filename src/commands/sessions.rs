@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::Context;
 use super::view::{SessionView, list_table};
-use crate::aws::{Aws, alarm, identity, instances, network};
+use crate::aws::{Aws, alarm, identity, instances, network, schedule};
 use crate::error::ExitStatus;
 use crate::session::store::{SessionRecord, Store};
 use crate::session::{Clock, SystemClock};
@@ -19,16 +19,22 @@ struct ListReport {
     other_accounts: usize,
 }
 
-/// One DescribeInstances (filtered by tags) and one GetCallerIdentity, at once, whatever the
-/// number of sessions.
+/// One DescribeInstances (filtered by tags), one GetCallerIdentity and one ListSchedules, at
+/// once, whatever the number of sessions.
 pub async fn list(ctx: &Context) -> Result<ExitStatus> {
     let aws = ctx.aws().await?;
     let store = Store::new(ctx.settings.sessions_dir());
     let every_state = instances::Query { include_terminated: true, ..Default::default() };
-    let (caller, found) = tokio::try_join!(
+    let (caller, found, armed) = tokio::join!(
         async { identity::me(&aws, ctx.settings.owner.as_deref()).await.map_err(anyhow::Error::from) },
         async { instances::find(&aws, every_state).await.map_err(anyhow::Error::from) },
-    )?;
+        schedule::list_ours(&aws),
+    );
+    let (caller, found) = (caller?, found?);
+    // Not knowing whether a schedule is armed does not hide the sessions: shown as "?".
+    let armed: Option<Vec<String>> = armed
+        .ok()
+        .map(|list| list.into_iter().filter(|a| a.job == schedule::Job::End).map(|a| a.session_id).collect());
     // The same answer settles sessions that ended while no CLI ran: no extra call.
     let scope = caller.scope(&aws.region);
     ctx.settle_known(&aws, &scope, &found).await;
@@ -41,7 +47,9 @@ pub async fn list(ctx: &Context) -> Result<ExitStatus> {
         .filter(|i| i.owner.as_deref().is_some_and(|o| caller.is_mine(o)))
         .map(|i| {
             let record = records.iter().find(|r| Some(&r.id) == i.session_id.as_ref());
-            SessionView::build(record, Some(i), now)
+            let mut view = SessionView::build(record, Some(i), now);
+            view.deadline_schedule_armed = armed.as_ref().map(|ids| ids.contains(&view.session_id));
+            view
         })
         .collect();
     let report = ListReport { region: aws.region.clone(), sessions, other_accounts: elsewhere };
@@ -75,7 +83,12 @@ pub async fn status(ctx: &Context, id: &str) -> Result<ExitStatus> {
             aws.region
         );
     }
-    let view = SessionView::build(record.as_ref(), found.first(), SystemClock.now());
+    let mut view = SessionView::build(record.as_ref(), found.first(), SystemClock.now());
+    if matches!(view.state.as_str(), "pending" | "running") {
+        let at = schedule::deadline_of(&aws, id).await?;
+        view.deadline_schedule_armed = Some(at.is_some());
+        view.deadline_schedule_at = at.map(crate::session::rfc3339);
+    }
     ctx.printer.result(&view, || view.describe());
     Ok(ExitStatus::Success)
 }
@@ -131,6 +144,8 @@ pub async fn discover(aws: &Aws, id: &str, record: Option<&SessionRecord>) -> Re
             .filter(|a| a.session_id.as_deref() == Some(id))
             .map(|a| a.name.clone())
             .collect(),
+        // Schedules are ours by name (they carry no tags); deleting one that is not there is fine.
+        schedule_names: schedule::Job::ALL.into_iter().map(|job| schedule::schedule_name(id, job)).collect(),
         ssh_config_file: None,
         launched_at: found.iter().find_map(|i| i.launch_time.clone()),
     });

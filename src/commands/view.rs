@@ -40,6 +40,11 @@ pub struct SessionView {
     /// When and why it ended, once it has.
     pub ended_at: Option<String>,
     pub end_reason: Option<String>,
+    /// Whether the session's scheduled deadline (`aws::schedule`, outside the box) is armed;
+    /// None when it was not looked up.
+    pub deadline_schedule_armed: Option<bool>,
+    /// When that schedule terminates the box (`status` only).
+    pub deadline_schedule_at: Option<String>,
 }
 
 impl SessionView {
@@ -127,6 +132,17 @@ impl SessionView {
             kept: instance.map(|i| i.kept).or(record.map(|r| r.kept)).unwrap_or(false),
             idle_grace_seconds: record.and_then(|r| r.idle_grace_secs),
             local_record: record.is_some(),
+            deadline_schedule_armed: None,
+            deadline_schedule_at: None,
+        }
+    }
+
+    /// "terminates the box at …" / "not armed", for `status`.
+    fn deadline_schedule(&self) -> Option<String> {
+        match (self.deadline_schedule_armed?, &self.deadline_schedule_at) {
+            (true, Some(at)) => Some(format!("EventBridge Scheduler terminates the box at {at}")),
+            (true, None) => Some("armed".into()),
+            (false, _) => Some("not armed (the watchdog and the alarm still end the box)".into()),
         }
     }
 
@@ -185,6 +201,9 @@ impl SessionView {
         if let Some(cost) = self.cost_so_far {
             rows.push(("cost so far", usd(cost)));
         }
+        if let Some(outside) = self.deadline_schedule() {
+            rows.push(("outside", outside));
+        }
         rows.iter().map(|(k, v)| format!("{k:<12}{v}\n")).collect()
     }
 }
@@ -208,8 +227,29 @@ pub fn list_table(views: &[SessionView]) -> String {
                 v.time_left(),
                 v.cost_so_far.map(usd).unwrap_or_default(),
                 v.idle_policy(),
+                match v.deadline_schedule_armed {
+                    Some(true) => "armed".into(),
+                    Some(false) => "no".into(),
+                    None => "?".into(),
+                },
             ]
         })
         .collect();
-    table(&["ID", "NAME", "STATE", "TYPE", "MARKET", "ZONE", "ADDRESS", "AGE", "LEFT", "COST", "IDLE"], &rows)
+    table(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "TYPE",
+            "MARKET",
+            "ZONE",
+            "ADDRESS",
+            "AGE",
+            "LEFT",
+            "COST",
+            "IDLE",
+            "SCHEDULED",
+        ],
+        &rows,
+    )
 }

@@ -59,6 +59,9 @@ pub struct SessionRecord {
     pub public_ip: Option<String>,
     pub private_ip: Option<String>,
     pub alarm_name: Option<String>,
+    /// The session's EventBridge Scheduler schedules (`aws::schedule`): the deadline outside
+    /// the box and the sweeps after it.
+    pub schedule_names: Vec<String>,
     pub launched_at: Option<String>,
     pub launch_attempts: Option<u32>,
     /// Launch phases, milliseconds since the launch started (for the ledger).

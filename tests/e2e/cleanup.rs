@@ -11,8 +11,16 @@ use crate::session::{assert_nothing_left, attached_args, launch_detached, proxy}
 use crate::support::{LocalCloud, User};
 
 /// The steps `EPHEMERAL_ADMIN_ABORT_AFTER` can kill the CLI at, in launch order.
-const CRASH_POINTS: &[&str] =
-    &["security-group", "instance-profile", "prepare", "rule", "run-instances", "alarm", "connecting"];
+const CRASH_POINTS: &[&str] = &[
+    "security-group",
+    "instance-profile",
+    "prepare",
+    "rule",
+    "run-instances",
+    "alarm",
+    "schedule",
+    "connecting",
+];
 
 fn key_files(user: &User) -> Vec<std::path::PathBuf> {
     let Ok(dirs) = std::fs::read_dir(user.state_dir().join("sessions")) else { return Vec::new() };
@@ -208,7 +216,9 @@ fn purge_removes_the_shared_resources_only_when_nothing_uses_them() {
     assert!(run.stdout.contains("still used by") && run.stdout.contains(kept_id), "{}", run.stdout);
     let state = cloud.state();
     assert_eq!(crate::launch::own_groups(&state).len(), 1, "the kept session's own group stays");
-    assert_eq!(state["iam"]["roles"].as_array().unwrap().len(), 1);
+    // The box's role and the role its schedules run as both stay.
+    assert_eq!(state["iam"]["roles"].as_array().unwrap().len(), 2, "{:#}", state["iam"]["roles"]);
+    assert!(run.stdout.contains("still used by 3 schedule(s)"), "{}", run.stdout);
 
     let run = user.run(&["cleanup", "--all", "--purge"]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);

@@ -16,5 +16,6 @@ mod names;
 mod policy;
 mod realbox;
 mod robust;
+mod schedule;
 mod session;
 mod ssh;

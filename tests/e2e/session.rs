@@ -30,7 +30,8 @@ pub fn launch_detached(user: &User, proxy: &str, extra: &[&str]) -> Value {
     user.run(&args).success().json()
 }
 
-/// Nothing of any session is left in moto: instances, rules, alarms, open spot requests.
+/// Nothing of any session is left in moto: instances, rules, alarms, open spot requests,
+/// schedules.
 pub fn assert_nothing_left(cloud: &LocalCloud) {
     let state = cloud.state();
     let live: Vec<&Value> =
@@ -46,6 +47,8 @@ pub fn assert_nothing_left(cloud: &LocalCloud) {
         .filter(|s| matches!(s["state"].as_str(), Some("open" | "active")))
         .collect();
     assert!(open.is_empty(), "spot requests left: {open:#?}");
+    let schedules = state["schedules"].as_array().unwrap();
+    assert!(schedules.is_empty(), "schedules left: {schedules:#?}");
 }
 
 fn key_files(user: &User) -> Vec<std::path::PathBuf> {

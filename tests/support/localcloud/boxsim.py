@@ -41,7 +41,8 @@ Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box`
                                                "terminate_in": S -> terminate_instance(reason="spot")
                                                S seconds later)
     POST /_localcloud/box/<iid>/imds           {"available": false}
-    GET|PUT /_localcloud/box-config            {"boot_seconds": 2.5, "drop_syns_while_booting": false}
+    GET|PUT /_localcloud/box-config            {"boot_seconds": 2.5, "drop_syns_while_booting": false,
+                                               "watchdog": true}  (false: boxes boot without it)
                                                (GET adds ssh_port: the direct port). With
                                                drop_syns_while_booting, a booting box's public
                                                address silently drops SYNs (a full accept queue),
@@ -470,6 +471,9 @@ class BoxSim:
         self.ignored: set[str] = set()
         self.boot_seconds = 0.0
         self.drop_syns_while_booting = False
+        # False: boxes boot without their watchdog (as if its unit failed), so only the layers
+        # outside the box can end them.
+        self.watchdog = True
         self.real_vm = None
         self.vm_kernel_args = ""
         if os.environ.get("BOXSIM_REAL_VM"):
@@ -520,6 +524,7 @@ class BoxSim:
             self.boxes.clear()
             self.boot_seconds = 0.0
             self.drop_syns_while_booting = False
+            self.watchdog = True
         for box in boxes:
             self._stop_box(box, None)
 
@@ -789,6 +794,9 @@ class BoxSim:
     def _start_watchdog(self, box, cfg, files):
         """Do what cloud-init + systemd would: the unit from write_files, enabled by
         runcmd, runs ExecStart with EnvironmentFile."""
+        if not self.watchdog:
+            box.note("no watchdog: box-config watchdog=false")
+            return
         runcmd = json.dumps(cfg.get("runcmd") or [])
         unit = files.get(DEFAULT_UNIT)
         if unit is None or "ephemeral-admin-watchdog" not in runcmd:
@@ -927,7 +935,10 @@ class BoxSim:
                 self._set_real_vm(bool(data["real_vm"]))
             if method in ("PUT", "POST") and "vm_kernel_args" in data:
                 self.vm_kernel_args = str(data["vm_kernel_args"] or "")
+            if method in ("PUT", "POST") and "watchdog" in data:
+                self.watchdog = bool(data["watchdog"])
             return 200, {"boot_seconds": self.boot_seconds, "ssh_port": self.direct_port,
+                         "watchdog": self.watchdog,
                          "drop_syns_while_booting": self.drop_syns_while_booting,
                          "real_vm": self.real_vm, "vm_kernel_args": self.vm_kernel_args}
         if path == "/_localcloud/box-reset" and method == "POST":

@@ -530,6 +530,31 @@ def _ssm_get_parameter(call: Call, world: World) -> list[Check]:
     return [Check("ssm:GetParameter", f"arn:aws:ssm:{call.region}:{account}:parameter/{name}")]
 
 
+# --- EventBridge Scheduler ------------------------------------------------------
+SCHEDULER_PRINCIPAL = "scheduler.amazonaws.com"
+
+
+def _scheduler(call: Call, world: World) -> list[Check]:
+    """Schedule operations on the schedule's ARN; creating or updating one also passes its
+    execution role (iam:PassRole with iam:PassedToService = scheduler.amazonaws.com); the
+    list operations have no resource type (*)."""
+    action = f"scheduler:{call.action}"
+    if call.action in ("ListSchedules", "ListScheduleGroups"):
+        return [Check(action, "*")]
+    if call.action.endswith("Schedule"):
+        group = call.get("GroupName") or "default"
+        arn = f"arn:aws:scheduler:{call.region}:{world.account}:schedule/{group}/{call.get('Name') or ''}"
+        checks = [Check(action, arn)]
+        target = call.get("Target")
+        if call.action in ("CreateSchedule", "UpdateSchedule") and isinstance(target, dict) \
+                and target.get("RoleArn"):
+            checks.append(Check("iam:PassRole", target["RoleArn"],
+                                {"iam:PassedToService": SCHEDULER_PRINCIPAL}))
+        return checks
+    arn = f"arn:aws:scheduler:{call.region}:{world.account}:schedule-group/{call.get('Name') or ''}"
+    return [Check(action, arn)]
+
+
 _MAPPERS: dict[tuple[str, str], Any] = {
     ("ec2", "RunInstances"): _ec2_run_instances,
     ("ec2", "TerminateInstances"): _ec2_each("InstanceId"),
@@ -549,6 +574,7 @@ _MAPPERS: dict[tuple[str, str], Any] = {
     ("budgets", "*"): _budgets,
     ("ssm", "StartSession"): _ssm_start_session,
     ("ssm", "GetParameter"): _ssm_get_parameter,
+    ("scheduler", "*"): _scheduler,
 }
 
 

@@ -265,6 +265,13 @@ class AwsRequest:
             except ValueError:
                 self.json = {}
             return
+        if self.service == "scheduler":
+            # restJson1 as well (section 6, scheduler.py): the operation is the route.
+            self.protocol = "json"
+            self.action, self.json = scheduler_gap.parse_request(
+                self.environ.get("REQUEST_METHOD", "GET"), self.environ.get("PATH_INFO", ""),
+                self.environ.get("QUERY_STRING", ""), body)
+            return
         if target:
             self.protocol = "json"
             self.action = target.split(".", 1)[-1]
@@ -667,6 +674,7 @@ class Middleware:
 # own boto3 clients, "other") act as an administrator.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import iampolicy  # noqa: E402
+import scheduler as scheduler_gap  # noqa: E402  (section 6: EventBridge Scheduler runs schedules)
 
 PRINCIPAL_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/moto"
 PRINCIPAL_USERID = "AIDAMOTOUSER0000000001"
@@ -1396,7 +1404,7 @@ class MotoFixes:
 
 
 LEARN_MORE = "https://docs.aws.amazon.com/IAM/latest/UserGuide/access-analyzer-reference-policy-checks.html"
-KNOWN_SERVICES = {"ec2", "iam", "sts", "ssm", "ssmmessages", "ec2messages", "cloudwatch", "logs",
+KNOWN_SERVICES = {"ec2", "iam", "sts", "ssm", "ssmmessages", "ec2messages", "cloudwatch", "logs", "scheduler",
                   "budgets", "access-analyzer", "s3", "kms", "events"}
 KNOWN_OPERATORS = re.compile(r"^(ForAllValues:|ForAnyValue:)?(String(Not)?Equals(IgnoreCase)?|String(Not)?Like|"
                              r"Arn(Not)?(Equals|Like)|Numeric\w+|Date\w+|Bool|BinaryEquals|"
@@ -1902,6 +1910,17 @@ class StateDump:
 
             budgets = _safe(lambda: budgets_backends[ACCOUNT_ID]["global"].budgets[ACCOUNT_ID], {})
             doc["budgets"] = [_safe(lambda: b.to_dict(), {"name": n}) for n, b in budgets.items()]
+
+            from moto.scheduler.models import scheduler_backends
+            groups = scheduler_backends[ACCOUNT_ID][region].schedule_groups
+            doc["schedules"] = [{
+                "name": s.name, "group": g.name, "arn": s.arn,
+                "expression": s.schedule_expression, "timezone": s.schedule_expression_timezone,
+                "state": s.state, "action_after_completion": s.action_after_completion,
+                "flexible_time_window": s.flexible_time_window,
+                "target": s.target, "input": parse_json_maybe(s.target.get("Input")),
+                "description": s.description,
+            } for g in groups.values() for s in g.schedules.values()]
         return doc
 
 
@@ -2207,6 +2226,8 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
 
     try:
+        # Section 6: moto stores schedules but never runs them; this runs the due ones.
+        scheduler_gap.Firing(cloud).attach()
         if args.box_sim:
             _load_boxsim(cloud)
         cloud.warm_up()
