@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod network;
 pub mod permissions;
 pub mod spot;
+pub mod vpc;
 
 use std::time::Duration;
 
