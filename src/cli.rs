@@ -206,6 +206,12 @@ pub struct LaunchArgs {
     /// An existing instance profile for the box, replacing the tool's minimal role.
     #[arg(long, value_name = "NAME")]
     pub instance_profile: Option<String>,
+    /// Launch into this subnet (subnet-…); its VPC is the box's [default: the default VPC].
+    #[arg(long, value_name = "SUBNET_ID")]
+    pub subnet: Option<String>,
+    /// Also attach this existing security group (sg-…, in the subnet's VPC; repeatable).
+    #[arg(long = "security-group", value_name = "SG_ID")]
+    pub security_groups: Vec<String>,
     /// Run this command on the box instead of a shell (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

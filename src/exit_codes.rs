@@ -14,10 +14,7 @@ pub fn exit_code_for(error: &anyhow::Error) -> ExitStatus {
         }
         // The caller's environment, not our input, but the same promise: nothing was created.
         if cause.downcast_ref::<AwsError>().is_some_and(|e| e.is_environment())
-            || matches!(
-                cause.downcast_ref::<NetworkError>(),
-                Some(NetworkError::NoDefaultVpc(_) | NetworkError::NameTaken { .. })
-            )
+            || cause.downcast_ref::<NetworkError>().is_some_and(NetworkError::is_bad_input)
         {
             return ExitStatus::Usage;
         }

@@ -64,6 +64,10 @@ pub struct Settings {
     pub root_volume: RootVolume,
     /// An existing instance profile that replaces the tool's minimal box role.
     pub instance_profile: Option<String>,
+    /// The subnet to launch into (its VPC follows); None = the default VPC.
+    pub subnet: Option<String>,
+    /// Existing groups attached to the box besides its own (e.g. one a private database admits).
+    pub security_groups: Vec<String>,
     /// USD per hour by region and instance type, overriding the shipped table.
     pub on_demand_prices: BTreeMap<String, BTreeMap<String, f64>>,
     /// `$XDG_STATE_HOME/ephemeral-admin`: session records, keys, ledger.
@@ -229,6 +233,8 @@ struct FileConfig {
     root_volume_gb: Option<u32>,
     root_volume_type: Option<String>,
     instance_profile: Option<String>,
+    subnet: Option<String>,
+    security_groups: Option<Vec<String>>,
     output: Option<String>,
     on_demand_prices: Option<BTreeMap<String, BTreeMap<String, Number>>>,
 }
@@ -510,6 +516,30 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         )?
         .map(|(v, s)| validate_resource_name("instance_profile", v, &s))
         .transpose()?;
+    let subnet = r
+        .string("subnet", launch.and_then(|l| l.subnet.clone()), "--subnet", file.subnet)?
+        .map(|(v, s)| validate_aws_id("subnet", "subnet", v, &s))
+        .transpose()?;
+    let security_groups = r
+        .list(
+            "security_groups",
+            launch.map(|l| l.security_groups.clone()),
+            "--security-group",
+            file.security_groups,
+        )?
+        .map(|(values, source)| {
+            let source = source.unwrap_or(Source::Flag("--security-group"));
+            let mut ids = Vec::new();
+            for v in values {
+                let id = validate_aws_id("security_groups", "sg", v, &source)?;
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            Ok::<_, UsageError>(ids)
+        })
+        .transpose()?
+        .unwrap_or_default();
 
     let state_dir = state_dir(env)?;
     let ssh_dir = env.var("HOME").map(|home| Path::new(&home).join(".ssh"));
@@ -551,6 +581,8 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         on_demand,
         root_volume,
         instance_profile,
+        subnet,
+        security_groups,
         on_demand_prices,
         state_dir,
         ssh_dir,
@@ -876,6 +908,19 @@ fn validate_user(user: String, source: &Source) -> Result<String, UsageError> {
         Ok(user)
     } else {
         Err(UsageError::new(format!("invalid user {user:?} ({source}): expected a login name like ubuntu")))
+    }
+}
+
+/// An EC2 id of one kind (`subnet-…`, `sg-…`): the prefix, then 8 or 17 hex digits.
+fn validate_aws_id(key: &str, prefix: &str, id: String, source: &Source) -> Result<String, UsageError> {
+    let hex = id.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('-')).unwrap_or_default();
+    let ok = matches!(hex.len(), 8 | 17) && hex.chars().all(|c| c.is_ascii_hexdigit());
+    if ok {
+        Ok(id)
+    } else {
+        Err(UsageError::new(format!(
+            "invalid {key} {id:?} ({source}): expected an id like {prefix}-0123456789abcdef0"
+        )))
     }
 }
 

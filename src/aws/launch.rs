@@ -16,8 +16,9 @@ use aws_sdk_ec2::operation::run_instances::RunInstancesError;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
     InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceMetadataTagsState, InstanceType, MarketType, Placement,
-    ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, VolumeType,
+    InstanceMetadataOptionsRequest, InstanceMetadataTagsState, InstanceNetworkInterfaceSpecification,
+    InstanceType, MarketType, Placement, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions,
+    VolumeType,
 };
 
 use super::network::tag_spec;
@@ -149,6 +150,12 @@ pub struct LaunchSpec {
     pub image_id: String,
     pub root_device_name: String,
     pub security_group_id: String,
+    /// Existing groups attached besides the session's own.
+    pub extra_security_group_ids: Vec<String>,
+    /// The subnet to launch into; None = the default VPC's subnet of the zone.
+    pub subnet_id: Option<String>,
+    /// With a subnet: ask for a public IP (a public subnet) or not (a private one).
+    pub associate_public_ip: bool,
     pub instance_profile_name: String,
     pub user_data: String,
     pub tags: Vec<(String, String)>,
@@ -377,7 +384,6 @@ fn request(
         .instance_type(InstanceType::from(candidate.instance_type.as_str()))
         .min_count(1)
         .max_count(1)
-        .security_group_ids(&spec.security_group_id)
         .iam_instance_profile(
             IamInstanceProfileSpecification::builder().name(&spec.instance_profile_name).build(),
         )
@@ -409,6 +415,21 @@ fn request(
         )
         .tag_specifications(tag_spec(ResourceType::Instance, &spec.tags))
         .tag_specifications(tag_spec(ResourceType::Volume, &spec.tags));
+    let groups = std::iter::once(&spec.security_group_id).chain(&spec.extra_security_group_ids).cloned();
+    builder = match &spec.subnet_id {
+        // In a chosen subnet the network interface says whether the box gets a public IP: never
+        // in a private subnet, whatever the subnet's MapPublicIpOnLaunch says.
+        Some(subnet) => builder.network_interfaces(
+            InstanceNetworkInterfaceSpecification::builder()
+                .device_index(0)
+                .subnet_id(subnet)
+                .set_groups(Some(groups.collect()))
+                .associate_public_ip_address(spec.associate_public_ip)
+                .delete_on_termination(true)
+                .build(),
+        ),
+        None => builder.set_security_group_ids(Some(groups.collect())),
+    };
     if let Some(az) = &candidate.availability_zone {
         builder = builder.placement(Placement::builder().availability_zone(az).build());
     }

@@ -19,6 +19,7 @@ pub mod network;
 pub mod permissions;
 pub mod schedule;
 pub mod spot;
+pub mod vpc;
 
 use std::time::Duration;
 

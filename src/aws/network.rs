@@ -70,10 +70,25 @@ pub enum NetworkError {
     /// Not transparent: the AWS error stays a node of the chain, where `exit_codes::report` finds it.
     #[error("{0}")]
     Aws(#[from] AwsError),
+    /// No subnet set and no default VPC: the message lists the region's subnets to pick from.
+    #[error("{}", no_default_vpc(region, subnets))]
+    NoDefaultVpc { region: String, subnets: Vec<super::vpc::SubnetInfo> },
     #[error(
-        "region {0} has no default VPC: create one with `aws ec2 create-default-vpc`, or pick another --region"
+        "subnet {subnet} does not exist in {region}: check --subnet (or `subnet` in the config), or pick the subnet's --region"
     )]
-    NoDefaultVpc(String),
+    SubnetNotFound { subnet: String, region: String },
+    #[error(
+        "subnet {subnet} (in {vpc}) is private (no route to an internet gateway), so the box gets no public IP and `connect = \"public-ip\"` cannot reach it: pass --connect private-ip (over a VPN), --connect ssm or --proxy-command, or pick a public --subnet"
+    )]
+    PrivateSubnet { subnet: String, vpc: String },
+    #[error(
+        "security group {group} does not exist in {region}: check --security-group (or `security_groups` in the config)"
+    )]
+    GroupNotFound { group: String, region: String },
+    #[error(
+        "security group {group} is in {group_vpc}, but the box goes into {vpc}: pick a group of {vpc}, or a --subnet of {group_vpc}"
+    )]
+    GroupInOtherVpc { group: String, group_vpc: String, vpc: String },
     /// A group with the session group's name exists and is not the tool's.
     #[error(
         "security group {name} ({id}) already exists in {vpc} and is not this tool's: set another \
@@ -82,12 +97,42 @@ pub enum NetworkError {
     NameTaken { name: String, id: String, vpc: String },
 }
 
+impl NetworkError {
+    /// Bad input or environment found before anything was made (exit 2), not a failed AWS call.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, NetworkError::Aws(_))
+    }
+}
+
+fn no_default_vpc(region: &str, subnets: &[super::vpc::SubnetInfo]) -> String {
+    if subnets.is_empty() {
+        return format!(
+            "region {region} has no default VPC and no subnets: create a VPC with a subnet (or `aws ec2 create-default-vpc`), or pick another --region"
+        );
+    }
+    let mut text = format!(
+        "region {region} has no default VPC: pick a subnet with --subnet SUBNET_ID (or `subnet = \"SUBNET_ID\"` in the config); its subnets (id, VPC, zone, CIDR, reach):"
+    );
+    const SHOWN: usize = 40;
+    for subnet in subnets.iter().take(SHOWN) {
+        text.push_str("\n  ");
+        text.push_str(&subnet.describe());
+    }
+    if subnets.len() > SHOWN {
+        text.push_str(&format!(
+            "\n  … and {} more (`aws ec2 describe-subnets --region {region}`)",
+            subnets.len() - SHOWN
+        ));
+    }
+    text
+}
+
 /// The name of a session's group: the configured prefix and the session id.
 pub fn session_group_name(prefix: &str, session_id: &str) -> String {
     format!("{prefix}-{session_id}")
 }
 
-/// Creates the session's own group in the default VPC, tagged as the session's (so only the
+/// Creates the session's own group in the box's VPC (the subnet's, or the default one), tagged as the session's (so only the
 /// tool's scoped permissions can change it and `cleanup` finds it by tag). It starts with no
 /// ingress at all.
 pub async fn create_session_group(

@@ -41,12 +41,13 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
     let mut out = vec![
         Statement {
             sid: "ReadOnly",
-            why: "find the default VPC, subnets, the tool's group, images, prices, instances, spot requests, alarms, log groups and schedules; validate policies",
+            why: "find the default VPC, subnets (and whether their route tables reach an internet gateway), the tool's group, images, prices, instances, spot requests, alarms, log groups and schedules; validate policies",
             actions: &[
                 "ec2:DescribeRegions",
                 "ec2:DescribeAvailabilityZones",
                 "ec2:DescribeVpcs",
                 "ec2:DescribeSubnets",
+                "ec2:DescribeRouteTables",
                 "ec2:DescribeSecurityGroups",
                 "ec2:DescribeSecurityGroupRules",
                 "ec2:DescribeImages",
@@ -94,7 +95,7 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
         },
         Statement {
             sid: "CreateSecurityGroupInAnyVpc",
-            why: "CreateSecurityGroup also authorizes on the VPC the group goes into (the default VPC)",
+            why: "CreateSecurityGroup also authorizes on the VPC the group goes into (the default VPC, or the chosen subnet's)",
             actions: &["ec2:CreateSecurityGroup"],
             resources: ec2(&["vpc"]),
             condition: None,

@@ -20,7 +20,12 @@ pub struct SpotPrice {
 ///
 /// With `StartTime` = now, EC2 returns the price in effect now for each zone, so one page
 /// normally holds the answer; later pages are followed in case it does not.
-pub async fn current_prices(aws: &Aws, instance_types: &[String]) -> Result<Vec<SpotPrice>, AwsError> {
+/// With `zone`, only that zone's prices are asked for (a chosen subnet fixes the zone).
+pub async fn current_prices(
+    aws: &Aws,
+    instance_types: &[String],
+    zone: Option<&str>,
+) -> Result<Vec<SpotPrice>, AwsError> {
     let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now());
     let mut newest: BTreeMap<(String, String), SpotPrice> = BTreeMap::new();
     let mut pages = aws
@@ -29,6 +34,7 @@ pub async fn current_prices(aws: &Aws, instance_types: &[String]) -> Result<Vec<
         .set_instance_types(Some(instance_types.iter().map(|t| InstanceType::from(t.as_str())).collect()))
         .product_descriptions("Linux/UNIX")
         .start_time(now)
+        .set_availability_zone(zone.map(str::to_string))
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {

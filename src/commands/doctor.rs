@@ -68,7 +68,7 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
     let aws = ctx.aws().await?;
     let step = ctx.printer.step("checking");
     let (credentials, region, vpc, (image, probes)) =
-        tokio::join!(check_credentials(&aws), check_region(&aws), check_network(&aws), async {
+        tokio::join!(check_credentials(&aws), check_region(&aws), check_network(ctx, &aws), async {
             let (check, image) = check_image(ctx, &aws).await;
             (check, check_permissions(ctx, &aws, image.as_deref()).await)
         });
@@ -129,14 +129,31 @@ async fn check_region(aws: &Aws) -> Check {
     }
 }
 
-async fn check_network(aws: &Aws) -> Check {
+async fn check_network(ctx: &Context, aws: &Aws) -> Check {
+    let s = &ctx.settings;
+    if s.subnet.is_some() || !s.security_groups.is_empty() {
+        // The launch's own check, so doctor and launch agree.
+        return match crate::aws::vpc::resolve(aws, s.subnet.as_deref(), &s.security_groups, s.connect).await {
+            Ok(net) => Check::ok(
+                "network",
+                match &net.subnet {
+                    Some(subnet) => format!("subnet {}", subnet.describe()),
+                    None => format!("default VPC {}", net.vpc_id),
+                },
+            ),
+            Err(network::NetworkError::Aws(e)) => {
+                Check::aws_failure("network", &e, "see `ephemeral-admin policy`")
+            }
+            Err(e) => Check::fail("network", e.to_string(), "set `subnet` / `security_groups` in the config"),
+        };
+    }
     let vpc = match network::default_vpc(aws).await {
         Ok(Some(vpc)) => vpc,
         Ok(None) => {
             return Check::fail(
                 "network",
                 format!("no default VPC in {}", aws.region),
-                "run `aws ec2 create-default-vpc`, or pick another --region",
+                "set `subnet` in the config (`ephemeral-admin launch` lists the subnets), run `aws ec2 create-default-vpc`, or pick another --region",
             );
         }
         Err(e) => return Check::aws_failure("network", &e, "see `ephemeral-admin policy`"),

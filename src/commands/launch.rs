@@ -18,7 +18,7 @@ use super::attach::{self, Outcome, Route, Work};
 use super::{Context, SessionView};
 use crate::aws::launch::Candidate;
 use crate::aws::launch::{self as ec2_launch, LaunchEvent, LaunchSpec};
-use crate::aws::{alarm, ami, iam, identity, instances, logs, network, schedule, spot};
+use crate::aws::{alarm, ami, iam, identity, instances, logs, network, schedule, spot, vpc};
 use crate::cli::{ConnectMode, LaunchArgs};
 use crate::error::{ExitStatus, Interrupted, OverBudget};
 use crate::keys::SessionKeys;
@@ -251,15 +251,31 @@ async fn provision(
         }
     };
     let expires_at = session::rfc3339(expires);
+    // The network is checked before anything is made: the steps that create (the role) or
+    // depend on the zone (prices) wait for it; a wrong subnet or group fails the launch first.
+    let (network_tx, network_rx) = tokio::sync::watch::channel(None::<vpc::Network>);
+    let network_checked = || {
+        let mut rx = network_rx.clone();
+        async move {
+            let network = rx.wait_for(Option::is_some).await.context("the network check did not finish")?;
+            anyhow::Ok(network.clone().expect("checked"))
+        }
+    };
     let prepare = async {
         tokio::try_join!(
-            // Who we are, then the session's own security group, tagged as the session's.
+            // Who we are and where the box goes, then the session's own security group in that
+            // VPC, tagged as the session's.
             async {
-                let (caller, vpc) = tokio::try_join!(
+                let (caller, net) = tokio::try_join!(
                     async { identity::me(&aws, s.owner.as_deref()).await.map_err(anyhow::Error::from) },
-                    async { network::default_vpc(&aws).await.map_err(anyhow::Error::from) },
+                    async {
+                        vpc::resolve(&aws, s.subnet.as_deref(), &s.security_groups, s.connect)
+                            .await
+                            .map_err(anyhow::Error::from)
+                    },
                 )?;
-                let vpc = vpc.ok_or_else(|| network::NetworkError::NoDefaultVpc(aws.region.clone()))?;
+                network_tx.send_replace(Some(net.clone()));
+                let vpc = net.vpc_id.clone();
                 let session_tags = tags::session_tags(
                     &session_id,
                     &caller.owner,
@@ -277,13 +293,14 @@ async fn provision(
                 )
                 .await?;
                 crash::point("security-group");
-                anyhow::Ok((caller, group))
+                anyhow::Ok((caller, group, net))
             },
             detect_ip,
             async {
                 if let Some(profile) = own_profile.clone() {
                     return anyhow::Ok(profile);
                 }
+                network_checked().await?;
                 let profile =
                     iam::ensure_instance_profile(&aws, &s.iam_role_name, s.connect == ConnectMode::Ssm)
                         .await?;
@@ -296,7 +313,14 @@ async fn provision(
                 if s.on_demand {
                     return Ok(Vec::new());
                 }
-                spot::current_prices(&aws, &s.instance_types).await.map_err(anyhow::Error::from)
+                // A chosen subnet fixes the zone: only its prices matter.
+                let zone = match &s.subnet {
+                    Some(_) => network_checked().await?.fixed_zone().map(str::to_string),
+                    None => None,
+                };
+                spot::current_prices(&aws, &s.instance_types, zone.as_deref())
+                    .await
+                    .map_err(anyhow::Error::from)
             },
         )
     };
@@ -308,8 +332,11 @@ async fn provision(
         super::cleanup::quick_sweep(ctx, &aws).await
     };
     let (prepared, swept) = tokio::join!(prepare, housekeeping);
-    let ((caller, group), my_ip, profile, keys, image, prices) = prepared?;
+    let ((caller, group, net), my_ip, profile, keys, image, prices) = prepared?;
     drop(step);
+    if let Some(line) = network_line(&net) {
+        ctx.printer.status(line);
+    }
     if !swept.is_empty() {
         ctx.printer.status(format!(
             "removed {} leftover session(s) of earlier runs whose launcher is gone: {}",
@@ -356,13 +383,20 @@ async fn provision(
     crash::point("prepare");
     checkpoint(ctx, &aws, &recorder, signals, &clock).await?;
 
-    let candidates = ec2_launch::plan(
+    let mut candidates = ec2_launch::plan(
         &s.instance_types,
         &prices,
         ec2_launch::Markets::of(s.on_demand, s.on_demand_fallback),
         |t| pricing::spot_max_price(s, &aws.region, t),
         |t| pricing::on_demand_price(s, &aws.region, t),
     );
+    if let Some(zone) = net.fixed_zone() {
+        // The subnet's zone is the only one: every candidate says so (and asks for no other).
+        candidates.retain(|c| c.availability_zone.as_deref().is_none_or(|az| az == zone));
+        for candidate in &mut candidates {
+            candidate.availability_zone = Some(zone.to_string());
+        }
+    }
     if let Some(first) = candidates.first() {
         let price = first.expected_price.map(|p| format!(" at {}/h", usd(p))).unwrap_or_default();
         let estimate = first
@@ -401,6 +435,9 @@ async fn provision(
         image_id: image.id.clone(),
         root_device_name: image.root_device_name.clone(),
         security_group_id: group.id.clone(),
+        extra_security_group_ids: net.extra_groups.clone(),
+        subnet_id: net.subnet.as_ref().map(|subnet| subnet.id.clone()),
+        associate_public_ip: net.public_ip(),
         instance_profile_name: profile.name.clone(),
         user_data: base64::engine::general_purpose::STANDARD.encode(user_data),
         tags: session_tags.clone(),
@@ -555,6 +592,26 @@ async fn arm_scheduled_deadline(
     let names = schedule::arm(aws, &plan).await?;
     crash::point("schedule");
     Ok(names)
+}
+
+/// One line about a network other than the default VPC's: where the box goes, and what else it joins.
+fn network_line(net: &vpc::Network) -> Option<String> {
+    let place = match &net.subnet {
+        Some(subnet) if subnet.public => {
+            format!("subnet {} ({}, {}, public)", subnet.id, subnet.vpc_id, subnet.availability_zone)
+        }
+        Some(subnet) => format!(
+            "subnet {} ({}, {}, private: no public IP)",
+            subnet.id, subnet.vpc_id, subnet.availability_zone
+        ),
+        None if net.extra_groups.is_empty() => return None,
+        None => format!("the default VPC {}", net.vpc_id),
+    };
+    let groups = match net.extra_groups.as_slice() {
+        [] => String::new(),
+        groups => format!(", also in security group(s) {}", groups.join(", ")),
+    };
+    Some(format!("the box goes into {place}{groups}"))
 }
 
 /// What must hold before anything is created, checked at once: the name is not taken by one of

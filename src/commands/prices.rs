@@ -31,7 +31,7 @@ struct PricesReport {
 pub async fn run(ctx: &Context) -> Result<ExitStatus> {
     let s = &ctx.settings;
     let aws = ctx.aws().await?;
-    let prices = spot::current_prices(&aws, &s.instance_types).await?;
+    let prices = spot::current_prices(&aws, &s.instance_types, None).await?;
     if prices.is_empty() {
         anyhow::bail!(
             "no spot prices for {} in {}: these types may not be offered here; try other --instance-type values",

@@ -13,6 +13,7 @@ mod kept;
 mod launch;
 mod lifecycle;
 mod names;
+mod networks;
 mod policy;
 mod realbox;
 mod robust;

@@ -49,10 +49,16 @@ Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box`
                                                like a real box before its network is up.
     POST /_localcloud/box-reset                stop every box, forget them (= boxsim.reset())
 
-summary = {instance_id, region, account_id, state, ssh_port, public_ip, direct, dir,
-           poweroff_reason, imds_url, imds_available, error}; state is booting|up|powered-off|gone;
-           direct is "<public ip>:<port>" while sshd listens there, else null
+summary = {instance_id, region, account_id, state, ssh_port, public_ip, direct, private_ip,
+           private_direct, dir, poweroff_reason, imds_url, imds_available, error}; state is
+           booting|up|powered-off|gone; direct is "<public ip>:<port>" while sshd listens there,
+           else null; private_direct likewise for a box without a public IP (below)
 (or failed, with error, when the user-data cannot make a box).
+
+A box without a public IP (a private subnet) is reached at its private IP, as over a VPN into
+its VPC: on Linux as root, boxsim adds that address to ``lo`` while the box lives (``ip addr add
+IP/32 dev lo``; removed when the box stops, resets or localcloud exits) and its sshd also listens
+there at the direct SSH port. An address that is already local is never taken over.
 
 Module functions: attach(cloud), reset(), shutdown(). Set BOXSIM_KEEP_DIRS=1 to keep
 the box directories (logs) after shutdown.
@@ -182,6 +188,16 @@ class _SynBlackhole:
                 s.close()
             except OSError:
                 pass
+
+
+def _is_local(ip):
+    """Is ``ip`` already an address of this machine (a bind to it succeeds)?"""
+    try:
+        with socket.socket() as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
 
 
 def _safe_attr(obj, name):
@@ -393,6 +409,9 @@ class Box:
         self.ssh_port = None
         self.public_ip = None
         self.direct = None
+        self.private_ip = None
+        self.private_direct = None  # "<private ip>:<port>" while sshd listens there, else None
+        self.private_alias = None  # the private IP boxsim added to lo (removed when the box stops)
         self.sshd = None
         self.watchdog = None
         self.watchdog_cmd = None
@@ -444,6 +463,8 @@ class Box:
             "ssh_port": self.ssh_port,
             "public_ip": self.public_ip,
             "direct": self.direct,
+            "private_ip": self.private_ip,
+            "private_direct": self.private_direct,
             "dir": self.dir,
             "poweroff_reason": self.poweroff_reason,
             "imds_url": f"{imds_base}/{self.iid}",
@@ -622,7 +643,10 @@ class BoxSim:
             with self.moto_lock:
                 ud = getattr(inst, "user_data", None)
                 public_ip = _safe_attr(inst, "public_ip")
+                private_ip = _safe_attr(inst, "private_ip")
                 box.meta = _instance_meta(inst)
+            if not public_ip and private_ip:
+                self._route_private(box, str(private_ip))
             if public_ip and str(public_ip).startswith("127."):
                 box.public_ip = str(public_ip)
                 if self.drop_syns_while_booting and self.boot_seconds > 0:
@@ -667,6 +691,8 @@ class BoxSim:
         fwds = [("127.0.0.1", box.ssh_port)]
         if box.public_ip:
             fwds.append((box.public_ip, self.direct_port))
+        elif box.private_alias:
+            fwds.append((box.private_alias, self.direct_port))
         imds_port = self.imds.server_address[1]
         vm = realbox.Vm(box.real_vm, box.dir, fwds, ("127.0.0.1", imds_port, box.iid),
                         kernel_args=box.kernel_args, popen=self.spawner.popen)
@@ -687,6 +713,8 @@ class BoxSim:
             if not box.stopped:
                 box.state = "up"
                 box.direct = f"{box.public_ip}:{self.direct_port}" if box.public_ip else None
+                if box.private_alias:
+                    box.private_direct = f"{box.private_alias}:{self.direct_port}"
                 box.note(f"up ssh_port={box.ssh_port} direct={box.direct} sshd_after={took:.1f}s")
 
     def _watch_vm(self, box):
@@ -754,8 +782,9 @@ class BoxSim:
             port = _free_port()
             conf = os.path.join(d, "sshd_config")
             direct = f"{box.public_ip}:{self.direct_port}" if box.public_ip else None
+            private = f"{box.private_alias}:{self.direct_port}" if box.private_alias else None
             with open(conf, "w") as f:
-                f.write(_sshd_config(d, port, box.iid, direct))
+                f.write(_sshd_config(d, port, box.iid, direct or private))
             # The box's user starts with an empty home, like on a fresh instance: this machine's
             # own ~/.bashrc (pyenv init and its rehash lock) has no business in a box's login.
             os.makedirs(os.path.join(d, "home"), mode=0o700, exist_ok=True)
@@ -785,6 +814,10 @@ class BoxSim:
                         box.direct = direct
                     elif direct:
                         box.note(f"sshd could not listen on {direct}: only box-connect reaches this box")
+                    if private and f"Server listening on {box.private_alias} port {self.direct_port}" in log_text:
+                        box.private_direct = private
+                    elif private:
+                        box.note(f"sshd could not listen on {private}: only box-connect reaches this box")
                     return
                 time.sleep(0.02)
             last_err = "sshd failed: " + " | ".join(box.read_lines("sshd.log", tail=5))
@@ -826,7 +859,7 @@ class BoxSim:
         env.update({
             "EA_IMDS_URL": f"{self.imds_base}/{box.iid}",
             "EA_SSH_PORT": str(box.ssh_port),
-            "EA_SSH_EXTRA": box.direct or "",
+            "EA_SSH_EXTRA": box.direct or box.private_direct or "",
             "EA_POWEROFF_CMD": "curl -fsS -o /dev/null -m 10 -X POST -H 'Content-Type: application/json' -d '{}' "
                                + shlex.quote(f"{base}/_localcloud/box/{box.iid}/poweroff"),
             "EA_WALL_CMD": shlex.quote(sys.executable) + " " + shlex.quote(wall),
@@ -869,6 +902,34 @@ class BoxSim:
         if not already and state:
             box.note(f"stopped state={box.state}")
         self._kill_procs(box)
+        self._unroute_private(box)
+
+    # ---- private addresses (a box without a public IP, reached with connect = "private-ip")
+
+    def _route_private(self, box, ip):
+        """Make a box's private IP lead to its sshd, as a VPN into its VPC would: the address is
+        added to this machine's loopback interface (Linux, root) for the box's life. Only boxes
+        without a public IP get this; one already local (another box's) is not taken over."""
+        box.private_ip = ip
+        if _is_local(ip):
+            box.note(f"private ip {ip} is already an address of this machine: not routed to this box")
+            return
+        if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("ip"):
+            box.note(f"private ip {ip} not routed: needs Linux, root and iproute2")
+            return
+        done = subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            box.note(f"private ip {ip} not routed: ip addr add: {done.stderr.strip()}")
+            return
+        box.private_alias = ip
+        box.note(f"private ip {ip} added to lo")
+
+    def _unroute_private(self, box):
+        with box.lock:
+            ip, box.private_alias = box.private_alias, None
+        if ip:
+            subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], capture_output=True)
 
     def _kill_procs(self, box):
         if box.vm is not None:

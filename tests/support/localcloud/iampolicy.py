@@ -340,9 +340,11 @@ def _ec2_run_instances(call: Call, world: World) -> list[Check]:
     a = "ec2:RunInstances"
     specs = call.tag_specifications()
     checks = [Check(a, _ec2_arn(call, world, "image", call.get("ImageId") or "*"))]
-    for sg in call.members("SecurityGroupId"):
+    # Groups and subnet at the top level, or in the primary network interface's spec.
+    groups = call.members("SecurityGroupId") + call.members("NetworkInterface.1.SecurityGroupId")
+    for sg in groups:
         checks.append(_ec2_existing(call, world, a, sg))
-    subnet = call.get("SubnetId")
+    subnet = call.get("SubnetId") or call.get("NetworkInterface.1.SubnetId")
     checks.append(_ec2_existing(call, world, a, subnet) if subnet
                   else Check(a, _ec2_arn(call, world, "subnet", "*")))
     checks.append(Check(a, _ec2_arn(call, world, "network-interface", "*")))

@@ -797,6 +797,8 @@ class PolicyEnforcement:
 #  * Budgets: UpdateBudget (moto lacks it);
 #  * public IPs are loopback addresses, so an instance's public IP leads to its
 #    simulated box on this machine (boxsim listens there on the SSH port);
+#  * the default VPC has an internet gateway and a 0.0.0.0/0 route to it in its main
+#    route table, as on AWS (moto's has neither);
 #  * two speed fixes: a faster reset and cheaper AWS-managed IAM policies.
 # The fix functions run with moto_lock held, instead of handing the request
 # straight to moto; each either answers itself, checks something first, or
@@ -881,6 +883,35 @@ def _patch_moto_public_ips() -> None:
 
 
 _patch_moto_public_ips()
+
+
+def _patch_moto_default_vpc_gateway() -> None:
+    """AWS's default VPC comes with an internet gateway and a main route table that sends
+    0.0.0.0/0 to it ("Default VPCs": "Create an internet gateway and connect it to your default
+    VPC"; "Add a route to the main route table that points all traffic (0.0.0.0/0) to the
+    internet gateway"). moto's default VPC has neither, so its subnets would look private to
+    anyone reading route tables. Here the default VPC gets both, whenever moto creates it (a
+    region's first request, or CreateDefaultVpc)."""
+    try:
+        from moto.ec2.models.vpcs import VPCBackend
+    except ImportError:
+        return
+    original = VPCBackend.create_default_vpc
+
+    def create_default_vpc(self: Any) -> Any:
+        vpc = original(self)
+        igw = self.create_internet_gateway()
+        self.attach_internet_gateway(igw.id, vpc.id)
+        main = next((t for t in self.route_tables.values()
+                     if t.vpc_id == vpc.id and t.main_association_id), None)
+        if main is not None:
+            self.create_route(main.id, "0.0.0.0/0", gateway_id=igw.id)
+        return vpc
+
+    VPCBackend.create_default_vpc = create_default_vpc
+
+
+_patch_moto_default_vpc_gateway()
 
 
 def _reset_moto() -> None:
