@@ -17,4 +17,5 @@ mod policy;
 mod realbox;
 mod robust;
 mod session;
+mod setup;
 mod ssh;
