@@ -655,9 +655,12 @@ class BoxSim:
             if not isinstance(cfg, dict):
                 raise ValueError("user-data is not a #cloud-config mapping")
             files = self._write_files(box, cfg)
+            # Before sshd here (runcmd comes later on a real box), so the launch's follower never
+            # looks before the runner made its log: on a host with cloud-init of its own, the
+            # follower's `cloud-init status` would say done and it would give up.
+            self._start_setup(box, cfg, files)
             self._start_sshd(box, cfg)
             self._start_watchdog(box, cfg, files)
-            self._start_setup(box, cfg, files)
             with box.lock:
                 if not box.stopped:
                     box.state = "up"
@@ -859,6 +862,7 @@ class BoxSim:
                      for a in argv]
             stubs = os.path.join(box.dir, "sim-bin")
             os.makedirs(stubs, exist_ok=True)
+            os.makedirs(os.path.join(box.dir, "home"), mode=0o700, exist_ok=True)
             for tool in ("apt-get", "dnf", "yum"):
                 path = os.path.join(stubs, tool)
                 with open(path, "w") as f:
