@@ -29,8 +29,18 @@ pub const SSHD_DROPIN_PATH: &str = "/etc/ssh/sshd_config.d/00-ephemeral-admin.co
 pub const SSHD_DROPIN: &str = "# ephemeral-admin: keys only; notice a client that vanished without closing its connection.\n\
     PasswordAuthentication no\nKbdInteractiveAuthentication no\nClientAliveInterval 10\nClientAliveCountMax 3\n";
 
-/// AWS refuses user-data above 16 KB (before base64).
+/// AWS refuses user-data above 16 KB "in raw form, before it is base64-encoded" (EC2 User Guide,
+/// "Work with instance user data").
 pub const MAX_USER_DATA: usize = 16 * 1024;
+/// AWS's API models bound the base64 text at 21847 characters (Auto Scaling's `UserData`, in a
+/// ValidationError users have hit), one short of 16 KiB's base64: staying within it costs one
+/// byte (16383 raw bytes fit) and is safe whichever check EC2 applies.
+const MAX_USER_DATA_BASE64: usize = 21847;
+
+/// Whether `raw` bytes of user-data pass both limits.
+pub fn fits(raw: usize) -> bool {
+    raw <= MAX_USER_DATA && raw.div_ceil(3) * 4 <= MAX_USER_DATA_BASE64
+}
 
 /// Installs the packages and runs the setup script, as cloud-init's last runcmd (POSIX sh,
 /// linted by shellcheck in CI).
@@ -73,13 +83,13 @@ impl BoxConfig<'_> {
 /// The user-data as sent: the rendering itself, or gzip'd when that is above AWS's limit
 /// (cloud-init unpacks gzip user-data).
 pub fn encode(rendered: &str) -> Result<Vec<u8>, TooLarge> {
-    if rendered.len() <= MAX_USER_DATA {
+    if fits(rendered.len()) {
         return Ok(rendered.as_bytes().to_vec());
     }
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     gz.write_all(rendered.as_bytes()).expect("writing to memory");
     let packed = gz.finish().expect("writing to memory");
-    if packed.len() <= MAX_USER_DATA {
+    if fits(packed.len()) {
         Ok(packed)
     } else {
         Err(TooLarge { rendered: rendered.len(), gzipped: packed.len() })
@@ -384,6 +394,7 @@ mod tests {
 
     #[test]
     fn user_data_is_gzipped_above_16_kib_and_refused_above_it_gzipped() {
+        assert!(fits(16383) && !fits(16384), "16384 bytes are 21848 base64 characters, one too many");
         let small = "#cloud-config\n".to_string();
         assert_eq!(encode(&small).unwrap(), small.as_bytes());
         let big = format!("#cloud-config\n{}", "# the same line again and again\n".repeat(1000));
