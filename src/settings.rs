@@ -38,6 +38,8 @@ pub struct Settings {
     pub boot_grace: Duration,
     pub watchdog_interval: Duration,
     pub connect_timeout: Duration,
+    /// How long `launch` waits for the box's setup (packages and script) before giving up.
+    pub setup_timeout: Duration,
     /// The TCP port dialled on the box (`connect = public-ip|private-ip`, and `%p` in a proxy
     /// command). The box's sshd and the ingress rule use 22; another value only makes sense for
     /// a port-mapped route, such as the local cloud's simulated boxes when port 22 is taken.
@@ -225,6 +227,7 @@ struct FileConfig {
     boot_grace: Option<String>,
     watchdog_interval: Option<String>,
     connect_timeout: Option<String>,
+    setup_timeout: Option<String>,
     ssh_port: Option<u16>,
     spot_price_ratio: Option<Number>,
     on_demand_fallback: Option<bool>,
@@ -417,6 +420,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
     let boot_grace = duration("boot_grace", None, "", file.boot_grace, "10m")?;
     let watchdog_interval = duration("watchdog_interval", None, "", file.watchdog_interval, "5s")?;
     let connect_timeout = duration("connect_timeout", None, "", file.connect_timeout, "3m")?;
+    let setup_timeout = duration("setup_timeout", None, "", file.setup_timeout, "30m")?;
     let ssh_port = match r.string("ssh_port", None, "", file.ssh_port.map(|p| p.to_string()))? {
         Some((value, source)) => match value.trim().parse::<u16>() {
             Ok(port) if port > 0 => port,
@@ -578,6 +582,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         boot_grace,
         watchdog_interval,
         connect_timeout,
+        setup_timeout,
         ssh_port,
         spot_price_ratio,
         on_demand_fallback,

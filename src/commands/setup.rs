@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result};
 
 use super::Context;
 use crate::error::Interrupted;
+use crate::output::short_duration;
 use crate::signals::Signals;
 use crate::ssh::{self, Captured, ExecIo, RemoteExit};
 use crate::userdata::SETUP_DIR;
@@ -17,11 +18,12 @@ use crate::userdata::SETUP_DIR;
 /// How many of the log's last lines a failure shows.
 pub const TAIL_LINES: usize = 20;
 
-/// The setup on the box ended with a non-zero status.
+/// The setup on the box ended with a non-zero status, or did not end in time.
 #[derive(Debug, thiserror::Error)]
-#[error("setup failed on the box with exit status {status} (log: {log}); its last lines:\n{tail}")]
+#[error("setup {what} (log: {log}); its last lines:\n{tail}")]
 pub struct SetupFailed {
-    pub status: u32,
+    /// "failed on the box with exit status 3", "did not finish within 30m (setup_timeout)".
+    pub what: String,
     pub log: String,
     pub tail: String,
 }
@@ -63,10 +65,15 @@ pub async fn wait(ctx: &Context, session: &ssh::Session, signals: &Signals) -> R
             session.exec(&argv, ExecIo::Stderr).await
         }
     };
+    let limit = ctx.settings.setup_timeout;
     let exit = tokio::select! {
         exit = follow => exit.context("following the box's setup log")?,
         stop = signals.stopped() => {
             return Err(Interrupted { what: stop.name(), done: "stopped waiting for the setup".into(), code: stop.exit_code() }.into());
+        }
+        () = tokio::time::sleep(limit) => {
+            let what = format!("did not finish within {} (setup_timeout)", short_duration(limit));
+            return Err(SetupFailed { what, log: log_path(), tail: tail(session).await }.into());
         }
     };
     match exit {
@@ -75,7 +82,8 @@ pub async fn wait(ctx: &Context, session: &ssh::Session, signals: &Signals) -> R
             Ok(())
         }
         RemoteExit::Status(status) => {
-            Err(SetupFailed { status, log: log_path(), tail: tail(session).await }.into())
+            let what = format!("failed on the box with exit status {status}");
+            Err(SetupFailed { what, log: log_path(), tail: tail(session).await }.into())
         }
         RemoteExit::Signal { name } => anyhow::bail!("following the box's setup log ended by signal {name}"),
         RemoteExit::Lost => anyhow::bail!("the SSH connection dropped while waiting for the box's setup"),

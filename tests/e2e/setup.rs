@@ -104,6 +104,18 @@ fn a_failing_setup_gives_its_status_and_log_tail_and_the_box_goes_unless_kept() 
     assert_eq!(log.success().stdout, "100\n");
     user.run(&["terminate", "last"]).success();
     assert_nothing_left(&cloud);
+
+    // A setup that never ends is given up after setup_timeout.
+    user.write_config("setup_timeout = \"2s\"\n");
+    let run = user.run(&attached_args(&proxy, &["--setup-script", "echo started; sleep 60", "--", "true"]));
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("error: setup did not finish within 2s (setup_timeout)"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("its last lines:\n  ephemeral-admin: running the setup script\n  started"),
+        "{}",
+        run.stderr
+    );
+    assert_nothing_left(&cloud);
 }
 
 /// Random letters: gzip gains little on them.
