@@ -448,7 +448,8 @@ async fn provision(
                 )
             })
             .unwrap_or_default();
-        ctx.printer.status(format!("session {session_id}: {first}{price}{estimate}"));
+        let profile = s.profile_name.as_ref().map(|p| format!(" (profile {p})")).unwrap_or_default();
+        ctx.printer.status(format!("session {session_id}{profile}: {first}{price}{estimate}"));
     }
     if let Err(refusal) =
         budget_guard(ctx, &store, &caller.account, &candidates, args.over_budget, clock.now())

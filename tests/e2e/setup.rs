@@ -180,7 +180,10 @@ fn profile_name_picks_a_bundle_of_settings_and_an_unknown_one_lists_the_defined(
          [profiles.web]\n\
          instance_types = [\"t3.medium\"]\n",
     );
-    let out = launch_detached(&user, &proxy, &["--profile-name", "db"]);
+    let run =
+        user.run(&attached_args(&proxy, &["--profile-name", "db", "--detach", "--output", "json"])).success();
+    assert!(run.stderr.contains(" (profile db): t3.small"), "the launch says which: {}", run.stderr);
+    let out = run.json();
     assert_eq!(out["instance_type"], "t3.small", "{out}");
     let state = cloud.state();
     let text = state["instances"][0]["user_data"].as_str().unwrap().to_string();
