@@ -27,6 +27,9 @@ pub struct GlobalArgs {
     /// AWS region (else EPHEMERAL_ADMIN_REGION, config `region`, AWS_REGION, the profile's).
     #[arg(long, global = true, value_name = "REGION")]
     pub region: Option<String>,
+    /// A `[profiles.NAME]` bundle of the config file to apply (else EPHEMERAL_ADMIN_PROFILE_NAME).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub profile_name: Option<String>,
     /// Config file (else EPHEMERAL_ADMIN_CONFIG, else $XDG_CONFIG_HOME/ephemeral-admin/config.toml).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -58,7 +61,7 @@ pub enum OutputFormat {
 pub enum Command {
     /// Launch a spot box, open a shell on it, and tear everything down when the shell ends.
     #[command(
-        after_help = "Examples:\n  ephemeral-admin launch                         # a shell; everything is removed when it ends\n  ephemeral-admin launch -- sudo apt-get update  # one command; its exit status is ours\n  ephemeral-admin launch --keep --tmux           # work survives a dropped connection"
+        after_help = "Examples:\n  ephemeral-admin launch                         # a shell; everything is removed when it ends\n  ephemeral-admin launch -- sudo apt-get update  # one command; its exit status is ours\n  ephemeral-admin launch --keep --tmux           # work survives a dropped connection\n  ephemeral-admin launch --package jq --setup prep.sh  # runs prep.sh on the box first"
     )]
     Launch(Box<LaunchArgs>),
     /// Open a shell (or run a command) on a running session.
@@ -212,6 +215,15 @@ pub struct LaunchArgs {
     /// Also attach this existing security group (sg-…, in the subnet's VPC; repeatable).
     #[arg(long = "security-group", value_name = "SG_ID")]
     pub security_groups: Vec<String>,
+    /// A package to install on the box before the shell or command starts (repeatable).
+    #[arg(long = "package", value_name = "NAME")]
+    pub packages: Vec<String>,
+    /// A script file to run on the box (as root, through cloud-init) before the shell or command.
+    #[arg(long, value_name = "FILE", conflicts_with = "setup_script")]
+    pub setup: Option<PathBuf>,
+    /// The same, given inline: `--setup-script 'echo hi > /etc/motd'`.
+    #[arg(long, value_name = "SCRIPT")]
+    pub setup_script: Option<String>,
     /// Run this command on the box instead of a shell (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

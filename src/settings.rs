@@ -38,6 +38,8 @@ pub struct Settings {
     pub boot_grace: Duration,
     pub watchdog_interval: Duration,
     pub connect_timeout: Duration,
+    /// How long `launch` waits for the box's setup (packages and script) before giving up.
+    pub setup_timeout: Duration,
     /// The TCP port dialled on the box (`connect = public-ip|private-ip`, and `%p` in a proxy
     /// command). The box's sshd and the ingress rule use 22; another value only makes sense for
     /// a port-mapped route, such as the local cloud's simulated boxes when port 22 is taken.
@@ -70,6 +72,12 @@ pub struct Settings {
     pub security_groups: Vec<String>,
     /// USD per hour by region and instance type, overriding the shipped table.
     pub on_demand_prices: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Packages installed on the box before the shell or command starts.
+    pub packages: Vec<String>,
+    /// The script run on the box (as root, through cloud-init) before the shell or command.
+    pub setup: Option<SetupScript>,
+    /// The `[profiles.NAME]` bundle applied, if any.
+    pub profile_name: Option<String>,
     /// `$XDG_STATE_HOME/ephemeral-admin`: session records, keys, ledger.
     pub state_dir: PathBuf,
     /// `$HOME/.ssh`, where `ssh-config --install` writes (None without HOME).
@@ -160,6 +168,13 @@ impl VolumeKind {
     }
 }
 
+/// A setup script's text and what to call it in messages (its file, or "the inline script").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetupScript {
+    pub text: String,
+    pub origin: String,
+}
+
 /// Root volume sizes EBS accepts for gp2 and gp3.
 pub const ROOT_VOLUME_GB_RANGE: std::ops::RangeInclusive<u32> = 8..=16384;
 
@@ -216,6 +231,7 @@ struct FileConfig {
     boot_grace: Option<String>,
     watchdog_interval: Option<String>,
     connect_timeout: Option<String>,
+    setup_timeout: Option<String>,
     ssh_port: Option<u16>,
     spot_price_ratio: Option<Number>,
     on_demand_fallback: Option<bool>,
@@ -237,7 +253,15 @@ struct FileConfig {
     security_groups: Option<Vec<String>>,
     output: Option<String>,
     on_demand_prices: Option<BTreeMap<String, BTreeMap<String, Number>>>,
+    packages: Option<Vec<String>>,
+    setup: Option<String>,
+    setup_script: Option<String>,
+    /// Named bundles of the keys above, applied over the top level with `--profile-name`.
+    profiles: Option<BTreeMap<String, toml::Table>>,
 }
+
+/// Keys that are two spellings of one setting: a profile setting one replaces the other.
+const ALTERNATIVE_KEYS: [&[&str]; 1] = [&["setup", "setup_script"]];
 
 /// TOML distinguishes `2` from `2.0`; a budget or a ratio accepts either.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -262,6 +286,17 @@ enum Source {
     Flag(&'static str),
     Env(String),
     File { path: PathBuf, line: Option<usize> },
+}
+
+impl Source {
+    /// Precedence: a flag beats a variable beats the file.
+    fn rank(&self) -> u8 {
+        match self {
+            Source::Flag(_) => 3,
+            Source::Env(_) => 2,
+            Source::File { .. } => 1,
+        }
+    }
 }
 
 impl fmt::Display for Source {
@@ -303,21 +338,26 @@ pub fn env_name(key: &str) -> String {
 /// Resolves and validates every setting for this invocation. No AWS call happens before this.
 pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
     let (config_path, file_text) = locate_config(cli, env)?;
-    let file: FileConfig = match (&config_path, &file_text) {
-        (Some(path), Some(text)) => toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|span| line_of_offset(text, span.start));
-            let at = match line {
-                Some(line) => format!("{}:{line}", path.display()),
-                None => path.display().to_string(),
-            };
-            UsageError::new(format!(
-                "config {at}: {}; see config.example.toml for every key",
-                e.message().trim()
-            ))
-        })?,
+    let profile_name = match &cli.global.profile_name {
+        Some(name) => Some((name.clone(), Source::Flag("--profile-name"))),
+        None => env
+            .var("EPHEMERAL_ADMIN_PROFILE_NAME")
+            .map(|v| (v, Source::Env("EPHEMERAL_ADMIN_PROFILE_NAME".into()))),
+    };
+    let file = match (&config_path, &file_text) {
+        (Some(path), Some(text)) => read_config(path, text, profile_name.as_ref())?,
+        _ if profile_name.is_some() => return Err(no_such_profile(profile_name.as_ref(), &BTreeMap::new())),
         _ => FileConfig::default(),
     };
-    let r = Resolver { env, path: config_path.clone(), text: file_text.unwrap_or_default() };
+    let profile_keys = profile_name.as_ref().and_then(|(name, _)| {
+        Some((name.clone(), file.profiles.as_ref()?.get(name)?.keys().cloned().collect()))
+    });
+    let r = Resolver {
+        env,
+        path: config_path.clone(),
+        text: file_text.unwrap_or_default(),
+        profile: profile_keys,
+    };
     let launch = cli.command.launch_args();
     let g = &cli.global;
 
@@ -386,6 +426,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
     let boot_grace = duration("boot_grace", None, "", file.boot_grace, "10m")?;
     let watchdog_interval = duration("watchdog_interval", None, "", file.watchdog_interval, "5s")?;
     let connect_timeout = duration("connect_timeout", None, "", file.connect_timeout, "3m")?;
+    let setup_timeout = duration("setup_timeout", None, "", file.setup_timeout, "30m")?;
     let ssh_port = match r.string("ssh_port", None, "", file.ssh_port.map(|p| p.to_string()))? {
         Some((value, source)) => match value.trim().parse::<u16>() {
             Ok(port) if port > 0 => port,
@@ -541,6 +582,13 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         .transpose()?
         .unwrap_or_default();
 
+    let packages = r
+        .list("packages", launch.map(|l| l.packages.clone()), "--package", file.packages)?
+        .map(|(values, source)| validate_packages(values, &source.unwrap_or(Source::Flag("--package"))))
+        .transpose()?
+        .unwrap_or_default();
+    let setup = setup_script(&r, launch, file.setup, file.setup_script)?;
+
     let state_dir = state_dir(env)?;
     let ssh_dir = env.var("HOME").map(|home| Path::new(&home).join(".ssh"));
 
@@ -564,6 +612,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         boot_grace,
         watchdog_interval,
         connect_timeout,
+        setup_timeout,
         ssh_port,
         spot_price_ratio,
         on_demand_fallback,
@@ -584,9 +633,130 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         subnet,
         security_groups,
         on_demand_prices,
+        packages,
+        setup,
+        profile_name: profile_name.map(|(name, _)| name),
         state_dir,
         ssh_dir,
     })
+}
+
+/// Parses the config file; with a profile chosen, its table is laid over the top level first, so
+/// every key works in a profile without code of its own.
+fn read_config(
+    path: &Path,
+    text: &str,
+    profile: Option<&(String, Source)>,
+) -> Result<FileConfig, UsageError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|span| line_of_offset(text, span.start));
+        let at = match line {
+            Some(line) => format!("{}:{line}", path.display()),
+            None => path.display().to_string(),
+        };
+        UsageError::new(format!("config {at}: {}; see config.example.toml for every key", e.message().trim()))
+    })?;
+    let profiles = file.profiles.clone().unwrap_or_default();
+    for (name, table) in &profiles {
+        check_profile(path, name, table)?;
+    }
+    let Some((name, _)) = profile else { return Ok(file) };
+    let Some(chosen) = profiles.get(name) else { return Err(no_such_profile(profile, &profiles)) };
+    let mut merged: toml::Table = toml::from_str(text).expect("parsed above");
+    merged.remove("profiles");
+    for (key, value) in chosen {
+        for group in ALTERNATIVE_KEYS.iter().filter(|g| g.contains(&key.as_str())) {
+            for other in group.iter() {
+                merged.remove(*other);
+            }
+        }
+        merged.insert(key.clone(), value.clone());
+    }
+    let mut merged: FileConfig = toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| {
+        UsageError::new(format!("config {} with profile {name}: {}", path.display(), e.message().trim()))
+    })?;
+    merged.profiles = Some(profiles);
+    Ok(merged)
+}
+
+/// A profile holds the same keys as the top level, except profiles.
+fn check_profile(path: &Path, name: &str, table: &toml::Table) -> Result<(), UsageError> {
+    let at = format!("config {}: [profiles.{name}]", path.display());
+    if table.contains_key("profiles") {
+        return Err(UsageError::new(format!("{at}: a profile cannot hold profiles")));
+    }
+    toml::Value::Table(table.clone()).try_into::<FileConfig>().map(|_| ()).map_err(|e| {
+        UsageError::new(format!("{at}: {}; see config.example.toml for every key", e.message().trim()))
+    })
+}
+
+fn no_such_profile(
+    profile: Option<&(String, Source)>,
+    defined: &BTreeMap<String, toml::Table>,
+) -> UsageError {
+    let (name, source) = profile.expect("a profile was asked for");
+    let defined = if defined.is_empty() {
+        "the config defines no profiles (add a [profiles.NAME] table)".to_string()
+    } else {
+        format!("defined: {}", defined.keys().cloned().collect::<Vec<_>>().join(", "))
+    };
+    UsageError::new(format!("no profile {name:?} ({source}): {defined}"))
+}
+
+/// Package names as apt and dnf take them (`jq`, `postgresql-client-16`, `nginx=1.24*` is not
+/// one: versions are a package manager's own syntax, so only letters, digits and `+ - . _ : =`).
+fn validate_packages(packages: Vec<String>, source: &Source) -> Result<Vec<String>, UsageError> {
+    for name in &packages {
+        let ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.len() <= 200
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "+-._:=".contains(c));
+        if !ok {
+            return Err(UsageError::new(format!(
+                "invalid package {name:?} ({source}): expected a package name like jq or postgresql-client"
+            )));
+        }
+    }
+    Ok(packages)
+}
+
+/// `setup` (a file) or `setup_script` (inline): the one from the stronger source wins; both
+/// from the same source is ambiguous. Only `launch` reads the file (`terminate` must work
+/// whatever became of it).
+fn setup_script(
+    r: &Resolver,
+    launch: Option<&crate::cli::LaunchArgs>,
+    file_path: Option<String>,
+    file_inline: Option<String>,
+) -> Result<Option<SetupScript>, UsageError> {
+    if launch.is_none() {
+        return Ok(None);
+    }
+    let path_flag = launch.and_then(|l| l.setup.as_ref()).map(|p| p.to_string_lossy().into_owned());
+    let path = r.string("setup", path_flag, "--setup", file_path)?;
+    let inline_flag = launch.and_then(|l| l.setup_script.clone());
+    let inline = r.string("setup_script", inline_flag, "--setup-script", file_inline)?;
+    let use_path = match (&path, &inline) {
+        (Some((_, a)), Some((_, b))) if a.rank() == b.rank() => {
+            return Err(UsageError::new(format!(
+                "both setup ({a}) and setup_script ({b}) are set: keep one (setup names a file, setup_script is the script itself)"
+            )));
+        }
+        (Some((_, a)), Some((_, b))) => a.rank() > b.rank(),
+        (path, _) => path.is_some(),
+    };
+    if !use_path {
+        return Ok(inline.map(|(text, _)| SetupScript { text, origin: "the inline setup script".into() }));
+    }
+    let (value, source) = path.expect("chosen above");
+    let file = match &source {
+        // A config's relative path is relative to the config file.
+        Source::File { path: config, .. } => config.parent().unwrap_or(Path::new(".")).join(&value),
+        _ => PathBuf::from(&value),
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        UsageError::new(format!("cannot read the setup script {} ({source}): {e}", file.display()))
+    })?;
+    Ok(Some(SetupScript { text, origin: file.display().to_string() }))
 }
 
 /// `root_volume_gb` and `root_volume_type`, checked against what EBS accepts.
@@ -698,17 +868,28 @@ struct Resolver<'a> {
     env: &'a dyn Env,
     path: Option<PathBuf>,
     text: String,
+    /// The chosen profile and the keys it sets: their lines are in its table.
+    profile: Option<(String, std::collections::BTreeSet<String>)>,
 }
 
 impl Resolver<'_> {
     fn file_source(&self, key: &str) -> Source {
         let path = self.path.clone().unwrap_or_default();
-        let line = self.text.lines().position(|l| {
+        // Where the chosen profile's table starts, when the value is the profile's.
+        let start = match &self.profile {
+            Some((name, keys)) if keys.contains(key) => self
+                .text
+                .lines()
+                .position(|l| l.trim().replace(['"', ' '], "") == format!("[profiles.{name}]"))
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let line = self.text.lines().skip(start).position(|l| {
             let l = l.trim_start();
             l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
                 || l.starts_with(&format!("[{key}"))
         });
-        Source::File { path, line: line.map(|i| i + 1) }
+        Source::File { path, line: line.map(|i| i + start + 1) }
     }
 
     fn string(
@@ -1134,6 +1315,77 @@ mod tests {
         assert_eq!(s.connect, ConnectMode::ProxyCommand);
         let e = resolve_with(&["launch", "--connect", "proxy-command"], &[]).unwrap_err();
         assert!(e.0.contains("--proxy-command"), "{}", e.0);
+    }
+
+    fn config(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ea-settings-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.toml");
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_profile_sits_between_the_environment_and_the_top_level() {
+        let file = config(
+            "profiles",
+            "max_runtime = \"3h\"\nidle_grace = \"5m\"\nmonthly_budget = 3\n\n\
+             [profiles.db]\nmax_runtime = \"2h\"\nidle_grace = \"6m\"\ninstance_types = [\"t3.large\"]\n\
+             packages = [\"postgresql-client\"]\n",
+        );
+        let f = file.to_str().unwrap();
+        let s = resolve_with(
+            &["--config", f, "--profile-name", "db", "launch", "--max-runtime", "1h"],
+            &[("EPHEMERAL_ADMIN_IDLE_GRACE", "7m")],
+        )
+        .unwrap();
+        assert_eq!(s.max_runtime, Duration::from_secs(3600), "flag beats profile");
+        assert_eq!(s.idle_grace, Duration::from_secs(420), "env beats profile");
+        assert_eq!(s.instance_types, ["t3.large"], "profile beats default");
+        assert_eq!(s.packages, ["postgresql-client"]);
+        assert_eq!(s.monthly_budget, 3.0, "top level where the profile is silent");
+        let s = resolve_with(&["--config", f, "launch"], &[("EPHEMERAL_ADMIN_PROFILE_NAME", "db")]).unwrap();
+        assert_eq!(s.max_runtime, Duration::from_secs(7200), "profile beats top level");
+        let s = resolve_with(&["--config", f, "launch"], &[]).unwrap();
+        assert_eq!(s.max_runtime, Duration::from_secs(3 * 3600), "no profile: top level");
+        assert!(s.packages.is_empty());
+    }
+
+    #[test]
+    fn profile_errors_name_the_profile() {
+        let file = config("profile-errors", "[profiles.db]\nmax_runtime = \"2\"\n[profiles.web]\n");
+        let f = file.to_str().unwrap();
+        let e = resolve_with(&["--config", f, "--profile-name", "x", "list"], &[]).unwrap_err();
+        assert_eq!(e.0, "no profile \"x\" (from --profile-name): defined: db, web");
+        let e = resolve_with(&["--config", f, "--profile-name", "db", "list"], &[]).unwrap_err();
+        assert!(e.0.starts_with("invalid max_runtime \"2\" (in "), "{}", e.0);
+        assert!(e.0.contains("config.toml:2)"), "the profile's own line: {}", e.0);
+        let file = config("profile-unknown-key", "[profiles.db]\nmax_runtim = \"2h\"\n");
+        let e = resolve_with(&["--config", file.to_str().unwrap(), "list"], &[]).unwrap_err();
+        assert!(e.0.contains("[profiles.db]") && e.0.contains("max_runtim"), "{}", e.0);
+        let e = resolve_with(&["--profile-name", "db", "list"], &[]).unwrap_err();
+        assert!(e.0.contains("defines no profiles"), "{}", e.0);
+    }
+
+    #[test]
+    fn setup_is_a_file_or_inline_and_packages_are_names() {
+        let file = config("setup", "setup = \"prep.sh\"\n[profiles.inline]\nsetup_script = \"echo hi\"\n");
+        std::fs::write(file.with_file_name("prep.sh"), "echo prep\n").unwrap();
+        let f = file.to_str().unwrap();
+        let s = resolve_with(&["--config", f, "launch"], &[]).unwrap();
+        let setup = s.setup.unwrap();
+        assert_eq!(setup.text, "echo prep\n", "relative to the config file");
+        assert!(setup.origin.ends_with("prep.sh"));
+        let s = resolve_with(&["--config", f, "--profile-name", "inline", "launch"], &[]).unwrap();
+        assert_eq!(s.setup.unwrap().text, "echo hi", "the profile's inline script replaces the file");
+        let s = resolve_with(&["--config", f, "launch", "--setup-script", "true"], &[]).unwrap();
+        assert_eq!(s.setup.unwrap().text, "true", "a flag beats the file");
+        let both = config("setup-both", "setup = \"a.sh\"\nsetup_script = \"true\"\n");
+        let e = resolve_with(&["--config", both.to_str().unwrap(), "launch"], &[]).unwrap_err();
+        assert!(e.0.starts_with("both setup (in "), "{}", e.0);
+        assert!(resolve_with(&["--config", both.to_str().unwrap(), "list"], &[]).unwrap().setup.is_none());
+        let e = resolve_with(&["launch", "--package", "jq; rm -rf /"], &[]).unwrap_err();
+        assert!(e.0.starts_with("invalid package \"jq; rm -rf /\" (from --package)"), "{}", e.0);
     }
 
     #[test]

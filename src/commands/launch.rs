@@ -15,12 +15,13 @@ use serde::Serialize;
 use time::Duration as TimeDuration;
 
 use super::attach::{self, Outcome, Route, Work};
+use super::setup;
 use super::{Context, SessionView};
 use crate::aws::launch::Candidate;
 use crate::aws::launch::{self as ec2_launch, LaunchEvent, LaunchSpec};
 use crate::aws::{alarm, ami, iam, identity, instances, logs, network, schedule, spot, vpc};
 use crate::cli::{ConnectMode, LaunchArgs};
-use crate::error::{ExitStatus, Interrupted, OverBudget};
+use crate::error::{ExitStatus, Interrupted, OverBudget, UsageError};
 use crate::keys::SessionKeys;
 use crate::ledger::ended_by;
 use crate::output::{short_duration, usd};
@@ -68,6 +69,8 @@ struct Launched {
 
 pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let signals = Signals::install().context("listening for Ctrl-C")?;
+    // User-data AWS would refuse is bad input: refused before any AWS call.
+    check_user_data(&ctx.settings, args)?;
     for cidr in &ctx.settings.allow_cidrs {
         let whom = if cidr.prefix_len() == 0 {
             "every address on the internet".to_string()
@@ -92,6 +95,13 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         record.expires_at,
         record.kept
     ));
+    if args.detach && has_setup(&ctx.settings) {
+        ctx.printer.status(format!(
+            "the setup runs on the box now; `ephemeral-admin connect {} -- cat {}/setup.log` shows how far it got",
+            record.id,
+            userdata::SETUP_DIR
+        ));
+    }
     if args.detach {
         for failure in log.finish().await {
             ctx.printer.warn(failure);
@@ -115,6 +125,13 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         let session = attach::open(ctx, &options, &signals).await?;
         attached = true;
         result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
+        if has_setup(&ctx.settings) {
+            if let Err(e) = setup::wait(ctx, &session, &signals).await {
+                session.close().await;
+                return Err(e);
+            }
+            result.timings_ms.push(("setup".into(), result.started.elapsed().as_millis() as u64));
+        }
         log.send(format!("connect session={} via={}", record.id, options.transport));
         if args.command.is_empty() {
             ctx.printer.status(attach::banner(&record, keep));
@@ -136,7 +153,13 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     if args.timings {
         ctx.printer.status(timings_line(&result.timings_ms).trim_start());
     }
-    if keep && matches!(outcome, Ok(Outcome::Exited(_))) {
+    let setup_failed = matches!(&outcome, Err(e) if e.is::<setup::SetupFailed>());
+    if keep && setup_failed {
+        ctx.printer.status(format!(
+            "left session {} running (--keep) to look into the setup: `ephemeral-admin connect {}`; `ephemeral-admin terminate {}` ends it",
+            record.id, record.id, record.id
+        ));
+    } else if keep && matches!(outcome, Ok(Outcome::Exited(_))) {
         ctx.printer.status(format!(
             "left session {} running (--keep): it ends after {} idle or at {}; `ephemeral-admin terminate {}` ends it now",
             record.id,
@@ -149,6 +172,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
             Ok(Outcome::Exited(_)) => ended_by::EXIT,
             Ok(Outcome::Stopped(_)) => ended_by::INTERRUPTED,
             Err(e) if e.is::<Interrupted>() => ended_by::INTERRUPTED,
+            Err(e) if e.is::<setup::SetupFailed>() => ended_by::LAUNCH_FAILED,
             // Never got a shell: a rejected key, a box that never answered.
             Err(_) if !attached => ended_by::LAUNCH_FAILED,
             Err(_) => ended_by::CONNECTION_LOST,
@@ -170,6 +194,55 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         }
         .into()),
     }
+}
+
+fn has_setup(s: &crate::settings::Settings) -> bool {
+    !s.packages.is_empty() || s.setup.is_some()
+}
+
+/// The box's cloud-config for this session.
+fn render_user_data(
+    s: &crate::settings::Settings,
+    session_id: &str,
+    keys: &SessionKeys,
+    (expires, cap): (time::OffsetDateTime, time::OffsetDateTime),
+    kept: bool,
+) -> String {
+    let idle_grace = if kept { s.kept_idle_grace } else { s.idle_grace };
+    userdata::render(&userdata::BoxConfig {
+        session_id,
+        host_key_private: &keys.host.private_openssh,
+        host_key_public: &keys.host.public_openssh,
+        client_key_public: &keys.client.public_openssh,
+        deadline_epoch: expires.unix_timestamp(),
+        cap_epoch: cap.unix_timestamp(),
+        idle_grace_secs: idle_grace.as_secs(),
+        boot_grace_secs: s.boot_grace.as_secs(),
+        interval_secs: s.watchdog_interval.as_secs().max(1),
+        install_tmux: s.tmux,
+        packages: &s.packages,
+        setup_script: s.setup.as_ref().map(|setup| setup.text.as_str()),
+    })
+}
+
+/// Renders the user-data with throw-away keys of the real size and checks that AWS would take
+/// it (gzip'd if need be): exit 2 before any AWS call if not.
+fn check_user_data(s: &crate::settings::Settings, args: &LaunchArgs) -> Result<()> {
+    if !has_setup(s) {
+        return Ok(());
+    }
+    let id = session::new_id();
+    let keys = SessionKeys::generate(&id)?;
+    let now = SystemClock.now();
+    let kept = args.detach || args.keep || s.tmux;
+    let text = render_user_data(s, &id, &keys, (now, now), kept);
+    userdata::encode(&text).map(drop).map_err(|e| {
+        let script = s
+            .setup
+            .as_ref()
+            .map(|setup| format!(" (the setup script {} is {} bytes)", setup.origin, setup.text.len()));
+        UsageError::new(format!("{e}{}", script.unwrap_or_default())).into()
+    })
 }
 
 fn timings_line(timings: &[(String, u64)]) -> String {
@@ -409,7 +482,8 @@ async fn provision(
                 )
             })
             .unwrap_or_default();
-        ctx.printer.status(format!("session {session_id}: {first}{price}{estimate}"));
+        let profile = s.profile_name.as_ref().map(|p| format!(" (profile {p})")).unwrap_or_default();
+        ctx.printer.status(format!("session {session_id}{profile}: {first}{price}{estimate}"));
     }
     if let Err(refusal) =
         budget_guard(ctx, &store, &caller.account, &candidates, args.over_budget, clock.now())
@@ -417,19 +491,14 @@ async fn provision(
         return Err(undo(ctx, &aws, &store, &recorder, refusal, &clock).await);
     }
 
-    let idle_grace = if kept { s.kept_idle_grace } else { s.idle_grace };
-    let user_data = userdata::render(&userdata::BoxConfig {
-        session_id: &session_id,
-        host_key_private: &keys.host.private_openssh,
-        host_key_public: &keys.host.public_openssh,
-        client_key_public: &keys.client.public_openssh,
-        deadline_epoch: expires.unix_timestamp(),
-        cap_epoch: cap.unix_timestamp(),
-        idle_grace_secs: idle_grace.as_secs(),
-        boot_grace_secs: s.boot_grace.as_secs(),
-        interval_secs: s.watchdog_interval.as_secs().max(1),
-        install_tmux: s.tmux,
-    });
+    let user_data = match userdata::encode(&render_user_data(s, &session_id, &keys, (expires, cap), kept)) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return Err(
+                undo(ctx, &aws, &store, &recorder, UsageError::new(e.to_string()).into(), &clock).await
+            );
+        }
+    };
     let spec = LaunchSpec {
         session_id: session_id.clone(),
         image_id: image.id.clone(),

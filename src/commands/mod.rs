@@ -12,6 +12,7 @@ mod launch;
 mod policy;
 mod prices;
 mod sessions;
+mod setup;
 mod view;
 
 pub use view::SessionView;

@@ -25,6 +25,8 @@ pub enum ExecIo<'a> {
     Inherit,
     /// Send `stdin` followed by EOF; collect stdout and stderr into `output`.
     Capture { stdin: Vec<u8>, output: &'a mut Captured },
+    /// No stdin; both remote streams to our stderr (output that is progress, not a result).
+    Stderr,
 }
 
 /// What an [`ExecIo::Capture`] run printed.
@@ -63,6 +65,12 @@ impl Session {
                 };
                 pump(&mut reader, &writer, input, &mut Sink::Capture(output)).await
             }
+            ExecIo::Stderr => {
+                let input = async {
+                    let _ = writer.eof().await;
+                };
+                pump(&mut reader, &writer, input, &mut Sink::Stderr).await
+            }
         }
     }
 }
@@ -70,12 +78,18 @@ impl Session {
 enum Sink<'a> {
     Inherit,
     Capture(&'a mut Captured),
+    Stderr,
 }
 
 impl Sink<'_> {
     async fn write(&mut self, to_stderr: bool, data: &[u8]) -> std::io::Result<()> {
         match self {
             Sink::Inherit => write_now(to_stderr, data),
+            // Progress only: a closed stderr drops it, the remote side carries on.
+            Sink::Stderr => match write_now(true, data) {
+                Err(e) if is_reader_gone(&e) => Ok(()),
+                other => other,
+            },
             Sink::Capture(captured) => {
                 let out = if to_stderr { &mut captured.stderr } else { &mut captured.stdout };
                 out.extend_from_slice(data);

@@ -1,13 +1,17 @@
 //! The box's user-data: a `#cloud-config` document that installs our pinned host key (and no
 //! other), authorizes the session's client key, turns password login off, makes sshd probe its
 //! clients (a vanished laptop's half-open connection must not keep the box up), arms a boot-time
-//! poweroff at the hard cap (in case the watchdog never runs), and installs and starts the
-//! watchdog that ends the box.
+//! poweroff at the hard cap (in case the watchdog never runs), installs and starts the
+//! watchdog that ends the box, and last runs the session's packages and setup script (see
+//! `setup.sh`: it logs to a file the launch follows over SSH).
 //!
 //! Rendered deterministically (same inputs, same bytes) so it can be snapshot-tested. The only
 //! secret in it is the host private key: no AWS credentials, no client private key.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
+
+use base64::Engine as _;
 
 /// The on-box watchdog (POSIX sh, linted by shellcheck in CI).
 pub const WATCHDOG_SCRIPT: &str = include_str!("watchdog.sh");
@@ -25,8 +29,28 @@ pub const SSHD_DROPIN_PATH: &str = "/etc/ssh/sshd_config.d/00-ephemeral-admin.co
 pub const SSHD_DROPIN: &str = "# ephemeral-admin: keys only; notice a client that vanished without closing its connection.\n\
     PasswordAuthentication no\nKbdInteractiveAuthentication no\nClientAliveInterval 10\nClientAliveCountMax 3\n";
 
-/// AWS refuses user-data above 16 KB (before base64).
+/// AWS refuses user-data above 16 KB "in raw form, before it is base64-encoded" (EC2 User Guide,
+/// "Work with instance user data").
 pub const MAX_USER_DATA: usize = 16 * 1024;
+/// AWS's API models bound the base64 text at 21847 characters (Auto Scaling's `UserData`, in a
+/// ValidationError users have hit), one short of 16 KiB's base64: staying within it costs one
+/// byte (16383 raw bytes fit) and is safe whichever check EC2 applies.
+const MAX_USER_DATA_BASE64: usize = 21847;
+
+/// Whether `raw` bytes of user-data pass both limits.
+pub fn fits(raw: usize) -> bool {
+    raw <= MAX_USER_DATA && raw.div_ceil(3) * 4 <= MAX_USER_DATA_BASE64
+}
+
+/// Installs the packages and runs the setup script, as cloud-init's last runcmd (POSIX sh,
+/// linted by shellcheck in CI).
+pub const SETUP_RUNNER: &str = include_str!("setup.sh");
+pub const SETUP_RUNNER_PATH: &str = "/usr/local/sbin/ephemeral-admin-setup";
+/// The user's setup script on the box (root only).
+pub const SETUP_SCRIPT_PATH: &str = "/etc/ephemeral-admin/setup";
+/// Where the runner logs and leaves `setup.status`, unless `EA_SETUP_DIR` says otherwise (the
+/// box simulator gives each box its own).
+pub const SETUP_DIR: &str = "/var/log/ephemeral-admin";
 
 /// Everything the box needs to know, decided on the laptop.
 #[derive(Debug, Clone)]
@@ -44,6 +68,48 @@ pub struct BoxConfig<'a> {
     pub boot_grace_secs: u64,
     pub interval_secs: u64,
     pub install_tmux: bool,
+    /// Installed by the setup runner (logged, and its failure reported), unlike tmux.
+    pub packages: &'a [String],
+    pub setup_script: Option<&'a str>,
+}
+
+impl BoxConfig<'_> {
+    /// Whether the launch has setup to wait for.
+    pub fn has_setup(&self) -> bool {
+        !self.packages.is_empty() || self.setup_script.is_some()
+    }
+}
+
+/// The user-data as sent: the rendering itself, or gzip'd when that is above AWS's limit
+/// (cloud-init unpacks gzip user-data).
+pub fn encode(rendered: &str) -> Result<Vec<u8>, TooLarge> {
+    if fits(rendered.len()) {
+        return Ok(rendered.as_bytes().to_vec());
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(rendered.as_bytes()).expect("writing to memory");
+    let packed = gz.finish().expect("writing to memory");
+    if fits(packed.len()) {
+        Ok(packed)
+    } else {
+        Err(TooLarge { rendered: rendered.len(), gzipped: packed.len() })
+    }
+}
+
+/// User-data AWS would refuse even gzip'd.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the box's user-data would be {} ({} gzip'd), above the 16 KiB AWS accepts: shorten the setup script, or have it download the rest on the box",
+    kib(*rendered),
+    kib(*gzipped)
+)]
+pub struct TooLarge {
+    pub rendered: usize,
+    pub gzipped: usize,
+}
+
+fn kib(bytes: usize) -> String {
+    format!("{:.1} KiB", bytes as f64 / 1024.0)
 }
 
 /// Renders the cloud-config.
@@ -84,12 +150,30 @@ pub fn render(config: &BoxConfig) -> String {
     write_file(&mut out, WATCHDOG_PATH, "0755", WATCHDOG_SCRIPT);
     write_file(&mut out, WATCHDOG_UNIT_PATH, "0644", WATCHDOG_UNIT);
     write_file(&mut out, SSHD_DROPIN_PATH, "0644", SSHD_DROPIN);
+    if config.has_setup() {
+        write_file(&mut out, SETUP_RUNNER_PATH, "0755", SETUP_RUNNER);
+    }
+    if let Some(script) = config.setup_script {
+        // Base64: any bytes arrive as they are (a YAML block would need care with indentation).
+        let _ = writeln!(out, "  - path: {SETUP_SCRIPT_PATH}\n    permissions: '0700'\n    encoding: b64");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(script);
+        let _ = writeln!(out, "    content: {encoded}");
+    }
     out.push_str("runcmd:\n");
     out.push_str(
         "  - systemctl try-reload-or-restart ssh.service || systemctl try-reload-or-restart sshd.service\n",
     );
     out.push_str("  - [systemctl, daemon-reload]\n");
     out.push_str("  - [systemctl, enable, --now, ephemeral-admin-watchdog.service]\n");
+    if config.has_setup() {
+        let script = if config.setup_script.is_some() { SETUP_SCRIPT_PATH } else { "-" };
+        let _ = write!(out, "  - ['{SETUP_RUNNER_PATH}', '{script}'");
+        for package in config.packages {
+            // Validated in settings: letters, digits and + - . _ : = only.
+            let _ = write!(out, ", '{package}'");
+        }
+        out.push_str("]\n");
+    }
     out
 }
 
@@ -131,6 +215,7 @@ fn indent(out: &mut String, text: &str, spaces: usize) {
 mod tests {
     use super::*;
     use crate::keys::SessionKeys;
+    use std::io::Read as _;
 
     fn sample(keys: &SessionKeys) -> String {
         render(&BoxConfig {
@@ -144,6 +229,8 @@ mod tests {
             boot_grace_secs: 600,
             interval_secs: 5,
             install_tmux: true,
+            packages: &[],
+            setup_script: None,
         })
     }
 
@@ -172,6 +259,8 @@ mod tests {
             boot_grace_secs: 600,
             interval_secs: 5,
             install_tmux: false,
+            packages: &[],
+            setup_script: None,
         });
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/userdata/testdata/user-data.snapshot");
         if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
@@ -256,6 +345,76 @@ mod tests {
         );
         assert!(script.trim_end().ends_with('&'), "waiting for the timer's start job deadlocks the boot");
         assert!(!script.contains("shutdown"), "shutdown -P without logind powers off at once");
+    }
+
+    #[test]
+    fn setup_runs_last_with_the_script_byte_for_byte() {
+        let keys = SessionKeys::generate("abcdefgh").unwrap();
+        let script = "  indented first line\n\tweird: yaml: [x\n#!not a shebang here\n";
+        let packages = ["jq".to_string(), "postgresql-client".to_string()];
+        let mut config = BoxConfig {
+            session_id: "abcdefgh",
+            host_key_private: &keys.host.private_openssh,
+            host_key_public: &keys.host.public_openssh,
+            client_key_public: &keys.client.public_openssh,
+            deadline_epoch: 1_795_370_400,
+            cap_epoch: 1_795_399_200,
+            idle_grace_secs: 120,
+            boot_grace_secs: 600,
+            interval_secs: 5,
+            install_tmux: false,
+            packages: &packages,
+            setup_script: Some(script),
+        };
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&render(&config)).expect("valid YAML");
+        let files = doc["write_files"].as_sequence().unwrap();
+        let file = |path: &str| files.iter().find(|f| f["path"].as_str() == Some(path)).unwrap().clone();
+        let sent = file(SETUP_SCRIPT_PATH);
+        assert_eq!(sent["encoding"].as_str(), Some("b64"));
+        let decoded =
+            base64::engine::general_purpose::STANDARD.decode(sent["content"].as_str().unwrap()).unwrap();
+        assert_eq!(decoded, script.as_bytes());
+        assert_eq!(file(SETUP_RUNNER_PATH)["content"].as_str().unwrap(), SETUP_RUNNER);
+        let runcmd = doc["runcmd"].as_sequence().unwrap();
+        let last: Vec<&str> =
+            runcmd.last().unwrap().as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(
+            last,
+            [SETUP_RUNNER_PATH, SETUP_SCRIPT_PATH, "jq", "postgresql-client"],
+            "after the watchdog"
+        );
+
+        config.setup_script = None;
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&render(&config)).unwrap();
+        let last = doc["runcmd"].as_sequence().unwrap().last().unwrap().clone();
+        assert_eq!(last[1].as_str(), Some("-"), "packages only");
+        config.packages = &[];
+        assert!(!render(&config).contains(SETUP_RUNNER_PATH), "no setup, no runner");
+    }
+
+    #[test]
+    fn user_data_is_gzipped_above_16_kib_and_refused_above_it_gzipped() {
+        assert!(fits(16383) && !fits(16384), "16384 bytes are 21848 base64 characters, one too many");
+        let small = "#cloud-config\n".to_string();
+        assert_eq!(encode(&small).unwrap(), small.as_bytes());
+        let big = format!("#cloud-config\n{}", "# the same line again and again\n".repeat(1000));
+        let packed = encode(&big).unwrap();
+        assert!(packed.starts_with(&[0x1f, 0x8b]) && packed.len() <= MAX_USER_DATA);
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(&packed[..]).read_to_string(&mut out).unwrap();
+        assert_eq!(out, big);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let noise: String = (0..40_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect();
+        let e = encode(&noise).unwrap_err();
+        assert!(e.gzipped > MAX_USER_DATA, "{e}");
+        assert!(e.to_string().contains("above the 16 KiB AWS accepts"), "{e}");
     }
 
     #[test]

@@ -19,4 +19,5 @@ mod realbox;
 mod robust;
 mod schedule;
 mod session;
+mod setup;
 mod ssh;

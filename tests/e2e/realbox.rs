@@ -154,8 +154,9 @@ fn watchdog_says(cloud: &LocalCloud, instance: &str, what: &str, limit: Duration
 }
 
 /// Lifecycle 1: `launch -- CMD` on a real box: sshd offers the pinned host key and no other, the
-/// watchdog runs under systemd, real cloud-init accepts the cloud-config, the command's output
-/// and status come back, and teardown leaves nothing.
+/// watchdog runs under systemd, real cloud-init accepts the cloud-config and runs the setup
+/// script before the command (its log streamed to stderr), the command's output and status come
+/// back, and teardown leaves nothing.
 #[test]
 #[ignore = "real-box tier (QEMU): scripts/test runs it"]
 fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
@@ -167,9 +168,23 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         sudo sshd -T | grep -E '^(clientaliveinterval|clientalivecountmax|passwordauthentication) '; \
         echo cap=$(sudo systemctl is-active ephemeral-admin-cap.timer); \
         echo host_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$'); \
+        echo marker=$(cat /tmp/ea-setup-marker); \
         echo to-stderr >&2; exit 7";
+    let setup = "echo setup-ran-as-$(id -un); echo made > /tmp/ea-setup-marker";
     let child = user
-        .command(&["launch", "--my-ip", "203.0.113.7", "--user", LOGIN, "--", "sh", "-c", script])
+        .command(&[
+            "launch",
+            "--my-ip",
+            "203.0.113.7",
+            "--user",
+            LOGIN,
+            "--setup-script",
+            setup,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -202,10 +217,13 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         "passwordauthentication no\n",
         "cap=active\n",
         "host_keys=1\n",
+        "marker=made\n",
     ] {
         assert!(stdout.contains(expected), "{expected:?} in\n{stdout}\nstderr:\n{stderr}");
     }
     assert!(stderr.contains("to-stderr"), "{stderr}");
+    let streamed = stderr.find("setup-ran-as-root").unwrap_or_else(|| panic!("the setup's log: {stderr}"));
+    assert!(stderr[streamed..].contains("setup done"), "{stderr}");
     assert_nothing_left(&cloud);
     assert!(!session_dir(&user, &session).join("id_ed25519").exists(), "the private key is deleted");
     let log = lines(&box_info(&cloud, &instance), "watchdog_log");

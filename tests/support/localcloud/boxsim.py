@@ -12,7 +12,10 @@ simulated box:
   authorized keys from the user-data (``ssh_keys`` / ``ssh_authorized_keys``);
 * the real watchdog script and its env file are taken from ``write_files`` and run
   with ``sh`` the way the systemd unit would run it, talking to a fake IMDSv2;
-  its power-off POSTs back to localcloud, which terminates the instance in moto.
+  its power-off POSTs back to localcloud, which terminates the instance in moto;
+* user-data may be gzip'd, as cloud-init accepts it;
+* a ``runcmd`` entry that runs a written file (the CLI's setup runner) runs as cloud-init would,
+  with stub ``apt-get``/``dnf``/``yum`` that record package installs (see ``_start_setup``).
 
 Interface expected from ``cloud``::
 
@@ -116,6 +119,17 @@ SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GONE_STATES = {"shutting-down", "terminated", "stopping", "stopped"}
 WATCHDOG_MARK = "ephemeral-admin-watchdog: "
 VM_BOOT_LIMIT = float(os.environ.get("BOXSIM_VM_BOOT_LIMIT", "300"))
+
+# apt-get, dnf and yum on a simulated box's setup PATH: nothing can be installed here.
+PACKAGE_STUB = """#!/bin/sh
+echo "$(basename "$0") $*" >> __LOG__
+for a in "$@"; do
+    case "$a" in
+        no-such-*) echo "E: Unable to locate package $a" >&2; exit 100 ;;
+    esac
+done
+echo "boxsim: $(basename "$0") $* (recorded in packages.log; nothing installed)"
+"""
 
 _SIM: "BoxSim | None" = None
 
@@ -414,6 +428,7 @@ class Box:
         self.private_alias = None  # the private IP boxsim added to lo (removed when the box stops)
         self.sshd = None
         self.watchdog = None
+        self.setup = None  # the setup runner cloud-init's runcmd would start
         self.watchdog_cmd = None
         self.watchdog_env = None
         self.watchdog_restarts = 0
@@ -669,6 +684,10 @@ class BoxSim:
             if not isinstance(cfg, dict):
                 raise ValueError("user-data is not a #cloud-config mapping")
             files = self._write_files(box, cfg)
+            # Before sshd here (runcmd comes later on a real box), so the launch's follower never
+            # looks before the runner made its log: on a host with cloud-init of its own, the
+            # follower's `cloud-init status` would say done and it would give up.
+            self._start_setup(box, cfg, files)
             self._start_sshd(box, cfg)
             self._start_watchdog(box, cfg, files)
             with box.lock:
@@ -868,6 +887,40 @@ class BoxSim:
         box.watchdog_cmd, box.watchdog_env = ["sh", script], env
         self._spawn_watchdog(box)
 
+    def _start_setup(self, box, cfg, files):
+        """What cloud-init's runcmd would do with a command that runs a file of write_files
+        (the CLI's setup runner): run it, as a box process, with every argument that names a
+        written file pointing at the box's copy. Packages cannot be installed here: apt-get,
+        dnf and yum on the runner's PATH are stubs that record the call in ``packages.log``
+        and say so, and refuse package names starting with ``no-such-`` as apt does an
+        unknown package (exit 100). The runner logs to the box's ``setup/`` (EA_SETUP_DIR,
+        also set in the box's SSH sessions)."""
+        for entry in cfg.get("runcmd") or []:
+            argv = entry if isinstance(entry, list) else None
+            if not argv or str(argv[0]) not in files or "ephemeral-admin-setup" not in str(argv[0]):
+                continue
+            local = [os.path.join(box.dir, "files", str(a).lstrip("/")) if str(a) in files else str(a)
+                     for a in argv]
+            stubs = os.path.join(box.dir, "sim-bin")
+            os.makedirs(stubs, exist_ok=True)
+            os.makedirs(os.path.join(box.dir, "home"), mode=0o700, exist_ok=True)
+            for tool in ("apt-get", "dnf", "yum"):
+                path = os.path.join(stubs, tool)
+                with open(path, "w") as f:
+                    f.write(PACKAGE_STUB.replace("__LOG__", shlex.quote(os.path.join(box.dir, "packages.log"))))
+                os.chmod(path, 0o755)
+            env = {"PATH": stubs + ":" + SYSTEMD_PATH + ":" + os.environ.get("PATH", ""), "LANG": "C.UTF-8",
+                   "HOME": os.path.join(box.dir, "home"), "EA_SETUP_DIR": os.path.join(box.dir, "setup"),
+                   MARK: box.iid}
+            with box.lock:
+                if box.stopped:
+                    return
+                with open(os.path.join(box.dir, "runcmd.log"), "ab") as log:
+                    box.setup = self.spawner.popen(
+                        ["sh"] + local, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                        env=env, cwd=box.dir, start_new_session=True)
+            box.note(f"setup runner started: {' '.join(shlex.quote(str(a)) for a in argv)}")
+
     def _spawn_watchdog(self, box):
         with box.lock:
             if box.stopped:
@@ -934,7 +987,7 @@ class BoxSim:
     def _kill_procs(self, box):
         if box.vm is not None:
             box.vm.stop()
-        procs = [p for p in (box.sshd, box.watchdog) if p is not None]
+        procs = [p for p in (box.sshd, box.watchdog, box.setup) if p is not None]
         roots = {p.pid for p in procs if p.poll() is None}
         table = _proc_table()
         pids = roots | _descendants(roots, table) | _marked(box.iid, table)
@@ -1122,7 +1175,7 @@ AllowTcpForwarding yes
 PrintMotd no
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
-SetEnv {MARK}={iid} HOME={d}/home
+SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup
 """
 
 
