@@ -78,6 +78,8 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
             "--allow-cidr {cidr}: SSH on this session's box is open to {whom} (the session key is still required)"
         ));
     }
+    // Local ports first: one that is taken fails before anything is made.
+    let mut listeners = Some(attach::bind_forwards(ctx).await?);
     let (aws, store, record, mut result) = provision(ctx, args, &signals).await?;
     let instance_id = record.instance_id.clone().context("the launch recorded no instance id")?;
     let log = logs::Writer::spawn(&aws, &instance_id);
@@ -116,10 +118,19 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         attached = true;
         result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         log.send(format!("connect session={} via={}", record.id, options.transport));
-        if args.command.is_empty() {
+        let listeners = listeners.take().unwrap_or_default();
+        attach::start_forwards(ctx, &session, &listeners).await?;
+        let no_command = ctx.settings.forwarding.no_command;
+        if args.command.is_empty() && !no_command {
             ctx.printer.status(attach::banner(&record, keep));
         }
-        let work = Work { command: &args.command, tmux: args.tmux, record: args.record.clone() };
+        let work = Work {
+            command: &args.command,
+            tmux: args.tmux,
+            record: args.record.clone(),
+            listeners,
+            no_command,
+        };
         let outcome = attach::work(&session, work, &signals).await;
         session.close().await;
         outcome
