@@ -119,19 +119,18 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         log.send(format!("connect session={} via={}", record.id, options.transport));
         let listeners = listeners.take().unwrap_or_default();
-        attach::start_forwards(ctx, &session, &listeners).await?;
         let no_command = ctx.settings.forwarding.no_command;
-        if args.command.is_empty() && !no_command {
-            ctx.printer.status(attach::banner(&record, keep));
-        }
-        let work = Work {
-            command: &args.command,
-            tmux: args.tmux,
-            record: args.record.clone(),
-            listeners,
-            no_command,
+        let outcome = match attach::start_forwards(ctx, &session, &listeners).await {
+            Ok(()) => {
+                if args.command.is_empty() && !no_command {
+                    ctx.printer.status(attach::banner(&record, keep));
+                }
+                let record = args.record.clone();
+                let work = Work { command: &args.command, tmux: args.tmux, record, listeners, no_command };
+                attach::work(&session, work, &signals).await
+            }
+            Err(e) => Err(e),
         };
-        let outcome = attach::work(&session, work, &signals).await;
         session.close().await;
         outcome
     }

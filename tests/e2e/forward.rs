@@ -210,9 +210,28 @@ fn local_and_socks_forwards_reach_a_service_only_the_box_can_reach_and_end_with_
     assert!(line.contains("as the box sees it"), "{line}");
     assert!(answered(&http_get(local, "/one"), &private, "/one"));
 
-    // 50 connections at once through the one forward, each with its own answer.
-    let clients: Vec<_> =
-        (0..50).map(|i| std::thread::spawn(move || (i, http_get(local, &format!("/conn-{i}"))))).collect();
+    // 50 connections open at once through the one forward: each request is left unfinished until
+    // all 50 are connected, so none is answered (and closed) before the last one opens.
+    let open: Vec<TcpStream> = (0..50)
+        .map(|i| {
+            let mut stream = TcpStream::connect(("127.0.0.1", local)).unwrap();
+            write!(stream, "GET /conn-{i} HTTP/1.0\r\nHost: console\r\n").unwrap();
+            stream
+        })
+        .collect();
+    let clients: Vec<_> = open
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut stream)| {
+            std::thread::spawn(move || {
+                stream.set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
+                stream.write_all(b"\r\n").unwrap();
+                let mut response = String::new();
+                stream.read_to_string(&mut response).unwrap();
+                (i, response)
+            })
+        })
+        .collect();
     for client in clients {
         let (i, response) = client.join().unwrap();
         assert!(answered(&response, &private, &format!("/conn-{i}")), "connection {i}: {response}");
@@ -266,6 +285,22 @@ fn remote_forwards_let_the_box_reach_a_listener_here_and_launch_forwards_end_wit
             let _ = stream.write_all(answer.as_bytes());
         }
     });
+
+    // A port the box cannot listen on (taken there): one line, exit 1, and the box is gone.
+    // (sshd listens on every loopback address of the box, so take the port on both.)
+    let taken = (0..20)
+        .find_map(|_| {
+            let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+            let v6 = TcpListener::bind(("::1", v4.local_addr().unwrap().port())).ok()?;
+            Some((v4, v6))
+        })
+        .expect("a port free on both loopbacks");
+    let spec = format!("{}:127.0.0.1:{target}", taken.0.local_addr().unwrap().port());
+    let run = user.run(&attached_args(&proxy, &["-R", &spec, "--", "true"]));
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains(&format!("error: the box refused -R {spec}")), "{}", run.stderr);
+    assert_nothing_left(&cloud);
+    drop(taken);
 
     // launch -R: the box's command reaches our listener through the port the box listens on.
     let on_box = free_port();
@@ -326,8 +361,18 @@ fn agent_forwarding_lets_the_box_use_the_local_agent_and_says_so_once() {
     let fingerprint =
         String::from_utf8(listed.stdout).unwrap().split_whitespace().nth(1).unwrap().to_string();
     let socket = dir.join("agent.sock");
-    let mut agent =
-        Command::new("ssh-agent").arg("-D").arg("-a").arg(&socket).stdout(Stdio::null()).spawn().unwrap();
+    // Killed however the test ends: a foreground agent would outlive it and hold its pipes.
+    let _agent = Background {
+        child: Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        stderr: Arc::default(),
+    };
     wait_until("the ssh-agent socket", Duration::from_secs(10), || socket.exists());
     let added = Command::new("ssh-add").arg(&key).env("SSH_AUTH_SOCK", &socket).output().unwrap();
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
@@ -364,7 +409,5 @@ fn agent_forwarding_lets_the_box_use_the_local_agent_and_says_so_once() {
 
     user.run(&["terminate", id]).success();
     assert_nothing_left(&cloud);
-    let _ = agent.kill();
-    let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }

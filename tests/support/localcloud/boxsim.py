@@ -1120,12 +1120,16 @@ class _PrivateHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class _QuietServer6(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
+class _PrivateServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # many forwarded connections may arrive at once
 
     def handle_error(self, request, client_address):
         pass
+
+
+class _PrivateServer6(_PrivateServer):
+    address_family = socket.AF_INET6
 
 
 class _PrivateService:
@@ -1140,8 +1144,8 @@ class _PrivateService:
     def start(cls, box):
         svc = cls(box)
         rand = secrets.randbelow
-        for server_class, host in ((_QuietServer, f"127.77.{1 + rand(254)}.{1 + rand(254)}"),
-                                   (_QuietServer6, "::1")):
+        for server_class, host in ((_PrivateServer, f"127.77.{1 + rand(254)}.{1 + rand(254)}"),
+                                   (_PrivateServer6, "::1")):
             try:
                 server = server_class((host, 0), _PrivateHandler)
             except OSError as e:  # no IPv6 loopback here: IPv4 only
