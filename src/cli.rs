@@ -61,12 +61,12 @@ pub enum OutputFormat {
 pub enum Command {
     /// Launch a spot box, open a shell on it, and tear everything down when the shell ends.
     #[command(
-        after_help = "Examples:\n  ephemeral-admin launch                         # a shell; everything is removed when it ends\n  ephemeral-admin launch -- sudo apt-get update  # one command; its exit status is ours\n  ephemeral-admin launch --keep --tmux           # work survives a dropped connection\n  ephemeral-admin launch --package jq --setup prep.sh  # runs prep.sh on the box first"
+        after_help = "Examples:\n  ephemeral-admin launch                         # a shell; everything is removed when it ends\n  ephemeral-admin launch -- sudo apt-get update  # one command; its exit status is ours\n  ephemeral-admin launch --keep --tmux           # work survives a dropped connection\n  ephemeral-admin launch --package jq --setup prep.sh  # runs prep.sh on the box first\n  ephemeral-admin launch -N -L 8443:10.0.1.20:443   # a tunnel; Ctrl-C ends it and the box"
     )]
     Launch(Box<LaunchArgs>),
     /// Open a shell (or run a command) on a running session.
     #[command(
-        after_help = "Examples:\n  ephemeral-admin connect k3x9q2ab               # a shell on a running session\n  ephemeral-admin connect k3x9q2ab -- df -h       # one command\n  ephemeral-admin connect i-0123456789abcdef0 --tmux"
+        after_help = "Examples:\n  ephemeral-admin connect k3x9q2ab               # a shell on a running session\n  ephemeral-admin connect k3x9q2ab -- df -h       # one command\n  ephemeral-admin connect i-0123456789abcdef0 --tmux\n  ephemeral-admin connect k3x9q2ab -N -L 5432:db.internal:5432   # a tunnel until Ctrl-C"
     )]
     Connect(ConnectArgs),
     /// Move a session's hard deadline later.
@@ -224,9 +224,33 @@ pub struct LaunchArgs {
     /// The same, given inline: `--setup-script 'echo hi > /etc/motd'`.
     #[arg(long, value_name = "SCRIPT")]
     pub setup_script: Option<String>,
+    #[command(flatten)]
+    pub forward: ForwardArgs,
     /// Run this command on the box instead of a shell (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// Port and agent forwarding on `launch` and `connect`, spelled as in OpenSSH. Everything
+/// forwarded lives as long as this client's connection.
+#[derive(Debug, Args, Default, Clone)]
+#[command(next_help_heading = "Forwarding (while connected)")]
+pub struct ForwardArgs {
+    /// Listen here (127.0.0.1 unless ADDR is given), connect to HOST:PORT from the box (repeatable).
+    #[arg(short = 'L', value_name = "[ADDR:]PORT:HOST:PORT")]
+    pub local: Vec<String>,
+    /// Listen on the box (its loopback unless ADDR; PORT 0: the box picks), connect to HOST:PORT from here (repeatable).
+    #[arg(short = 'R', value_name = "[ADDR:]PORT:HOST:PORT")]
+    pub remote: Vec<String>,
+    /// A SOCKS5 proxy here (127.0.0.1 unless ADDR) whose connections go out from the box (repeatable).
+    #[arg(short = 'D', value_name = "[ADDR:]PORT")]
+    pub dynamic: Vec<String>,
+    /// Forward your ssh-agent (SSH_AUTH_SOCK): root on the box can use it while you are connected.
+    #[arg(short = 'A', long)]
+    pub forward_agent: bool,
+    /// No shell or command: only forward, until Ctrl-C (or the connection ends).
+    #[arg(short = 'N')]
+    pub no_command: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -289,6 +313,8 @@ pub struct ConnectArgs {
     /// Record the session as an asciicast v2 file.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    #[command(flatten)]
+    pub forward: ForwardArgs,
     /// Run this command on the box instead of a shell (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -378,6 +404,15 @@ impl Command {
     pub fn launch_args(&self) -> Option<&LaunchArgs> {
         match self {
             Command::Launch(args) => Some(args.as_ref()),
+            _ => None,
+        }
+    }
+
+    /// The forwarding flags of `launch` and `connect`.
+    pub fn forward_args(&self) -> Option<&ForwardArgs> {
+        match self {
+            Command::Launch(args) => Some(&args.forward),
+            Command::Connect(args) => Some(&args.forward),
             _ => None,
         }
     }

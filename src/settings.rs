@@ -82,6 +82,20 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// `$HOME/.ssh`, where `ssh-config --install` writes (None without HOME).
     pub ssh_dir: Option<PathBuf>,
+    /// Port forwarding of `launch` and `connect` (see [`resolve_forwarding`]).
+    pub forwarding: Forwarding,
+}
+
+/// `-L`, `-R`, `-D`, `-N` (flags only: they belong to one connection) and `-A` / `forward_agent`.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarding {
+    pub forwards: crate::ssh::forward::Forwards,
+    /// `-N`: no shell or command, only the forwards.
+    pub no_command: bool,
+    /// Forward the agent (`-A` or `forward_agent = true`).
+    pub agent: bool,
+    /// `$SSH_AUTH_SOCK`, the agent to forward.
+    pub agent_socket: Option<PathBuf>,
 }
 
 /// What the AWS SDK needs beyond its own default chain.
@@ -258,6 +272,7 @@ struct FileConfig {
     setup_script: Option<String>,
     /// Named bundles of the keys above, applied over the top level with `--profile-name`.
     profiles: Option<BTreeMap<String, toml::Table>>,
+    forward_agent: Option<bool>,
 }
 
 /// Keys that are two spellings of one setting: a profile setting one replaces the other.
@@ -589,6 +604,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         .unwrap_or_default();
     let setup = setup_script(&r, launch, file.setup, file.setup_script)?;
 
+    let forwarding = resolve_forwarding(cli, env, r.boolean("forward_agent", file.forward_agent)?)?;
     let state_dir = state_dir(env)?;
     let ssh_dir = env.var("HOME").map(|home| Path::new(&home).join(".ssh"));
 
@@ -638,6 +654,48 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         profile_name: profile_name.map(|(name, _)| name),
         state_dir,
         ssh_dir,
+        forwarding,
+    })
+}
+
+/// The forwarding flags, checked before anything happens: every spec parses, and nothing asks
+/// for what cannot be (forwards on a launch that does not stay connected, `-N` with a command,
+/// `-A` with no agent to forward).
+fn resolve_forwarding(
+    cli: &Cli,
+    env: &dyn Env,
+    config_agent: Option<bool>,
+) -> Result<Forwarding, UsageError> {
+    let Some(flags) = cli.command.forward_args() else { return Ok(Forwarding::default()) };
+    let forwards = crate::ssh::forward::Forwards::parse(&flags.local, &flags.remote, &flags.dynamic)
+        .map_err(UsageError::new)?;
+    let (command, tmux, record) = match &cli.command {
+        Command::Launch(l) => (&l.command, l.tmux, l.record.is_some()),
+        Command::Connect(c) => (&c.command, c.tmux, c.record.is_some()),
+        _ => unreachable!("only launch and connect forward"),
+    };
+    let asked = !forwards.is_empty() || flags.no_command || flags.forward_agent;
+    if asked && cli.command.launch_args().is_some_and(|l| l.detach) {
+        return Err(UsageError::new(
+            "forwarding lasts only while this client is connected, and --detach does not connect: launch with -N (forward until Ctrl-C) instead, or `connect ID -N -L …` later",
+        ));
+    }
+    if flags.no_command && (!command.is_empty() || tmux || record) {
+        return Err(UsageError::new(
+            "-N means no command and no shell: leave out the command after --, --tmux and --record",
+        ));
+    }
+    let agent_socket = env.var("SSH_AUTH_SOCK").map(PathBuf::from);
+    if flags.forward_agent && agent_socket.is_none() {
+        return Err(UsageError::new(
+            "-A forwards your ssh-agent, but SSH_AUTH_SOCK is not set: start one (`eval $(ssh-agent)` and `ssh-add`)",
+        ));
+    }
+    Ok(Forwarding {
+        forwards,
+        no_command: flags.no_command,
+        agent: flags.forward_agent || config_agent.unwrap_or(false),
+        agent_socket,
     })
 }
 

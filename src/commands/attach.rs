@@ -13,6 +13,7 @@ use crate::output::{short_duration, usd};
 use crate::session::store::{SessionRecord, Store};
 use crate::session::{self, Clock, SystemClock};
 use crate::signals::Signals;
+use crate::ssh::forward::{Listeners, host_port};
 use crate::ssh::{self, ConnectOptions, ExecIo, RemoteExit, ShellOptions, Transport};
 
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
@@ -140,26 +141,81 @@ pub async fn open(ctx: &Context, options: &ConnectOptions, signals: &Signals) ->
     Ok(session)
 }
 
+/// Binds the `-L` and `-D` listeners before any AWS call: a port that is taken is bad input.
+pub async fn bind_forwards(ctx: &Context) -> Result<Listeners> {
+    Listeners::bind(&ctx.settings.forwarding.forwards)
+        .await
+        .map_err(|why| crate::error::UsageError::new(format!("{why}: pick another port")).into())
+}
+
+/// Once connected, before the command or shell: asks the box for the `-R` ports, turns on agent
+/// forwarding, and says in one line each what is forwarded.
+pub async fn start_forwards(ctx: &Context, session: &ssh::Session, listeners: &Listeners) -> Result<()> {
+    let forwarding = &ctx.settings.forwarding;
+    for forward in &forwarding.forwards.remote {
+        let port = session.request_remote(forward).await.map_err(anyhow::Error::msg)?;
+        let on_box = match forward.bind.addr.as_deref() {
+            None => "localhost",
+            Some("") => "*",
+            Some(addr) => addr,
+        };
+        ctx.printer.status(format!(
+            "forwarding {} on the box to {} here",
+            host_port(on_box, port),
+            host_port(&forward.host, forward.port)
+        ));
+    }
+    for line in listeners.describe() {
+        ctx.printer.status(line);
+    }
+    if forwarding.agent {
+        match &forwarding.agent_socket {
+            Some(socket) => {
+                session.forward_agent(socket.clone());
+                ctx.printer.warn("forwarding your ssh-agent: root on the box can use it (not copy your keys) while you are connected");
+            }
+            None => {
+                ctx.printer.warn("forward_agent is on, but SSH_AUTH_SOCK is not set: no agent to forward")
+            }
+        }
+    }
+    if forwarding.no_command {
+        ctx.printer.status("no shell (-N): forwarding until Ctrl-C");
+    }
+    Ok(())
+}
+
 /// What to do once connected.
 pub struct Work<'a> {
     pub command: &'a [String],
     pub tmux: bool,
     pub record: Option<PathBuf>,
+    /// The `-L` and `-D` listeners, served while the command or shell runs and closed after.
+    pub listeners: Listeners,
+    /// `-N`: no command or shell; only the forwards, until a signal or the connection ends.
+    pub no_command: bool,
 }
 
-/// Runs the command or the shell; returns how it ended, or the signal that stopped it.
+/// Runs the command or the shell, serving the forwards meanwhile; returns how it ended, or the
+/// signal that stopped it. The forwards end with it.
 pub async fn work(session: &ssh::Session, work: Work<'_>, signals: &Signals) -> Result<Outcome> {
+    let Work { command, tmux, record, listeners, no_command } = work;
     let run = async {
-        if !work.command.is_empty() {
-            return session.exec(work.command, ExecIo::Inherit).await;
+        if no_command {
+            session.closed().await;
+            return Ok(RemoteExit::Lost);
+        }
+        if !command.is_empty() {
+            return session.exec(command, ExecIo::Inherit).await;
         }
         let term =
             std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "xterm-256color".into());
-        let command = work.tmux.then(|| format!("tmux new-session -A -s {TMUX_SESSION}"));
-        session.shell(ShellOptions { term, command, record: work.record }).await
+        let command = tmux.then(|| format!("tmux new-session -A -s {TMUX_SESSION}"));
+        session.shell(ShellOptions { term, command, record }).await
     };
     tokio::select! {
         exit = run => Ok(Outcome::Exited(exit?)),
+        never = session.serve(listeners) => match never {},
         stop = signals.stopped() => Ok(Outcome::Stopped(stop)),
     }
 }

@@ -52,6 +52,8 @@ async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecor
 }
 
 pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
+    // Local ports first: one that is taken fails before anything else.
+    let listeners = attach::bind_forwards(ctx).await?;
     let id = &super::resolve_session(ctx, &args.session.id).await?;
     let (store, mut record) = running_session(ctx, id).await?;
     // With its launcher gone, this process becomes the session's client, so cleanup does not
@@ -70,11 +72,22 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
     let instance_id = record.instance_id.as_deref().context("the session record has no instance id")?;
     let log = crate::aws::logs::Writer::spawn(&ctx.aws().await?, instance_id);
     log.send(format!("connect session={id} via={}", options.transport));
-    if args.command.is_empty() {
-        ctx.printer.status(attach::banner(&record, true));
+    let no_command = ctx.settings.forwarding.no_command;
+    let outcome = async {
+        attach::start_forwards(ctx, &session, &listeners).await?;
+        if args.command.is_empty() && !no_command {
+            ctx.printer.status(attach::banner(&record, true));
+        }
+        let work = Work {
+            command: &args.command,
+            tmux: args.tmux,
+            record: args.record.clone(),
+            listeners,
+            no_command,
+        };
+        attach::work(&session, work, &signals).await
     }
-    let work = Work { command: &args.command, tmux: args.tmux, record: args.record.clone() };
-    let outcome = attach::work(&session, work, &signals).await;
+    .await;
     session.close().await;
     for failure in log.finish().await {
         ctx.printer.warn(failure);
@@ -86,7 +99,7 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
             if took_over {
                 store.update(id, |r| r.kept = true)?;
             }
-            if args.command.is_empty() {
+            if args.command.is_empty() && !no_command {
                 ctx.printer.status(format!(
                     "left session {id} running: it ends after {} idle or at {}; `ephemeral-admin terminate {id}` ends it now",
                     short_duration(std::time::Duration::from_secs(

@@ -81,6 +81,8 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
             "--allow-cidr {cidr}: SSH on this session's box is open to {whom} (the session key is still required)"
         ));
     }
+    // Local ports first: one that is taken fails before anything is made.
+    let mut listeners = Some(attach::bind_forwards(ctx).await?);
     let (aws, store, record, mut result) = provision(ctx, args, &signals).await?;
     let instance_id = record.instance_id.clone().context("the launch recorded no instance id")?;
     let log = logs::Writer::spawn(&aws, &instance_id);
@@ -133,11 +135,19 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
             result.timings_ms.push(("setup".into(), result.started.elapsed().as_millis() as u64));
         }
         log.send(format!("connect session={} via={}", record.id, options.transport));
-        if args.command.is_empty() {
-            ctx.printer.status(attach::banner(&record, keep));
-        }
-        let work = Work { command: &args.command, tmux: args.tmux, record: args.record.clone() };
-        let outcome = attach::work(&session, work, &signals).await;
+        let listeners = listeners.take().unwrap_or_default();
+        let no_command = ctx.settings.forwarding.no_command;
+        let outcome = match attach::start_forwards(ctx, &session, &listeners).await {
+            Ok(()) => {
+                if args.command.is_empty() && !no_command {
+                    ctx.printer.status(attach::banner(&record, keep));
+                }
+                let record = args.record.clone();
+                let work = Work { command: &args.command, tmux: args.tmux, record, listeners, no_command };
+                attach::work(&session, work, &signals).await
+            }
+            Err(e) => Err(e),
+        };
         session.close().await;
         outcome
     }

@@ -123,7 +123,8 @@ async fn attempt(
     config: &Arc<client::Config>,
     key: &Arc<PrivateKey>,
 ) -> Result<Session, Failure> {
-    let pinned = Pinned { expected: opts.host_key.clone() };
+    let inbound = Arc::new(super::forward::Inbound::default());
+    let pinned = Pinned { expected: opts.host_key.clone(), inbound: inbound.clone() };
     let (handshake, proxy) = match &opts.transport {
         Transport::Tcp { host, port } => {
             let stream = tcp_connect_staggered(host, *port, TCP_STAGGER, TCP_CONNECT_TIMEOUT)
@@ -150,7 +151,7 @@ async fn attempt(
         }
     };
     let handle = handshake?;
-    Ok(Session { handle, proxy })
+    Ok(Session { handle, proxy, inbound })
 }
 
 /// Connects to `host:port`, starting another connect every `stagger` while earlier ones are
@@ -256,9 +257,11 @@ fn describe(error: &russh::Error) -> String {
     }
 }
 
-/// The client handler: accepts exactly the pinned host key.
+/// The client handler: accepts exactly the pinned host key, and hands the channels the box
+/// opens (`-R` connections, the agent) to the session's forwarding.
 pub(crate) struct Pinned {
     expected: PublicKey,
+    inbound: Arc<super::forward::Inbound>,
 }
 
 #[derive(Debug)]
@@ -288,6 +291,30 @@ impl client::Handler for Pinned {
                 presented: format!("a certificate for {}", cert.public_key().fingerprint(HashAlg::Sha256)),
             }),
         }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.inbound.forwarded_tcpip(channel, connected_address, connected_port, reply);
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.inbound.agent_channel(channel, reply);
+        Ok(())
     }
 }
 

@@ -47,6 +47,7 @@ impl Session {
         anyhow::ensure!(!argv.is_empty(), "no remote command given");
         let channel =
             self.handle.channel_open_session().await.context("cannot open an SSH channel on the box")?;
+        self.request_agent(&channel).await;
         channel
             .exec(true, shell_quote(argv))
             .await

@@ -2,12 +2,14 @@
 //! pinned for this session, and then either runs one command without a PTY ([`Session::exec`]) or
 //! opens an interactive terminal ([`Session::shell`]), optionally recorded as an asciicast.
 //!
-//! No known_hosts, no trust on first use, no agent: the session made both keys, so the box either
-//! presents exactly the host key we gave it or we stop.
+//! No known_hosts, no trust on first use: the session made both keys, so the box either presents
+//! exactly the host key we gave it or we stop. Port and agent forwarding ride on the same
+//! connection ([`forward`]).
 
 pub mod config_file;
 mod connect;
 mod exec;
+pub mod forward;
 mod quote;
 pub mod record;
 mod shell;
@@ -183,12 +185,15 @@ pub struct Session {
     handle: client::Handle<connect::Pinned>,
     /// The proxy command, when there is one: killed when the session goes.
     proxy: Option<connect::ProxyProcess>,
+    /// What the client handler needs for channels the box opens (`-R`, the agent).
+    inbound: std::sync::Arc<forward::Inbound>,
 }
 
 impl Session {
     /// Says goodbye to sshd and waits (briefly) for the connection to wind down.
     pub async fn close(self) {
-        let Session { handle, proxy } = self;
+        let Session { handle, proxy, inbound } = self;
+        inbound.shutdown();
         if handle.disconnect(russh::Disconnect::ByApplication, "", "en").await.is_ok() {
             // The handle resolves when the session task has sent the disconnect and ended.
             let _ = tokio::time::timeout(Duration::from_secs(2), handle).await;

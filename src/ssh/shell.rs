@@ -59,6 +59,7 @@ impl Session {
 
         let mut channel =
             self.handle.channel_open_session().await.context("cannot open an SSH channel on the box")?;
+        self.request_agent(&channel).await;
         let modes = if interactive { local_pty_modes() } else { Vec::new() };
         channel
             .request_pty(true, &opts.term, cols.into(), rows.into(), 0, 0, &modes)

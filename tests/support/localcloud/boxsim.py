@@ -62,6 +62,13 @@ A box without a public IP (a private subnet) is reached at its private IP, as ov
 its VPC: on Linux as root, boxsim adds that address to ``lo`` while the box lives (``ip addr add
 IP/32 dev lo``; removed when the box stops, resets or localcloud exits) and its sshd also listens
 there at the direct SSH port. An address that is already local is never taken over.
+Private service: every simulated box also runs a small HTTP service that only the box can reach,
+standing in for a private database or web console behind it. It listens on a random loopback
+address (127.77.x.y) and on [::1], both at ports chosen then; the addresses are handed only to the
+box, in ``$HOME/private-service`` (one ``host:port`` a line). It answers a request from one of the
+box's own processes (its sshd and their children, e.g. a forwarded connection) with
+``token=<secret>`` and the path asked for, and anyone else with 403, so a test that gets the token
+went through the box. ``GET /_localcloud/box/<iid>`` shows the token as ``private_service_token``.
 
 Module functions: attach(cloud), reset(), shutdown(). Set BOXSIM_KEEP_DIRS=1 to keep
 the box directories (logs) after shutdown.
@@ -449,6 +456,7 @@ class Box:
         self.vm_started_at = None  # Unix time QEMU was started
         self.meta = {}  # instance facts served by the IMDS
         self.user_data = b""
+        self.service = None  # the _PrivateService only this box reaches
 
     def note(self, msg):
         self.notes.append(msg)
@@ -689,6 +697,7 @@ class BoxSim:
             # follower's `cloud-init status` would say done and it would give up.
             self._start_setup(box, cfg, files)
             self._start_sshd(box, cfg)
+            box.service = _PrivateService.start(box)
             self._start_watchdog(box, cfg, files)
             with box.lock:
                 if not box.stopped:
@@ -985,6 +994,8 @@ class BoxSim:
             subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], capture_output=True)
 
     def _kill_procs(self, box):
+        if box.service is not None:
+            box.service.stop()
         if box.vm is not None:
             box.vm.stop()
         procs = [p for p in (box.sshd, box.watchdog, box.setup) if p is not None]
@@ -1075,6 +1086,7 @@ class BoxSim:
                 "wall": box.read_lines("wall.log"),
                 "sshd_log": box.read_lines("sshd.log", tail=200),
                 "notes": list(box.notes),
+                "private_service_token": box.service.token if box.service else None,
                 "console": box.console_lines()[-400:] if box.vm else [],
             })
             return 200, out
@@ -1177,6 +1189,128 @@ Subsystem sftp internal-sftp
 LogLevel VERBOSE
 SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup
 """
+
+
+# --------------------------------------------------------------------------- private service
+
+
+def _proc_net_addr(text):
+    """An address as /proc/net/tcp{,6} writes it (hex, 32-bit words in host order) -> bytes."""
+    raw = bytes.fromhex(text)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return raw
+
+
+def _tcp_socket_inode(local, remote):
+    """The inode of the TCP socket from ``local`` to ``remote`` ((host, port) each), or None."""
+    want = [(socket.inet_pton(socket.AF_INET6 if ":" in h else socket.AF_INET, h), p) for h, p in (local, remote)]
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            ends = []
+            for end in fields[1:3]:
+                host, port = end.split(":")
+                ends.append((_proc_net_addr(host), int(port, 16)))
+            if ends == want:
+                return fields[9]
+    return None
+
+
+class _PrivateHandler(BaseHTTPRequestHandler):
+    server_version = "boxsim-private"
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def do_GET(self):
+        svc = self.server.service
+        if svc.from_box(self.client_address[:2], self.server.server_address[:2]):
+            status = 200
+            body = f"boxsim private service of {svc.iid}\ntoken={svc.token}\npath={self.path}\n"
+        else:
+            status, body = 403, "denied: only the box reaches this service\n"
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _PrivateServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # many forwarded connections may arrive at once
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+class _PrivateServer6(_PrivateServer):
+    address_family = socket.AF_INET6
+
+
+class _PrivateService:
+    """The box's private HTTP service (see the module docstring)."""
+
+    def __init__(self, box):
+        self.box, self.iid = box, box.iid
+        self.token = secrets.token_hex(16)
+        self.servers = []
+
+    @classmethod
+    def start(cls, box):
+        svc = cls(box)
+        rand = secrets.randbelow
+        for server_class, host in ((_PrivateServer, f"127.77.{1 + rand(254)}.{1 + rand(254)}"),
+                                   (_PrivateServer6, "::1")):
+            try:
+                server = server_class((host, 0), _PrivateHandler)
+            except OSError as e:  # no IPv6 loopback here: IPv4 only
+                box.note(f"private service: cannot listen on {host}: {e}")
+                continue
+            server.service = svc
+            svc.servers.append(server)
+            threading.Thread(target=server.serve_forever, name=f"boxsim-private-{box.iid}", daemon=True).start()
+        lines = []
+        for server in svc.servers:
+            host, port = server.server_address[:2]
+            lines.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        with open(os.path.join(box.dir, "home", "private-service"), "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+        box.note(f"private service on {' '.join(lines)}")
+        return svc
+
+    def from_box(self, peer, ours):
+        """Whether the connection from ``peer`` is held by one of the box's processes."""
+        inode = _tcp_socket_inode(peer, ours)
+        sshd = self.box.sshd
+        if inode is None or sshd is None:
+            return False
+        needle = f"socket:[{inode}]"
+        for pid in {sshd.pid} | _descendants({sshd.pid}):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == needle:
+                        return True
+                except OSError:
+                    pass
+        return False
+
+    def stop(self):
+        servers, self.servers = self.servers, []
+        for server in servers:  # shutdown() waits for serve_forever's poll: not on this thread
+            threading.Thread(target=lambda s=server: (s.shutdown(), s.server_close()), daemon=True).start()
 
 
 # --------------------------------------------------------------------------- IMDS

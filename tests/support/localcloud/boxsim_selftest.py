@@ -577,8 +577,46 @@ def scenario_spot_reclaim(E):
     return "spot notice with terminate_in: walled, then reclaimed (terminated, box gone)"
 
 
+def _http_get(host, port, path):
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.decode(errors="replace")
+
+
+def scenario_private_service(E):
+    """The box's private service: 403 to us, the token through OpenSSH's own -L."""
+    iid = E.launch()
+    E.wait_box(iid, {"up"}, 10)
+    listed = E.run_ssh(iid, "cat", '"$HOME/private-service"')
+    check(listed.returncode == 0, f"reading the service's address on the box: {listed.stderr!r}")
+    host, _, port = listed.stdout.splitlines()[0].rpartition(":")
+    token = E.box(iid)["private_service_token"]
+    check(bool(token), "the control API shows the token")
+    direct = _http_get(host, int(port), "/direct")
+    check(direct.startswith("HTTP/1.0 403") and token not in direct, f"direct: {direct!r}")
+    local = free_port()
+    tunnel = subprocess.Popen(E.ssh(iid, "-N", extra=("-o", "ExitOnForwardFailure=yes",
+                                                       "-L", f"{local}:{host}:{port}")),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        end, answer = time.monotonic() + 10, ""
+        while time.monotonic() < end and "token=" not in answer:
+            try:
+                answer = _http_get("127.0.0.1", local, "/tunnel")
+            except OSError:
+                time.sleep(0.1)
+        check(f"token={token}\n" in answer and "path=/tunnel" in answer, f"through ssh -L: {answer!r}")
+    finally:
+        tunnel.terminate()
+        tunnel.wait(5)
+    return f"403 directly, token through ssh -L ({host}:{port})"
+
+
 SCENARIOS = [scenario_never_connected, scenario_hostkey_idle, scenario_deadline,
-             scenario_imds_down, scenario_spot_external, scenario_spot_reclaim]
+             scenario_imds_down, scenario_spot_external, scenario_spot_reclaim, scenario_private_service]
 
 
 # --------------------------------------------------------------------------- main
