@@ -344,6 +344,8 @@ async fn provision(
             anyhow::Ok(network.clone().expect("checked"))
         }
     };
+    // The one thing phase 1 creates before the record exists: removed if another step fails.
+    let made_group = std::sync::Mutex::new(None::<String>);
     let prepare = async {
         tokio::try_join!(
             // Who we are and where the box goes, then the session's own security group in that
@@ -375,6 +377,7 @@ async fn provision(
                     &session_tags,
                 )
                 .await?;
+                *made_group.lock().expect("not poisoned") = Some(group.id.clone());
                 crash::point("security-group");
                 anyhow::Ok((caller, group, net))
             },
@@ -415,7 +418,12 @@ async fn provision(
         super::cleanup::quick_sweep(ctx, &aws).await
     };
     let (prepared, swept) = tokio::join!(prepare, housekeeping);
-    let ((caller, group, net), my_ip, profile, keys, image, prices) = prepared?;
+    let ((caller, group, net), my_ip, profile, keys, image, prices) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            return Err(undo_prepare(ctx, &aws, made_group.into_inner().ok().flatten(), error).await);
+        }
+    };
     drop(step);
     if let Some(line) = network_line(&net) {
         ctx.printer.status(line);
@@ -691,6 +699,23 @@ fn network_line(net: &vpc::Network) -> Option<String> {
         groups => format!(", also in security group(s) {}", groups.join(", ")),
     };
     Some(format!("the box goes into {place}{groups}"))
+}
+
+/// Phase 1 failed (a denied call, a bad subnet, Ctrl-C): the session's group, if it was made
+/// already, goes before the error is reported; nothing else exists yet.
+async fn undo_prepare(
+    ctx: &Context,
+    aws: &crate::aws::Aws,
+    group: Option<String>,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    if let Some(group) = group
+        && let Err(e) = network::delete_security_group(aws, &group).await
+    {
+        ctx.printer
+            .warn(format!("the session's security group {group} is left for `ephemeral-admin cleanup`: {e}"));
+    }
+    error
 }
 
 /// What must hold before anything is created, checked at once: the name is not taken by one of
