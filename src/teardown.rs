@@ -26,8 +26,9 @@ pub struct SessionResources {
     pub security_group_id: Option<String>,
     pub rule_ids: Vec<String>,
     pub alarm_names: Vec<String>,
-    /// The scheduled deadline and sweeps (`aws::schedule`).
+    /// The scheduled deadline and sweeps (`aws::schedule`), and the role they run as.
     pub schedule_names: Vec<String>,
+    pub schedule_role_arn: Option<String>,
     /// The OpenSSH config file holding the session's host block, if one was installed.
     pub ssh_config_file: Option<std::path::PathBuf>,
     /// When the instance was launched (RFC 3339): EC2 must know an instance younger than an hour,
@@ -45,6 +46,7 @@ impl SessionResources {
             rule_ids: record.ingress_rule_ids.clone(),
             alarm_names: record.alarm_name.iter().cloned().collect(),
             schedule_names: record.schedule_names.clone(),
+            schedule_role_arn: record.schedule_role_arn.clone(),
             ssh_config_file: record.ssh_config_file.clone(),
             launched_at: record.launched_at.clone(),
         }
@@ -64,6 +66,9 @@ impl SessionResources {
         add(&mut self.rule_ids, other.rule_ids);
         add(&mut self.alarm_names, other.alarm_names);
         add(&mut self.schedule_names, other.schedule_names);
+        if self.schedule_role_arn.is_none() {
+            self.schedule_role_arn = other.schedule_role_arn;
+        }
         if self.security_group_id.is_none() {
             self.security_group_id = other.security_group_id;
         }
@@ -200,15 +205,20 @@ pub async fn teardown(
         let (group, alarms, schedules) = match &terminated {
             Ok(()) => {
                 let group = async {
-                    let deletion = match &resources.security_group_id {
+                    match &resources.security_group_id {
                         Some(group) => Some(network::delete_security_group(aws, group).await),
                         None => None,
-                    };
-                    let disarmed = disarm(aws, &resources.schedule_names, deletion.as_ref(), clock).await;
-                    (deletion, disarmed)
+                    }
                 };
-                let (group, alarms) = tokio::join!(group, alarm::delete(aws, &resources.alarm_names));
-                let (group, disarmed) = group;
+                let (group, alarms, disarmed) = tokio::join!(
+                    group,
+                    alarm::delete(aws, &resources.alarm_names),
+                    schedule::delete(aws, &resources.schedule_names),
+                );
+                let disarmed = match disarmed {
+                    Ok(()) => keep_sweeping(aws, resources, group.as_ref(), clock).await,
+                    Err(e) => Err(e),
+                };
                 (group, Some(alarms), Some(disarmed))
             }
             Err(_) => (None, None, None),
@@ -282,32 +292,27 @@ pub async fn teardown(
 /// instance is shutting down): the schedule deletes it then, with no `cleanup` needed.
 pub const GROUP_SWEEP_SOON: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 
-/// Deletes a session's schedules once its instance is sure to end. The group sweep is deleted
-/// too once the group is gone, or brought forward to [`GROUP_SWEEP_SOON`] while the group is
-/// still in use (or could not be deleted), so the group goes soon even if nobody runs `cleanup`.
-pub async fn disarm(
+/// A group AWS still holds (its instance shutting down) gets a fresh sweep a few minutes from
+/// now ([`GROUP_SWEEP_SOON`]), so it goes with no `cleanup`; only then is a third round trip
+/// spent. Without the schedules' role (a session from before them) `cleanup` stays the net.
+pub async fn keep_sweeping(
     aws: &Aws,
-    names: &[String],
+    resources: &SessionResources,
     group: Option<&Result<GroupDeletion, crate::aws::AwsError>>,
     clock: &dyn Clock,
 ) -> Result<(), crate::aws::AwsError> {
-    let (sweep, others): (Vec<String>, Vec<String>) = names
+    let still_there = matches!(group, Some(Ok(GroupDeletion::StillInUse)) | Some(Err(_)));
+    let had_sweep = resources
+        .schedule_names
         .iter()
-        .cloned()
-        .partition(|n| schedule::parse_name(n).is_some_and(|(_, job)| job == Job::SweepGroup));
-    let settle_sweep = async {
-        match group {
-            Some(Ok(GroupDeletion::StillInUse)) | Some(Err(_)) => {
-                for name in &sweep {
-                    schedule::reschedule(aws, name.clone(), clock.now() + GROUP_SWEEP_SOON).await?;
-                }
-                Ok(())
-            }
-            Some(Ok(GroupDeletion::Deleted)) | None => schedule::delete(aws, &sweep).await,
+        .any(|n| schedule::parse_name(n).is_some_and(|(_, job)| job == Job::SweepGroup));
+    match (&resources.security_group_id, &resources.schedule_role_arn) {
+        (Some(group_id), Some(role)) if still_there && had_sweep => {
+            let at = clock.now() + GROUP_SWEEP_SOON;
+            schedule::sweep_group_at(aws, &resources.session_id, group_id, role, at).await.map(|_| ())
         }
-    };
-    let (others, swept) = tokio::join!(schedule::delete(aws, &others), settle_sweep);
-    others.and(swept)
+        _ => Ok(()),
+    }
 }
 
 /// Takes an ended session's host block out of the OpenSSH config its record names (sessions

@@ -151,31 +151,57 @@ fn window() -> FlexibleTimeWindow {
 /// client token, and a schedule that already exists (an earlier attempt whose answer was lost)
 /// counts as created.
 pub async fn arm(aws: &Aws, plan: &Plan<'_>) -> Result<Vec<String>, AwsError> {
-    let calls = plan.jobs().into_iter().map(|(job, input)| async move {
-        let name = schedule_name(plan.session_id, job);
-        let at = plan.deadline + job.delay();
-        let created = aws
-            .scheduler
-            .create_schedule()
-            .name(&name)
-            .group_name(GROUP)
-            .description(format!("ephemeral-admin session {}: {}", plan.session_id, describe(job)))
-            .schedule_expression(at_expression(at))
-            .schedule_expression_timezone("UTC")
-            .flexible_time_window(window())
-            .target(target(job, plan.role_arn, &input))
-            .action_after_completion(ActionAfterCompletion::Delete)
-            .state(ScheduleState::Enabled)
-            .client_token(format!("{}-{}", plan.session_id, job.suffix()))
-            .send()
-            .await;
-        match created {
-            Ok(_) => Ok(name),
-            Err(e) if code_of(&e) == Some("ConflictException") => Ok(name),
-            Err(e) => Err(AwsError::new(format!("arming the scheduled deadline ({name})"), e)),
-        }
+    let calls = plan.jobs().into_iter().map(|(job, input)| {
+        let token = format!("{}-{}", plan.session_id, job.suffix());
+        create(aws, plan.session_id, job, plan.role_arn, input, plan.deadline + job.delay(), token)
     });
     join_all(calls).await.into_iter().collect()
+}
+
+/// A group sweep a few minutes from `now`, for a group that teardown found still in use (its
+/// instance shutting down): the group goes then, with no `cleanup`.
+pub async fn sweep_group_at(
+    aws: &Aws,
+    session_id: &str,
+    group_id: &str,
+    role_arn: &str,
+    at: OffsetDateTime,
+) -> Result<String, AwsError> {
+    let input = serde_json::json!({"GroupId": group_id}).to_string();
+    let token = format!("{session_id}-sweep-group-{}", at.unix_timestamp());
+    create(aws, session_id, Job::SweepGroup, role_arn, input, at, token).await
+}
+
+async fn create(
+    aws: &Aws,
+    session_id: &str,
+    job: Job,
+    role_arn: &str,
+    input: String,
+    at: OffsetDateTime,
+    token: String,
+) -> Result<String, AwsError> {
+    let name = schedule_name(session_id, job);
+    let created = aws
+        .scheduler
+        .create_schedule()
+        .name(&name)
+        .group_name(GROUP)
+        .description(format!("ephemeral-admin session {session_id}: {}", describe(job)))
+        .schedule_expression(at_expression(at))
+        .schedule_expression_timezone("UTC")
+        .flexible_time_window(window())
+        .target(target(job, role_arn, &input))
+        .action_after_completion(ActionAfterCompletion::Delete)
+        .state(ScheduleState::Enabled)
+        .client_token(token)
+        .send()
+        .await;
+    match created {
+        Ok(_) => Ok(name),
+        Err(e) if code_of(&e) == Some("ConflictException") => Ok(name),
+        Err(e) => Err(AwsError::new(format!("arming the scheduled deadline ({name})"), e)),
+    }
 }
 
 fn describe(job: Job) -> &'static str {

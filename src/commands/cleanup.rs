@@ -487,10 +487,15 @@ async fn remove(
             }
         }
         if ended {
-            let names: Vec<String> = f.schedules.iter().map(|a| a.name.clone()).collect();
-            if let Err(e) =
-                crate::teardown::disarm(aws, &names, group.map(Ok).as_ref(), session::clock().as_ref()).await
-            {
+            // A group still held keeps its sweep: it goes then, or with the next `cleanup`.
+            let held = group == Some(GroupDeletion::StillInUse);
+            let names: Vec<String> = f
+                .schedules
+                .iter()
+                .filter(|a| !(held && a.job == schedule::Job::SweepGroup))
+                .map(|a| a.name.clone())
+                .collect();
+            if let Err(e) = schedule::delete(aws, &names).await {
                 errors.push(e.to_string());
             }
         }

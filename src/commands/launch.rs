@@ -675,7 +675,10 @@ async fn arm_scheduled_deadline(
         role_arn: &role,
         deadline,
     };
-    recorder.update(|r| r.schedule_names = plan.names())?;
+    recorder.update(|r| {
+        r.schedule_names = plan.names();
+        r.schedule_role_arn = Some(role.clone());
+    })?;
     let names = schedule::arm(aws, &plan).await?;
     crash::point("schedule");
     Ok(names)

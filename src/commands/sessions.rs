@@ -146,6 +146,7 @@ pub async fn discover(aws: &Aws, id: &str, record: Option<&SessionRecord>) -> Re
             .collect(),
         // Schedules are ours by name (they carry no tags); deleting one that is not there is fine.
         schedule_names: schedule::Job::ALL.into_iter().map(|job| schedule::schedule_name(id, job)).collect(),
+        schedule_role_arn: None,
         ssh_config_file: None,
         launched_at: found.iter().find_map(|i| i.launch_time.clone()),
     });

@@ -62,6 +62,8 @@ pub struct SessionRecord {
     /// The session's EventBridge Scheduler schedules (`aws::schedule`): the deadline outside
     /// the box and the sweeps after it.
     pub schedule_names: Vec<String>,
+    /// The role those schedules run as (to re-arm a group sweep at teardown).
+    pub schedule_role_arn: Option<String>,
     pub launched_at: Option<String>,
     pub launch_attempts: Option<u32>,
     /// Launch phases, milliseconds since the launch started (for the ledger).

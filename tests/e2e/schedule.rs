@@ -145,3 +145,26 @@ fn a_box_whose_watchdog_never_ran_and_whose_laptop_vanished_is_ended_and_swept_b
     assert!(fired.iter().all(|i| i["ok"] == true), "{fired:#?}");
     assert_nothing_left(&cloud);
 }
+
+#[test]
+fn a_group_aws_still_holds_at_teardown_is_swept_minutes_later_with_no_cleanup() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let out = launch_detached(&user, &proxy, &[]);
+    let id = out["session_id"].as_str().unwrap();
+    // As on AWS right after TerminateInstances: the shutting-down instance still holds the group.
+    cloud.rules(json!([{ "action": "DeleteSecurityGroup", "error": "DependencyViolation", "times": 1 }]));
+    let ended = user.run(&["terminate", id, "--output", "json"]).success().json();
+    assert_eq!(ended["group"], "still-in-use", "{ended}");
+    let list = schedules(&cloud);
+    assert_eq!(list.len(), 1, "only a fresh group sweep is left: {list:#?}");
+    let sweep = schedule(&list, &format!("ephemeral-admin-{id}-sweep-group"));
+    let group = crate::launch::own_groups(&cloud.state())[0]["id"].clone();
+    assert_eq!(sweep["input"], json!({ "GroupId": group }));
+    // Five minutes on, the scheduler deletes the group: nobody runs cleanup or launches again.
+    advance(&cloud, 5.0 * 60.0 + 5.0);
+    wait_until("the group sweep", Duration::from_secs(20), || schedules(&cloud).is_empty());
+    assert_eq!(invocations(&cloud)[0]["ok"], true, "{:#?}", invocations(&cloud));
+    assert_nothing_left(&cloud);
+}
