@@ -110,6 +110,18 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
             }
             Ok(ExitStatus::Remote(exit.exit_code()))
         }
+        // `-N` ends by a signal by design: a status line, not an error; the exit code still
+        // says which signal (128+n).
+        Outcome::Stopped(stop) if no_command => {
+            ctx.printer.status(format!(
+                "stopped forwarding ({}); session {id} keeps running until idle or its deadline",
+                stop.name()
+            ));
+            Ok(match stop.exit_code() {
+                130 => ExitStatus::Interrupted,
+                code => ExitStatus::Remote(code),
+            })
+        }
         Outcome::Stopped(stop) => Err(Interrupted {
             what: stop.name(),
             done: format!("disconnected; session {id} keeps running until idle or its deadline"),

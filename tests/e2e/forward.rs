@@ -264,6 +264,8 @@ fn local_and_socks_forwards_reach_a_service_only_the_box_can_reach_and_end_with_
 
     let (code, stderr) = tunnel.interrupt();
     assert_eq!(code, 130, "{stderr}");
+    // Ctrl-C is how -N ends: said as what happened, not as an error.
+    assert!(stderr.contains("stopped forwarding (interrupted)") && !stderr.contains("error:"), "{stderr}");
     assert!(refused(local) && refused(socks), "the listeners close with the session");
     let status = user.run(&["status", id, "--output", "json"]).success().json();
     assert_eq!(status["state"], "running", "connect -N leaves the session running");
