@@ -359,7 +359,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
             .var("EPHEMERAL_ADMIN_PROFILE_NAME")
             .map(|v| (v, Source::Env("EPHEMERAL_ADMIN_PROFILE_NAME".into()))),
     };
-    let file = match (&config_path, &file_text) {
+    let mut file = match (&config_path, &file_text) {
         (Some(path), Some(text)) => read_config(path, text, profile_name.as_ref())?,
         _ if profile_name.is_some() => return Err(no_such_profile(profile_name.as_ref(), &BTreeMap::new())),
         _ => FileConfig::default(),
@@ -376,44 +376,169 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
     let launch = cli.command.launch_args();
     let g = &cli.global;
 
-    let region = r.string("region", g.region.clone(), "--region", file.region)?;
-    if let Some((region, source)) = &region {
-        validate_region(region, source)?;
-    }
-    let profile = r.string("profile", g.profile.clone(), "--profile", file.profile)?;
-    let endpoint_url =
-        match r.string("endpoint_url", g.endpoint_url.clone(), "--endpoint-url", file.endpoint_url)? {
-            Some(found) => Some(found),
-            None => env.var("AWS_ENDPOINT_URL").map(|v| (v, Source::Env("AWS_ENDPOINT_URL".into()))),
-        };
-    if let Some((url, source)) = &endpoint_url {
-        validate_url(url, source)?;
-    }
-
-    let output = match r.string("output", None, "--output", file.output)? {
+    let aws = aws_settings(&r, g, &mut file)?;
+    let output = match r.string("output", None, "--output", file.output.take())? {
         _ if g.output.is_some() => g.output.unwrap(),
         Some((value, source)) => parse_output(&value, &source)?,
         None => OutputFormat::Text,
     };
-
     let instance_types = r
-        .list("instance_types", instance_type_flags(&cli.command), "--instance-type", file.instance_types)?
+        .list(
+            "instance_types",
+            instance_type_flags(&cli.command),
+            "--instance-type",
+            file.instance_types.take(),
+        )?
         .unwrap_or_else(|| (vec!["t3.small".into(), "t3.micro".into()], None));
     let (instance_types, types_source) = instance_types;
     validate_instance_types(&instance_types, types_source.as_ref())?;
+    let (ami, user) = image(&r, launch, &mut file)?;
+    let times = durations(&r, cli, launch, &mut file)?;
+    let ssh_port = ssh_port(&r, &mut file)?;
+    let money = spending(&r, &mut file)?;
+    let on_demand_fallback = r.boolean("on_demand_fallback", file.on_demand_fallback)?.unwrap_or(true);
+    let tmux = launch.is_some_and(|l| l.tmux) || r.boolean("tmux", file.tmux)?.unwrap_or(false);
+    let names = names(&r, &mut file)?;
+    let reach = access(&r, launch, &mut file)?;
+    let name = launch
+        .and_then(|l| l.name.clone())
+        .map(|n| crate::session::validate_name(&n).map(|_| n))
+        .transpose()
+        .map_err(|why| UsageError::new(format!("invalid --name: {why}")))?;
+    let on_demand =
+        launch.is_some_and(|l| l.on_demand) || r.boolean("on_demand", file.on_demand)?.unwrap_or(false);
+    let root_volume = root_volume(&r, launch, file.root_volume_gb, file.root_volume_type.take())?;
+    let instance_profile = r
+        .string(
+            "instance_profile",
+            launch.and_then(|l| l.instance_profile.clone()),
+            "--instance-profile",
+            file.instance_profile.take(),
+        )?
+        .map(|(v, s)| validate_resource_name("instance_profile", v, &s))
+        .transpose()?;
+    let (subnet, security_groups) = network(&r, launch, &mut file)?;
+    let packages = r
+        .list("packages", launch.map(|l| l.packages.clone()), "--package", file.packages.take())?
+        .map(|(values, source)| validate_packages(values, &source.unwrap_or(Source::Flag("--package"))))
+        .transpose()?
+        .unwrap_or_default();
+    let setup = setup_script(&r, launch, file.setup.take(), file.setup_script.take())?;
+    let forwarding = resolve_forwarding(cli, env, r.boolean("forward_agent", file.forward_agent)?)?;
+    let state_dir = state_dir(env)?;
+    let ssh_dir = env.var("HOME").map(|home| Path::new(&home).join(".ssh"));
 
-    let ami = match r.string("ami", launch.and_then(|l| l.ami.clone()), "--ami", file.ami)? {
+    Ok(Settings {
+        config_path,
+        aws,
+        output,
+        verbosity: if g.quiet { 0 } else { 1 + g.verbose },
+        progress: !g.no_progress && !g.quiet,
+        instance_types,
+        ami,
+        user,
+        max_runtime: times.max_runtime,
+        max_runtime_cap: times.max_runtime_cap,
+        idle_grace: times.idle_grace,
+        kept_idle_grace: times.kept_idle_grace,
+        boot_grace: times.boot_grace,
+        watchdog_interval: times.watchdog_interval,
+        connect_timeout: times.connect_timeout,
+        setup_timeout: times.setup_timeout,
+        ssh_port,
+        spot_price_ratio: money.spot_price_ratio,
+        on_demand_fallback,
+        security_group_name: names.security_group_name,
+        iam_role_name: names.iam_role_name,
+        owner: names.owner,
+        tags: names.tags,
+        monthly_budget: money.monthly_budget,
+        connect: reach.connect,
+        proxy_command: reach.proxy_command,
+        my_ip: reach.my_ip,
+        allow_cidrs: reach.allow_cidrs,
+        tmux,
+        name,
+        on_demand,
+        root_volume,
+        instance_profile,
+        subnet,
+        security_groups,
+        on_demand_prices: money.on_demand_prices,
+        packages,
+        setup,
+        profile_name: profile_name.map(|(name, _)| name),
+        state_dir,
+        ssh_dir,
+        forwarding,
+    })
+}
+
+/// Where the AWS calls go: region, AWS profile, endpoint.
+fn aws_settings(
+    r: &Resolver,
+    g: &crate::cli::GlobalArgs,
+    file: &mut FileConfig,
+) -> Result<AwsSettings, UsageError> {
+    let region = r.string("region", g.region.clone(), "--region", file.region.take())?;
+    if let Some((region, source)) = &region {
+        validate_region(region, source)?;
+    }
+    let profile = r.string("profile", g.profile.clone(), "--profile", file.profile.take())?;
+    let endpoint_url =
+        match r.string("endpoint_url", g.endpoint_url.clone(), "--endpoint-url", file.endpoint_url.take())? {
+            Some(found) => Some(found),
+            None => r.env.var("AWS_ENDPOINT_URL").map(|v| (v, Source::Env("AWS_ENDPOINT_URL".into()))),
+        };
+    if let Some((url, source)) = &endpoint_url {
+        validate_url(url, source)?;
+    }
+    Ok(AwsSettings {
+        region: region.map(|(v, _)| v),
+        profile: profile.map(|(v, _)| v),
+        endpoint_url: endpoint_url.map(|(v, _)| v),
+    })
+}
+
+/// The image to boot and the user to log in as (the image's default unless set).
+fn image(
+    r: &Resolver,
+    launch: Option<&crate::cli::LaunchArgs>,
+    file: &mut FileConfig,
+) -> Result<(AmiChoice, String), UsageError> {
+    let ami = match r.string("ami", launch.and_then(|l| l.ami.clone()), "--ami", file.ami.take())? {
         Some((value, source)) => parse_ami(&value, &source)?,
         None => AmiChoice::Alias(AmiAlias::Ubuntu2404),
     };
-    let user = match r.string("user", launch.and_then(|l| l.user.clone()), "--user", file.user)? {
+    let user = match r.string("user", launch.and_then(|l| l.user.clone()), "--user", file.user.take())? {
         Some((value, source)) => validate_user(value, &source)?,
         None => match &ami {
             AmiChoice::Alias(alias) => alias.default_user().to_string(),
             AmiChoice::Id(_) => "ec2-user".to_string(),
         },
     };
+    Ok((ami, user))
+}
 
+/// How long things may take: the deadline and its cap, the idle and boot graces, the
+/// watchdog's interval, the connect and setup timeouts.
+struct Durations {
+    max_runtime: Duration,
+    max_runtime_cap: Duration,
+    idle_grace: Duration,
+    kept_idle_grace: Duration,
+    boot_grace: Duration,
+    watchdog_interval: Duration,
+    connect_timeout: Duration,
+    setup_timeout: Duration,
+}
+
+fn durations(
+    r: &Resolver,
+    cli: &Cli,
+    launch: Option<&crate::cli::LaunchArgs>,
+    file: &mut FileConfig,
+) -> Result<Durations, UsageError> {
     let duration = |key: &'static str,
                     flag: Option<String>,
                     flag_name: &'static str,
@@ -428,40 +553,59 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         Command::Prices(args) => args.max_runtime.clone(),
         _ => launch.and_then(|l| l.max_runtime.clone()),
     };
-    let max_runtime = duration("max_runtime", max_runtime_flag, "--max-runtime", file.max_runtime, "4h")?;
-    let max_runtime_cap = duration("max_runtime_cap", None, "", file.max_runtime_cap, "12h")?;
-    let idle_grace = duration(
-        "idle_grace",
-        launch.and_then(|l| l.idle_grace.clone()),
-        "--idle-grace",
-        file.idle_grace,
-        "2m",
-    )?;
-    let kept_idle_grace = duration("kept_idle_grace", None, "", file.kept_idle_grace, "30m")?;
-    let boot_grace = duration("boot_grace", None, "", file.boot_grace, "10m")?;
-    let watchdog_interval = duration("watchdog_interval", None, "", file.watchdog_interval, "5s")?;
-    let connect_timeout = duration("connect_timeout", None, "", file.connect_timeout, "3m")?;
-    let setup_timeout = duration("setup_timeout", None, "", file.setup_timeout, "30m")?;
-    let ssh_port = match r.string("ssh_port", None, "", file.ssh_port.map(|p| p.to_string()))? {
-        Some((value, source)) => match value.trim().parse::<u16>() {
-            Ok(port) if port > 0 => port,
-            _ => {
-                return Err(UsageError::new(format!(
-                    "invalid ssh_port {value:?} ({source}): expected a TCP port from 1 to 65535, normally 22"
-                )));
-            }
-        },
-        None => 22,
+    let times = Durations {
+        max_runtime: duration(
+            "max_runtime",
+            max_runtime_flag,
+            "--max-runtime",
+            file.max_runtime.take(),
+            "4h",
+        )?,
+        max_runtime_cap: duration("max_runtime_cap", None, "", file.max_runtime_cap.take(), "12h")?,
+        idle_grace: duration(
+            "idle_grace",
+            launch.and_then(|l| l.idle_grace.clone()),
+            "--idle-grace",
+            file.idle_grace.take(),
+            "2m",
+        )?,
+        kept_idle_grace: duration("kept_idle_grace", None, "", file.kept_idle_grace.take(), "30m")?,
+        boot_grace: duration("boot_grace", None, "", file.boot_grace.take(), "10m")?,
+        watchdog_interval: duration("watchdog_interval", None, "", file.watchdog_interval.take(), "5s")?,
+        connect_timeout: duration("connect_timeout", None, "", file.connect_timeout.take(), "3m")?,
+        setup_timeout: duration("setup_timeout", None, "", file.setup_timeout.take(), "30m")?,
     };
-    if max_runtime > max_runtime_cap {
+    if times.max_runtime > times.max_runtime_cap {
         return Err(UsageError::new(format!(
             "max_runtime {} is longer than max_runtime_cap {}: shorten it, or raise max_runtime_cap in the config",
-            humantime::format_duration(max_runtime),
-            humantime::format_duration(max_runtime_cap)
+            humantime::format_duration(times.max_runtime),
+            humantime::format_duration(times.max_runtime_cap)
         )));
     }
+    Ok(times)
+}
 
-    let spot_price_ratio = match r.number("spot_price_ratio", None, "", file.spot_price_ratio)? {
+fn ssh_port(r: &Resolver, file: &mut FileConfig) -> Result<u16, UsageError> {
+    match r.string("ssh_port", None, "", file.ssh_port.map(|p| p.to_string()))? {
+        Some((value, source)) => match value.trim().parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(UsageError::new(format!(
+                "invalid ssh_port {value:?} ({source}): expected a TCP port from 1 to 65535, normally 22"
+            ))),
+        },
+        None => Ok(22),
+    }
+}
+
+/// What the tool may spend: the spot bid, the monthly budget, on-demand prices of the config.
+struct Spending {
+    spot_price_ratio: f64,
+    monthly_budget: f64,
+    on_demand_prices: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+fn spending(r: &Resolver, file: &mut FileConfig) -> Result<Spending, UsageError> {
+    let spot_price_ratio = match r.number("spot_price_ratio", None, "", file.spot_price_ratio.take())? {
         Some((value, source)) if !(value > 0.0 && value <= 1.0) => {
             return Err(UsageError::new(format!(
                 "invalid spot_price_ratio {value} ({source}): expected a fraction of the on-demand price in (0, 1], like 0.5"
@@ -470,7 +614,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         Some((value, _)) => value,
         None => 0.5,
     };
-    let monthly_budget = match r.number("monthly_budget", None, "", file.monthly_budget)? {
+    let monthly_budget = match r.number("monthly_budget", None, "", file.monthly_budget.take())? {
         Some((value, source)) if !(value >= 0.0 && value.is_finite()) => {
             return Err(UsageError::new(format!(
                 "invalid monthly_budget {value} ({source}): expected US dollars, like 2.00"
@@ -479,66 +623,8 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         Some((value, _)) => value,
         None => 2.0,
     };
-    let on_demand_fallback = r.boolean("on_demand_fallback", file.on_demand_fallback)?.unwrap_or(true);
-    let tmux = launch.is_some_and(|l| l.tmux) || r.boolean("tmux", file.tmux)?.unwrap_or(false);
-
-    let security_group_name = r
-        .string("security_group_name", None, "", file.security_group_name)?
-        .map(|(v, s)| validate_resource_name("security_group_name", v, &s))
-        .transpose()?
-        .unwrap_or_else(|| "ephemeral-admin-sg".into());
-    let iam_role_name = r
-        .string("iam_role_name", None, "", file.iam_role_name)?
-        .map(|(v, s)| validate_resource_name("iam_role_name", v, &s))
-        .transpose()?
-        .unwrap_or_else(|| "SystemAdminTestingRole".into());
-    let owner = r.string("owner", None, "", file.owner)?.map(|(v, s)| validate_owner(v, &s)).transpose()?;
-
-    let tags = match file.tags {
-        Some(tags) => {
-            let source = r.file_source("tags");
-            validate_tags(&tags, &source)?;
-            tags
-        }
-        None => BTreeMap::new(),
-    };
-
-    let proxy_command = r.string(
-        "proxy_command",
-        launch.and_then(|l| l.proxy_command.clone()),
-        "--proxy-command",
-        file.proxy_command,
-    )?;
-    let connect =
-        match (launch.and_then(|l| l.connect), r.string("connect", None, "--connect", file.connect)?) {
-            (Some(mode), _) => mode,
-            // A proxy command given on its own implies that mode.
-            (None, _) if launch.is_some_and(|l| l.proxy_command.is_some()) => ConnectMode::ProxyCommand,
-            (None, Some((value, source))) => parse_connect(&value, &source)?,
-            (None, None) if proxy_command.is_some() => ConnectMode::ProxyCommand,
-            (None, None) => ConnectMode::PublicIp,
-        };
-    if connect == ConnectMode::ProxyCommand && proxy_command.is_none() {
-        return Err(UsageError::new(
-            "connect mode proxy-command needs a command: pass --proxy-command \"CMD %h %p\" or set proxy_command",
-        ));
-    }
-
-    let my_ip = r
-        .string("my_ip", launch.and_then(|l| l.my_ip.clone()), "--my-ip", file.my_ip)?
-        .map(|(value, source)| parse_host("my_ip", &value, &source))
-        .transpose()?;
-    let allow_cidrs = r
-        .list("allow_cidr", launch.map(|l| l.allow_cidr.clone()), "--allow-cidr", file.allow_cidr)?
-        .map(|(values, source)| {
-            let source = source.unwrap_or(Source::Flag("--allow-cidr"));
-            values.iter().map(|v| parse_cidr("allow_cidr", v, &source)).collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?
-        .unwrap_or_default();
-
     let mut on_demand_prices = BTreeMap::new();
-    for (region, types) in file.on_demand_prices.unwrap_or_default() {
+    for (region, types) in file.on_demand_prices.take().unwrap_or_default() {
         let source = r.file_source("on_demand_prices");
         validate_region(&region, &source)?;
         let mut prices = BTreeMap::new();
@@ -554,26 +640,101 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         }
         on_demand_prices.insert(region, prices);
     }
+    Ok(Spending { spot_price_ratio, monthly_budget, on_demand_prices })
+}
 
-    let name = launch
-        .and_then(|l| l.name.clone())
-        .map(|n| crate::session::validate_name(&n).map(|_| n))
-        .transpose()
-        .map_err(|why| UsageError::new(format!("invalid --name: {why}")))?;
-    let on_demand =
-        launch.is_some_and(|l| l.on_demand) || r.boolean("on_demand", file.on_demand)?.unwrap_or(false);
-    let root_volume = root_volume(&r, launch, file.root_volume_gb, file.root_volume_type)?;
-    let instance_profile = r
-        .string(
-            "instance_profile",
-            launch.and_then(|l| l.instance_profile.clone()),
-            "--instance-profile",
-            file.instance_profile,
-        )?
-        .map(|(v, s)| validate_resource_name("instance_profile", v, &s))
+/// The names the tool gives what it makes, its owner tag and the user's extra tags.
+struct Names {
+    security_group_name: String,
+    iam_role_name: String,
+    owner: Option<String>,
+    tags: BTreeMap<String, String>,
+}
+
+fn names(r: &Resolver, file: &mut FileConfig) -> Result<Names, UsageError> {
+    let security_group_name = r
+        .string("security_group_name", None, "", file.security_group_name.take())?
+        .map(|(v, s)| validate_resource_name("security_group_name", v, &s))
+        .transpose()?
+        .unwrap_or_else(|| "ephemeral-admin-sg".into());
+    let iam_role_name = r
+        .string("iam_role_name", None, "", file.iam_role_name.take())?
+        .map(|(v, s)| validate_resource_name("iam_role_name", v, &s))
+        .transpose()?
+        .unwrap_or_else(|| "SystemAdminTestingRole".into());
+    let owner =
+        r.string("owner", None, "", file.owner.take())?.map(|(v, s)| validate_owner(v, &s)).transpose()?;
+
+    let tags = match file.tags.take() {
+        Some(tags) => {
+            let source = r.file_source("tags");
+            validate_tags(&tags, &source)?;
+            tags
+        }
+        None => BTreeMap::new(),
+    };
+    Ok(Names { security_group_name, iam_role_name, owner, tags })
+}
+
+/// How the box is reached: the connect mode, a proxy command, whom SSH is opened to.
+struct Access {
+    connect: ConnectMode,
+    proxy_command: Option<String>,
+    my_ip: Option<IpNet>,
+    allow_cidrs: Vec<IpNet>,
+}
+
+fn access(
+    r: &Resolver,
+    launch: Option<&crate::cli::LaunchArgs>,
+    file: &mut FileConfig,
+) -> Result<Access, UsageError> {
+    let proxy_command = r.string(
+        "proxy_command",
+        launch.and_then(|l| l.proxy_command.clone()),
+        "--proxy-command",
+        file.proxy_command.take(),
+    )?;
+    let connect = match (
+        launch.and_then(|l| l.connect),
+        r.string("connect", None, "--connect", file.connect.take())?,
+    ) {
+        (Some(mode), _) => mode,
+        // A proxy command given on its own implies that mode.
+        (None, _) if launch.is_some_and(|l| l.proxy_command.is_some()) => ConnectMode::ProxyCommand,
+        (None, Some((value, source))) => parse_connect(&value, &source)?,
+        (None, None) if proxy_command.is_some() => ConnectMode::ProxyCommand,
+        (None, None) => ConnectMode::PublicIp,
+    };
+    if connect == ConnectMode::ProxyCommand && proxy_command.is_none() {
+        return Err(UsageError::new(
+            "connect mode proxy-command needs a command: pass --proxy-command \"CMD %h %p\" or set proxy_command",
+        ));
+    }
+
+    let my_ip = r
+        .string("my_ip", launch.and_then(|l| l.my_ip.clone()), "--my-ip", file.my_ip.take())?
+        .map(|(value, source)| parse_host("my_ip", &value, &source))
         .transpose()?;
+    let allow_cidrs = r
+        .list("allow_cidr", launch.map(|l| l.allow_cidr.clone()), "--allow-cidr", file.allow_cidr.take())?
+        .map(|(values, source)| {
+            let source = source.unwrap_or(Source::Flag("--allow-cidr"));
+            values.iter().map(|v| parse_cidr("allow_cidr", v, &source)).collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    Ok(Access { connect, proxy_command: proxy_command.map(|(v, _)| v), my_ip, allow_cidrs })
+}
+
+/// Where the box goes: a subnet (its VPC follows) and extra security groups.
+fn network(
+    r: &Resolver,
+    launch: Option<&crate::cli::LaunchArgs>,
+    file: &mut FileConfig,
+) -> Result<(Option<String>, Vec<String>), UsageError> {
     let subnet = r
-        .string("subnet", launch.and_then(|l| l.subnet.clone()), "--subnet", file.subnet)?
+        .string("subnet", launch.and_then(|l| l.subnet.clone()), "--subnet", file.subnet.take())?
         .map(|(v, s)| validate_aws_id("subnet", "subnet", v, &s))
         .transpose()?;
     let security_groups = r
@@ -581,7 +742,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
             "security_groups",
             launch.map(|l| l.security_groups.clone()),
             "--security-group",
-            file.security_groups,
+            file.security_groups.take(),
         )?
         .map(|(values, source)| {
             let source = source.unwrap_or(Source::Flag("--security-group"));
@@ -596,66 +757,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         })
         .transpose()?
         .unwrap_or_default();
-
-    let packages = r
-        .list("packages", launch.map(|l| l.packages.clone()), "--package", file.packages)?
-        .map(|(values, source)| validate_packages(values, &source.unwrap_or(Source::Flag("--package"))))
-        .transpose()?
-        .unwrap_or_default();
-    let setup = setup_script(&r, launch, file.setup, file.setup_script)?;
-
-    let forwarding = resolve_forwarding(cli, env, r.boolean("forward_agent", file.forward_agent)?)?;
-    let state_dir = state_dir(env)?;
-    let ssh_dir = env.var("HOME").map(|home| Path::new(&home).join(".ssh"));
-
-    Ok(Settings {
-        config_path,
-        aws: AwsSettings {
-            region: region.map(|(v, _)| v),
-            profile: profile.map(|(v, _)| v),
-            endpoint_url: endpoint_url.map(|(v, _)| v),
-        },
-        output,
-        verbosity: if g.quiet { 0 } else { 1 + g.verbose },
-        progress: !g.no_progress && !g.quiet,
-        instance_types,
-        ami,
-        user,
-        max_runtime,
-        max_runtime_cap,
-        idle_grace,
-        kept_idle_grace,
-        boot_grace,
-        watchdog_interval,
-        connect_timeout,
-        setup_timeout,
-        ssh_port,
-        spot_price_ratio,
-        on_demand_fallback,
-        security_group_name,
-        iam_role_name,
-        owner,
-        tags,
-        monthly_budget,
-        connect,
-        proxy_command: proxy_command.map(|(v, _)| v),
-        my_ip,
-        allow_cidrs,
-        tmux,
-        name,
-        on_demand,
-        root_volume,
-        instance_profile,
-        subnet,
-        security_groups,
-        on_demand_prices,
-        packages,
-        setup,
-        profile_name: profile_name.map(|(name, _)| name),
-        state_dir,
-        ssh_dir,
-        forwarding,
-    })
+    Ok((subnet, security_groups))
 }
 
 /// The forwarding flags, checked before anything happens: every spec parses, and nothing asks
