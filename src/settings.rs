@@ -104,6 +104,9 @@ pub struct AwsSettings {
     pub region: Option<String>,
     pub profile: Option<String>,
     pub endpoint_url: Option<String>,
+    /// Dial this base URL for EICE tunnels (`ws://127.0.0.1:PORT` for the local cloud) instead
+    /// of `wss://<the endpoint's DnsName>`; the DnsName is still the signed `Host`.
+    pub eice_endpoint_url: Option<String>,
 }
 
 /// The image to boot: a well-known alias resolved through SSM public parameters, or an id.
@@ -235,6 +238,7 @@ struct FileConfig {
     region: Option<String>,
     profile: Option<String>,
     endpoint_url: Option<String>,
+    eice_endpoint_url: Option<String>,
     instance_types: Option<Vec<String>>,
     ami: Option<String>,
     user: Option<String>,
@@ -388,6 +392,10 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
         };
     if let Some((url, source)) = &endpoint_url {
         validate_url(url, source)?;
+    }
+    let eice_endpoint_url = r.string("eice_endpoint_url", None, "", file.eice_endpoint_url)?;
+    if let Some((url, source)) = &eice_endpoint_url {
+        validate_ws_url(url, source)?;
     }
 
     let output = match r.string("output", None, "--output", file.output)? {
@@ -614,6 +622,7 @@ pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Settings, UsageError> {
             region: region.map(|(v, _)| v),
             profile: profile.map(|(v, _)| v),
             endpoint_url: endpoint_url.map(|(v, _)| v),
+            eice_endpoint_url: eice_endpoint_url.map(|(v, _)| v),
         },
         output,
         verbosity: if g.quiet { 0 } else { 1 + g.verbose },
@@ -1084,6 +1093,15 @@ fn validate_url(url: &str, source: &Source) -> Result<(), UsageError> {
         Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => Ok(()),
         _ => Err(UsageError::new(format!(
             "invalid endpoint URL {url:?} ({source}): expected http(s)://host[:port]"
+        ))),
+    }
+}
+
+fn validate_ws_url(url: &str, source: &Source) -> Result<(), UsageError> {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "ws" | "wss") && parsed.host().is_some() => Ok(()),
+        _ => Err(UsageError::new(format!(
+            "invalid EICE endpoint URL {url:?} ({source}): expected ws(s)://host[:port]"
         ))),
     }
 }

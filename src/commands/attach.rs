@@ -60,7 +60,7 @@ pub fn ssm_proxy_command(region: &str, profile: Option<&str>) -> String {
 }
 
 /// Builds the SSH options for a session from its record and local key file.
-pub fn connect_options(
+pub async fn connect_options(
     ctx: &Context,
     store: &Store,
     record: &SessionRecord,
@@ -111,6 +111,7 @@ pub fn connect_options(
                 &record.user,
             ))
         }
+        ConnectMode::Eice => eice_transport(ctx, record, ctx.settings.ssh_port).await?,
     };
     Ok(ConnectOptions {
         transport,
@@ -121,6 +122,32 @@ pub fn connect_options(
         keepalive_interval: KEEPALIVE_INTERVAL,
         keepalive_max: KEEPALIVE_MAX,
     })
+}
+
+/// The tunnel through the session's Instance Connect Endpoint to its private address, signed
+/// with the caller's credentials (asked afresh for every tunnel).
+async fn eice_transport(ctx: &Context, record: &SessionRecord, port: u16) -> Result<Transport> {
+    let (Some(endpoint_id), Some(dns_name)) = (&record.eice_endpoint_id, &record.eice_dns_name) else {
+        bail!(
+            "session {} was not launched with connect = \"eice\", so no endpoint admits it: use its own --connect mode",
+            record.id
+        );
+    };
+    let private_ip =
+        record.private_ip.clone().with_context(|| format!("session {} has no private address", record.id))?;
+    let aws = ctx.aws().await?;
+    let credentials =
+        aws.config.credentials_provider().context("no AWS credentials to sign the EICE tunnel with")?;
+    Ok(Transport::Eice(ssh::eice::EiceTarget {
+        endpoint_id: endpoint_id.clone(),
+        dns_name: dns_name.clone(),
+        region: record.region.clone(),
+        private_ip,
+        port,
+        max_duration: ssh::eice::MAX_TUNNEL,
+        dial_url: ctx.settings.aws.eice_endpoint_url.clone(),
+        credentials,
+    }))
 }
 
 /// Connects, showing progress, until sshd answers, the timeout passes, or a signal arrives.
@@ -218,6 +245,44 @@ pub async fn work(session: &ssh::Session, work: Work<'_>, signals: &Signals) -> 
         never = session.serve(listeners) => match never {},
         stop = signals.stopped() => Ok(Outcome::Stopped(stop)),
     }
+}
+
+/// [`work`], riding out the end of an EICE tunnel. The endpoint closes every tunnel at its
+/// maximum duration (one hour), and the SSH connection ends with it. A `--tmux` shell is then
+/// reattached on a new tunnel and a new connection (same pinned host key), with no keystroke
+/// from the user; the `-L`/`-D` forwards and `--record` do not carry over to the new connection.
+/// A plain shell, a command or `-N` that outlives the tunnel ends as a lost connection (exit
+/// 255), with a line saying why and that `--tmux` survives it.
+pub async fn work_resuming(
+    ctx: &Context,
+    options: &ConnectOptions,
+    session: &mut ssh::Session,
+    work: Work<'_>,
+    signals: &Signals,
+) -> Result<Outcome> {
+    let tmux = work.tmux && work.command.is_empty() && !work.no_command;
+    let mut outcome = self::work(session, work, signals).await?;
+    while matches!(outcome, Outcome::Exited(RemoteExit::Lost)) && session.tunnel_expired() {
+        if !tmux {
+            ctx.printer.warn(
+                "the EICE tunnel reached its maximum duration and the endpoint closed it, ending the connection: `--tmux` keeps the work and reattaches by itself",
+            );
+            break;
+        }
+        ctx.printer
+            .status("the EICE tunnel reached its maximum duration; reattaching tmux over a new tunnel");
+        let fresh = open(ctx, options, signals).await?;
+        std::mem::replace(session, fresh).close().await;
+        let again = Work {
+            command: &[],
+            tmux: true,
+            record: None,
+            listeners: Listeners::default(),
+            no_command: false,
+        };
+        outcome = self::work(session, again, signals).await?;
+    }
+    Ok(outcome)
 }
 
 pub enum Outcome {

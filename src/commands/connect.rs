@@ -67,8 +67,8 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
 
     let signals = Signals::install().context("listening for Ctrl-C")?;
     let route = Route::resolve(ctx, &record, args.connect, args.proxy_command.as_deref());
-    let options = attach::connect_options(ctx, &store, &record, &route)?;
-    let session = attach::open(ctx, &options, &signals).await?;
+    let options = attach::connect_options(ctx, &store, &record, &route).await?;
+    let mut session = attach::open(ctx, &options, &signals).await?;
     let instance_id = record.instance_id.as_deref().context("the session record has no instance id")?;
     let log = crate::aws::logs::Writer::spawn(&ctx.aws().await?, instance_id);
     log.send(format!("connect session={id} via={}", options.transport));
@@ -85,7 +85,7 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
             listeners,
             no_command,
         };
-        attach::work(&session, work, &signals).await
+        attach::work_resuming(ctx, &options, &mut session, work, &signals).await
     }
     .await;
     session.close().await;
