@@ -163,6 +163,12 @@ pub async fn ssh_config(ctx: &Context, id: &str, install: bool) -> Result<ExitSt
             Some(attach::ssm_proxy_command(&record.region, ctx.settings.aws.profile.as_deref()))
         }
         ConnectMode::ProxyCommand => route.proxy_command.clone(),
+        // OpenSSH has no WebSocket: the AWS CLI opens the tunnel (its `open-tunnel` subcommand).
+        ConnectMode::Eice => Some(format!(
+            "aws ec2-instance-connect open-tunnel --instance-id %i --region {}{}",
+            record.region,
+            ctx.settings.aws.profile.as_deref().map(|p| format!(" --profile {p}")).unwrap_or_default()
+        )),
         _ => None,
     };
     if let Some(template) = proxy {

@@ -491,7 +491,13 @@ async fn provision(
             .map(|p| {
                 format!(
                     ", at most {} for {}",
-                    usd(pricing::estimate(p, s.max_runtime, s.root_volume).total),
+                    usd(pricing::estimate_with(
+                        p,
+                        s.max_runtime,
+                        s.root_volume,
+                        s.connect != ConnectMode::Eice
+                    )
+                    .total),
                     short_duration(s.max_runtime)
                 )
             })
@@ -643,9 +649,9 @@ async fn provision(
     let record = recorder.snapshot();
     let view = SessionView::build(Some(&record), Some(&running), clock.now());
     let result = Launched {
-        estimate: launched
-            .price_per_hour
-            .map(|p| pricing::estimate(p, s.max_runtime, s.root_volume).rounded()),
+        estimate: launched.price_per_hour.map(|p| {
+            pricing::estimate_with(p, s.max_runtime, s.root_volume, s.connect != ConnectMode::Eice).rounded()
+        }),
         launch_attempts: launched.attempts,
         timings_ms: timings.clone(),
         started,
@@ -859,7 +865,8 @@ fn budget_guard(
             .warn(format!("no price known for {first}: the budget guard cannot estimate this session"));
         return Ok(());
     };
-    let estimate = pricing::estimate(price, s.max_runtime, s.root_volume).total;
+    let estimate =
+        pricing::estimate_with(price, s.max_runtime, s.root_volume, s.connect != ConnectMode::Eice).total;
     // This account's spending: the budget is the account's, not the machine's.
     let account = Some(account);
     let spent = crate::ledger::Ledger::beside(store).month_to_date(now, account)?
