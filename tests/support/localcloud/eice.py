@@ -404,6 +404,12 @@ class Eice:
             e = self.endpoints.get(region, {}).get(endpoint_id)
             return dict(e.tags) if e else None
 
+    def uses_group(self, region: str, group_id: str) -> bool:
+        """Whether an endpoint not yet delete-complete (its network interface) uses the group."""
+        with self.lock:
+            return any(group_id in e.group_ids and e.state()[0] != "delete-complete"
+                       for e in self.endpoints.get(region, {}).values())
+
     # -- EC2 API (called with moto_lock held) --------------------------------
     def api(self, action: str, region: str, params: dict[str, str]) -> str:
         """The inner XML of the answer; raises EiceError."""

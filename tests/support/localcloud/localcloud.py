@@ -1407,6 +1407,11 @@ class MotoFixes:
                     return error_response(
                         req, "DependencyViolation",
                         f"resource {group.id} has a dependent object", 400)
+            # An EC2 Instance Connect Endpoint's network interface holds its groups until the
+            # endpoint's delete completes (eice.py).
+            if self.eice is not None and self.eice.uses_group(req.region or "us-east-1", group.id):
+                return error_response(req, "DependencyViolation",
+                                      f"resource {group.id} has a dependent object", 400)
         return self._call_moto(environ)
 
 

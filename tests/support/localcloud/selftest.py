@@ -1216,6 +1216,8 @@ def _t_eice(cloud: "Cloud", tmp: str) -> None:
     check(again["InstanceConnectEndpoint"]["InstanceConnectEndpointId"] == eid, "same ClientToken: same endpoint")
     exc = expect_error(ec2.create_instance_connect_endpoint, SubnetId=subnet)
     check(error_code(exc) == "ResourceLimitExceeded", "a second endpoint in the VPC is refused", exc)
+    exc = expect_error(ec2.delete_security_group, GroupId=eice_sg)
+    check(error_code(exc) == "DependencyViolation", "the endpoint's group cannot be deleted while it exists", exc)
     exc = expect_error(ec2.create_instance_connect_endpoint, SubnetId="subnet-00000000")
     check(error_code(exc) == "InvalidSubnetID.NotFound", "unknown subnet", exc)
 
@@ -1360,6 +1362,9 @@ def _t_eice(cloud: "Cloud", tmp: str) -> None:
     time.sleep(1.7)
     state = ec2.describe_instance_connect_endpoints(InstanceConnectEndpointIds=[eid])["InstanceConnectEndpoints"][0]
     check(state["State"] == "delete-complete", "then delete-complete", state["State"])
+    ec2.delete_security_group(GroupId=eice_sg)  # no DependencyViolation once delete-complete
+    check(not any(g["id"] == eice_sg for g in cloud.state()["security_groups"]),
+          "after delete-complete the endpoint's group can be deleted")
     dump = cloud.state()["instance_connect_endpoints"]
     check(len(dump) == 1 and dump[0]["id"] == eid and dump[0]["state"] == "delete-complete",
           "state dump lists instance_connect_endpoints", dump)
