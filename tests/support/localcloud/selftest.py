@@ -924,6 +924,7 @@ def t_boxsim():
         shutil.copy(LOCALCLOUD, tmp)
         shutil.copy(os.path.join(HERE, "iampolicy.py"), tmp)  # localcloud imports it
         shutil.copy(os.path.join(HERE, "scheduler.py"), tmp)  # and this
+        shutil.copy(os.path.join(HERE, "eice.py"), tmp)  # and this
         marker = os.path.join(tmp, "shutdown-ran")
         with open(os.path.join(tmp, "boxsim.py"), "w") as f:
             f.write(FAKE_BOXSIM.replace("@MARKER@", marker))
