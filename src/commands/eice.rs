@@ -20,6 +20,8 @@ use crate::output::short_duration;
 
 /// How long `setup eice` waits for the endpoint (AWS usually needs a few minutes).
 const CREATE_WAIT: Duration = Duration::from_secs(20 * 60);
+/// How long `cleanup --purge` waits for a deleted endpoint to let go of its group.
+const GROUP_WAIT: Duration = Duration::from_secs(120);
 /// Without a terminal, a progress line at most this often (and on every state change).
 const PROGRESS_EVERY: Duration = Duration::from_secs(15);
 
@@ -132,40 +134,59 @@ pub async fn doctor_detail(ctx: &Context, aws: &Aws) -> (bool, String, Option<St
 /// `cleanup --purge`: the tool's endpoints and their groups, in VPCs where no box of the tool's
 /// is left. Answers what went, and why something stayed.
 pub async fn purge(aws: &Aws) -> Result<(Vec<String>, Vec<String>)> {
-    let (mut purged, mut refusals) = (Vec::new(), Vec::new());
+    let (mut purged, mut refusals, mut kept) = (Vec::new(), Vec::new(), Vec::new());
     for endpoint in eice::endpoints(aws, None).await?.into_iter().filter(|e| e.ours) {
-        let users: Vec<String> = instances::users_of(aws, "vpc-id", &endpoint.vpc_id)
-            .await?
-            .into_iter()
-            .filter(|i| i.session_id.is_some() && i.state != "shutting-down")
-            .map(|i| i.instance_id)
-            .collect();
+        let users = boxes_in(aws, &endpoint.vpc_id).await?;
         if !users.is_empty() {
             refusals.push(format!(
                 "EC2 Instance Connect Endpoint {} still serves {}: end those sessions first, or run `cleanup --all --purge`",
                 endpoint.id,
                 users.join(", ")
             ));
+            kept.extend(endpoint.security_group_ids);
             continue;
         }
         eice::delete(aws, &endpoint.id).await?;
         purged.push(format!("EC2 Instance Connect Endpoint {}", endpoint.id));
-        purged.extend(delete_groups(aws, &endpoint).await?);
     }
+    purged.extend(delete_groups(aws, &kept).await?);
     Ok((purged, refusals))
 }
 
-/// The endpoint's own groups; AWS holds them until the endpoint's interface is gone, so a group
-/// still in use is left for the next purge (it costs nothing).
-async fn delete_groups(aws: &Aws, endpoint: &Endpoint) -> Result<Vec<String>> {
+/// The tool's live boxes in a VPC.
+async fn boxes_in(aws: &Aws, vpc_id: &str) -> Result<Vec<String>> {
+    Ok(instances::users_of(aws, "vpc-id", vpc_id)
+        .await?
+        .into_iter()
+        .filter(|i| i.session_id.is_some() && i.state != "shutting-down")
+        .map(|i| i.instance_id)
+        .collect())
+}
+
+/// The endpoints' own groups (by name), once no endpoint holds them: AWS keeps a group in use
+/// until its endpoint's deletion completes, so this waits for that, bounded; a group still held
+/// after that goes with the next `cleanup --purge` (it costs nothing).
+async fn delete_groups(aws: &Aws, kept: &[String]) -> Result<Vec<String>> {
+    let prefix = format!("{}-", eice::NAME);
+    let groups: Vec<_> = network::own_groups(aws)
+        .await?
+        .into_iter()
+        .filter(|g| g.name.starts_with(&prefix) && !kept.contains(&g.id))
+        .collect();
     let mut deleted = Vec::new();
-    for group in &endpoint.security_group_ids {
-        let owned = network::own_groups(aws).await?.into_iter().any(|g| &g.id == group);
-        if owned
-            && eice::delete_group(aws, group).await.context("deleting the endpoint's group")?
-                == network::GroupDeletion::Deleted
-        {
-            deleted.push(format!("security group {group}"));
+    let started = Instant::now();
+    for group in groups {
+        loop {
+            match eice::delete_group(aws, &group.id).await.context("deleting an endpoint's group")? {
+                network::GroupDeletion::Deleted => {
+                    deleted.push(format!("security group {} ({})", group.name, group.id));
+                    break;
+                }
+                network::GroupDeletion::StillInUse if started.elapsed() < GROUP_WAIT => {
+                    tokio::time::sleep(Duration::from_secs(2)).await
+                }
+                network::GroupDeletion::StillInUse => break,
+            }
         }
     }
     Ok(deleted)

@@ -1456,7 +1456,7 @@ class MotoFixes:
 
 LEARN_MORE = "https://docs.aws.amazon.com/IAM/latest/UserGuide/access-analyzer-reference-policy-checks.html"
 KNOWN_SERVICES = {"ec2", "iam", "sts", "ssm", "ssmmessages", "ec2messages", "cloudwatch", "logs", "scheduler",
-                  "budgets", "access-analyzer", "s3", "kms", "events"}
+                  "budgets", "access-analyzer", "s3", "kms", "events", "ec2-instance-connect"}
 KNOWN_OPERATORS = re.compile(r"^(ForAllValues:|ForAnyValue:)?(String(Not)?Equals(IgnoreCase)?|String(Not)?Like|"
                              r"Arn(Not)?(Equals|Like)|Numeric\w+|Date\w+|Bool|BinaryEquals|"
                              r"(Not)?IpAddress)(IfExists)?$|^Null$")
