@@ -80,8 +80,9 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
     drop(step);
     // Without working credentials every other AWS check fails for that one reason: say it once.
     let no_credentials = !credentials.ok;
-    let mut checks = vec![credentials, region, config, vpc, endpoint, image];
+    let mut checks = vec![credentials, region, config, vpc, image];
     checks.extend(probes);
+    checks.push(endpoint);
     if no_credentials {
         checks = checks.into_iter().map(|c| c.skip("not checked: needs working credentials")).collect();
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::lifecycle::{login, wait_until};
-use crate::session::{Tmux, assert_nothing_left, box_tmux_attached};
+use crate::session::{BOX_TMUX, Tmux, assert_nothing_left, box_tmux_attached};
 use crate::support::{LocalCloud, User};
 
 /// A user whose tunnels dial the local cloud's ws:// listener (the signed Host stays the DnsName).
@@ -183,6 +183,7 @@ fn a_tunnel_closed_at_its_max_duration_is_reattached_by_tmux_and_short_commands_
     assert!(run.stderr.contains("--tmux"), "{}", run.stderr);
 
     // --tmux: the endpoint ends the tunnel; the client reattaches on a new one by itself.
+    let _turn = BOX_TMUX.lock().unwrap_or_else(|p| p.into_inner());
     let _ =
         Command::new("tmux").args(["kill-session", "-t", "ephemeral-admin"]).stderr(Stdio::null()).status();
     let tmux = Tmux::start(&user, 120, 30);

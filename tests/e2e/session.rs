@@ -443,6 +443,10 @@ fn the_interactive_shell_works_in_a_real_terminal_and_records_a_replayable_cast(
     assert!(String::from_utf8_lossy(&played.stdout).contains("remote-42"));
 }
 
+/// The box's tmux session is this machine's one `ephemeral-admin` session: tests that use it
+/// take turns.
+pub static BOX_TMUX: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Whether a client is attached to the box's tmux session. The box simulator's sshd runs on this
 /// machine, so the box's tmux server is this machine's.
 pub fn box_tmux_attached() -> bool {
@@ -456,6 +460,7 @@ pub fn box_tmux_attached() -> bool {
 #[test]
 fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     // `--tmux` alone: a tmux session exists to outlive the connection, so it implies `--keep`.
+    let _turn = BOX_TMUX.lock().unwrap_or_else(|p| p.into_inner());
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let proxy = proxy(&cloud);
