@@ -54,6 +54,16 @@ fn purge_and_check(cloud: &LocalCloud, user: &User) {
     assert_nothing_left(cloud);
 }
 
+/// "… at $0.0058/h, at most $0.0267 for 4h" in a launch's stderr: (price per hour, estimate).
+fn estimate_line(stderr: &str) -> (f64, f64) {
+    let line = stderr.lines().find(|l| l.contains("/h, at most $")).unwrap_or_else(|| panic!("{stderr}"));
+    let number = |after: &str| -> f64 {
+        let rest = &line[line.find(after).unwrap() + after.len()..];
+        rest.split(|c: char| !(c.is_ascii_digit() || c == '.')).next().unwrap().parse().unwrap()
+    };
+    (number(" at $"), number("at most $"))
+}
+
 #[test]
 fn setup_eice_creates_one_tagged_endpoint_with_progress_and_a_second_run_changes_nothing() {
     let cloud = LocalCloud::start();
@@ -118,6 +128,13 @@ fn an_eice_box_has_no_public_ip_no_caller_rule_and_runs_a_command_and_connect() 
         user.run(&["launch", "--connect", "eice", "--user", login(), "--", "sh", "-c", "echo via-$((20+1))"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stdout.contains("via-21"), "{}", run.stdout);
+    // No public IPv4 address, so no IPv4 charge: in the estimate, and in the ledger line.
+    let (price, most) = estimate_line(&run.stderr);
+    let ebs = 8.0 * 0.08 / 730.0 * 4.0;
+    assert!((most - (price * 4.0 + ebs)).abs() < 0.0002, "compute and EBS only: {}", run.stderr);
+    let ledger = std::fs::read_to_string(user.state_dir().join("ledger.jsonl")).unwrap();
+    let line: Value = serde_json::from_str(ledger.lines().last().unwrap()).unwrap();
+    assert_eq!(line["cost"]["ipv4"], 0.0, "{line}");
     let calls = cloud.calls();
     let run_instances: Vec<&Value> = calls.iter().filter(|c| c["action"] == "RunInstances").collect();
     assert!(!run_instances.is_empty());
@@ -183,29 +200,58 @@ fn a_tunnel_closed_at_its_max_duration_is_reattached_by_tmux_and_short_commands_
     assert!(run.stderr.contains("--tmux"), "{}", run.stderr);
 
     // --tmux: the endpoint ends the tunnel; the client reattaches on a new one by itself.
+    rides_out_closed_tunnels(&cloud, &user, &format!("ephemeral-admin connect {session} --tmux"));
+    user.run(&["terminate", &session]).success();
+    purge_and_check(&cloud, &user);
+}
+
+#[test]
+fn launch_tmux_in_eice_mode_also_rides_out_a_closed_tunnel() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    setup(&cloud, &user);
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 8})));
+    let line = format!("ephemeral-admin launch --connect eice --tmux --user {}", login());
+    rides_out_closed_tunnels(&cloud, &user, &line);
+    // --tmux implies --keep: the session is still there, to end by hand.
+    let listed = user.run(&["list", "--output", "json"]).success().json();
+    let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
+    user.run(&["terminate", &session]).success();
+    purge_and_check(&cloud, &user);
+}
+
+/// Types `command_line` (a `--tmux` launch or connect) in a terminal, sets a variable in the
+/// box's tmux, waits for the endpoint to close the tunnel, and checks that without a keystroke a
+/// new tunnel carries a reattached tmux that still has the variable; then ends the box's tmux.
+fn rides_out_closed_tunnels(cloud: &LocalCloud, user: &User, command_line: &str) {
     let _turn = BOX_TMUX.lock().unwrap_or_else(|p| p.into_inner());
-    let _ =
-        Command::new("tmux").args(["kill-session", "-t", "ephemeral-admin"]).stderr(Stdio::null()).status();
-    let tmux = Tmux::start(&user, 120, 30);
+    let kill = || {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", "ephemeral-admin"])
+            .stderr(Stdio::null())
+            .status();
+    };
+    kill();
+    let tmux = Tmux::start(user, 120, 30);
     tmux.wait_for("local$", Duration::from_secs(10));
-    tmux.line(&format!("ephemeral-admin connect {session} --tmux"));
+    tmux.line(command_line);
     wait_until("a client on the box's tmux session", Duration::from_secs(60), box_tmux_attached);
     std::thread::sleep(Duration::from_millis(500));
     tmux.line("export MARK=kept-$((6*7))");
     let closed = |cloud: &LocalCloud| tunnels(cloud).iter().filter(|t| t["close_code"] == 1000).count();
-    let before = closed(&cloud);
-    wait_until("the endpoint to close the tunnel", Duration::from_secs(30), || closed(&cloud) > before);
+    let before = closed(cloud);
+    wait_until("the endpoint to close the tunnel", Duration::from_secs(30), || closed(cloud) > before);
     // No keystroke: a new tunnel opens and tmux is attached again.
-    let opened = tunnels(&cloud).len();
-    wait_until("a new tunnel", Duration::from_secs(30), || tunnels(&cloud).len() > opened);
+    let opened = tunnels(cloud).len();
+    wait_until("a new tunnel", Duration::from_secs(30), || tunnels(cloud).len() > opened);
     wait_until("tmux reattached", Duration::from_secs(30), box_tmux_attached);
     std::thread::sleep(Duration::from_millis(500));
     tmux.line("echo mark=$MARK");
     tmux.wait_for("mark=kept-42", Duration::from_secs(20));
-    assert!(!tmux.screen().contains("left session"), "connect never ended:\n{}", tmux.screen());
-    let _ =
-        Command::new("tmux").args(["kill-session", "-t", "ephemeral-admin"]).stderr(Stdio::null()).status();
-    drop(tmux);
-    user.run(&["terminate", &session]).success();
-    purge_and_check(&cloud, &user);
+    let screen = tmux.screen();
+    assert!(
+        !screen.contains("left session") && !screen.contains("local$ echo mark"),
+        "never left:\n{screen}"
+    );
+    kill();
 }
