@@ -39,12 +39,7 @@ pub async fn setup(ctx: &Context, args: &SetupEiceArgs) -> Result<ExitStatus> {
     let (created, endpoint) = match existing {
         Some(found) if found.ready() => (false, found),
         Some(found) => (false, wait(ctx, &aws, &found).await?),
-        None => {
-            let group = eice::create_group(&aws, &vpc_id).await?;
-            let token = format!("ephemeral-admin-{}", crate::session::new_id());
-            let asked = eice::create(&aws, &subnet_id, &group, &token).await?;
-            (true, wait(ctx, &aws, &asked).await?)
-        }
+        None => create(ctx, &aws, &vpc_id, &subnet_id).await?,
     };
     let result = SetupResult { created, endpoint };
     ctx.printer.result(&result, || match result.created {
@@ -60,6 +55,23 @@ pub async fn setup(ctx: &Context, args: &SetupEiceArgs) -> Result<ExitStatus> {
         ),
     });
     Ok(ExitStatus::Success)
+}
+
+/// Creates the endpoint and waits for it. Another `setup eice` that won the race (AWS allows one
+/// endpoint per VPC: `ResourceLimitExceeded`) is waited for instead.
+async fn create(ctx: &Context, aws: &Aws, vpc_id: &str, subnet_id: &str) -> Result<(bool, Endpoint)> {
+    let group = eice::create_group(aws, vpc_id).await?;
+    let token = format!("ephemeral-admin-{}", crate::session::new_id());
+    match eice::create(aws, subnet_id, &group, &token).await {
+        Ok(asked) => Ok((true, wait(ctx, aws, &asked).await?)),
+        Err(e) if e.code() == Some("ResourceLimitExceeded") => {
+            match eice::endpoints(aws, Some(vpc_id)).await?.into_iter().next() {
+                Some(other) => Ok((false, wait(ctx, aws, &other).await?)),
+                None => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The VPC and subnet: `--subnet` (or `subnet` in the config), else the default VPC's subnet in
