@@ -253,5 +253,14 @@ fn rides_out_closed_tunnels(cloud: &LocalCloud, user: &User, command_line: &str)
         !screen.contains("left session") && !screen.contains("local$ echo mark"),
         "never left:\n{screen}"
     );
+    // Leave on purpose: once a long tunnel carries the connection (a detach racing a tunnel's
+    // end would just be reattached), the box's tmux lets its client go and the CLI leaves.
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 3600})));
+    let opened = tunnels(cloud).len();
+    wait_until("a long tunnel", Duration::from_secs(30), || tunnels(cloud).len() > opened);
+    wait_until("tmux reattached", Duration::from_secs(30), box_tmux_attached);
+    let ok = Command::new("tmux").args(["detach-client", "-s", "ephemeral-admin"]).status().unwrap();
+    assert!(ok.success(), "the box's tmux has a client to detach");
+    tmux.wait_for("left session", Duration::from_secs(30));
     kill();
 }
