@@ -787,14 +787,18 @@ class Eice:
                 ws.sendall(data)
 
         def close(code: int, reason: str) -> None:
+            """Record the tunnel's end and send our close frame (the client's code echoed
+            when it closed first; nothing for 1005/1006, which never travel on the wire)."""
             with self.lock:
                 first = record["close_code"] is None
                 if first:
                     record["close_code"], record["close_reason"] = code, reason
                     record["closed_at"] = time.time()
             if first:
+                payload = b"" if code == 1005 else close_payload(code, reason)
                 try:
-                    send(frame(8, close_payload(code, reason)))
+                    if code != 1006:
+                        send(frame(8, payload))
                 except OSError:
                     pass
                 # The client answers with its own close; one that never does is cut off.
@@ -870,7 +874,7 @@ class Eice:
                 send(frame(10, data))
             elif opcode == 8:
                 code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005
-                close(1000 if code == 1000 else code, "client closed")
+                close(code, "client closed")
                 return
             elif opcode == 1:
                 close(1003, "text frames are not accepted; send binary frames")
