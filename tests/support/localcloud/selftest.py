@@ -1305,9 +1305,16 @@ def _t_eice(cloud: "Cloud", tmp: str) -> None:
         ws.send(2, b"SSH-2.0-eice-selftest\r\n")
         op, more = ws.recv()  # the server's KEXINIT: it understood our banner
         check(op == 2 and len(more) > 20, "bytes flow both ways (the server answers our banner)", (op, more[:40]))
+        ws.send(9, b"are you there")
+        check(ws.recv() == (10, b"are you there"), "a ping is answered with a pong")
         ws.send(8, b"\x03\xe8")
         _, code, _ = ws.read_until_close(5)
         check(code == 1000, "client close -> close 1000", code)
+    ws.close()
+    ws = WsClient(ws_url, eice_presign(dns, eid, ip))
+    ws.send(1, b"hello")
+    _, code, _ = ws.read_until_close(5)
+    check(code == 1003, "a text frame from the client is refused (close 1003)", code)
     ws.close()
 
     proxy = f"{PY} {os.path.abspath(__file__)} --eice-proxy {ws_url} '{eice_presign(dns, eid, ip)}'".replace("%", "%%")
