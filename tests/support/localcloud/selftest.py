@@ -1311,6 +1311,12 @@ def _t_eice(cloud: "Cloud", tmp: str) -> None:
         _, code, _ = ws.read_until_close(5)
         check(code == 1000, "client close -> close 1000", code)
     ws.close()
+    many = [WsClient(ws_url, eice_presign(dns, eid, ip)) for _ in range(6)]
+    banners = [w.recv() if w.status == 101 else (None, b"") for w in many]
+    check(all(op == 2 and b.startswith(b"SSH-2.0-") for op, b in banners),
+          "six tunnels open at once each reach the box's sshd", banners)
+    for w in many:
+        w.close()
     ws = WsClient(ws_url, eice_presign(dns, eid, ip))
     ws.send(1, b"hello")
     _, code, _ = ws.read_until_close(5)
