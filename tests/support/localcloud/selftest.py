@@ -1311,6 +1311,18 @@ def _t_eice(cloud: "Cloud", tmp: str) -> None:
         _, code, _ = ws.read_until_close(5)
         check(code == 1000, "client close -> close 1000", code)
     ws.close()
+    # As the CLI launches in eice mode: no public IP, the group on the network interface.
+    private = run_one(ec2, UserData=ud, NetworkInterfaces=[{
+        "DeviceIndex": 0, "SubnetId": subnet, "Groups": [box_sg], "AssociatePublicIpAddress": False}])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and cloud.api("GET", f"/_localcloud/box/{private['InstanceId']}")[1].get(
+            "state") not in ("up", "failed"):
+        time.sleep(0.1)
+    ws = WsClient(ws_url, eice_presign(dns, eid, private["PrivateIpAddress"]))
+    got = ws.recv() if ws.status == 101 else (None, b"")
+    check(not private.get("PublicIpAddress") and got[0] == 2 and got[1].startswith(b"SSH-2.0-"),
+          "an instance without a public IP, its group on the network interface, is reached", (private, got))
+    ws.close()
     many = [WsClient(ws_url, eice_presign(dns, eid, ip)) for _ in range(6)]
     banners = [w.recv() if w.status == 101 else (None, b"") for w in many]
     check(all(op == 2 and b.startswith(b"SSH-2.0-") for op, b in banners),
