@@ -56,7 +56,7 @@ import socketserver
 import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
 import iampolicy
@@ -724,7 +724,8 @@ class Eice:
         if decision.allowed:
             return
         with cloud.state_lock:
-            cloud.denials.append({"seq": None, "service": SERVICE, "api": "OpenTunnel",
+            # seq: the last API call's (a tunnel is not an API call and has no number of its own).
+            cloud.denials.append({"seq": cloud.seq, "service": SERVICE, "api": "OpenTunnel",
                                   "action": check.action, "resource": check.resource})
         _, message, _ = iampolicy.denial(check, decision, f"arn:aws:iam::{self.account}:user/moto", "json")
         raise Refused(403, message)
@@ -778,32 +779,8 @@ class Eice:
         return False
 
     def _relay(self, ws: socket.socket, record: dict[str, Any], plan: dict[str, Any]) -> None:
-        e, ip, port = plan["endpoint"], plan["ip"], plan["port"]
-        send_lock = threading.Lock()
-        closed = threading.Event()
-
-        def send(data: bytes) -> None:
-            with send_lock:
-                ws.sendall(data)
-
-        def close(code: int, reason: str) -> None:
-            with self.lock:
-                first = record["close_code"] is None
-                if first:
-                    record["close_code"], record["close_reason"] = code, reason
-                    record["closed_at"] = time.time()
-            if first:
-                try:
-                    send(frame(8, close_payload(code, reason)))
-                except OSError:
-                    pass
-                # The client answers with its own close; one that never does is cut off.
-                cut = threading.Timer(3.0, _shut, args=(ws,))
-                cut.daemon = True
-                cut.start()
-            closed.set()
-
-        iid, target = self._target(e, ip, port)
+        tunnel = _Tunnel(ws, record, self.lock)
+        iid, target = self._target(plan["endpoint"], plan["ip"], plan["port"])
         self._note(record, instance_id=iid)
         upstream = None
         if target is not None:
@@ -813,70 +790,112 @@ class Eice:
             except OSError:
                 upstream = None
         if upstream is None:
-            close(1011, "Unable to connect to target")
+            tunnel.close(1011, "Unable to connect to target")
             _drain_close(ws)
             return
-        limit = min(float(plan["duration"]), self.tunnel_limit)
-        timer = threading.Timer(limit, lambda: (close(1000, "Tunnel reached its maximum duration"),
-                                                _shut(upstream), _shut_write(ws)))
-        timer.daemon = True
-        timer.start()
+        tunnel.run(upstream, min(float(plan["duration"]), self.tunnel_limit))
 
-        def box_to_client() -> None:
+
+class _Tunnel:
+    """One open tunnel: the client's WebSocket and the box's TCP connection, pumped both ways
+    until either side ends or the time limit closes it with 1000."""
+
+    def __init__(self, ws: socket.socket, record: dict[str, Any], lock: threading.RLock):
+        self.ws, self.record, self.lock = ws, record, lock
+        self.send_lock = threading.Lock()
+        self.closed = threading.Event()
+        self.upstream: socket.socket | None = None
+
+    def send(self, data: bytes) -> None:
+        with self.send_lock:
+            self.ws.sendall(data)
+
+    def close(self, code: int, reason: str) -> None:
+        """Record the tunnel's end and send our close frame (the client's code echoed when it
+        closed first; nothing for 1005/1006, which never travel on the wire)."""
+        with self.lock:
+            first = self.record["close_code"] is None
+            if first:
+                self.record["close_code"], self.record["close_reason"] = code, reason
+                self.record["closed_at"] = time.time()
+        if first:
             try:
-                while not closed.is_set():
-                    data = upstream.recv(OUT_CHUNK)
-                    if not data:
-                        break
-                    send(frame(2, data))
-                    with self.lock:
-                        record["bytes_out"] += len(data)
+                if code != 1006:
+                    self.send(frame(8, b"" if code == 1005 else close_payload(code, reason)))
             except OSError:
                 pass
-            close(1000, "Target closed the connection")
-            _shut_write(ws)
+            # The client answers with its own close; one that never does is cut off.
+            cut = threading.Timer(3.0, _shut, args=(self.ws,))
+            cut.daemon = True
+            cut.start()
+        self.closed.set()
 
-        pump = threading.Thread(target=box_to_client, name="eice-out", daemon=True)
+    def run(self, upstream: socket.socket, limit: float) -> None:
+        self.upstream = upstream
+        timer = threading.Timer(limit, self._expire)
+        timer.daemon = True
+        timer.start()
+        pump = threading.Thread(target=self._box_to_client, name="eice-out", daemon=True)
         pump.start()
         try:
-            self._client_to_box(ws, upstream, record, send, close, closed)
+            self._client_to_box()
         finally:
             timer.cancel()
             _shut(upstream)
             pump.join(timeout=5)
             upstream.close()
 
-    def _client_to_box(self, ws: socket.socket, upstream: socket.socket, record: dict[str, Any],
-                       send: Callable[[bytes], None], close: Callable[[int, str], None],
-                       closed: threading.Event) -> None:
+    def _expire(self) -> None:
+        self.close(1000, "Tunnel reached its maximum duration")
+        _shut(self.upstream)
+        _shut_write(self.ws)
+
+    def _count(self, key: str, n: int) -> None:
+        with self.lock:
+            self.record[key] += n
+
+    def _box_to_client(self) -> None:
+        assert self.upstream is not None
+        try:
+            while not self.closed.is_set():
+                data = self.upstream.recv(OUT_CHUNK)
+                if not data:
+                    break
+                self.send(frame(2, data))
+                self._count("bytes_out", len(data))
+        except OSError:
+            pass
+        self.close(1000, "Target closed the connection")
+        _shut_write(self.ws)
+
+    def _client_to_box(self) -> None:
+        assert self.upstream is not None
         while True:
             try:
-                fin, opcode, data = read_frame(ws)
+                _fin, opcode, data = read_frame(self.ws)
             except (WsClosed, OSError):
-                close(1006 if not closed.is_set() else 1000, "client went away")
+                self.close(1006, "client went away")
                 return
             except ValueError as exc:
-                close(1002 if "masked" in str(exc) else 1009, str(exc))
+                self.close(1002 if "masked" in str(exc) else 1009, str(exc))
                 return
             if opcode in (0, 2):
                 try:
-                    upstream.sendall(data)
+                    self.upstream.sendall(data)
                 except OSError:
-                    close(1000, "Target closed the connection")
+                    self.close(1000, "Target closed the connection")
                     return
-                with self.lock:
-                    record["bytes_in"] += len(data)
+                self._count("bytes_in", len(data))
             elif opcode == 9:
-                send(frame(10, data))
+                self.send(frame(10, data))
             elif opcode == 8:
-                code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005
-                close(1000 if code == 1000 else code, "client closed")
+                self.close(struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005, "client closed")
                 return
             elif opcode == 1:
-                close(1003, "text frames are not accepted; send binary frames")
+                self.close(1003, "text frames are not accepted; send binary frames")
                 return
             elif opcode != 10:
-                close(1002, f"unknown opcode {opcode}")
+                self.close(1002, f"unknown opcode {opcode}")
                 return
 
 
