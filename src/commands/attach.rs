@@ -111,7 +111,7 @@ pub async fn connect_options(
                 &record.user,
             ))
         }
-        ConnectMode::Eice => eice_transport(ctx, record, ctx.settings.ssh_port).await?,
+        ConnectMode::Eice => eice_transport(ctx, record).await?,
     };
     Ok(ConnectOptions {
         transport,
@@ -124,9 +124,10 @@ pub async fn connect_options(
     })
 }
 
-/// The tunnel through the session's Instance Connect Endpoint to its private address, signed
-/// with the caller's credentials (asked afresh for every tunnel).
-async fn eice_transport(ctx: &Context, record: &SessionRecord, port: u16) -> Result<Transport> {
+/// The tunnel through the session's Instance Connect Endpoint to port 22 of its private address
+/// (`ssh_port` is for port-mapped routes; the endpoint reaches the box's own sshd), signed with
+/// the caller's credentials (asked afresh for every tunnel).
+async fn eice_transport(ctx: &Context, record: &SessionRecord) -> Result<Transport> {
     let (Some(endpoint_id), Some(dns_name)) = (&record.eice_endpoint_id, &record.eice_dns_name) else {
         bail!(
             "session {} was not launched with connect = \"eice\", so no endpoint admits it: use its own --connect mode",
@@ -143,7 +144,7 @@ async fn eice_transport(ctx: &Context, record: &SessionRecord, port: u16) -> Res
         dns_name: dns_name.clone(),
         region: record.region.clone(),
         private_ip,
-        port,
+        port: crate::aws::network::SSH_PORT as u16,
         max_duration: ssh::eice::MAX_TUNNEL,
         dial_url: ctx.settings.aws.eice_endpoint_url.clone(),
         credentials,
