@@ -1309,6 +1309,17 @@ mod tests {
     }
 
     #[test]
+    fn the_eice_mode_and_its_dial_url_resolve_and_a_non_websocket_url_is_bad_input() {
+        let vars = [("EPHEMERAL_ADMIN_EICE_ENDPOINT_URL", "ws://127.0.0.1:4567")];
+        let s = resolve_with(&["launch", "--connect", "eice"], &vars).unwrap();
+        assert_eq!(s.connect, ConnectMode::Eice);
+        assert_eq!(s.aws.eice_endpoint_url.as_deref(), Some("ws://127.0.0.1:4567"));
+        let vars = [("EPHEMERAL_ADMIN_EICE_ENDPOINT_URL", "http://127.0.0.1:4567")];
+        let err = resolve_with(&["list"], &vars).unwrap_err().to_string();
+        assert!(err.contains("expected ws(s)://host[:port]"), "{err}");
+    }
+
+    #[test]
     fn every_instance_type_flag_beats_the_file() {
         let dir = std::env::temp_dir().join(format!("ea-settings-types-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
