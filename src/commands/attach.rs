@@ -251,7 +251,8 @@ pub async fn work(session: &ssh::Session, work: Work<'_>, signals: &Signals) -> 
 /// [`work`], riding out the end of an EICE tunnel. The endpoint closes every tunnel at its
 /// maximum duration (one hour), and the SSH connection ends with it. A `--tmux` shell is then
 /// reattached on a new tunnel and a new connection (same pinned host key), with no keystroke
-/// from the user; the `-L`/`-D` forwards and `--record` do not carry over to the new connection.
+/// from the user; the forwards (`-L`, `-R`, `-D`, `-A`) and `--record` do not carry over to the
+/// new connection.
 /// A plain shell, a command or `-N` that outlives the tunnel ends as a lost connection (exit
 /// 255), with a line saying why and that `--tmux` survives it.
 pub async fn work_resuming(
@@ -266,12 +267,12 @@ pub async fn work_resuming(
     while matches!(outcome, Outcome::Exited(RemoteExit::Lost)) && session.tunnel_expired() {
         if !tmux {
             ctx.printer.warn(
-                "the EICE tunnel reached its maximum duration and the endpoint closed it, ending the connection: `--tmux` keeps the work and reattaches by itself",
+                "the Instance Connect Endpoint closed the tunnel (it does at the tunnel's maximum duration, one hour), ending the connection: `--tmux` keeps the work and reattaches by itself",
             );
             break;
         }
         ctx.printer
-            .status("the EICE tunnel reached its maximum duration; reattaching tmux over a new tunnel");
+            .status("the Instance Connect Endpoint closed the tunnel (maximum duration); reattaching tmux over a new one");
         let fresh = open(ctx, options, signals).await?;
         std::mem::replace(session, fresh).close().await;
         let again = Work {
