@@ -168,3 +168,13 @@ async fn an_http_refusal_names_its_status_and_body() {
     );
     assert!(err.to_string().contains("ec2-instance-connect:OpenTunnel"), "{err}");
 }
+
+/// A tunnel that just breaks (no close frame) is not an orderly end: nothing reattaches on it.
+#[tokio::test]
+async fn a_dropped_connection_is_not_a_normal_end() {
+    let url = server(|ws| async move { drop(ws) }).await;
+    let mut io = open(&target(Some(url))).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = io.read_to_end(&mut buf).await;
+    assert!(!io.ending().normal(), "{:?}", io.ending().get());
+}
