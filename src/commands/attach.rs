@@ -218,8 +218,9 @@ pub struct Work<'a> {
     pub command: &'a [String],
     pub tmux: bool,
     pub record: Option<PathBuf>,
-    /// The `-L` and `-D` listeners, served while the command or shell runs and closed after.
-    pub listeners: Listeners,
+    /// The `-L` and `-D` listeners, served while the command or shell runs (the caller closes
+    /// them after).
+    pub listeners: &'a Listeners,
     /// `-N`: no command or shell; only the forwards, until a signal or the connection ends.
     pub no_command: bool,
 }
@@ -251,8 +252,8 @@ pub async fn work(session: &ssh::Session, work: Work<'_>, signals: &Signals) -> 
 /// [`work`], riding out the end of an EICE tunnel. The endpoint closes every tunnel at its
 /// maximum duration (one hour), and the SSH connection ends with it. A `--tmux` shell is then
 /// reattached on a new tunnel and a new connection (same pinned host key), with no keystroke
-/// from the user; the forwards (`-L`, `-R`, `-D`, `-A`) and `--record` do not carry over to the
-/// new connection.
+/// from the user; the forwards are set up again on the new connection (`-L`/`-D` keep their
+/// listeners, `-R` and `-A` are asked for again); `--record` ends with the first connection.
 /// A plain shell, a command or `-N` that outlives the tunnel ends as a lost connection (exit
 /// 255), with a line saying why and that `--tmux` survives it.
 pub async fn work_resuming(
@@ -263,6 +264,7 @@ pub async fn work_resuming(
     signals: &Signals,
 ) -> Result<Outcome> {
     let tmux = work.tmux && work.command.is_empty() && !work.no_command;
+    let listeners = work.listeners;
     let mut outcome = self::work(session, work, signals).await?;
     while matches!(outcome, Outcome::Exited(RemoteExit::Lost)) && session.tunnel_expired() {
         if !tmux {
@@ -275,13 +277,8 @@ pub async fn work_resuming(
             .status("the Instance Connect Endpoint closed the tunnel (maximum duration); reattaching tmux over a new one");
         let fresh = open(ctx, options, signals).await?;
         std::mem::replace(session, fresh).close().await;
-        let again = Work {
-            command: &[],
-            tmux: true,
-            record: None,
-            listeners: Listeners::default(),
-            no_command: false,
-        };
+        start_forwards(ctx, session, listeners).await?;
+        let again = Work { command: &[], tmux: true, record: None, listeners, no_command: false };
         outcome = self::work(session, again, signals).await?;
     }
     Ok(outcome)

@@ -82,12 +82,13 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
             command: &args.command,
             tmux: args.tmux,
             record: args.record.clone(),
-            listeners,
+            listeners: &listeners,
             no_command,
         };
         attach::work_resuming(ctx, &options, &mut session, work, &signals).await
     }
     .await;
+    drop(listeners);
     session.close().await;
     for failure in log.finish().await {
         ctx.printer.warn(failure);

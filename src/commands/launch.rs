@@ -143,11 +143,13 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
                     ctx.printer.status(attach::banner(&record, keep));
                 }
                 let record = args.record.clone();
+                let listeners = &listeners;
                 let work = Work { command: &args.command, tmux: args.tmux, record, listeners, no_command };
                 attach::work_resuming(ctx, &options, &mut session, work, &signals).await
             }
             Err(e) => Err(e),
         };
+        drop(listeners);
         session.close().await;
         outcome
     }

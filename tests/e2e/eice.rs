@@ -199,8 +199,18 @@ fn a_tunnel_closed_at_its_max_duration_is_reattached_by_tmux_and_short_commands_
     assert!(run.stderr.contains("maximum duration"), "{}", run.stderr);
     assert!(run.stderr.contains("--tmux"), "{}", run.stderr);
 
-    // --tmux: the endpoint ends the tunnel; the client reattaches on a new one by itself.
-    rides_out_closed_tunnels(&cloud, &user, &format!("ephemeral-admin connect {session} --tmux"));
+    // --tmux: the endpoint ends the tunnel; the client reattaches on a new one by itself, and
+    // its -L forward (here to the box's own sshd, as the box sees it) works on the new connection.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let private_ip = out["private_ip"].as_str().unwrap();
+    let line = format!("ephemeral-admin connect {session} --tmux -L {port}:{private_ip}:22");
+    rides_out_closed_tunnels(&cloud, &user, &line, &|| {
+        let mut banner = [0u8; 8];
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the -L port is open");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Read::read_exact(&mut stream, &mut banner).expect("an answer through the forward");
+        assert_eq!(&banner, b"SSH-2.0-", "sshd's banner through -L on the new connection");
+    });
     user.run(&["terminate", &session]).success();
     purge_and_check(&cloud, &user);
 }
@@ -212,7 +222,7 @@ fn launch_tmux_in_eice_mode_also_rides_out_a_closed_tunnel() {
     setup(&cloud, &user);
     cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 8})));
     let line = format!("ephemeral-admin launch --connect eice --tmux --user {}", login());
-    rides_out_closed_tunnels(&cloud, &user, &line);
+    rides_out_closed_tunnels(&cloud, &user, &line, &|| {});
     // --tmux implies --keep: the session is still there, to end by hand.
     let listed = user.run(&["list", "--output", "json"]).success().json();
     let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
@@ -222,8 +232,9 @@ fn launch_tmux_in_eice_mode_also_rides_out_a_closed_tunnel() {
 
 /// Types `command_line` (a `--tmux` launch or connect) in a terminal, sets a variable in the
 /// box's tmux, waits for the endpoint to close the tunnel, and checks that without a keystroke a
-/// new tunnel carries a reattached tmux that still has the variable; then ends the box's tmux.
-fn rides_out_closed_tunnels(cloud: &LocalCloud, user: &User, command_line: &str) {
+/// new tunnel carries a reattached tmux that still has the variable, then runs `after` (checks on
+/// the new connection); then leaves.
+fn rides_out_closed_tunnels(cloud: &LocalCloud, user: &User, command_line: &str, after: &dyn Fn()) {
     let _turn = BOX_TMUX.lock().unwrap_or_else(|p| p.into_inner());
     let kill = || {
         let _ = Command::new("tmux")
@@ -248,6 +259,7 @@ fn rides_out_closed_tunnels(cloud: &LocalCloud, user: &User, command_line: &str)
     std::thread::sleep(Duration::from_millis(500));
     tmux.line("echo mark=$MARK");
     tmux.wait_for("mark=kept-42", Duration::from_secs(20));
+    after();
     let screen = tmux.screen();
     assert!(
         !screen.contains("left session") && !screen.contains("local$ echo mark"),
