@@ -277,7 +277,11 @@ pub async fn work_resuming(
             .status("the Instance Connect Endpoint closed the tunnel (maximum duration); reattaching tmux over a new one");
         let fresh = open(ctx, options, signals).await?;
         std::mem::replace(session, fresh).close().await;
-        start_forwards(ctx, session, listeners).await?;
+        // The work in tmux matters more than a forward: one the box now refuses is a warning.
+        if let Err(e) = start_forwards(ctx, session, listeners).await {
+            ctx.printer
+                .warn(format!("after the reattach: {} (the shell goes on)", crate::exit_codes::one_line(&e)));
+        }
         let again = Work { command: &[], tmux: true, record: None, listeners, no_command: false };
         outcome = self::work(session, again, signals).await?;
     }
