@@ -164,7 +164,8 @@ pub async fn open(target: &EiceTarget) -> Result<WsIo, EiceError> {
 
 /// Opens a tunnel at an already signed URL (also how a test sends a tampered one).
 pub async fn open_signed(url: &str, host: &str) -> Result<WsIo, EiceError> {
-    let mut request = url.into_client_request().map_err(|e| EiceError::Transient(e.to_string()))?;
+    let mut request =
+        url.into_client_request().map_err(|e| EiceError::Signing(format!("bad tunnel URL: {e}")))?;
     let host = host.parse().map_err(|_| EiceError::Signing(format!("bad endpoint host {host:?}")))?;
     request.headers_mut().insert("host", host);
     match tokio_tungstenite::connect_async_tls_with_config(request, None, true, None).await {
