@@ -92,6 +92,11 @@ pub enum Command {
         after_help = "Examples:\n  ephemeral-admin cleanup --dry-run       # what would go, and why\n  ephemeral-admin cleanup                 # sessions that are over or orphaned\n  ephemeral-admin cleanup --all --purge   # everything, then the shared group and role"
     )]
     Cleanup(CleanupArgs),
+    /// Create what a connect mode needs once per VPC (an EC2 Instance Connect Endpoint).
+    #[command(
+        after_help = "Examples:\n  ephemeral-admin setup eice                    # in the default VPC; takes a few minutes\n  ephemeral-admin setup eice --subnet subnet-0ab12cd34ef567890"
+    )]
+    Setup(SetupArgs),
     /// Check credentials, region, config, network, AMI and permissions.
     #[command(
         after_help = "Examples:\n  ephemeral-admin doctor\n  ephemeral-admin doctor --region eu-west-1 --profile work"
@@ -133,6 +138,26 @@ pub enum Command {
         after_help = "Examples:\n  ephemeral-admin completions bash > /etc/bash_completion.d/ephemeral-admin\n  ephemeral-admin completions zsh > ~/.zfunc/_ephemeral-admin"
     )]
     Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    #[command(subcommand)]
+    pub what: SetupWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SetupWhat {
+    /// An EC2 Instance Connect Endpoint, for `connect = "eice"`: no public IP, no open port.
+    Eice(SetupEiceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SetupEiceArgs {
+    /// The subnet the endpoint goes into (its VPC is the one it serves); default: the default
+    /// VPC's subnet in its first zone, or `subnet` from the config.
+    #[arg(long, value_name = "SUBNET_ID")]
+    pub subnet: Option<String>,
 }
 
 /// Flags of `policy`.
@@ -260,11 +285,18 @@ pub enum ConnectMode {
     PrivateIp,
     ProxyCommand,
     Ssm,
+    /// Through an EC2 Instance Connect Endpoint: no public IP, no port open to the caller.
+    Eice,
 }
 
 impl ConnectMode {
-    pub const ALL: [ConnectMode; 4] =
-        [ConnectMode::PublicIp, ConnectMode::PrivateIp, ConnectMode::ProxyCommand, ConnectMode::Ssm];
+    pub const ALL: [ConnectMode; 5] = [
+        ConnectMode::PublicIp,
+        ConnectMode::PrivateIp,
+        ConnectMode::ProxyCommand,
+        ConnectMode::Ssm,
+        ConnectMode::Eice,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -272,6 +304,7 @@ impl ConnectMode {
             ConnectMode::PrivateIp => "private-ip",
             ConnectMode::ProxyCommand => "proxy-command",
             ConnectMode::Ssm => "ssm",
+            ConnectMode::Eice => "eice",
         }
     }
 

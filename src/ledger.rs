@@ -79,10 +79,11 @@ impl Entry {
         let end = session::parse_rfc3339(&record.expires_at).map_or(end, |deadline| end.min(deadline));
         let end = end.max(start);
         let duration = (end - start).whole_seconds();
-        let cost = pricing::estimate(
+        let cost = pricing::estimate_with(
             record.price_per_hour.unwrap_or(0.0),
             Duration::from_secs(duration as u64),
             record.root_volume(),
+            record.connect.as_deref() != Some("eice"),
         );
         Some(Entry {
             session_id: record.id.clone(),
@@ -377,7 +378,16 @@ pub fn live_cost(store: &Store, now: OffsetDateTime, account: Option<&str>) -> f
             let start = session::parse_rfc3339(r.launched_at.as_deref()?)?;
             let end = session::parse_rfc3339(&r.expires_at).map_or(now, |deadline| deadline.min(now));
             let seconds = (end - start).whole_seconds().max(0) as u64;
-            Some(pricing::estimate(r.price_per_hour?, Duration::from_secs(seconds), r.root_volume()).total)
+            let ipv4 = r.connect.as_deref() != Some("eice");
+            Some(
+                pricing::estimate_with(
+                    r.price_per_hour?,
+                    Duration::from_secs(seconds),
+                    r.root_volume(),
+                    ipv4,
+                )
+                .total,
+            )
         })
         .sum()
 }

@@ -1,7 +1,9 @@
 //! Money: the shipped on-demand price table, the spot max price, and session cost estimates.
 //!
 //! A session costs compute (spot or on-demand price per hour), its public IPv4 address, and its
-//! root volume, for as long as it runs. Estimates assume the session runs to its deadline.
+//! root volume, for as long as it runs. Estimates assume the session runs to its deadline. A box
+//! reached through an EC2 Instance Connect Endpoint (`connect = "eice"`) has no public IPv4
+//! address, so no IPv4 charge.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -82,9 +84,19 @@ pub fn per_gb_month(kind: VolumeKind) -> f64 {
 
 /// The cost of running one box with `volume` as its root volume for `runtime` at `compute_per_hour`.
 pub fn estimate(compute_per_hour: f64, runtime: Duration, volume: RootVolume) -> Estimate {
+    estimate_with(compute_per_hour, runtime, volume, true)
+}
+
+/// [`estimate`], for a box with or without a public IPv4 address.
+pub fn estimate_with(
+    compute_per_hour: f64,
+    runtime: Duration,
+    volume: RootVolume,
+    public_ipv4: bool,
+) -> Estimate {
     let hours = runtime.as_secs_f64() / 3600.0;
     let compute = compute_per_hour * hours;
-    let ipv4 = PUBLIC_IPV4_PER_HOUR * hours;
+    let ipv4 = if public_ipv4 { PUBLIC_IPV4_PER_HOUR * hours } else { 0.0 };
     let ebs = f64::from(volume.gb) * per_gb_month(volume.kind) / HOURS_PER_MONTH * hours;
     Estimate { compute, ipv4, ebs, total: compute + ipv4 + ebs }
 }
@@ -100,6 +112,13 @@ mod tests {
         assert!((e.ipv4 - 0.02).abs() < 1e-9);
         assert!((e.ebs - 8.0 * 0.08 / 730.0 * 4.0).abs() < 1e-9);
         assert!(e.total < 0.33);
+    }
+
+    #[test]
+    fn a_box_without_a_public_address_pays_no_ipv4() {
+        let e = estimate_with(0.0065, Duration::from_secs(4 * 3600), RootVolume::default(), false);
+        assert_eq!(e.ipv4, 0.0);
+        assert!((e.total - e.compute - e.ebs).abs() < 1e-12);
     }
 
     #[test]

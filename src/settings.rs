@@ -104,6 +104,9 @@ pub struct AwsSettings {
     pub region: Option<String>,
     pub profile: Option<String>,
     pub endpoint_url: Option<String>,
+    /// Dial this base URL for EICE tunnels (`ws://127.0.0.1:PORT` for the local cloud) instead
+    /// of `wss://<the endpoint's DnsName>`; the DnsName is still the signed `Host`.
+    pub eice_endpoint_url: Option<String>,
 }
 
 /// The image to boot: a well-known alias resolved through SSM public parameters, or an id.
@@ -235,6 +238,7 @@ struct FileConfig {
     region: Option<String>,
     profile: Option<String>,
     endpoint_url: Option<String>,
+    eice_endpoint_url: Option<String>,
     instance_types: Option<Vec<String>>,
     ami: Option<String>,
     user: Option<String>,
@@ -493,10 +497,15 @@ fn aws_settings(
     if let Some((url, source)) = &endpoint_url {
         validate_url(url, source)?;
     }
+    let eice_endpoint_url = r.string("eice_endpoint_url", None, "", file.eice_endpoint_url.take())?;
+    if let Some((url, source)) = &eice_endpoint_url {
+        validate_ws_url(url, source)?;
+    }
     Ok(AwsSettings {
         region: region.map(|(v, _)| v),
         profile: profile.map(|(v, _)| v),
         endpoint_url: endpoint_url.map(|(v, _)| v),
+        eice_endpoint_url: eice_endpoint_url.map(|(v, _)| v),
     })
 }
 
@@ -1190,6 +1199,15 @@ fn validate_url(url: &str, source: &Source) -> Result<(), UsageError> {
     }
 }
 
+fn validate_ws_url(url: &str, source: &Source) -> Result<(), UsageError> {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "ws" | "wss") && parsed.host().is_some() => Ok(()),
+        _ => Err(UsageError::new(format!(
+            "invalid EICE endpoint URL {url:?} ({source}): expected ws(s)://host[:port]"
+        ))),
+    }
+}
+
 /// EC2 instance types look like `t3.small`, `m7i-flex.large`, `u-6tb1.metal`.
 pub fn looks_like_instance_type(t: &str) -> bool {
     let Some((family, size)) = t.split_once('.') else { return false };
@@ -1390,6 +1408,17 @@ mod tests {
         assert_eq!(s.connect, ConnectMode::PublicIp);
         assert_eq!(s.ssh_port, 22);
         assert_eq!(s.state_dir, PathBuf::from("/nonexistent-home/.local/state/ephemeral-admin"));
+    }
+
+    #[test]
+    fn the_eice_mode_and_its_dial_url_resolve_and_a_non_websocket_url_is_bad_input() {
+        let vars = [("EPHEMERAL_ADMIN_EICE_ENDPOINT_URL", "ws://127.0.0.1:4567")];
+        let s = resolve_with(&["launch", "--connect", "eice"], &vars).unwrap();
+        assert_eq!(s.connect, ConnectMode::Eice);
+        assert_eq!(s.aws.eice_endpoint_url.as_deref(), Some("ws://127.0.0.1:4567"));
+        let vars = [("EPHEMERAL_ADMIN_EICE_ENDPOINT_URL", "http://127.0.0.1:4567")];
+        let err = resolve_with(&["list"], &vars).unwrap_err().to_string();
+        assert!(err.contains("expected ws(s)://host[:port]"), "{err}");
     }
 
     #[test]

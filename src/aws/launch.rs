@@ -418,17 +418,18 @@ fn request(
     let groups = std::iter::once(&spec.security_group_id).chain(&spec.extra_security_group_ids).cloned();
     builder = match &spec.subnet_id {
         // In a chosen subnet the network interface says whether the box gets a public IP: never
-        // in a private subnet, whatever the subnet's MapPublicIpOnLaunch says.
-        Some(subnet) => builder.network_interfaces(
+        // in a private subnet, whatever the subnet's MapPublicIpOnLaunch says. In the default
+        // VPC it says so only when there must be none (`eice`): the zone's default subnet.
+        subnet if subnet.is_some() || !spec.associate_public_ip => builder.network_interfaces(
             InstanceNetworkInterfaceSpecification::builder()
                 .device_index(0)
-                .subnet_id(subnet)
+                .set_subnet_id(subnet.clone())
                 .set_groups(Some(groups.collect()))
                 .associate_public_ip_address(spec.associate_public_ip)
                 .delete_on_termination(true)
                 .build(),
         ),
-        None => builder.set_security_group_ids(Some(groups.collect())),
+        _ => builder.set_security_group_ids(Some(groups.collect())),
     };
     if let Some(az) = &candidate.availability_zone {
         builder = builder.placement(Placement::builder().availability_zone(az).build());

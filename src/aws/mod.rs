@@ -7,6 +7,7 @@
 pub mod alarm;
 pub mod ami;
 pub mod budgets;
+pub mod eice;
 pub mod iam;
 
 pub mod identity;

@@ -25,6 +25,8 @@ pub struct Statement {
 pub const SSM_DOCUMENT: &str = "AWS-StartSSHSession";
 /// The service-linked role CloudWatch uses to run an alarm's EC2 action (terminate).
 pub const ALARM_ACTIONS_SERVICE: &str = "events.amazonaws.com";
+/// The service whose service-linked role an EC2 Instance Connect Endpoint runs as.
+pub const EICE_SERVICE: &str = "ec2-instance-connect.amazonaws.com";
 
 fn project_is_ours(key: &str) -> Value {
     json!({"StringEquals": {format!("{key}/{}", tags::PROJECT): tags::PROJECT_VALUE}})
@@ -54,6 +56,7 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
                 "ec2:DescribeSpotPriceHistory",
                 "ec2:DescribeInstances",
                 "ec2:DescribeSpotInstanceRequests",
+                "ec2:DescribeInstanceConnectEndpoints",
                 "cloudwatch:DescribeAlarms",
                 "logs:DescribeLogGroups",
                 "scheduler:ListSchedules",
@@ -102,7 +105,7 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
         },
         Statement {
             sid: "TagOnlyWhileCreating",
-            why: "create-with-tags needs ec2:CreateTags too; allowed only inside the three creating calls",
+            why: "create-with-tags needs ec2:CreateTags too; allowed only inside the four creating calls",
             actions: &["ec2:CreateTags"],
             resources: ec2(&[
                 "instance",
@@ -110,10 +113,11 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
                 "spot-instances-request",
                 "security-group",
                 "security-group-rule",
+                "instance-connect-endpoint",
             ]),
             condition: Some(json!({
                 "StringEquals": {
-                    "ec2:CreateAction": ["RunInstances", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress"],
+                    "ec2:CreateAction": ["RunInstances", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress", "CreateInstanceConnectEndpoint"],
                     format!("aws:RequestTag/{}", tags::PROJECT): tags::PROJECT_VALUE
                 }
             })),
@@ -128,8 +132,15 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
                 "ec2:AuthorizeSecurityGroupIngress",
                 "ec2:RevokeSecurityGroupIngress",
                 "ec2:DeleteSecurityGroup",
+                "ec2:DeleteInstanceConnectEndpoint",
             ],
-            resources: ec2(&["instance", "spot-instances-request", "security-group", "security-group-rule"]),
+            resources: ec2(&[
+                "instance",
+                "spot-instances-request",
+                "security-group",
+                "security-group-rule",
+                "instance-connect-endpoint",
+            ]),
             condition: Some(project_is_ours("ec2:ResourceTag")),
         },
         Statement {
@@ -254,6 +265,7 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
             condition: Some(project_is_ours("ssm:resourceTag")),
         },
     ];
+    out.extend(instance_connect_endpoint());
     out.push(Statement {
         sid: "SessionManagerSshDocumentOnly",
         why: "`connect = \"ssm\"`: the SSH-over-Session-Manager document, and ending or resuming one's own sessions",
@@ -270,6 +282,46 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
         out.extend(configured_profile(profile));
     }
     out
+}
+
+/// `connect = "eice"`: tunnels to port 22 through an endpoint, and `setup eice` creating the
+/// tool's endpoint (tagged; AWS makes its network interface and, on first use, its
+/// service-linked role). Deleting it is in `ChangeOnlyOwnResources`.
+fn instance_connect_endpoint() -> [Statement; 4] {
+    [
+        Statement {
+            sid: "InstanceConnectTunnelToSshOnly",
+            why: "`connect = \"eice\"`: open a tunnel through an EC2 Instance Connect Endpoint, to port 22 only",
+            actions: &["ec2-instance-connect:OpenTunnel"],
+            resources: ec2(&["instance-connect-endpoint"]),
+            // (No maxTunnelDuration condition: AWS caps tunnels at an hour anyway, and its two
+            // spellings of that key in the Service Authorization Reference trip policy linters.)
+            condition: Some(json!({"NumericEquals": {"ec2-instance-connect:remotePort": "22"}})),
+        },
+        Statement {
+            sid: "CreateOnlyTaggedInstanceConnectEndpoint",
+            why: "`setup eice`: the endpoint may only be created carrying Project=EphemeralContainer",
+            actions: &["ec2:CreateInstanceConnectEndpoint"],
+            resources: ec2(&["instance-connect-endpoint"]),
+            condition: Some(project_is_ours("aws:RequestTag")),
+        },
+        Statement {
+            sid: "InstanceConnectEndpointPlacement",
+            why: "`setup eice`: the endpoint goes into a subnet with the tool's group, and AWS gives it a network interface there",
+            actions: &["ec2:CreateInstanceConnectEndpoint", "ec2:CreateNetworkInterface"],
+            resources: ec2(&["subnet", "security-group", "network-interface"]),
+            condition: None,
+        },
+        Statement {
+            sid: "InstanceConnectServiceLinkedRole",
+            why: "`setup eice`: the endpoint's service-linked role, created by AWS on the first endpoint of the account",
+            actions: &["iam:CreateServiceLinkedRole"],
+            resources: vec![format!(
+                "arn:aws:iam::*:role/aws-service-role/{EICE_SERVICE}/AWSServiceRoleForEC2InstanceConnect*"
+            )],
+            condition: Some(json!({"StringEquals": {"iam:AWSServiceName": EICE_SERVICE}})),
+        },
+    ]
 }
 
 /// `instance_profile`: read that one profile (to check it exists and name its role) and pass its

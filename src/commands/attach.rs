@@ -60,7 +60,7 @@ pub fn ssm_proxy_command(region: &str, profile: Option<&str>) -> String {
 }
 
 /// Builds the SSH options for a session from its record and local key file.
-pub fn connect_options(
+pub async fn connect_options(
     ctx: &Context,
     store: &Store,
     record: &SessionRecord,
@@ -111,6 +111,7 @@ pub fn connect_options(
                 &record.user,
             ))
         }
+        ConnectMode::Eice => eice_transport(ctx, record).await?,
     };
     Ok(ConnectOptions {
         transport,
@@ -121,6 +122,33 @@ pub fn connect_options(
         keepalive_interval: KEEPALIVE_INTERVAL,
         keepalive_max: KEEPALIVE_MAX,
     })
+}
+
+/// The tunnel through the session's Instance Connect Endpoint to port 22 of its private address
+/// (`ssh_port` is for port-mapped routes; the endpoint reaches the box's own sshd), signed with
+/// the caller's credentials (asked afresh for every tunnel).
+async fn eice_transport(ctx: &Context, record: &SessionRecord) -> Result<Transport> {
+    let (Some(endpoint_id), Some(dns_name)) = (&record.eice_endpoint_id, &record.eice_dns_name) else {
+        bail!(
+            "session {} was not launched with connect = \"eice\", so no endpoint admits it: use its own --connect mode",
+            record.id
+        );
+    };
+    let private_ip =
+        record.private_ip.clone().with_context(|| format!("session {} has no private address", record.id))?;
+    let aws = ctx.aws().await?;
+    let credentials =
+        aws.config.credentials_provider().context("no AWS credentials to sign the EICE tunnel with")?;
+    Ok(Transport::Eice(ssh::eice::EiceTarget {
+        endpoint_id: endpoint_id.clone(),
+        dns_name: dns_name.clone(),
+        region: record.region.clone(),
+        private_ip,
+        port: crate::aws::network::SSH_PORT as u16,
+        max_duration: ssh::eice::MAX_TUNNEL,
+        dial_url: ctx.settings.aws.eice_endpoint_url.clone(),
+        credentials,
+    }))
 }
 
 /// Connects, showing progress, until sshd answers, the timeout passes, or a signal arrives.
@@ -190,8 +218,9 @@ pub struct Work<'a> {
     pub command: &'a [String],
     pub tmux: bool,
     pub record: Option<PathBuf>,
-    /// The `-L` and `-D` listeners, served while the command or shell runs and closed after.
-    pub listeners: Listeners,
+    /// The `-L` and `-D` listeners, served while the command or shell runs (the caller closes
+    /// them after).
+    pub listeners: &'a Listeners,
     /// `-N`: no command or shell; only the forwards, until a signal or the connection ends.
     pub no_command: bool,
 }
@@ -218,6 +247,45 @@ pub async fn work(session: &ssh::Session, work: Work<'_>, signals: &Signals) -> 
         never = session.serve(listeners) => match never {},
         stop = signals.stopped() => Ok(Outcome::Stopped(stop)),
     }
+}
+
+/// [`work`], riding out the end of an EICE tunnel. The endpoint closes every tunnel at its
+/// maximum duration (one hour), and the SSH connection ends with it. A `--tmux` shell is then
+/// reattached on a new tunnel and a new connection (same pinned host key), with no keystroke
+/// from the user; the forwards are set up again on the new connection (`-L`/`-D` keep their
+/// listeners, `-R` and `-A` are asked for again); `--record` ends with the first connection.
+/// A plain shell, a command or `-N` that outlives the tunnel ends as a lost connection (exit
+/// 255), with a line saying why and that `--tmux` survives it.
+pub async fn work_resuming(
+    ctx: &Context,
+    options: &ConnectOptions,
+    session: &mut ssh::Session,
+    work: Work<'_>,
+    signals: &Signals,
+) -> Result<Outcome> {
+    let tmux = work.tmux && work.command.is_empty() && !work.no_command;
+    let listeners = work.listeners;
+    let mut outcome = self::work(session, work, signals).await?;
+    while matches!(outcome, Outcome::Exited(RemoteExit::Lost)) && session.tunnel_expired() {
+        if !tmux {
+            ctx.printer.warn(
+                "the Instance Connect Endpoint closed the tunnel (it does at the tunnel's maximum duration, one hour), ending the connection: `--tmux` keeps the work and reattaches by itself",
+            );
+            break;
+        }
+        ctx.printer
+            .status("the Instance Connect Endpoint closed the tunnel (maximum duration); reattaching tmux over a new one");
+        let fresh = open(ctx, options, signals).await?;
+        std::mem::replace(session, fresh).close().await;
+        // The work in tmux matters more than a forward: one the box now refuses is a warning.
+        if let Err(e) = start_forwards(ctx, session, listeners).await {
+            ctx.printer
+                .warn(format!("after the reattach: {} (the shell goes on)", crate::exit_codes::one_line(&e)));
+        }
+        let again = Work { command: &[], tmux: true, record: None, listeners, no_command: false };
+        outcome = self::work(session, again, signals).await?;
+    }
+    Ok(outcome)
 }
 
 pub enum Outcome {

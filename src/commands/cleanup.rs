@@ -595,6 +595,10 @@ async fn purge(ctx: &Context, aws: &Aws, account: &str) -> Result<Vec<String>> {
             left.len()
         )),
     }
+    // The Instance Connect Endpoints `setup eice` made, where no box of the tool's is left.
+    let (endpoints, waiting) = super::eice::purge(aws).await?;
+    purged.extend(endpoints);
+    refusals.extend(waiting);
     if !refusals.is_empty() {
         bail!("not purged: {}", refusals.join("; "));
     }

@@ -67,8 +67,8 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
 
     let signals = Signals::install().context("listening for Ctrl-C")?;
     let route = Route::resolve(ctx, &record, args.connect, args.proxy_command.as_deref());
-    let options = attach::connect_options(ctx, &store, &record, &route)?;
-    let session = attach::open(ctx, &options, &signals).await?;
+    let options = attach::connect_options(ctx, &store, &record, &route).await?;
+    let mut session = attach::open(ctx, &options, &signals).await?;
     let instance_id = record.instance_id.as_deref().context("the session record has no instance id")?;
     let log = crate::aws::logs::Writer::spawn(&ctx.aws().await?, instance_id);
     log.send(format!("connect session={id} via={}", options.transport));
@@ -82,12 +82,13 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
             command: &args.command,
             tmux: args.tmux,
             record: args.record.clone(),
-            listeners,
+            listeners: &listeners,
             no_command,
         };
-        attach::work(&session, work, &signals).await
+        attach::work_resuming(ctx, &options, &mut session, work, &signals).await
     }
     .await;
+    drop(listeners);
     session.close().await;
     for failure in log.finish().await {
         ctx.printer.warn(failure);
@@ -175,6 +176,12 @@ pub async fn ssh_config(ctx: &Context, id: &str, install: bool) -> Result<ExitSt
             Some(attach::ssm_proxy_command(&record.region, ctx.settings.aws.profile.as_deref()))
         }
         ConnectMode::ProxyCommand => route.proxy_command.clone(),
+        // OpenSSH has no WebSocket: the AWS CLI opens the tunnel (its `open-tunnel` subcommand).
+        ConnectMode::Eice => Some(format!(
+            "aws ec2-instance-connect open-tunnel --instance-id %i --region {}{}",
+            record.region,
+            ctx.settings.aws.profile.as_deref().map(|p| format!(" --profile {p}")).unwrap_or_default()
+        )),
         _ => None,
     };
     if let Some(template) = proxy {

@@ -67,16 +67,22 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
     };
     let aws = ctx.aws().await?;
     let step = ctx.printer.step("checking");
-    let (credentials, region, vpc, (image, probes)) =
-        tokio::join!(check_credentials(&aws), check_region(&aws), check_network(ctx, &aws), async {
+    let (credentials, region, vpc, (image, probes), endpoint) = tokio::join!(
+        check_credentials(&aws),
+        check_region(&aws),
+        check_network(ctx, &aws),
+        async {
             let (check, image) = check_image(ctx, &aws).await;
             (check, check_permissions(ctx, &aws, image.as_deref()).await)
-        });
+        },
+        check_eice(ctx, &aws)
+    );
     drop(step);
     // Without working credentials every other AWS check fails for that one reason: say it once.
     let no_credentials = !credentials.ok;
     let mut checks = vec![credentials, region, config, vpc, image];
     checks.extend(probes);
+    checks.push(endpoint);
     if no_credentials {
         checks = checks.into_iter().map(|c| c.skip("not checked: needs working credentials")).collect();
     }
@@ -101,6 +107,12 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
         (false, true) => ExitStatus::Usage,
         (false, false) => ExitStatus::Failure,
     })
+}
+
+/// Whether the VPC has an EC2 Instance Connect Endpoint (a failure only in `eice` mode).
+async fn check_eice(ctx: &Context, aws: &Aws) -> Check {
+    let (ok, detail, fix) = super::eice::doctor_detail(ctx, aws).await;
+    Check { name: "eice", ok, skipped: false, detail, fix }
 }
 
 async fn check_credentials(aws: &Aws) -> Check {

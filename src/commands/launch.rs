@@ -19,7 +19,7 @@ use super::setup;
 use super::{Context, SessionView};
 use crate::aws::launch::Candidate;
 use crate::aws::launch::{self as ec2_launch, LaunchEvent, LaunchSpec};
-use crate::aws::{alarm, ami, iam, identity, instances, logs, network, schedule, spot, vpc};
+use crate::aws::{alarm, ami, eice, iam, identity, instances, logs, network, schedule, spot, vpc};
 use crate::cli::{ConnectMode, LaunchArgs};
 use crate::error::{ExitStatus, Interrupted, OverBudget, UsageError};
 use crate::keys::SessionKeys;
@@ -122,9 +122,9 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let mut attached = false;
     let outcome = async {
         let route = Route::resolve(ctx, &record, None, None);
-        let options = attach::connect_options(ctx, &store, &record, &route)?;
+        let options = attach::connect_options(ctx, &store, &record, &route).await?;
         crash::point("connecting");
-        let session = attach::open(ctx, &options, &signals).await?;
+        let mut session = attach::open(ctx, &options, &signals).await?;
         attached = true;
         result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         if has_setup(&ctx.settings) {
@@ -143,11 +143,13 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
                     ctx.printer.status(attach::banner(&record, keep));
                 }
                 let record = args.record.clone();
+                let listeners = &listeners;
                 let work = Work { command: &args.command, tmux: args.tmux, record, listeners, no_command };
-                attach::work(&session, work, &signals).await
+                attach::work_resuming(ctx, &options, &mut session, work, &signals).await
             }
             Err(e) => Err(e),
         };
+        drop(listeners);
         session.close().await;
         outcome
     }
@@ -306,7 +308,8 @@ async fn provision(
     // A tmux session exists to survive a dropped connection: it is a kept session.
     let kept = args.detach || args.keep || s.tmux;
     // Through SSM no inbound port is needed at all.
-    let need_ingress = s.connect != ConnectMode::Ssm;
+    // Through an Instance Connect Endpoint only the endpoint's group is admitted.
+    let need_ingress = !matches!(s.connect, ConnectMode::Ssm | ConnectMode::Eice);
     mark("settings", &mut timings);
     // A taken name or a missing instance profile is bad input: refused before anything exists.
     let own_profile = preflight(ctx, &aws).await?;
@@ -359,6 +362,7 @@ async fn provision(
                             .map_err(anyhow::Error::from)
                     },
                 )?;
+                let endpoint = eice_endpoint(&aws, s.connect, &net).await?;
                 network_tx.send_replace(Some(net.clone()));
                 let vpc = net.vpc_id.clone();
                 let session_tags = tags::session_tags(
@@ -379,7 +383,7 @@ async fn provision(
                 .await?;
                 *made_group.lock().expect("not poisoned") = Some(group.id.clone());
                 crash::point("security-group");
-                anyhow::Ok((caller, group, net))
+                anyhow::Ok((caller, group, net, endpoint))
             },
             detect_ip,
             async {
@@ -418,7 +422,7 @@ async fn provision(
         super::cleanup::quick_sweep(ctx, &aws).await
     };
     let (prepared, swept) = tokio::join!(prepare, housekeeping);
-    let ((caller, group, net), my_ip, profile, keys, image, prices) = match prepared {
+    let ((caller, group, net, endpoint), my_ip, profile, keys, image, prices) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
             return Err(undo_prepare(ctx, &aws, made_group.into_inner().ok().flatten(), error).await);
@@ -463,6 +467,8 @@ async fn provision(
             client_key_public: keys.client.public_openssh.clone(),
             connect: Some(s.connect.as_str().to_string()),
             proxy_command: s.proxy_command.clone(),
+            eice_endpoint_id: endpoint.as_ref().map(|e| e.id.clone()),
+            eice_dns_name: endpoint.as_ref().map(|e| e.dns_name.clone()),
             security_group_id: Some(group.id.clone()),
             instance_profile_name: Some(profile.name.clone()),
             ..Default::default()
@@ -495,7 +501,13 @@ async fn provision(
             .map(|p| {
                 format!(
                     ", at most {} for {}",
-                    usd(pricing::estimate(p, s.max_runtime, s.root_volume).total),
+                    usd(pricing::estimate_with(
+                        p,
+                        s.max_runtime,
+                        s.root_volume,
+                        s.connect != ConnectMode::Eice
+                    )
+                    .total),
                     short_duration(s.max_runtime)
                 )
             })
@@ -524,7 +536,7 @@ async fn provision(
         security_group_id: group.id.clone(),
         extra_security_group_ids: net.extra_groups.clone(),
         subnet_id: net.subnet.as_ref().map(|subnet| subnet.id.clone()),
-        associate_public_ip: net.public_ip(),
+        associate_public_ip: net.public_ip() && endpoint.is_none(),
         instance_profile_name: profile.name.clone(),
         user_data: base64::engine::general_purpose::STANDARD.encode(user_data),
         tags: session_tags.clone(),
@@ -542,6 +554,11 @@ async fn provision(
             recorder.update(|r| r.ingress_rule_ids.push(rule.rule_id.clone()))?;
             crash::point("rule");
             opened.push(rule);
+        }
+        for from in endpoint.iter().flat_map(|e| &e.security_group_ids) {
+            let rule = eice::admit_endpoint(&aws, &group.id, from, &session_id, &session_tags).await?;
+            recorder.update(|r| r.ingress_rule_ids.push(rule.clone()))?;
+            crash::point("rule");
         }
         anyhow::Ok(opened)
     };
@@ -642,9 +659,9 @@ async fn provision(
     let record = recorder.snapshot();
     let view = SessionView::build(Some(&record), Some(&running), clock.now());
     let result = Launched {
-        estimate: launched
-            .price_per_hour
-            .map(|p| pricing::estimate(p, s.max_runtime, s.root_volume).rounded()),
+        estimate: launched.price_per_hour.map(|p| {
+            pricing::estimate_with(p, s.max_runtime, s.root_volume, s.connect != ConnectMode::Eice).rounded()
+        }),
         launch_attempts: launched.attempts,
         timings_ms: timings.clone(),
         started,
@@ -682,6 +699,32 @@ async fn arm_scheduled_deadline(
     let names = schedule::arm(aws, &plan).await?;
     crash::point("schedule");
     Ok(names)
+}
+
+/// `connect = "eice"`: the ready endpoint of the box's VPC, found before anything is made; none
+/// is bad input (exit 2) naming `setup eice`.
+async fn eice_endpoint(
+    aws: &crate::aws::Aws,
+    connect: ConnectMode,
+    net: &vpc::Network,
+) -> Result<Option<eice::Endpoint>> {
+    if connect != ConnectMode::Eice {
+        return Ok(None);
+    }
+    let subnet = net.subnet.as_ref().map(|s| s.id.as_str());
+    match eice::usable(aws, &net.vpc_id, subnet).await? {
+        Some(e) if e.security_group_ids.is_empty() => Err(UsageError::new(format!(
+            "EC2 Instance Connect Endpoint {} has no security group, so the box's group cannot admit it: delete it and run `ephemeral-admin setup eice`",
+            e.id
+        ))
+        .into()),
+        Some(e) => Ok(Some(e)),
+        None => Err(UsageError::new(format!(
+            "connect = \"eice\" needs an EC2 Instance Connect Endpoint in {} (state create-complete), and there is none: `ephemeral-admin setup eice` creates one (once per VPC; it takes a few minutes)",
+            net.vpc_id
+        ))
+        .into()),
+    }
 }
 
 /// One line about a network other than the default VPC's: where the box goes, and what else it joins.
@@ -852,7 +895,8 @@ fn budget_guard(
             .warn(format!("no price known for {first}: the budget guard cannot estimate this session"));
         return Ok(());
     };
-    let estimate = pricing::estimate(price, s.max_runtime, s.root_volume).total;
+    let estimate =
+        pricing::estimate_with(price, s.max_runtime, s.root_volume, s.connect != ConnectMode::Eice).total;
     // This account's spending: the budget is the account's, not the machine's.
     let account = Some(account);
     let spent = crate::ledger::Ledger::beside(store).month_to_date(now, account)?

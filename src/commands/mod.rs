@@ -6,6 +6,7 @@ mod completions;
 mod connect;
 mod cost;
 mod doctor;
+mod eice;
 mod extend;
 mod init;
 mod launch;
@@ -195,6 +196,9 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
     let ctx = Context { settings, printer };
     match cli.command {
         Command::Doctor => doctor::run(&ctx).await,
+        Command::Setup(args) => match &args.what {
+            crate::cli::SetupWhat::Eice(args) => eice::setup(&ctx, args).await,
+        },
         Command::Prices(_) => prices::run(&ctx).await,
         Command::Policy(args) => policy::run(&ctx, &args).await,
         Command::Completions(args) => completions::run(args),

@@ -44,7 +44,12 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
         .map(|p| {
             let on_demand = pricing::on_demand_price(s, &aws.region, &p.instance_type);
             PriceRow {
-                session_estimate: pricing::estimate(p.price, s.max_runtime, s.root_volume),
+                session_estimate: pricing::estimate_with(
+                    p.price,
+                    s.max_runtime,
+                    s.root_volume,
+                    s.connect != crate::cli::ConnectMode::Eice,
+                ),
                 savings: on_demand.map(|od| 1.0 - p.price / od),
                 on_demand_price: on_demand,
                 spot_price: p.price,

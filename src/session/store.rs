@@ -40,6 +40,9 @@ pub struct SessionRecord {
     /// the session was launched with.
     pub connect: Option<String>,
     pub proxy_command: Option<String>,
+    /// `connect = "eice"`: the endpoint the box is reached through, and its DnsName.
+    pub eice_endpoint_id: Option<String>,
+    pub eice_dns_name: Option<String>,
     /// The process that launched or last attached to the session, and its start time
     /// (`lifecycle::process_start`) so a recycled pid is not mistaken for it.
     pub pid: Option<u32>,

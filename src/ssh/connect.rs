@@ -125,6 +125,7 @@ async fn attempt(
 ) -> Result<Session, Failure> {
     let inbound = Arc::new(super::forward::Inbound::default());
     let pinned = Pinned { expected: opts.host_key.clone(), inbound: inbound.clone() };
+    let mut tunnel = None;
     let (handshake, proxy) = match &opts.transport {
         Transport::Tcp { host, port } => {
             let stream = tcp_connect_staggered(host, *port, TCP_STAGGER, TCP_CONNECT_TIMEOUT)
@@ -149,9 +150,17 @@ async fn attempt(
             }
             (result, Some(proxy))
         }
+        Transport::Eice(target) => {
+            let stream = super::eice::open(target).await.map_err(|e| match e {
+                super::eice::EiceError::Transient(why) => Failure::Retry(why),
+                fatal => Failure::Fatal(SshError::Other(fatal.to_string())),
+            })?;
+            tunnel = Some(stream.ending());
+            (handshake(opts, config.clone(), stream, pinned, key).await, None)
+        }
     };
     let handle = handshake?;
-    Ok(Session { handle, proxy, inbound })
+    Ok(Session { handle, proxy, inbound, tunnel })
 }
 
 /// Connects to `host:port`, starting another connect every `stagger` while earlier ones are

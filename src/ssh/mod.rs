@@ -8,6 +8,7 @@
 
 pub mod config_file;
 mod connect;
+pub mod eice;
 mod exec;
 pub mod forward;
 mod quote;
@@ -34,6 +35,8 @@ pub enum Transport {
     /// OpenSSH-style ProxyCommand, already expanded; SSH runs over its stdin/stdout (spawned via
     /// `sh -c`).
     ProxyCommand(String),
+    /// Through an EC2 Instance Connect Endpoint's WebSocket tunnel ([`eice`]).
+    Eice(eice::EiceTarget),
 }
 
 impl std::fmt::Display for Transport {
@@ -42,6 +45,7 @@ impl std::fmt::Display for Transport {
             Transport::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Transport::Tcp { host, port } => write!(f, "{host}:{port}"),
             Transport::ProxyCommand(command) => write!(f, "proxy command `{command}`"),
+            Transport::Eice(target) => write!(f, "{target}"),
         }
     }
 }
@@ -187,12 +191,20 @@ pub struct Session {
     proxy: Option<connect::ProxyProcess>,
     /// What the client handler needs for channels the box opens (`-R`, the agent).
     inbound: std::sync::Arc<forward::Inbound>,
+    /// How an EICE tunnel ended, when the session runs through one.
+    tunnel: Option<eice::Ending>,
 }
 
 impl Session {
+    /// Whether the connection ran through an EICE tunnel that the endpoint closed normally (at
+    /// its maximum duration): a new tunnel reaches the same box.
+    pub fn tunnel_expired(&self) -> bool {
+        self.tunnel.as_ref().is_some_and(eice::Ending::normal)
+    }
+
     /// Says goodbye to sshd and waits (briefly) for the connection to wind down.
     pub async fn close(self) {
-        let Session { handle, proxy, inbound } = self;
+        let Session { handle, proxy, inbound, .. } = self;
         inbound.shutdown();
         if handle.disconnect(russh::Disconnect::ByApplication, "", "en").await.is_ok() {
             // The handle resolves when the session task has sent the disconnect and ended.

@@ -107,7 +107,8 @@ fn doctor_passes_against_the_local_cloud_and_names_the_caller() {
             "ami",
             "permission:RunInstances",
             "permission:TerminateInstances",
-            "permission:AuthorizeSecurityGroupIngress"
+            "permission:AuthorizeSecurityGroupIngress",
+            "eice"
         ]
     );
     assert_eq!(report["checks"][0]["detail"], "arn:aws:sts::123456789012:user/moto");
@@ -132,7 +133,7 @@ fn doctor_passes_against_the_local_cloud_and_names_the_caller() {
     // Text output is a table with a status per check.
     let text = user.run(&["doctor"]).success().stdout;
     assert!(text.starts_with("CHECK"), "{text}");
-    assert_eq!(text.matches("  OK  ").count(), 8, "{text}");
+    assert_eq!(text.matches("  OK  ").count(), 9, "{text}");
 }
 
 #[test]

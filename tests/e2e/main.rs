@@ -8,6 +8,7 @@ mod accounts;
 mod boxopts;
 mod cleanup;
 mod cost;
+mod eice;
 mod forward;
 mod foundation;
 mod kept;

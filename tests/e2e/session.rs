@@ -284,12 +284,12 @@ fn signal(pid: u32, name: &str) {
 }
 
 /// A terminal a person would use: tmux, driven with send-keys and read with capture-pane.
-struct Tmux {
+pub struct Tmux {
     name: String,
 }
 
 impl Tmux {
-    fn start(user: &User, width: u16, height: u16) -> Tmux {
+    pub fn start(user: &User, width: u16, height: u16) -> Tmux {
         let name =
             format!("ea-test-{}-{}", std::process::id(), user.home.file_name().unwrap().to_string_lossy());
         // The pane's shell gets the same environment the CLI runs with in every other test.
@@ -328,28 +328,28 @@ impl Tmux {
         cmd
     }
 
-    fn keys(&self, keys: &[&str]) {
+    pub fn keys(&self, keys: &[&str]) {
         let ok = self.tmux().args(["send-keys", "-t", &self.name]).args(keys).status().unwrap().success();
         assert!(ok);
     }
 
-    fn line(&self, text: &str) {
+    pub fn line(&self, text: &str) {
         self.keys(&["-l", text]);
         self.keys(&["Enter"]);
     }
 
-    fn screen(&self) -> String {
+    pub fn screen(&self) -> String {
         let out =
             self.tmux().args(["capture-pane", "-p", "-J", "-S", "-200", "-t", &self.name]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn wait_for(&self, text: &str, limit: Duration) {
+    pub fn wait_for(&self, text: &str, limit: Duration) {
         assert!(self.saw(text, limit), "never saw {text:?} on screen:\n{}", self.screen());
     }
 
     /// Whether `text` appears on screen within `limit`.
-    fn saw(&self, text: &str, limit: Duration) -> bool {
+    pub fn saw(&self, text: &str, limit: Duration) -> bool {
         let start = Instant::now();
         while !self.screen().contains(text) {
             if start.elapsed() > limit {
@@ -443,9 +443,13 @@ fn the_interactive_shell_works_in_a_real_terminal_and_records_a_replayable_cast(
     assert!(String::from_utf8_lossy(&played.stdout).contains("remote-42"));
 }
 
+/// The box's tmux session is this machine's one `ephemeral-admin` session: tests that use it
+/// take turns.
+pub static BOX_TMUX: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Whether a client is attached to the box's tmux session. The box simulator's sshd runs on this
 /// machine, so the box's tmux server is this machine's.
-fn box_tmux_attached() -> bool {
+pub fn box_tmux_attached() -> bool {
     let out =
         Command::new("tmux").args(["display", "-p", "-t", "ephemeral-admin", "#{session_attached}"]).output();
     out.is_ok_and(|o| {
@@ -456,6 +460,7 @@ fn box_tmux_attached() -> bool {
 #[test]
 fn tmux_keeps_the_work_across_a_dropped_connection_and_connect_reattaches() {
     // `--tmux` alone: a tmux session exists to outlive the connection, so it implies `--keep`.
+    let _turn = BOX_TMUX.lock().unwrap_or_else(|p| p.into_inner());
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     let proxy = proxy(&cloud);

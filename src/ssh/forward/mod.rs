@@ -253,7 +253,7 @@ impl Session {
 
     /// Accepts on every listener and carries each connection through the box, as many at once
     /// as come. Never returns: drop it to close the listeners and every connection.
-    pub async fn serve(&self, listeners: Listeners) -> Infallible {
+    pub async fn serve(&self, listeners: &Listeners) -> Infallible {
         if listeners.entries.is_empty() {
             return std::future::pending().await;
         }

@@ -70,7 +70,8 @@ box's own processes (its sshd and their children, e.g. a forwarded connection) w
 ``token=<secret>`` and the path asked for, and anyone else with 403, so a test that gets the token
 went through the box. ``GET /_localcloud/box/<iid>`` shows the token as ``private_service_token``.
 
-Module functions: attach(cloud), reset(), shutdown(). Set BOXSIM_KEEP_DIRS=1 to keep
+Module functions: attach(cloud), reset(), shutdown(), ssh_target(instance_id) (the
+(host, port) of an up box's sshd, for localcloud's EC2 Instance Connect Endpoint relay). Set BOXSIM_KEEP_DIRS=1 to keep
 the box directories (logs) after shutdown.
 
 Real-VM mode (``BOXSIM_REAL_VM=1`` or an image directory, or box-config ``{"real_vm": true}``):
@@ -160,6 +161,19 @@ def reset():
 def shutdown():
     if _SIM is not None:
         _SIM.shutdown()
+
+
+def ssh_target(instance_id):
+    """(host, port) where the sshd of a box that is up listens on this machine (what a
+    connection to the instance's port 22 from inside its VPC reaches), else None."""
+    sim = _SIM
+    if sim is None:
+        return None
+    with sim.lock:
+        box = sim.boxes.get(instance_id)
+    if box is None or box.state != "up" or not box.ssh_port:
+        return None
+    return ("127.0.0.1", box.ssh_port)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -253,6 +253,11 @@ def render_user_data(host_priv, host_pub, client_pub, env, encoded=False):
     )
 
 
+# Instance ids this run launched: the machine may be shared with other localclouds whose
+# boxes carry the same mark, so the leak checks only count processes of our own boxes.
+LAUNCHED: set[str] = set()
+
+
 def marked_pids():
     pids = []
     for name in os.listdir("/proc"):
@@ -260,10 +265,12 @@ def marked_pids():
             continue
         try:
             with open(f"/proc/{name}/environ", "rb") as f:
-                if MARK in f.read():
-                    pids.append(int(name))
+                entries = f.read().split(b"\0")
         except OSError:
-            pass
+            continue
+        boxes = {e[len(MARK):].decode(errors="replace") for e in entries if e.startswith(MARK)}
+        if boxes & LAUNCHED:
+            pids.append(int(name))
     return pids
 
 
@@ -313,6 +320,7 @@ class Env:
         r = self.ec2[region].run_instances(ImageId=self.ami[region], MinCount=1, MaxCount=1,
                                            InstanceType="t3.micro", UserData=ud,
                                            InstanceInitiatedShutdownBehavior="terminate", **kw)
+        LAUNCHED.add(r["Instances"][0]["InstanceId"])
         return r["Instances"][0]["InstanceId"]
 
     def box(self, iid):

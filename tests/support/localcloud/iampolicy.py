@@ -9,7 +9,8 @@ exactly that policy. Two halves:
   action (Action/NotAction, case-insensitive wildcards), the resource
   (Resource/NotResource, wildcards, ${policy:variables}) and every condition.
   Condition operators: String{Equals,NotEquals,EqualsIgnoreCase,Like,NotLike},
-  Arn{Equals,Like,NotEquals,NotLike}, Bool, Null, each with IfExists and the
+  Arn{Equals,Like,NotEquals,NotLike}, Bool, Null, Numeric{Equals,NotEquals,LessThan,
+  LessThanEquals,GreaterThan,GreaterThanEquals}, IpAddress, NotIpAddress, each with IfExists and the
   ForAllValues:/ForAnyValue: set prefixes. Keys are case-insensitive; values
   of the tag-key part (aws:RequestTag/Project) keep their case as AWS does.
 
@@ -126,6 +127,8 @@ def _condition_holds(operator: str, key: str, expected: Any, context: dict[str, 
         return if_exists
     if op == "Bool":
         return any(str(a).lower() == v.lower() for a in _as_list(actual) for v in expected_values)
+    if op.startswith("Numeric") or op in ("IpAddress", "NotIpAddress"):
+        return _typed_condition(qualifier, op, actual, expected_values)
     negated = op in _NEGATED
     base = _NEGATED.get(op, op)
     if base not in ("StringEquals", "StringEqualsIgnoreCase", "StringLike", "ArnEquals", "ArnLike"):
@@ -144,6 +147,42 @@ def _condition_holds(operator: str, key: str, expected: Any, context: dict[str, 
         # A multivalued key needs a set operator; plain operators do not match it.
         return False
     return matches(actual_values[0])
+
+
+_NUMERIC = {"NumericEquals": lambda a, e: a == e, "NumericNotEquals": lambda a, e: a != e,
+            "NumericLessThan": lambda a, e: a < e, "NumericLessThanEquals": lambda a, e: a <= e,
+            "NumericGreaterThan": lambda a, e: a > e,
+            "NumericGreaterThanEquals": lambda a, e: a >= e}
+
+
+def _typed_condition(qualifier: str, op: str, actual: Any, expected: list[str]) -> bool:
+    """Numeric* and IpAddress/NotIpAddress (CIDR or single address). A value that does not
+    parse as a number or address does not match, as in IAM."""
+    import ipaddress
+
+    def one(value: str) -> bool:
+        try:
+            if op in ("IpAddress", "NotIpAddress"):
+                addr = ipaddress.ip_address(value)
+                hit = any(addr in ipaddress.ip_network(e, strict=False) for e in expected)
+                return hit if op == "IpAddress" else not hit
+            if op not in _NUMERIC:
+                raise ValueError(f"condition operator {op} is not supported by iampolicy")
+            a = float(value)
+            if op == "NumericNotEquals":
+                return all(_NUMERIC[op](a, float(e)) for e in expected)
+            return any(_NUMERIC[op](a, float(e)) for e in expected)
+        except ValueError as exc:
+            if "not supported" in str(exc):
+                raise
+            return False
+
+    values = [str(a) for a in _as_list(actual)]
+    if qualifier == "ForAllValues":
+        return all(one(v) for v in values)
+    if qualifier == "ForAnyValue":
+        return any(one(v) for v in values)
+    return len(values) == 1 and one(values[0])
 
 
 def _conditions_hold(block: dict[str, Any] | None, context: dict[str, Any]) -> bool:
@@ -294,6 +333,7 @@ def iam_action(service: str, action: str) -> str:
 EC2_ID_TYPES = {"i": "instance", "vol": "volume", "sg": "security-group",
                 "sgr": "security-group-rule", "sir": "spot-instances-request",
                 "ami": "image", "subnet": "subnet", "vpc": "vpc", "eni": "network-interface",
+                "eice": "instance-connect-endpoint",
                 "key": "key-pair"}
 
 # Operations that need no permission at all (AWS: "No permissions are required").
@@ -397,6 +437,26 @@ def _ec2_group_rules(call: Call, world: World) -> list[Check]:
     return checks
 
 
+def _ec2_create_instance_connect_endpoint(call: Call, world: World) -> list[Check]:
+    """AWS: "Permissions to create, describe, modify, and delete EC2 Instance Connect
+    Endpoints": ec2:CreateInstanceConnectEndpoint (on the endpoint with its request tags, the
+    subnet, each named group), ec2:CreateTags with ec2:CreateAction when tagged,
+    ec2:CreateNetworkInterface (the endpoint's interface in the subnet) and
+    iam:CreateServiceLinkedRole for ec2-instance-connect.amazonaws.com."""
+    a = "ec2:CreateInstanceConnectEndpoint"
+    subnet = call.get("SubnetId") or "*"
+    checks = _ec2_created(call, world, a, "instance-connect-endpoint",
+                          call.tag_specifications().get("instance-connect-endpoint"))
+    checks.append(_ec2_existing(call, world, a, subnet) if subnet != "*"
+                  else Check(a, _ec2_arn(call, world, "subnet", "*")))
+    for sg in call.members("SecurityGroupId"):
+        checks.append(_ec2_existing(call, world, a, sg))
+    checks.append(Check("ec2:CreateNetworkInterface", _ec2_arn(call, world, "subnet", subnet)))
+    checks.append(Check("ec2:CreateNetworkInterface", _ec2_arn(call, world, "network-interface", "*")))
+    checks.append(service_linked_role_check(world, "ec2-instance-connect.amazonaws.com"))
+    return checks
+
+
 # --- IAM ---------------------------------------------------------------------
 def _iam_role_arn(world: World, name: str) -> str:
     return f"arn:aws:iam::{world.account}:role/{name}"
@@ -407,7 +467,8 @@ def _iam_profile_arn(world: World, name: str) -> str:
 
 
 # The role each service's CreateServiceLinkedRole makes (IAM authorizes on its ARN).
-SERVICE_LINKED_ROLES = {"events.amazonaws.com": "AWSServiceRoleForCloudWatchEvents"}
+SERVICE_LINKED_ROLES = {"events.amazonaws.com": "AWSServiceRoleForCloudWatchEvents",
+                        "ec2-instance-connect.amazonaws.com": "AWSServiceRoleForEC2InstanceConnect"}
 
 
 def service_linked_role_check(world: World, service: str) -> Check:
@@ -567,6 +628,10 @@ _MAPPERS: dict[tuple[str, str], Any] = {
     ("ec2", "AuthorizeSecurityGroupIngress"): _ec2_group_rules,
     ("ec2", "RevokeSecurityGroupIngress"): _ec2_group_rules,
     ("ec2", "DeleteSecurityGroup"): _ec2_group_rules,
+    ("ec2", "CreateInstanceConnectEndpoint"): _ec2_create_instance_connect_endpoint,
+    ("ec2", "DeleteInstanceConnectEndpoint"): lambda call, world: [_ec2_existing(
+        call, world, "ec2:DeleteInstanceConnectEndpoint",
+        call.get("InstanceConnectEndpointId") or "eice-unknown")],
     ("iam", "*"): _iam,
     ("monitoring", "PutMetricAlarm"): _cw_put_metric_alarm,
     ("monitoring", "DeleteAlarms"): _cw_delete_alarms,

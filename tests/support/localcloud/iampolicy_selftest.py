@@ -296,11 +296,74 @@ def t_operators() -> None:
     check(allowed({"ArnLike": {"aws:SourceArn": "arn:aws:s3:::b*"}}, {"aws:SourceArn": "arn:aws:s3:::bucket"}),
           "ArnLike")
     check(allowed({"Bool": {"aws:SecureTransport": "true"}}, {"aws:SecureTransport": "true"}), "Bool")
+    port = {"ec2-instance-connect:remotePort": "22"}
+    check(allowed({"NumericEquals": {"ec2-instance-connect:remotePort": "22"}}, port), "NumericEquals")
+    check(not allowed({"NumericEquals": {"ec2-instance-connect:remotePort": "22"}},
+                      {"ec2-instance-connect:remotePort": "2222"}), "NumericEquals: another number denies")
+    check(not allowed({"NumericEquals": {"ec2-instance-connect:remotePort": "22"}}, {}),
+          "NumericEquals: a missing key denies")
+    check(allowed({"NumericLessThanEquals": {"ec2-instance-connect:maxTunnelDuration": "3600"}},
+                  {"ec2-instance-connect:maxTunnelDuration": "3600"}), "NumericLessThanEquals at the bound")
+    check(not allowed({"NumericLessThan": {"x": "3600"}}, {"x": "3600"}), "NumericLessThan is strict")
+    check(allowed({"NumericGreaterThan": {"x": "1"}}, {"x": "2"}), "NumericGreaterThan")
+    check(not allowed({"NumericEquals": {"x": "1"}}, {"x": "one"}), "a value that is not a number does not match")
+    check(allowed({"NumericLessThanEqualsIfExists": {"x": "5"}}, {}), "Numeric…IfExists passes a missing key")
+    ip = {"ec2-instance-connect:privateIpAddress": "172.31.5.9"}
+    check(allowed({"IpAddress": {"ec2-instance-connect:privateIpAddress": "172.31.0.0/16"}}, ip), "IpAddress CIDR")
+    check(allowed({"IpAddress": {"ec2-instance-connect:privateIpAddress": "172.31.5.9"}}, ip), "IpAddress single")
+    check(not allowed({"IpAddress": {"ec2-instance-connect:privateIpAddress": "10.0.0.0/8"}}, ip),
+          "IpAddress outside the range denies")
+    check(allowed({"NotIpAddress": {"ec2-instance-connect:privateIpAddress": "10.0.0.0/8"}}, ip), "NotIpAddress")
     try:
-        allowed({"NumericLessThan": {"x": "1"}}, {"x": "0"})
+        allowed({"DateLessThan": {"aws:CurrentTime": "2030-01-01T00:00:00Z"}}, {"aws:CurrentTime": "x"})
         check(False, "an unsupported operator is an error, never a silent allow")
     except ValueError:
         check(True, "an unsupported operator is an error, never a silent allow")
+
+
+def t_instance_connect_endpoint() -> None:
+    """AWS: "Permissions to create, describe, modify, and delete EC2 Instance Connect Endpoints"."""
+    tags = {"Project": "EphemeralContainer", "Name": "ephemeral-admin-eice"}
+    params = {"SubnetId": "subnet-1", "SecurityGroupId.1": "sg-e",
+              **tag_params("instance-connect-endpoint", 1, tags)}
+    call = Call("ec2", "us-east-1", "CreateInstanceConnectEndpoint", params)
+    checks = iam.authorizations(call, FakeWorld())
+    got = [(c.action, c.resource) for c in checks]
+    base = "arn:aws:ec2:us-east-1:123456789012"
+    check(got == [("ec2:CreateInstanceConnectEndpoint", f"{base}:instance-connect-endpoint/*"),
+                  ("ec2:CreateTags", f"{base}:instance-connect-endpoint/*"),
+                  ("ec2:CreateInstanceConnectEndpoint", f"{base}:subnet/subnet-1"),
+                  ("ec2:CreateInstanceConnectEndpoint", f"{base}:security-group/sg-e"),
+                  ("ec2:CreateNetworkInterface", f"{base}:subnet/subnet-1"),
+                  ("ec2:CreateNetworkInterface", f"{base}:network-interface/*"),
+                  ("iam:CreateServiceLinkedRole", "arn:aws:iam::123456789012:role/aws-service-role/"
+                   "ec2-instance-connect.amazonaws.com/AWSServiceRoleForEC2InstanceConnect")],
+          "CreateInstanceConnectEndpoint: endpoint, tags, subnet, group, ENI, service-linked role", got)
+    check(checks[0].context.get("aws:RequestTag/Name") == "ephemeral-admin-eice"
+          and checks[1].context.get("ec2:CreateAction") == "CreateInstanceConnectEndpoint",
+          "request tags and ec2:CreateAction are filled", [c.context for c in checks[:2]])
+    allow = {"Statement": [
+        {"Effect": "Allow", "Action": ["ec2:CreateInstanceConnectEndpoint", "ec2:CreateNetworkInterface"],
+         "Resource": "*"},
+        {"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*",
+         "Condition": {"StringEquals": {"ec2:CreateAction": "CreateInstanceConnectEndpoint"}}},
+        {"Effect": "Allow", "Action": "iam:CreateServiceLinkedRole", "Resource": "*",
+         "Condition": {"StringEquals": {"iam:AWSServiceName": "ec2-instance-connect.amazonaws.com"}}}]}
+    check(decide(allow, call) is None, "the documented permissions allow the create")
+    no_slr = {"Statement": allow["Statement"][:2]}
+    denied = decide(no_slr, call)
+    check(denied is not None and denied.action == "iam:CreateServiceLinkedRole",
+          "without iam:CreateServiceLinkedRole the create is denied", denied)
+    world = FakeWorld(tags={"eice-1": {"Project": "EphemeralContainer"}})
+    delete = Call("ec2", "us-east-1", "DeleteInstanceConnectEndpoint", {"InstanceConnectEndpointId": "eice-1"})
+    checks = iam.authorizations(delete, world)
+    check([(c.action, c.resource) for c in checks] == [
+        ("ec2:DeleteInstanceConnectEndpoint", f"{base}:instance-connect-endpoint/eice-1")]
+          and checks[0].context.get("ec2:ResourceTag/Project") == "EphemeralContainer",
+          "DeleteInstanceConnectEndpoint: on the endpoint's ARN with its tags", checks)
+    describe = Call("ec2", "us-east-1", "DescribeInstanceConnectEndpoints", {})
+    check([(c.action, c.resource) for c in iam.authorizations(describe, world)] == [
+        ("ec2:DescribeInstanceConnectEndpoints", "*")], "Describe: on *")
 
 
 def t_evaluation_logic() -> None:
@@ -352,7 +415,8 @@ def t_denials() -> None:
 
 def main() -> int:
     for test in (t_run_instances, t_own_resources, t_security_group_rules, t_tag_actions_of_other_services,
-                 t_service_linked_role_condition, t_ssm, t_operators, t_evaluation_logic, t_denials):
+                 t_service_linked_role_condition, t_ssm, t_operators, t_instance_connect_endpoint,
+                 t_evaluation_logic, t_denials):
         print(f"- {test.__name__[2:].replace('_', ' ')}")
         try:
             test()

@@ -675,6 +675,7 @@ class Middleware:
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import iampolicy  # noqa: E402
 import scheduler as scheduler_gap  # noqa: E402  (section 6: EventBridge Scheduler runs schedules)
+import eice as eice_gap  # noqa: E402  (section 6: EC2 Instance Connect Endpoints and their tunnels)
 
 PRINCIPAL_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/moto"
 PRINCIPAL_USERID = "AIDAMOTOUSER0000000001"
@@ -690,6 +691,8 @@ class MotoWorld:
 
     def resource_tags(self, service: str, region: str, resource_id: str) -> dict[str, str] | None:
         try:
+            if service == "ec2" and resource_id.startswith("eice-") and self.cloud.eice:
+                return self.cloud.eice.tags_of(region, resource_id)
             if service == "ec2":
                 tags = _tags(self.cloud.ec2_backend(region), resource_id)
                 return tags or None
@@ -799,6 +802,8 @@ class PolicyEnforcement:
 #    simulated box on this machine (boxsim listens there on the SSH port);
 #  * the default VPC has an internet gateway and a 0.0.0.0/0 route to it in its main
 #    route table, as on AWS (moto's has neither);
+#  * EC2 Instance Connect Endpoints (eice.py): Create/Describe/DeleteInstanceConnectEndpoint
+#    with states on a clock, and the openTunnel WebSocket (SigV4-checked) relaying to boxsim;
 #  * two speed fixes: a faster reset and cheaper AWS-managed IAM policies.
 # The fix functions run with moto_lock held, instead of handing the request
 # straight to moto; each either answers itself, checks something first, or
@@ -1402,6 +1407,11 @@ class MotoFixes:
                     return error_response(
                         req, "DependencyViolation",
                         f"resource {group.id} has a dependent object", 400)
+            # An EC2 Instance Connect Endpoint's network interface holds its groups until the
+            # endpoint's delete completes (eice.py).
+            if self.eice is not None and self.eice.uses_group(req.region or "us-east-1", group.id):
+                return error_response(req, "DependencyViolation",
+                                      f"resource {group.id} has a dependent object", 400)
         return self._call_moto(environ)
 
 
@@ -1425,6 +1435,16 @@ class MotoFixes:
         return Resp(200, [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(out)))], out)
 
 
+    def _fix_eice(self, req: AwsRequest, environ: dict) -> Resp:
+        """moto has no EC2 Instance Connect Endpoints: eice.py answers (moto_lock is held)."""
+        if self.eice is None:
+            return self._call_moto(environ)
+        try:
+            inner = self.eice.api(req.action or "", req.region or "us-east-1", dict(req.params or {}))
+        except eice_gap.EiceError as exc:
+            return error_response(req, exc.code, exc.message, exc.status)
+        return ec2_response(req.action or "", inner)
+
     def _fix_validate_policy(self, req: AwsRequest, environ: dict) -> Resp:
         """IAM Access Analyzer ValidatePolicy (moto has no Access Analyzer): a documented
         minimal validator, see validate_policy() and README, "Where moto differs"."""
@@ -1436,7 +1456,7 @@ class MotoFixes:
 
 LEARN_MORE = "https://docs.aws.amazon.com/IAM/latest/UserGuide/access-analyzer-reference-policy-checks.html"
 KNOWN_SERVICES = {"ec2", "iam", "sts", "ssm", "ssmmessages", "ec2messages", "cloudwatch", "logs", "scheduler",
-                  "budgets", "access-analyzer", "s3", "kms", "events"}
+                  "budgets", "access-analyzer", "s3", "kms", "events", "ec2-instance-connect"}
 KNOWN_OPERATORS = re.compile(r"^(ForAllValues:|ForAnyValue:)?(String(Not)?Equals(IgnoreCase)?|String(Not)?Like|"
                              r"Arn(Not)?(Equals|Like)|Numeric\w+|Date\w+|Bool|BinaryEquals|"
                              r"(Not)?IpAddress)(IfExists)?$|^Null$")
@@ -1501,6 +1521,9 @@ MOTO_FIXES: dict[tuple[str, str], Callable[[LocalCloud, AwsRequest, dict], Resp]
     ("ec2", "CancelSpotInstanceRequests"): MotoFixes._fix_cancel_spot_instance_requests,
     ("ec2", "DeleteSecurityGroup"): MotoFixes._fix_delete_security_group,
     ("access-analyzer", "ValidatePolicy"): MotoFixes._fix_validate_policy,
+    ("ec2", "CreateInstanceConnectEndpoint"): MotoFixes._fix_eice,
+    ("ec2", "DescribeInstanceConnectEndpoints"): MotoFixes._fix_eice,
+    ("ec2", "DeleteInstanceConnectEndpoint"): MotoFixes._fix_eice,
 }
 
 
@@ -1944,6 +1967,7 @@ class StateDump:
 
             from moto.scheduler.models import scheduler_backends
             groups = scheduler_backends[ACCOUNT_ID][region].schedule_groups
+            doc["instance_connect_endpoints"] = self.eice.dump(region) if self.eice else []
             doc["schedules"] = [{
                 "name": s.name, "group": g.name, "arn": s.arn,
                 "expression": s.schedule_expression, "timezone": s.schedule_expression_timezone,
@@ -1999,6 +2023,7 @@ class LocalCloud(Middleware, PolicyEnforcement, MotoFixes, ControlAPI, StateDump
         self.client_tokens: dict[tuple[str, str, str], tuple[dict[str, str], Resp]] = {}
         self.routes: list[tuple[str, str, Callable[[dict, bytes], tuple[int, Any]]]] = []
         self.ready_extras: dict[str, str] = {}
+        self.eice: Any = None  # eice.Eice once attached (section 6)
         self._shutdown_hooks: list[Callable[[], None]] = []
         self._reset_hooks: list[Callable[[], None]] = []
         self._launch_hooks: list[Callable[[str, list[str]], None]] = []
@@ -2259,6 +2284,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Section 6: moto stores schedules but never runs them; this runs the due ones.
         scheduler_gap.Firing(cloud).attach()
+        # Section 6: EC2 Instance Connect Endpoints; READY gains eice_ws=ws://127.0.0.1:PORT.
+        eice_gap.Eice(cloud, ACCOUNT_ID).attach()
         if args.box_sim:
             _load_boxsim(cloud)
         cloud.warm_up()

@@ -924,6 +924,7 @@ def t_boxsim():
         shutil.copy(LOCALCLOUD, tmp)
         shutil.copy(os.path.join(HERE, "iampolicy.py"), tmp)  # localcloud imports it
         shutil.copy(os.path.join(HERE, "scheduler.py"), tmp)  # and this
+        shutil.copy(os.path.join(HERE, "eice.py"), tmp)  # and this
         marker = os.path.join(tmp, "shutdown-ran")
         with open(os.path.join(tmp, "boxsim.py"), "w") as f:
             f.write(FAKE_BOXSIM.replace("@MARKER@", marker))
@@ -1052,6 +1053,407 @@ def t_scheduler():
     check(CLOUD.api("GET", "/_localcloud/scheduler")[1]["offset_seconds"] == 0, "reset rewinds the clock")
 
 
+# ---------------------------------------------------------------------------
+# EC2 Instance Connect Endpoint (eice.py): a tiny stdlib WebSocket client, a presigner
+# that does exactly what the AWS CLI's eicesigner.py does, and the checks.
+# ---------------------------------------------------------------------------
+class WsClient:
+    """RFC 6455 client over a plain socket: masked frames out, (opcode, payload) in."""
+
+    def __init__(self, ws_url: str, presigned: str, host: str | None = None):
+        import base64
+        import socket
+        from urllib.parse import urlsplit
+
+        target = urlsplit(presigned)
+        addr = urlsplit(ws_url)
+        self.sock = socket.create_connection((addr.hostname, addr.port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {target.path}?{target.query} HTTP/1.1\r\n"
+                           f"Host: {host or target.hostname}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        head, _, self.buf = head.partition(b"\r\n\r\n")
+        self.status = int(head.split(b" ", 2)[1]) if head else 0
+        self.body = self.buf.decode(errors="replace") if self.status != 101 else ""
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv(self) -> tuple[int, bytes]:
+        import struct
+        b1, b2 = self._exact(2)
+        n = b2 & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", self._exact(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", self._exact(8))[0]
+        return b1 & 0x0F, self._exact(n)
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        import struct
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([0x80 | opcode])
+        head += bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack("!H", n)
+                                                   if n < 65536 else bytes([0x80 | 127]) + struct.pack("!Q", n))
+        self.sock.sendall(head + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(payload)))
+
+    def read_until_close(self, timeout: float) -> tuple[bytes, int | None, str]:
+        """Binary data received until the server's close frame: (data, code, reason)."""
+        import struct
+        self.sock.settimeout(timeout)
+        data = b""
+        while True:
+            try:
+                op, payload = self.recv()
+            except (EOFError, OSError):
+                return data, None, "no close frame"
+            if op == 2:
+                data += payload
+            elif op == 8:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+                try:
+                    self.send(8, payload[:2])
+                except OSError:
+                    pass
+                return data, code, payload[2:].decode(errors="replace")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def eice_presign(dns: str, eice_id: str, ip: str, port: int = 22, duration: int | None = 3600,
+                 expires: int = 60, key: str = "testing", secret: str = "testing",
+                 token: str | None = "testing", region: str = REGION) -> str:
+    """What awscli/customizations/ec2instanceconnect/eicesigner.py does, with botocore's
+    RequestSigner for the ec2-instance-connect service model."""
+    from urllib.parse import urlencode
+
+    from botocore.credentials import Credentials
+    from botocore.signers import RequestSigner
+
+    session = botocore.session.get_session()
+    model = session.get_service_model("ec2-instance-connect")
+    signer = RequestSigner(model.service_id, region, model.signing_name, model.signature_version,
+                           Credentials(key, secret, token), session.get_component("event_emitter"))
+    qs = {"instanceConnectEndpointId": eice_id, "remotePort": port, "privateIpAddress": ip}
+    if duration:
+        qs["maxTunnelDuration"] = duration
+    request = {"url": f"wss://{dns}/openTunnel?{urlencode(qs)}", "body": {},
+               "headers": {"host": dns}, "method": "GET", "query_string": "", "url_path": "/",
+               "context": {}}
+    return signer.generate_presigned_url(request_dict=request, operation_name="openTunnel",
+                                         expires_in=expires)
+
+
+def eice_proxy(ws_url: str, presigned: str) -> int:
+    """ssh's ProxyCommand: stdin/stdout <-> the tunnel (binary frames of at most 65000 bytes,
+    as the AWS CLI sends). Exit 0 on close 1000, 1 otherwise."""
+    ws = WsClient(ws_url, presigned)
+    if ws.status != 101:
+        sys.stderr.write(f"eice proxy: HTTP {ws.status}: {ws.body}")
+        return 1
+
+    def up() -> None:
+        while True:
+            data = os.read(0, 65000)
+            if not data:
+                break
+            ws.send(2, data)
+
+    threading.Thread(target=up, daemon=True).start()
+    data, code, reason = b"", None, ""
+    while True:
+        try:
+            op, payload = ws.recv()
+        except (EOFError, OSError):
+            break
+        if op == 2:
+            os.write(1, payload)
+        elif op == 8:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            reason = payload[2:].decode(errors="replace")
+            break
+    if code != 1000:
+        sys.stderr.write(f"eice proxy: closed {code} {reason}\n")
+    return 0 if code == 1000 else 1
+
+
+def box_user_data(tmp: str) -> str:
+    keys = {}
+    for name in ("host", "client"):
+        path = os.path.join(tmp, name)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
+        keys[name] = (open(path).read(), open(path + ".pub").read().strip())
+    with open(os.path.join(tmp, "known_hosts"), "w") as f:
+        f.write(f"ea-box {keys['host'][1]}\n")
+    host_priv = "".join("    " + line + "\n" for line in keys["host"][0].splitlines())
+    return ("#cloud-config\nssh_keys:\n  ed25519_private: |\n" + host_priv
+            + f"  ed25519_public: {keys['host'][1]}\nssh_authorized_keys:\n  - {keys['client'][1]}\n")
+
+
+@section("EC2 Instance Connect Endpoint: API states, SigV4 tunnel to a box's sshd, refusals")
+def t_eice():
+    tmp = tempfile.mkdtemp(prefix="eice-selftest-")
+    cloud = Cloud("--box-sim")
+    try:
+        _t_eice(cloud, tmp)
+    finally:
+        cloud.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _t_eice(cloud: "Cloud", tmp: str) -> None:
+    ws_url = dict(kv.split("=", 1) for kv in cloud.ready_line.split()[2:]).get("eice_ws", "")
+    check(ws_url.startswith("ws://127.0.0.1:"), "READY line carries eice_ws=ws://127.0.0.1:PORT", cloud.ready_line)
+    status, conf = cloud.api("PUT", "/_localcloud/eice", {"create_seconds": 1.5})
+    check(status == 200 and conf["ws_url"] == ws_url and conf["create_seconds"] == 1.5
+          and conf["tunnel_limit_seconds"] == 3600, "GET/PUT /_localcloud/eice", conf)
+    check(cloud.api("PUT", "/_localcloud/eice", {"bogus": 1})[0] == 400, "unknown eice config key -> 400")
+    cloud.api("PUT", "/_localcloud/box-config", {"watchdog": False})
+    ec2 = cloud.client("ec2")
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    subnet = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"][0]["SubnetId"]
+    eice_sg = ec2.create_security_group(GroupName="eice", Description="eice", VpcId=vpc)["GroupId"]
+    box_sg = ec2.create_security_group(GroupName="box", Description="box", VpcId=vpc)["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=box_sg, IpPermissions=[{
+        "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "UserIdGroupPairs": [{"GroupId": eice_sg}]}])
+    tags = [{"ResourceType": "instance-connect-endpoint", "Tags": [{"Key": "Name", "Value": "ea-eice"}]}]
+    made = ec2.create_instance_connect_endpoint(SubnetId=subnet, SecurityGroupIds=[eice_sg],
+                                                TagSpecifications=tags, ClientToken="tok-1")
+    ep = made["InstanceConnectEndpoint"]
+    eid, dns = ep["InstanceConnectEndpointId"], ep["DnsName"]
+    check(ep["State"] == "create-in-progress" and ep["VpcId"] == vpc and ep["SubnetId"] == subnet
+          and ep["SecurityGroupIds"] == [eice_sg] and ep["NetworkInterfaceIds"][0].startswith("eni-")
+          and {"Key": "Name", "Value": "ea-eice"} in ep["Tags"] and made.get("ClientToken") == "tok-1",
+          "CreateInstanceConnectEndpoint: create-in-progress, subnet, group, ENI, tags", ep)
+    import re as _re
+    check(_re.fullmatch(r"eice-[0-9a-f]{17}\.[0-9a-f]{8}\.ec2-instance-connect-endpoint\.us-east-1\.amazonaws\.com", dns)
+          is not None and ep["InstanceConnectEndpointArn"].endswith(f":instance-connect-endpoint/{eid}"),
+          "DnsName and ARN in AWS's form", dns)
+    again = ec2.create_instance_connect_endpoint(SubnetId=subnet, SecurityGroupIds=[eice_sg],
+                                                 TagSpecifications=tags, ClientToken="tok-1")
+    check(again["InstanceConnectEndpoint"]["InstanceConnectEndpointId"] == eid, "same ClientToken: same endpoint")
+    exc = expect_error(ec2.create_instance_connect_endpoint, SubnetId=subnet)
+    check(error_code(exc) == "ResourceLimitExceeded", "a second endpoint in the VPC is refused", exc)
+    exc = expect_error(ec2.delete_security_group, GroupId=eice_sg)
+    check(error_code(exc) == "DependencyViolation", "the endpoint's group cannot be deleted while it exists", exc)
+    exc = expect_error(ec2.create_instance_connect_endpoint, SubnetId="subnet-00000000")
+    check(error_code(exc) == "InvalidSubnetID.NotFound", "unknown subnet", exc)
+
+    image = cloud.client("ssm").get_parameter(
+        Name="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64")["Parameter"]["Value"]
+
+    def run_one(ec2, **extra):
+        return ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, InstanceType="t3.micro",
+                                 **extra)["Instances"][0]
+
+    ud = box_user_data(tmp)
+    iid = run_one(ec2, SecurityGroupIds=[box_sg], SubnetId=subnet, UserData=ud)["InstanceId"]
+    stranger = run_one(ec2, SubnetId=subnet, UserData=ud)["InstanceId"]  # default group only
+    inst = {i["InstanceId"]: i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]}
+    ip, stranger_ip = inst[iid]["PrivateIpAddress"], inst[stranger]["PrivateIpAddress"]
+
+    early = WsClient(ws_url, eice_presign(dns, eid, ip))
+    check(early.status == 404 and "create-in-progress" in early.body,
+          "a tunnel through an endpoint still being created: 404", (early.status, early.body))
+    early.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if ec2.describe_instance_connect_endpoints(InstanceConnectEndpointIds=[eid])[
+                "InstanceConnectEndpoints"][0]["State"] == "create-complete":
+            break
+        time.sleep(0.2)
+    found = ec2.describe_instance_connect_endpoints(Filters=[
+        {"Name": "vpc-id", "Values": [vpc]}, {"Name": "state", "Values": ["create-complete"]}])
+    check([e["InstanceConnectEndpointId"] for e in found["InstanceConnectEndpoints"]] == [eid],
+          "Describe with vpc-id and state filters finds it create-complete", found)
+    none = ec2.describe_instance_connect_endpoints(Filters=[{"Name": "tag:Name", "Values": ["other"]}])
+    check(none["InstanceConnectEndpoints"] == [], "tag filter excludes it")
+    exc = expect_error(ec2.describe_instance_connect_endpoints, InstanceConnectEndpointIds=["eice-0123456789abcdef0"])
+    check(error_code(exc) == "InvalidInstanceConnectEndpointId.NotFound", "unknown id -> NotFound", exc)
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        box = cloud.api("GET", f"/_localcloud/box/{iid}")[1]
+        if box.get("state") in ("up", "failed"):
+            break
+        time.sleep(0.1)
+    check(box.get("state") == "up", "the box's sshd is up", box)
+
+    ws = WsClient(ws_url, eice_presign(dns, eid, ip))
+    check(ws.status == 101, "a URL presigned like the AWS CLI's opens the tunnel (101)", (ws.status, ws.body))
+    if ws.status == 101:
+        op, banner = ws.recv()
+        check(op == 2 and banner.startswith(b"SSH-2.0-"), "the box's SSH banner arrives in a binary frame", banner)
+        ws.send(2, b"SSH-2.0-eice-selftest\r\n")
+        op, more = ws.recv()  # the server's KEXINIT: it understood our banner
+        check(op == 2 and len(more) > 20, "bytes flow both ways (the server answers our banner)", (op, more[:40]))
+        ws.send(9, b"are you there")
+        check(ws.recv() == (10, b"are you there"), "a ping is answered with a pong")
+        ws.send(8, b"\x03\xe8")
+        _, code, _ = ws.read_until_close(5)
+        check(code == 1000, "client close -> close 1000", code)
+    ws.close()
+    # As the CLI launches in eice mode: no public IP, the group on the network interface.
+    private = run_one(ec2, UserData=ud, NetworkInterfaces=[{
+        "DeviceIndex": 0, "SubnetId": subnet, "Groups": [box_sg], "AssociatePublicIpAddress": False}])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and cloud.api("GET", f"/_localcloud/box/{private['InstanceId']}")[1].get(
+            "state") not in ("up", "failed"):
+        time.sleep(0.1)
+    ws = WsClient(ws_url, eice_presign(dns, eid, private["PrivateIpAddress"]))
+    got = ws.recv() if ws.status == 101 else (None, b"")
+    check(not private.get("PublicIpAddress") and got[0] == 2 and got[1].startswith(b"SSH-2.0-"),
+          "an instance without a public IP, its group on the network interface, is reached", (private, got))
+    ws.close()
+    many = [WsClient(ws_url, eice_presign(dns, eid, ip)) for _ in range(6)]
+    banners = [w.recv() if w.status == 101 else (None, b"") for w in many]
+    check(all(op == 2 and b.startswith(b"SSH-2.0-") for op, b in banners),
+          "six tunnels open at once each reach the box's sshd", banners)
+    for w in many:
+        w.close()
+    ws = WsClient(ws_url, eice_presign(dns, eid, ip))
+    ws.send(1, b"hello")
+    _, code, _ = ws.read_until_close(5)
+    check(code == 1003, "a text frame from the client is refused (close 1003)", code)
+    ws.close()
+
+    proxy = f"{PY} {os.path.abspath(__file__)} --eice-proxy {ws_url} '{eice_presign(dns, eid, ip)}'".replace("%", "%%")
+    import getpass
+    ssh = subprocess.run(
+        ["ssh", "-F", "/dev/null", "-i", os.path.join(tmp, "client"), "-o", "IdentitiesOnly=yes",
+         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+         "-o", f"UserKnownHostsFile={os.path.join(tmp, 'known_hosts')}", "-o", "HostKeyAlias=ea-box",
+         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", f"ProxyCommand={proxy}",
+         f"{getpass.getuser()}@{iid}", "head -c 3000000 /dev/zero | sha256sum; echo $EA_BOXSIM_BOX"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    import hashlib
+    want = hashlib.sha256(b"\0" * 3000000).hexdigest()
+    check(ssh.returncode == 0 and want in ssh.stdout and iid in ssh.stdout,
+          "OpenSSH through the tunnel (ProxyCommand) runs a command on the box, 3 MB back intact",
+          (ssh.returncode, ssh.stdout, ssh.stderr))
+
+    url = eice_presign(dns, eid, ip)
+    sig = url.rsplit("X-Amz-Signature=", 1)[1]
+    tampered = url.replace(sig, ("0" if sig[0] != "0" else "1") + sig[1:])
+    bad = WsClient(ws_url, tampered)
+    check(bad.status == 403 and "signature" in bad.body, "a tampered signature: 403", (bad.status, bad.body))
+    bad.close()
+    bad = WsClient(ws_url, url.replace("remotePort=22", "remotePort=2222"))
+    check(bad.status == 403, "a parameter changed after signing: 403", (bad.status, bad.body))
+    bad.close()
+    bad = WsClient(ws_url, eice_presign(dns, eid, ip, key="nobody", secret="x"))
+    check(bad.status == 403, "an unknown access key: 403", (bad.status, bad.body))
+    bad.close()
+    bad = WsClient(ws_url, url, host="eice-other.example.com")
+    check(bad.status == 403, "a Host other than the endpoint's DnsName: 403", (bad.status, bad.body))
+    bad.close()
+    short = eice_presign(dns, eid, ip, expires=1)
+    time.sleep(2.2)
+    bad = WsClient(ws_url, short)
+    check(bad.status == 403 and "expired" in bad.body.lower(), "an expired URL: 403", (bad.status, bad.body))
+    bad.close()
+    bad = WsClient(ws_url, eice_presign(dns, eid, ip, duration=7200))
+    check(bad.status == 400, "maxTunnelDuration above 3600: 400", (bad.status, bad.body))
+    bad.close()
+
+    refused = WsClient(ws_url, eice_presign(dns, eid, stranger_ip))
+    _, code, reason = refused.read_until_close(5) if refused.status == 101 else (b"", None, "")
+    check(refused.status == 101 and code == 1011 and "Unable to connect" in reason,
+          "groups that do not admit the endpoint's group: closed 1011 'Unable to connect to target'",
+          (refused.status, code, reason))
+    refused.close()
+    other_vpc = ec2.create_vpc(CidrBlock="10.231.0.0/16")["Vpc"]["VpcId"]
+    other_subnet = ec2.create_subnet(VpcId=other_vpc, CidrBlock="10.231.1.0/24")["Subnet"]["SubnetId"]
+    outside = run_one(ec2, SubnetId=other_subnet)
+    refused = WsClient(ws_url, eice_presign(dns, eid, outside["PrivateIpAddress"]))
+    _, code, reason = refused.read_until_close(5) if refused.status == 101 else (b"", None, "")
+    check(refused.status == 101 and code == 1011, "an instance outside the endpoint's VPC: closed 1011",
+          (refused.status, code, reason))
+    refused.close()
+
+    cloud.api("PUT", "/_localcloud/eice", {"tunnel_limit_seconds": 1.5})
+    ws = WsClient(ws_url, eice_presign(dns, eid, ip))
+    t0 = time.monotonic()
+    data, code, reason = ws.read_until_close(30) if ws.status == 101 else (b"", None, "")
+    took = time.monotonic() - t0
+    check(code == 1000 and data.startswith(b"SSH-2.0-") and 1.0 <= took < 30,
+          "tunnel_limit_seconds: the endpoint closes with 1000 after the limit", (code, reason, took))
+    ws.close()
+    cloud.api("PUT", "/_localcloud/eice", {"tunnel_limit_seconds": 3600})
+
+    arn = f"arn:aws:ec2:{REGION}:123456789012:instance-connect-endpoint/{eid}"
+    cloud.api("PUT", "/_localcloud/policy", {"policy": {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "ec2-instance-connect:OpenTunnel", "Resource": arn,
+        "Condition": {"NumericEquals": {"ec2-instance-connect:remotePort": "22"},
+                      "NumericLessThanEquals": {"ec2-instance-connect:maxTunnelDuration": "3600"},
+                      "IpAddress": {"ec2-instance-connect:privateIpAddress": ip + "/32"}}}]}})
+    ok = WsClient(ws_url, eice_presign(dns, eid, ip))
+    check(ok.status == 101, "policy allows OpenTunnel on the endpoint for port 22 and this IP", (ok.status, ok.body))
+    ok.close()
+    no = WsClient(ws_url, eice_presign(dns, eid, ip, port=2222))
+    check(no.status == 403 and "ec2-instance-connect:OpenTunnel" in no.body,
+          "policy refuses another remotePort: 403 naming OpenTunnel", (no.status, no.body))
+    no.close()
+    no = WsClient(ws_url, eice_presign(dns, eid, stranger_ip))
+    check(no.status == 403, "policy refuses another private IP (IpAddress condition)", (no.status, no.body))
+    no.close()
+    denials = cloud.api("GET", "/_localcloud/policy")[1]["denials"]
+    check(any(d["action"] == "ec2-instance-connect:OpenTunnel" and d["resource"] == arn for d in denials),
+          "the refusal is recorded among the policy's denials", denials)
+    exc = expect_error(ec2.delete_instance_connect_endpoint, InstanceConnectEndpointId=eid)
+    check(error_code(exc) == "UnauthorizedOperation" and "ec2:DeleteInstanceConnectEndpoint" in str(exc),
+          "DeleteInstanceConnectEndpoint is enforced on the endpoint's ARN", exc)
+    sim = cloud.api("POST", "/_localcloud/policy/simulate", {
+        "service": "ec2", "action": "CreateInstanceConnectEndpoint",
+        "params": {"SubnetId": subnet, "TagSpecification.1.ResourceType": "instance-connect-endpoint",
+                   "TagSpecification.1.Tag.1.Key": "Name", "TagSpecification.1.Tag.1.Value": "x"}})[1]
+    actions = {c["action"] for c in sim["checks"]}
+    check({"ec2:CreateInstanceConnectEndpoint", "ec2:CreateTags", "ec2:CreateNetworkInterface",
+           "iam:CreateServiceLinkedRole"} <= actions, "CreateInstanceConnectEndpoint maps to its IAM checks", sim)
+    cloud.api("DELETE", "/_localcloud/policy")
+
+    gone = ec2.delete_instance_connect_endpoint(InstanceConnectEndpointId=eid)["InstanceConnectEndpoint"]
+    check(gone["State"] == "delete-in-progress", "Delete: delete-in-progress", gone["State"])
+    bad = WsClient(ws_url, eice_presign(dns, eid, ip))
+    check(bad.status == 404, "no tunnel through an endpoint being deleted", (bad.status, bad.body))
+    bad.close()
+    time.sleep(1.7)
+    state = ec2.describe_instance_connect_endpoints(InstanceConnectEndpointIds=[eid])["InstanceConnectEndpoints"][0]
+    check(state["State"] == "delete-complete", "then delete-complete", state["State"])
+    ec2.delete_security_group(GroupId=eice_sg)  # no DependencyViolation once delete-complete
+    check(not any(g["id"] == eice_sg for g in cloud.state()["security_groups"]),
+          "after delete-complete the endpoint's group can be deleted")
+    dump = cloud.state()["instance_connect_endpoints"]
+    check(len(dump) == 1 and dump[0]["id"] == eid and dump[0]["state"] == "delete-complete",
+          "state dump lists instance_connect_endpoints", dump)
+    log = cloud.api("GET", "/_localcloud/eice")[1]["tunnels"]
+    opened = [t for t in log if t["refused"] is None and t["close_code"] == 1000 and t["instance_id"] == iid]
+    check(opened and opened[0]["bytes_out"] > 0 and opened[0]["bytes_in"] > 0,
+          "tunnel log: instance, close code, bytes both ways", log[:3])
+    check(any(t["http_status"] == 403 for t in log), "tunnel log records refusals with their status")
+    cloud.reset()
+    check(cloud.api("GET", "/_localcloud/eice")[1]["tunnels"] == [] and cloud.state()["instance_connect_endpoints"] == [],
+          "reset forgets endpoints and tunnels")
+
+
 def main() -> int:
     global CLOUD
     t0 = time.monotonic()
@@ -1066,6 +1468,7 @@ def main() -> int:
         t_sigterm(CLOUD)
     t_stdin_eof()
     t_boxsim()
+    t_eice()
     if failed and not VERBOSE:
         print("---- localcloud stderr (tail) ----")
         print(CLOUD.stderr_text()[-6000:])
@@ -1077,4 +1480,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--eice-proxy"]:
+        sys.exit(eice_proxy(sys.argv[2], sys.argv[3]))
     sys.exit(main())

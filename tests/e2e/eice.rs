@@ -1,0 +1,278 @@
+//! `connect = "eice"`: the box has no public IP and no rule for the caller; SSH runs through the
+//! local cloud's EC2 Instance Connect Endpoint (a ws:// relay that verifies the SigV4 query
+//! signature, the VPC and the groups, then pipes to the box simulator's sshd). `setup eice`
+//! makes the endpoint (progress, idempotent), `doctor` reports it, `cleanup --purge` removes it.
+//! The endpoint closing a tunnel at its maximum duration (forced to seconds here) is ridden out
+//! by `--tmux`; a command shorter than the limit does not notice.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::lifecycle::{login, wait_until};
+use crate::session::{BOX_TMUX, Tmux, assert_nothing_left, box_tmux_attached};
+use crate::support::{LocalCloud, User};
+
+/// A user whose tunnels dial the local cloud's ws:// listener (the signed Host stays the DnsName).
+fn eice_user(cloud: &LocalCloud) -> User {
+    let ws = cloud.control("GET", "eice", None)["ws_url"].as_str().unwrap().to_string();
+    User::new(cloud).env("EPHEMERAL_ADMIN_EICE_ENDPOINT_URL", &ws)
+}
+
+fn endpoints(cloud: &LocalCloud) -> Vec<Value> {
+    cloud.state()["instance_connect_endpoints"].as_array().cloned().unwrap_or_default()
+}
+
+fn tunnels(cloud: &LocalCloud) -> Vec<Value> {
+    cloud.control("GET", "eice", None)["tunnels"].as_array().cloned().unwrap_or_default()
+}
+
+/// `setup eice` (2 s of create-in-progress); answers the endpoint's JSON.
+fn setup(cloud: &LocalCloud, user: &User) -> Value {
+    cloud.control("PUT", "eice", Some(json!({"create_seconds": 2})));
+    let run = user.run(&["setup", "eice", "--output", "json"]).success();
+    run.json()["endpoint"].clone()
+}
+
+/// `launch --connect eice --detach`: no --my-ip, no proxy command.
+fn launch_detached(user: &User) -> Value {
+    user.run(&["launch", "--connect", "eice", "--user", login(), "--detach", "--output", "json"])
+        .success()
+        .json()
+}
+
+/// `cleanup --purge` removes the endpoint and its group; then nothing at all is left.
+fn purge_and_check(cloud: &LocalCloud, user: &User) {
+    let run = user.run(&["cleanup", "--purge", "--output", "json"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let purged = run.json()["purged"].to_string();
+    assert!(purged.contains("EC2 Instance Connect Endpoint eice-"), "{purged}");
+    assert!(purged.contains("security group ephemeral-admin-eice-"), "{purged}");
+    let live: Vec<Value> = endpoints(cloud).into_iter().filter(|e| e["state"] != "delete-complete").collect();
+    assert!(live.is_empty(), "endpoints left: {live:#?}");
+    assert_nothing_left(cloud);
+}
+
+/// "… at $0.0058/h, at most $0.0267 for 4h" in a launch's stderr: (price per hour, estimate).
+fn estimate_line(stderr: &str) -> (f64, f64) {
+    let line = stderr.lines().find(|l| l.contains("/h, at most $")).unwrap_or_else(|| panic!("{stderr}"));
+    let number = |after: &str| -> f64 {
+        let rest = &line[line.find(after).unwrap() + after.len()..];
+        rest.split(|c: char| !(c.is_ascii_digit() || c == '.')).next().unwrap().parse().unwrap()
+    };
+    (number(" at $"), number("at most $"))
+}
+
+#[test]
+fn setup_eice_creates_one_tagged_endpoint_with_progress_and_a_second_run_changes_nothing() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    // Before: doctor says none exists (not a failure in the default public-ip mode).
+    let doctor = user.run(&["doctor", "--output", "json"]).json();
+    let check = doctor["checks"].as_array().unwrap().iter().find(|c| c["name"] == "eice").unwrap().clone();
+    assert!(check["detail"].as_str().unwrap().starts_with("none in vpc-"), "{check}");
+    cloud.control("PUT", "eice", Some(json!({"create_seconds": 3})));
+    let first = user.run(&["setup", "eice"]).success();
+    assert!(first.stderr.contains("create-in-progress"), "a progress line with the state:\n{}", first.stderr);
+    assert!(first.stderr.contains("elapsed"), "and the elapsed time:\n{}", first.stderr);
+    assert!(first.stdout.contains("created EC2 Instance Connect Endpoint eice-"), "{}", first.stdout);
+    let made = endpoints(&cloud);
+    assert_eq!(made.len(), 1, "{made:#?}");
+    assert_eq!(made[0]["state"], "create-complete");
+    assert_eq!(made[0]["tags"]["Project"], "EphemeralContainer");
+    assert_eq!(made[0]["tags"]["Name"], "ephemeral-admin-eice");
+    let groups = crate::launch::own_groups(&cloud.state());
+    let group = groups.iter().find(|g| made[0]["security_group_ids"][0] == g["id"]).expect("its own group");
+    assert!(group["name"].as_str().unwrap().starts_with("ephemeral-admin-eice-"), "{group}");
+
+    cloud.clear_log();
+    let again = user.run(&["setup", "eice", "--output", "json"]).success().json();
+    assert_eq!(again["created"], false, "{again}");
+    assert_eq!(again["endpoint"]["id"], made[0]["id"]);
+    assert_eq!(endpoints(&cloud).len(), 1);
+    assert_eq!(cloud.count("CreateInstanceConnectEndpoint") + cloud.count("CreateSecurityGroup"), 0);
+
+    let doctor = user.env("EPHEMERAL_ADMIN_CONNECT", "eice").run(&["doctor", "--output", "json"]).json();
+    let check = doctor["checks"].as_array().unwrap().iter().find(|c| c["name"] == "eice").unwrap().clone();
+    assert_eq!(check["ok"], true, "{check}");
+    assert!(check["detail"].as_str().unwrap().contains(made[0]["id"].as_str().unwrap()), "{check}");
+    purge_and_check(&cloud, &user);
+}
+
+#[test]
+fn a_launch_in_eice_mode_without_an_endpoint_makes_nothing_and_names_setup_eice() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    cloud.clear_log();
+    let run = user.run(&["launch", "--connect", "eice", "--user", login(), "--", "true"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("`ephemeral-admin setup eice` creates one"), "{}", run.stderr);
+    let creates: Vec<String> = cloud
+        .actions()
+        .into_iter()
+        .filter(|a| a.starts_with("Create") || a.starts_with("Run") || a.starts_with("Authorize"))
+        .collect();
+    assert!(creates.is_empty(), "nothing is made: {creates:?}");
+}
+
+#[test]
+fn an_eice_box_has_no_public_ip_no_caller_rule_and_runs_a_command_and_connect() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    let endpoint = setup(&cloud, &user);
+    cloud.clear_log();
+    // No --my-ip and no IP echo service reachable: an eice launch never asks who we are.
+    let user = user.env("EPHEMERAL_ADMIN_IP_SERVICES", "http://127.0.0.1:9/");
+    let run =
+        user.run(&["launch", "--connect", "eice", "--user", login(), "--", "sh", "-c", "echo via-$((20+1))"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("via-21"), "{}", run.stdout);
+    // No public IPv4 address, so no IPv4 charge: in the estimate, and in the ledger line.
+    let (price, most) = estimate_line(&run.stderr);
+    let ebs = 8.0 * 0.08 / 730.0 * 4.0;
+    assert!((most - (price * 4.0 + ebs)).abs() < 0.0002, "compute and EBS only: {}", run.stderr);
+    let ledger = std::fs::read_to_string(user.state_dir().join("ledger.jsonl")).unwrap();
+    let line: Value = serde_json::from_str(ledger.lines().last().unwrap()).unwrap();
+    assert_eq!(line["cost"]["ipv4"], 0.0, "{line}");
+    let calls = cloud.calls();
+    let run_instances: Vec<&Value> = calls.iter().filter(|c| c["action"] == "RunInstances").collect();
+    assert!(!run_instances.is_empty());
+    for call in &run_instances {
+        assert_eq!(call["params"]["NetworkInterface.1.AssociatePublicIpAddress"], "false", "{call}");
+    }
+    let rules: Vec<&Value> =
+        calls.iter().filter(|c| c["action"] == "AuthorizeSecurityGroupIngress").collect();
+    assert_eq!(rules.len(), 1, "one rule, from the endpoint's group: {rules:#?}");
+    let params = rules[0]["params"].as_object().unwrap();
+    assert!(!params.keys().any(|k| k.contains("CidrIp")), "no address rule at all: {params:?}");
+    assert_eq!(params["IpPermissions.1.Groups.1.GroupId"], endpoint["security_group_ids"][0]);
+    let opened: Vec<Value> = tunnels(&cloud).into_iter().filter(|t| t["refused"].is_null()).collect();
+    assert!(!opened.is_empty() && opened[0]["bytes_out"].as_u64().unwrap() > 0, "{opened:#?}");
+
+    // A kept box: launched detached, reached again with `connect -- CMD`.
+    let out = launch_detached(&user);
+    assert!(out["public_ip"].is_null(), "no public IP: {out}");
+    let session = out["session_id"].as_str().unwrap();
+    let run = user.run(&["connect", session, "--", "sh", "-c", "echo again-$((40+2))"]).success();
+    assert!(run.stdout.contains("again-42"), "{}", run.stdout);
+    user.run(&["terminate", session]).success();
+    purge_and_check(&cloud, &user);
+}
+
+#[test]
+fn a_tampered_signature_is_refused_with_403_and_one_line_naming_the_permission() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    setup(&cloud, &user);
+    let out = launch_detached(&user);
+    let session = out["session_id"].as_str().unwrap();
+    // The local cloud's API does not check signatures; its EICE endpoint does, as AWS's.
+    let tampered = user.env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let run = tampered.run(&["connect", session, "--", "true"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("refused the tunnel (HTTP 403"), "{}", run.stderr);
+    assert!(run.stderr.contains("ec2-instance-connect:OpenTunnel"), "{}", run.stderr);
+    let errors: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {}", run.stderr);
+    let refused: Vec<Value> = tunnels(&cloud).into_iter().filter(|t| !t["refused"].is_null()).collect();
+    assert_eq!(refused.len(), 1, "refused once, not retried: {refused:#?}");
+    assert!(refused[0]["refused"].as_str().unwrap().contains("signature"), "{refused:#?}");
+    user.run(&["terminate", session]).success();
+    purge_and_check(&cloud, &user);
+}
+
+#[test]
+fn a_tunnel_closed_at_its_max_duration_is_reattached_by_tmux_and_short_commands_do_not_notice() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    setup(&cloud, &user);
+    let out = launch_detached(&user);
+    let session = out["session_id"].as_str().unwrap().to_string();
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 6})));
+
+    // Shorter than the limit: unaffected. Longer: lost (255), saying why and what survives it.
+    let run = user.run(&["connect", &session, "--", "sh", "-c", "sleep 2; echo short-done"]).success();
+    assert!(run.stdout.contains("short-done"), "{}", run.stdout);
+    let run = user.run(&["connect", &session, "--", "sleep", "30"]);
+    assert_eq!(run.code, 255, "{}", run.stderr);
+    assert!(run.stderr.contains("maximum duration"), "{}", run.stderr);
+    assert!(run.stderr.contains("--tmux"), "{}", run.stderr);
+
+    // --tmux: the endpoint ends the tunnel; the client reattaches on a new one by itself, and
+    // its -L forward (here to the box's own sshd, as the box sees it) works on the new connection.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let private_ip = out["private_ip"].as_str().unwrap();
+    let line = format!("ephemeral-admin connect {session} --tmux -L {port}:{private_ip}:22");
+    rides_out_closed_tunnels(&cloud, &user, &line, &|| {
+        let mut banner = [0u8; 8];
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the -L port is open");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Read::read_exact(&mut stream, &mut banner).expect("an answer through the forward");
+        assert_eq!(&banner, b"SSH-2.0-", "sshd's banner through -L on the new connection");
+    });
+    user.run(&["terminate", &session]).success();
+    purge_and_check(&cloud, &user);
+}
+
+#[test]
+fn launch_tmux_in_eice_mode_also_rides_out_a_closed_tunnel() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    setup(&cloud, &user);
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 8})));
+    let line = format!("ephemeral-admin launch --connect eice --tmux --user {}", login());
+    rides_out_closed_tunnels(&cloud, &user, &line, &|| {});
+    // --tmux implies --keep: the session is still there, to end by hand.
+    let listed = user.run(&["list", "--output", "json"]).success().json();
+    let session = listed["sessions"][0]["session_id"].as_str().unwrap().to_string();
+    user.run(&["terminate", &session]).success();
+    purge_and_check(&cloud, &user);
+}
+
+/// Types `command_line` (a `--tmux` launch or connect) in a terminal, sets a variable in the
+/// box's tmux, waits for the endpoint to close the tunnel, and checks that without a keystroke a
+/// new tunnel carries a reattached tmux that still has the variable, then runs `after` (checks on
+/// the new connection); then leaves.
+fn rides_out_closed_tunnels(cloud: &LocalCloud, user: &User, command_line: &str, after: &dyn Fn()) {
+    let _turn = BOX_TMUX.lock().unwrap_or_else(|p| p.into_inner());
+    let kill = || {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", "ephemeral-admin"])
+            .stderr(Stdio::null())
+            .status();
+    };
+    kill();
+    let tmux = Tmux::start(user, 120, 30);
+    tmux.wait_for("local$", Duration::from_secs(10));
+    tmux.line(command_line);
+    wait_until("a client on the box's tmux session", Duration::from_secs(60), box_tmux_attached);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.line("export MARK=kept-$((6*7))");
+    let closed = |cloud: &LocalCloud| tunnels(cloud).iter().filter(|t| t["close_code"] == 1000).count();
+    let before = closed(cloud);
+    wait_until("the endpoint to close the tunnel", Duration::from_secs(30), || closed(cloud) > before);
+    // No keystroke: a new tunnel opens and tmux is attached again.
+    let opened = tunnels(cloud).len();
+    wait_until("a new tunnel", Duration::from_secs(30), || tunnels(cloud).len() > opened);
+    wait_until("tmux reattached", Duration::from_secs(30), box_tmux_attached);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.line("echo mark=$MARK");
+    tmux.wait_for("mark=kept-42", Duration::from_secs(20));
+    after();
+    let screen = tmux.screen();
+    assert!(
+        !screen.contains("left session") && !screen.contains("local$ echo mark"),
+        "never left:\n{screen}"
+    );
+    // Leave on purpose: once a long tunnel carries the connection (a detach racing a tunnel's
+    // end would just be reattached), the box's tmux lets its client go and the CLI leaves.
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 3600})));
+    let opened = tunnels(cloud).len();
+    wait_until("a long tunnel", Duration::from_secs(30), || tunnels(cloud).len() > opened);
+    wait_until("tmux reattached", Duration::from_secs(30), box_tmux_attached);
+    let ok = Command::new("tmux").args(["detach-client", "-s", "ephemeral-admin"]).status().unwrap();
+    assert!(ok.success(), "the box's tmux has a client to detach");
+    tmux.wait_for("left session", Duration::from_secs(30));
+    kill();
+}
