@@ -21,6 +21,7 @@ use crate::aws::launch::{self as ec2_launch, LaunchEvent, LaunchSpec};
 use crate::aws::{alarm, ami, iam, identity, instances, logs, network, spot};
 use crate::cli::{ConnectMode, LaunchArgs};
 use crate::error::{ExitStatus, Interrupted, OverBudget};
+use crate::files::spec::Upload;
 use crate::keys::SessionKeys;
 use crate::ledger::ended_by;
 use crate::output::{short_duration, usd};
@@ -68,6 +69,7 @@ struct Launched {
 
 pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let signals = Signals::install().context("listening for Ctrl-C")?;
+    let uploads = args.upload.iter().map(|u| Upload::parse(u)).collect::<Result<Vec<_>, _>>()?;
     for cidr in &ctx.settings.allow_cidrs {
         let whom = if cidr.prefix_len() == 0 {
             "every address on the internet".to_string()
@@ -93,6 +95,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         record.kept
     ));
     if args.detach {
+        let uploaded = detached_upload(ctx, &store, &record, &uploads, &signals).await;
         for failure in log.finish().await {
             ctx.printer.warn(failure);
         }
@@ -103,6 +106,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
             }
             text
         });
+        uploaded?;
         return Ok(ExitStatus::Success);
     }
     let keep = record.kept;
@@ -113,6 +117,10 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         let options = attach::connect_options(ctx, &store, &record, &route)?;
         crash::point("connecting");
         let session = attach::open(ctx, &options, &signals).await?;
+        if let Err(e) = super::cp::upload_before(ctx, &session, &record, &uploads, &signals).await {
+            session.close().await;
+            return Err(e);
+        }
         attached = true;
         result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         log.send(format!("connect session={} via={}", record.id, options.transport));
@@ -170,6 +178,25 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         }
         .into()),
     }
+}
+
+/// `launch --detach --upload`: connects once to copy, then leaves the box to the user.
+async fn detached_upload(
+    ctx: &Context,
+    store: &Store,
+    record: &SessionRecord,
+    uploads: &[Upload],
+    signals: &Signals,
+) -> Result<()> {
+    if uploads.is_empty() {
+        return Ok(());
+    }
+    let route = Route::resolve(ctx, record, None, None);
+    let options = attach::connect_options(ctx, store, record, &route)?;
+    let session = attach::open(ctx, &options, signals).await?;
+    let uploaded = super::cp::upload_before(ctx, &session, record, uploads, signals).await;
+    session.close().await;
+    uploaded
 }
 
 fn timings_line(timings: &[(String, u64)]) -> String {

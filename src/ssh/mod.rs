@@ -10,6 +10,7 @@ mod connect;
 mod exec;
 mod quote;
 pub mod record;
+mod sftp;
 mod shell;
 mod stdin;
 

@@ -8,6 +8,7 @@ mod accounts;
 mod boxopts;
 mod cleanup;
 mod cost;
+mod files;
 mod foundation;
 mod kept;
 mod launch;
