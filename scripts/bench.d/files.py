@@ -70,31 +70,28 @@ def section_cp(h, cfg, row, shared, session_factory):
     empty = os.path.join(here, "empty.bin")
     open(empty, "wb").close()
     want = _sha256(original)
-    for direction in ("upload", "download"):
+    names = ("ephemeral-admin cp", "scp", "sftp")
+    for direction, index in (("upload", 0), ("download", 1)):
         data[direction] = {}
-    for name in ("ephemeral-admin cp", "scp", "sftp"):
-        for direction, index in (("upload", 0), ("download", 1)):
-            local = os.path.join(here, f"{direction}-{name.split()[0]}.bin")
-            remote = os.path.join(box_side, f"{direction}-{name.split()[0]}.bin")
-            # Setup cost (connect, handshake, for us also the session lookup): the same copy of 0 bytes.
-            if direction == "upload":
-                subprocess.run(["cp", empty, local], check=True)
-            else:
-                subprocess.run(["cp", empty, remote], check=True)
-            argv = _tools(h, s, local, remote)[name][index]
-            setups = [_timed(h, argv) for _ in range(3)]
-            if direction == "upload":
-                subprocess.run(["cp", original, local], check=True)
-            else:
-                subprocess.run(["cp", original, remote], check=True)
-            walls = []
-            for i in range(runs):
+        paths = {n: (os.path.join(here, f"{direction}-{n.split()[0]}.bin"),
+                     os.path.join(box_side, f"{direction}-{n.split()[0]}.bin")) for n in names}
+        # Setup cost (connect, handshake, for us also the session lookup): the same copy of 0 bytes.
+        setups = {}
+        for name, (local, remote) in paths.items():
+            subprocess.run(["cp", empty, local if direction == "upload" else remote], check=True)
+            setups[name] = [_timed(h, _tools(h, s, local, remote)[name][index]) for _ in range(3)]
+            subprocess.run(["cp", original, local if direction == "upload" else remote], check=True)
+        # The tools take turns within each run, so a drift in the machine's load hits all alike.
+        walls = {name: [] for name in names}
+        for i in range(runs):
+            for name, (local, remote) in paths.items():
                 log(f"cp: {name} {direction}, {size >> 20} MiB, run {i + 1}/{runs}")
-                walls.append(_timed(h, argv))
-            arrived = remote if direction == "upload" else local
-            if _sha256(arrived) != want:
+                walls[name].append(_timed(h, _tools(h, s, local, remote)[name][index]))
+        for name, (local, remote) in paths.items():
+            if _sha256(remote if direction == "upload" else local) != want:
                 notes.append(f"{name} {direction}: the copy differs from the original")
-            data[direction][name] = {"setup_s": setups, "wall_s": walls, "mib_s": _rate(size, walls, setups)}
+            data[direction][name] = {"setup_s": setups[name], "wall_s": walls[name],
+                                     "mib_s": _rate(size, walls[name], setups[name])}
             for path in (local, remote):
                 os.unlink(path)
     for direction in ("upload", "download"):

@@ -38,7 +38,7 @@ pub async fn run(ctx: &Context, args: &CpArgs) -> Result<ExitStatus> {
     let label = transfer.session().to_string();
     let copying = async {
         let sftp = session.sftp().await?;
-        let remote = BoxEnd { sftp: &sftp, label: &label, user: &record.user };
+        let remote = BoxEnd { sftp: &sftp, label: &label, user: &record.user, lasts: true };
         let outcome = match &transfer {
             Transfer::Upload { sources, dest, .. } => {
                 let bar = ctx.printer.transfer_bar(format!("{label}:{dest}"));
@@ -128,7 +128,7 @@ pub(super) async fn upload_before(
     }
     let copying = async {
         let sftp = session.sftp().await?;
-        let remote = BoxEnd { sftp: &sftp, label: &record.id, user: &record.user };
+        let remote = BoxEnd { sftp: &sftp, label: &record.id, user: &record.user, lasts: record.kept };
         let mut total = Outcome::default();
         for upload in uploads {
             let bar = ctx.printer.transfer_bar(format!("{}:{}", record.id, upload.remote));
@@ -159,7 +159,7 @@ pub(super) async fn upload_before(
             ));
             Ok(())
         }
-        [one] => Err(anyhow::anyhow!("--upload failed: {one}")),
+        [one] => Err(anyhow::anyhow!("--upload failed: {one}; fix --upload and launch again")),
         many => {
             for line in many {
                 crate::output::error_line(line);

@@ -110,7 +110,9 @@ impl<S: End, D: End> Copy<'_, S, D> {
         let into_dir = dest_meta.is_some_and(|m| m.dir);
         if !into_dir && (sources.len() > 1 || dest.ends_with('/')) {
             let why = match dest_meta {
-                Some(_) => FsError::Other("not a directory: several sources go into a directory".into()),
+                Some(_) => {
+                    FsError::Said("not a directory, and several sources can only go into a directory".into())
+                }
                 None => FsError::NotFound,
             };
             self.fail_to(dest, why);

@@ -25,7 +25,10 @@ pub enum FsError {
     Denied,
     /// The connection to the box is gone: nothing further can work.
     Lost(String),
+    /// What the file system or the SFTP server said.
     Other(String),
+    /// Our own finding, already a sentence that says what to do.
+    Said(String),
 }
 
 impl From<std::io::Error> for FsError {
@@ -100,7 +103,10 @@ impl End for Local {
         match error {
             FsError::NotFound => format!("{path}: no such file or directory on this machine; check the path"),
             FsError::Denied => format!("{path}: permission denied on this machine; check its permissions"),
-            FsError::Lost(why) | FsError::Other(why) => format!("{path}: {why} (on this machine)"),
+            FsError::Said(text) => format!("{path}: {text}"),
+            FsError::Lost(why) | FsError::Other(why) => {
+                format!("{path}: {why} (on this machine); check the path and the disk's free space")
+            }
         }
     }
 
@@ -119,7 +125,7 @@ impl End for Local {
             match entry.file_name().into_string() {
                 Ok(name) => names.push(name),
                 Err(raw) => {
-                    return Err(FsError::Other(format!(
+                    return Err(FsError::Said(format!(
                         "{raw:?} in it is not valid UTF-8, which SFTP paths must be: rename it"
                     )));
                 }
@@ -151,7 +157,9 @@ impl End for Local {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match self.stat(path).await? {
                 Some(meta) if meta.dir => Ok(()),
-                _ => Err(FsError::Other("it exists and is not a directory".into())),
+                _ => {
+                    Err(FsError::Said("it exists and is not a directory; remove it or copy elsewhere".into()))
+                }
             },
             Err(e) => Err(e.into()),
         }
@@ -167,6 +175,8 @@ pub struct Remote<'a> {
     pub sftp: &'a SftpSession,
     pub label: &'a str,
     pub user: &'a str,
+    /// The box outlives the copy: hints may suggest `connect`.
+    pub lasts: bool,
 }
 
 fn mode_only(mode: u32) -> FileAttributes {
@@ -188,11 +198,14 @@ impl End for Remote<'_> {
             Some((dir, _)) => dir,
             None => ".",
         };
+        let look = |command: &str| match self.lasts {
+            true => format!(" (`ephemeral-admin connect {} -- {command} {parent}`)", self.label),
+            false => String::new(),
+        };
         match error {
-            FsError::NotFound => format!(
-                "{name}: no such file or directory on the box; check the path (`ephemeral-admin connect {} -- ls -la {parent}`)",
-                self.label
-            ),
+            FsError::NotFound => {
+                format!("{name}: no such file or directory on the box; check the path{}", look("ls -la"))
+            }
             FsError::Denied => format!(
                 "{name}: permission denied on the box (you log in as {}); use a path {} can write, such as its home or /tmp",
                 self.user, self.user
@@ -201,7 +214,11 @@ impl End for Remote<'_> {
                 "{name}: {why}; check the session with `ephemeral-admin status {}` and copy again",
                 self.label
             ),
-            FsError::Other(why) => format!("{name}: {why} (on the box)"),
+            FsError::Said(text) => format!("{name}: {text}"),
+            FsError::Other(why) => format!(
+                "{name}: the box answered {why:?}; check that {parent} exists there and its disk has room{}",
+                look("df -h")
+            ),
         }
     }
 
@@ -250,7 +267,9 @@ impl End for Remote<'_> {
             Ok(()) => Ok(()),
             Err(e) => match self.stat(path).await? {
                 Some(meta) if meta.dir => Ok(()),
-                Some(_) => Err(FsError::Other("it exists and is not a directory".into())),
+                Some(_) => {
+                    Err(FsError::Said("it exists and is not a directory; remove it or copy elsewhere".into()))
+                }
                 None => Err(e.into()),
             },
         }

@@ -27,6 +27,8 @@ pub struct BoxEnd<'a> {
     pub label: &'a str,
     /// The login user (named when the box refuses a path).
     pub user: &'a str,
+    /// Whether the box outlives the copy, so messages may suggest `connect` to look around.
+    pub lasts: bool,
 }
 
 /// What a transfer did.
@@ -49,7 +51,7 @@ pub async fn upload(
     bar: Option<ProgressBar>,
 ) -> Outcome {
     let sources: Vec<String> = sources.iter().map(|p| p.to_string_lossy().into_owned()).collect();
-    let to = Remote { sftp: remote.sftp, label: remote.label, user: remote.user };
+    let to = Remote { sftp: remote.sftp, label: remote.label, user: remote.user, lasts: remote.lasts };
     copy::copy_all(&Local, &to, &sources, dest, recursive, bar).await
 }
 
@@ -61,6 +63,6 @@ pub async fn download(
     recursive: bool,
     bar: Option<ProgressBar>,
 ) -> Outcome {
-    let from = Remote { sftp: remote.sftp, label: remote.label, user: remote.user };
+    let from = Remote { sftp: remote.sftp, label: remote.label, user: remote.user, lasts: remote.lasts };
     copy::copy_all(&from, &Local, sources, &dest.to_string_lossy(), recursive, bar).await
 }
