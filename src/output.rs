@@ -198,14 +198,14 @@ impl Printer {
     }
 }
 
-/// A byte-count bar (bytes, rate, ETA) for a copy on a terminal; nothing elsewhere. The caller
-/// sets its length once it knows the total.
+/// A byte-count bar (bytes, rate, ETA) for a copy on a terminal; nothing elsewhere. It starts
+/// hidden: the copy shows it (on stderr) once it knows the total.
 impl Printer {
     pub fn transfer_bar(&self, target: String) -> Option<ProgressBar> {
         if !self.spinners || self.verbosity == 0 {
             return None;
         }
-        let bar = ProgressBar::new(0);
+        let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::hidden());
         bar.set_style(
             ProgressStyle::with_template(
                 "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",

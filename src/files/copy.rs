@@ -68,6 +68,7 @@ pub async fn copy_all<S: End, D: End>(
         bar.set_length(
             jobs.iter().flat_map(|j| &j.entries).filter(|e| !e.meta.dir).map(|e| e.meta.size).sum(),
         );
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     }
     for job in &jobs {
         if copy.lost {

@@ -103,6 +103,22 @@ fn cp_copies_files_and_trees_both_ways_byte_for_byte_with_modes_kept() {
     user.run(&["cp", "last:note.txt", s(&local.join("note-back.txt"))]).success();
     assert_eq!(std::fs::read(local.join("note-back.txt")).unwrap(), b"in home\n");
 
+    // On a terminal (util-linux `script` gives cp one), a bar shows bytes, rate and ETA.
+    let shown = format!(
+        "{} cp {} files:{}/on-a-tty.bin",
+        env!("CARGO_BIN_EXE_ephemeral-admin"),
+        s(&local.join("dump.bin")),
+        s(&boxside)
+    );
+    let out = user.wrapper("script").args(["-qfec", &shown, "/dev/null"]).output().unwrap();
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{terminal}");
+    assert!(
+        terminal.contains("/5.00 MiB") && terminal.contains("B/s") && terminal.contains("ETA"),
+        "a bar: {terminal}"
+    );
+    assert!(std::fs::read(boxside.join("on-a-tty.bin")).unwrap() == big);
+
     // A directory without -r is bad input, before anything is contacted.
     let run = user.run(&["cp", s(&src), "last:/tmp/"]);
     assert_eq!(run.code, 2, "{}", run.stderr);
