@@ -180,8 +180,12 @@ impl<S: End, D: End> Copy<'_, S, D> {
                     continue;
                 }
             };
-            for name in names {
+            for (name, known) in names {
                 let child = join(&rel, &name);
+                if let Some(meta) = known {
+                    entries.push(Entry { rel: child, meta });
+                    continue;
+                }
                 match self.from.stat(&join(source, &child)).await {
                     Ok(Some(meta)) => entries.push(Entry { rel: child, meta }),
                     // Gone since the listing, or a dangling symlink: nothing to copy.

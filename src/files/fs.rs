@@ -76,8 +76,9 @@ pub trait End {
     fn explain(&self, path: &str, error: &FsError) -> String;
     /// `None` when nothing is there.
     async fn stat(&self, path: &str) -> Result<Option<Meta>, FsError>;
-    /// The names in a directory (without `.` and `..`), sorted.
-    async fn list(&self, path: &str) -> Result<Vec<String>, FsError>;
+    /// The names in a directory (without `.` and `..`), sorted, each with what the listing
+    /// already tells about it (`None` for a symlink or when it tells nothing: then stat it).
+    async fn list(&self, path: &str) -> Result<Vec<(String, Option<Meta>)>, FsError>;
     async fn open(&self, path: &str) -> Result<Self::Reader, FsError>;
     /// Creates (or truncates) a file for writing.
     async fn create(&self, path: &str, mode: u32) -> Result<Self::Writer, FsError>;
@@ -118,12 +119,13 @@ impl End for Local {
         }
     }
 
-    async fn list(&self, path: &str) -> Result<Vec<String>, FsError> {
+    async fn list(&self, path: &str) -> Result<Vec<(String, Option<Meta>)>, FsError> {
         let mut dir = tokio::fs::read_dir(path).await?;
         let mut names = Vec::new();
         while let Some(entry) = dir.next_entry().await? {
             match entry.file_name().into_string() {
-                Ok(name) => names.push(name),
+                // A local stat costs nothing worth saving.
+                Ok(name) => names.push((name, None)),
                 Err(raw) => {
                     return Err(FsError::Said(format!(
                         "{raw:?} in it is not valid UTF-8, which SFTP paths must be: rename it"
@@ -131,7 +133,7 @@ impl End for Local {
                 }
             }
         }
-        names.sort();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(names)
     }
 
@@ -239,9 +241,24 @@ impl End for Remote<'_> {
         }
     }
 
-    async fn list(&self, path: &str) -> Result<Vec<String>, FsError> {
-        let mut names: Vec<String> = self.sftp.read_dir(path).await?.map(|e| e.file_name()).collect();
-        names.sort();
+    async fn list(&self, path: &str) -> Result<Vec<(String, Option<Meta>)>, FsError> {
+        // READDIR carries each entry's attributes (not following symlinks): one round trip for
+        // the whole directory instead of one per entry.
+        let mut names: Vec<(String, Option<Meta>)> = self
+            .sftp
+            .read_dir(path)
+            .await?
+            .map(|e| {
+                let attrs = e.metadata();
+                let meta = attrs.permissions.filter(|bits| bits & 0o170000 != 0o120000).map(|bits| Meta {
+                    dir: bits & 0o170000 == 0o040000,
+                    size: attrs.size.unwrap_or(0),
+                    mode: bits & 0o7777,
+                });
+                (e.file_name(), meta)
+            })
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(names)
     }
 
