@@ -114,8 +114,8 @@ fn report(ctx: &Context, result: CpResult) -> Result<ExitStatus> {
 }
 
 /// `launch --upload`: copies each LOCAL to its REMOTE on the freshly connected box, before the
-/// shell or command starts. Any failure fails the launch (which then tears the box down unless
-/// it is kept).
+/// shell or command starts. Any failure fails the launch, which then tears the box down (so the
+/// messages do not suggest looking around on it).
 pub(super) async fn upload_before(
     ctx: &Context,
     session: &crate::ssh::Session,
@@ -128,7 +128,7 @@ pub(super) async fn upload_before(
     }
     let copying = async {
         let sftp = session.sftp().await?;
-        let remote = BoxEnd { sftp: &sftp, label: &record.id, user: &record.user, lasts: record.kept };
+        let remote = BoxEnd { sftp: &sftp, label: &record.id, user: &record.user, lasts: false };
         let mut total = Outcome::default();
         for upload in uploads {
             let bar = ctx.printer.transfer_bar(format!("{}:{}", record.id, upload.remote));

@@ -117,12 +117,12 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         let options = attach::connect_options(ctx, &store, &record, &route)?;
         crash::point("connecting");
         let session = attach::open(ctx, &options, &signals).await?;
+        result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         if let Err(e) = super::cp::upload_before(ctx, &session, &record, &uploads, &signals).await {
             session.close().await;
             return Err(e);
         }
         attached = true;
-        result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         log.send(format!("connect session={} via={}", record.id, options.transport));
         if args.command.is_empty() {
             ctx.printer.status(attach::banner(&record, keep));

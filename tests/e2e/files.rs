@@ -269,6 +269,15 @@ fn launch_upload_puts_files_on_the_box_before_the_command_runs() {
     assert!(!marker.exists(), "the command did not run");
     assert_nothing_left(&cloud);
 
+    // With --detach: copied, then the box is left to the user.
+    let detached = user.home.join("box-side/detached.sh");
+    let upload = format!("{}:{}", s(&script), s(&detached));
+    let out = launch_detached(&user, &proxy, &["--upload", &upload]);
+    assert_eq!(std::fs::read(&detached).unwrap(), std::fs::read(&script).unwrap());
+    assert_eq!(mode(&detached), 0o750);
+    user.run(&["terminate", out["session_id"].as_str().unwrap()]).success();
+    assert_nothing_left(&cloud);
+
     // A LOCAL that does not exist: exit 2 before any AWS call.
     cloud.clear_log();
     let run = user.run(&attached_args(&proxy, &["--upload", "/no/such/file", "--", "true"]));
