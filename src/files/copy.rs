@@ -11,7 +11,7 @@ use super::Outcome;
 use super::fs::{End, FsError, Meta};
 
 /// Bytes read from the source and handed to the destination at a time.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 1024 * 1024;
 /// Deeper than this is taken for a symlink loop.
 const MAX_DEPTH: usize = 64;
 

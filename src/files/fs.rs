@@ -2,12 +2,15 @@
 //! the box's, through SFTP ([`Remote`]). Paths are `/`-separated strings on both sides; each end
 //! names its paths and explains its failures in its own terms (on this machine, on the box).
 
-use std::os::unix::fs::PermissionsExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use russh_sftp::client::SftpSession;
 use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// What the copy needs to know about a path (symlinks followed).
 #[derive(Debug, Clone, Copy)]
@@ -92,9 +95,49 @@ pub trait End {
 /// This machine.
 pub struct Local;
 
+/// A local file read and written in place on the runtime's worker (`block_in_place`): a local
+/// disk or the page cache answers in microseconds, and tokio's own `File` would hand every
+/// chunk to the blocking pool and back, in turn with the network side.
+pub struct Direct(std::fs::File);
+
+fn in_place<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+impl AsyncRead for Direct {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let file = &mut self.get_mut().0;
+        let n = in_place(|| file.read(buf.initialize_unfilled()))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Direct {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let file = &mut self.get_mut().0;
+        Poll::Ready(in_place(|| file.write(data)))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl End for Local {
-    type Reader = tokio::fs::File;
-    type Writer = tokio::fs::File;
+    type Reader = Direct;
+    type Writer = Direct;
 
     fn name(&self, path: &str) -> String {
         path.to_string()
@@ -137,19 +180,19 @@ impl End for Local {
         Ok(names)
     }
 
-    async fn open(&self, path: &str) -> Result<tokio::fs::File, FsError> {
-        Ok(tokio::fs::File::open(path).await?)
+    async fn open(&self, path: &str) -> Result<Direct, FsError> {
+        Ok(Direct(in_place(|| std::fs::File::open(path))?))
     }
 
-    async fn create(&self, path: &str, mode: u32) -> Result<tokio::fs::File, FsError> {
-        let mut options = tokio::fs::OpenOptions::new();
+    async fn create(&self, path: &str, mode: u32) -> Result<Direct, FsError> {
+        let mut options = std::fs::OpenOptions::new();
         // Owner-writable while we write it; the exact mode is set once the data is in.
         options.write(true).create(true).truncate(true).mode(mode | 0o600);
-        Ok(options.open(path).await?)
+        Ok(Direct(in_place(|| options.open(path))?))
     }
 
-    async fn finish(&self, mut writer: tokio::fs::File, path: &str, mode: u32) -> Result<(), FsError> {
-        writer.flush().await?;
+    async fn finish(&self, writer: Direct, path: &str, mode: u32) -> Result<(), FsError> {
+        // Written straight to the file: nothing is buffered here; close, then the exact mode.
         drop(writer);
         self.set_mode(path, mode).await
     }

@@ -10,8 +10,8 @@ use super::Session;
 
 /// SFTP requests of one file kept in flight at once, each way (OpenSSH's `sftp` keeps 64).
 const REQUESTS_IN_FLIGHT: usize = 64;
-/// Bytes per write request (OpenSSH's `sftp` default is 32 KiB; its server takes up to 255 KiB).
-const WRITE_PACKET: u32 = 64 * 1024;
+/// Bytes per write request, at most: the server's own limit (255 KiB for OpenSSH's) caps it.
+const WRITE_PACKET: u32 = 256 * 1024;
 /// How long one request may go unanswered before the transfer fails.
 const REQUEST_TIMEOUT_SECS: u64 = 60;
 
