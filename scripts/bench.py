@@ -12,6 +12,7 @@ Sections (for --only, by number or name; comma-separated for several):
   6 pipe        `connect ID -- cat` throughput and PTY keystroke echo vs OpenSSH
   7 process     --version start time, binary size, peak RSS
   8 eice        time to first byte and `connect ID -- cat` through the local EICE relay vs direct TCP
+  9 cp          `cp` throughput up and down vs OpenSSH `scp` and `sftp`
 
 Sections 1-4 share one set of launches. Use scripts/bench (it builds the release binary).
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ben
 import harness  # noqa: E402
 import eice  # noqa: E402
 import launches  # noqa: E402
+import files  # noqa: E402
 import others  # noqa: E402
 from harness import log  # noqa: E402
 
@@ -41,6 +43,7 @@ SECTIONS = [
     (6, "pipe", "the SSH pipe"),
     (7, "process", "process"),
     (8, "eice", "the EC2 Instance Connect Endpoint tunnel"),
+    (9, "cp", "file copies"),
 ]
 
 
@@ -199,6 +202,8 @@ def main():
                     sec["rows"], sec["notes"], sec["data"] = others.section_process(h, cfg, row, shared, launch_data)
                 elif n == 8:
                     sec["rows"], sec["notes"], sec["data"] = eice.section_eice(h, cfg, row, shared)
+                elif n == 9:
+                    sec["rows"], sec["notes"], sec["data"] = files.section_cp(h, cfg, row, shared, others.PipeSession)
             except Exception as e:  # noqa: BLE001 - one section failing must not hide the others
                 sec["error"] = f"{type(e).__name__}: {e}"
                 log(f"section {n} failed:\n{traceback.format_exc()}")

@@ -69,6 +69,11 @@ pub enum Command {
         after_help = "Examples:\n  ephemeral-admin connect k3x9q2ab               # a shell on a running session\n  ephemeral-admin connect k3x9q2ab -- df -h       # one command\n  ephemeral-admin connect i-0123456789abcdef0 --tmux\n  ephemeral-admin connect k3x9q2ab -N -L 5432:db.internal:5432   # a tunnel until Ctrl-C"
     )]
     Connect(ConnectArgs),
+    /// Copy files and directories to or from a running session's box (SFTP on the pinned connection).
+    #[command(
+        after_help = "Either side may be ID:PATH (ID: a session id, name, instance id or `last`); a relative PATH is under\nthe login user's home on the box. Exactly one side is on a box.\n\nExamples:\n  ephemeral-admin cp ./dump.sql last:/tmp/          # up, into an existing directory\n  ephemeral-admin cp -r db-fix:/var/log/nginx ./logs  # a directory, down\n  ephemeral-admin cp a.conf b.conf k3x9q2ab:         # several files into the home directory"
+    )]
+    Cp(CpArgs),
     /// Move a session's hard deadline later.
     #[command(
         after_help = "Examples:\n  ephemeral-admin extend k3x9q2ab --by 1h\n  ephemeral-admin extend k3x9q2ab --until 2026-11-22T18:00Z\n  ephemeral-admin extend k3x9q2ab --until 2026-11-22T15:00Z --shorten"
@@ -251,6 +256,10 @@ pub struct LaunchArgs {
     pub setup_script: Option<String>,
     #[command(flatten)]
     pub forward: ForwardArgs,
+    /// Copy LOCAL (a file or directory) to the box before the shell or command starts
+    /// (repeatable; REMOTE defaults to the same name in the login user's home).
+    #[arg(long, value_name = "LOCAL[:REMOTE]")]
+    pub upload: Vec<String>,
     /// Run this command on the box instead of a shell (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -351,6 +360,25 @@ pub struct ConnectArgs {
     /// Run this command on the box instead of a shell (after `--`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// What to copy: local paths, or ID:PATH on one box.
+    #[arg(value_name = "SRC", required = true)]
+    pub sources: Vec<String>,
+    /// Where to: a local path, or ID:PATH (an existing directory takes the sources by name).
+    #[arg(value_name = "DST")]
+    pub dest: String,
+    /// Copy directories with everything in them.
+    #[arg(short = 'r', long, visible_short_alias = 'R')]
+    pub recursive: bool,
+    /// How to reach the box.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub connect: Option<ConnectMode>,
+    /// Run SSH over this command's stdin/stdout (%h host, %p port, %i instance id, %r user).
+    #[arg(long, value_name = "CMD")]
+    pub proxy_command: Option<String>,
 }
 
 #[derive(Debug, Args)]

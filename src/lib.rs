@@ -11,6 +11,7 @@ pub mod commands;
 pub mod crash;
 pub mod error;
 pub mod exit_codes;
+pub mod files;
 pub mod ip;
 pub mod keys;
 pub mod ledger;

@@ -198,6 +198,26 @@ impl Printer {
     }
 }
 
+/// A byte-count bar (bytes, rate, ETA) for a copy on a terminal; nothing elsewhere. It starts
+/// hidden: the copy shows it (on stderr) once it knows the total.
+impl Printer {
+    pub fn transfer_bar(&self, target: String) -> Option<ProgressBar> {
+        if !self.spinners || self.verbosity == 0 {
+            return None;
+        }
+        let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::hidden());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("→ {target}"));
+        Some(bar)
+    }
+}
+
 /// One phase of a long operation.
 pub struct Step {
     bar: Option<ProgressBar>,

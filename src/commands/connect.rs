@@ -16,7 +16,7 @@ use crate::signals::Signals;
 use crate::ssh::config_file;
 
 /// The local record of a session that is still running, with its address refreshed from AWS.
-async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecord)> {
+pub(super) async fn running_session(ctx: &Context, id: &str) -> Result<(Store, SessionRecord)> {
     let store = Store::new(ctx.settings.sessions_dir());
     let Some(mut record) = store.load(id)? else {
         bail!("this machine has no record of session {id}: only the machine that launched it holds its key");

@@ -22,6 +22,7 @@ use crate::aws::launch::{self as ec2_launch, LaunchEvent, LaunchSpec};
 use crate::aws::{alarm, ami, eice, iam, identity, instances, logs, network, schedule, spot, vpc};
 use crate::cli::{ConnectMode, LaunchArgs};
 use crate::error::{ExitStatus, Interrupted, OverBudget, UsageError};
+use crate::files::spec::Upload;
 use crate::keys::SessionKeys;
 use crate::ledger::ended_by;
 use crate::output::{short_duration, usd};
@@ -71,6 +72,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let signals = Signals::install().context("listening for Ctrl-C")?;
     // User-data AWS would refuse is bad input: refused before any AWS call.
     check_user_data(&ctx.settings, args)?;
+    let uploads = args.upload.iter().map(|u| Upload::parse(u)).collect::<Result<Vec<_>, _>>()?;
     for cidr in &ctx.settings.allow_cidrs {
         let whom = if cidr.prefix_len() == 0 {
             "every address on the internet".to_string()
@@ -105,6 +107,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         ));
     }
     if args.detach {
+        let uploaded = detached_upload(ctx, &store, &record, &uploads, &signals).await;
         for failure in log.finish().await {
             ctx.printer.warn(failure);
         }
@@ -115,6 +118,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
             }
             text
         });
+        uploaded?;
         return Ok(ExitStatus::Success);
     }
     let keep = record.kept;
@@ -133,6 +137,10 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
                 return Err(e);
             }
             result.timings_ms.push(("setup".into(), result.started.elapsed().as_millis() as u64));
+        }
+        if let Err(e) = super::cp::upload_before(ctx, &session, &record, &uploads, &signals).await {
+            session.close().await;
+            return Err(e);
         }
         log.send(format!("connect session={} via={}", record.id, options.transport));
         let listeners = listeners.take().unwrap_or_default();
@@ -255,6 +263,25 @@ fn check_user_data(s: &crate::settings::Settings, args: &LaunchArgs) -> Result<(
             .map(|setup| format!(" (the setup script {} is {} bytes)", setup.origin, setup.text.len()));
         UsageError::new(format!("{e}{}", script.unwrap_or_default())).into()
     })
+}
+
+/// `launch --detach --upload`: connects once to copy, then leaves the box to the user.
+async fn detached_upload(
+    ctx: &Context,
+    store: &Store,
+    record: &SessionRecord,
+    uploads: &[Upload],
+    signals: &Signals,
+) -> Result<()> {
+    if uploads.is_empty() {
+        return Ok(());
+    }
+    let route = Route::resolve(ctx, record, None, None);
+    let options = attach::connect_options(ctx, store, record, &route).await?;
+    let session = attach::open(ctx, &options, signals).await?;
+    let uploaded = super::cp::upload_before(ctx, &session, record, uploads, signals).await;
+    session.close().await;
+    uploaded
 }
 
 fn timings_line(timings: &[(String, u64)]) -> String {

@@ -5,6 +5,7 @@ mod cleanup;
 mod completions;
 mod connect;
 mod cost;
+mod cp;
 mod doctor;
 mod eice;
 mod extend;
@@ -205,6 +206,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::Init(args) => init::run(&ctx, args),
         Command::Launch(args) => launch::run(&ctx, &args).await,
         Command::Connect(args) => connect::connect(&ctx, &args).await,
+        Command::Cp(args) => cp::run(&ctx, &args).await,
         Command::Extend(args) => extend::run(&ctx, &args).await,
         Command::List => sessions::list(&ctx).await,
         Command::Status(args) => sessions::status(&ctx, &resolve_session(&ctx, &args.id).await?).await,

@@ -9,6 +9,7 @@ mod boxopts;
 mod cleanup;
 mod cost;
 mod eice;
+mod files;
 mod forward;
 mod foundation;
 mod kept;

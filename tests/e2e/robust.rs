@@ -314,6 +314,7 @@ fn help_shows_examples_and_keeps_global_flags_apart() {
     for command in [
         "launch",
         "connect",
+        "cp",
         "extend",
         "list",
         "status",

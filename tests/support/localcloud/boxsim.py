@@ -1181,6 +1181,8 @@ def _sshd_version():
 
 
 def _sshd_config(d, port, iid, direct=None):
+    # The box's home is {d}/home (HOME below): SFTP starts there too, as it would in the login
+    # user's home on a real box.
     # OpenSSH >= 9.8 penalises sources whose connections fail or close early; every
     # test connects from 127.0.0.1, so switch that off where it exists.
     extra = "PerSourcePenalties no\n" if _sshd_version() >= (9, 8) else ""
@@ -1199,7 +1201,7 @@ StrictModes no
 PidFile {d}/sshd.daemon.pid
 AllowTcpForwarding yes
 PrintMotd no
-Subsystem sftp internal-sftp
+Subsystem sftp internal-sftp -d {d}/home
 LogLevel VERBOSE
 SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup
 """
