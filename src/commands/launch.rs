@@ -334,171 +334,31 @@ async fn provision(
     let cap = created + TimeDuration::try_from(s.max_runtime_cap).context("max_runtime_cap is too long")?;
     // A tmux session exists to survive a dropped connection: it is a kept session.
     let kept = args.detach || args.keep || s.tmux;
-    // Through SSM no inbound port is needed at all.
-    // Through an Instance Connect Endpoint only the endpoint's group is admitted.
-    let need_ingress = !matches!(s.connect, ConnectMode::Ssm | ConnectMode::Eice);
+    let need_ingress = needs_caller_ingress(s.connect);
     mark("settings", &mut timings);
     // A taken name or a missing instance profile is bad input: refused before anything exists.
     let own_profile = preflight(ctx, &aws).await?;
 
-    // Phase 1: everything independent, at once.
-    let step =
-        ctx.printer.step("preparing (identity, address, security group, IAM profile, keys, image, prices)");
-    let detect_ip = async {
-        match (s.my_ip, need_ingress) {
-            (Some(net), _) => Ok(Some(net)),
-            (None, false) => Ok(None),
-            (None, true) => {
-                // Nothing is made without knowing whom to let in: fix the environment, exit 2.
-                ip::detect(&ip_services(), ip::TIMEOUT)
-                    .await
-                    .map(Some)
-                    .map_err(|e| crate::error::UsageError::new(e.to_string()).into())
-            }
-        }
-    };
-    let keys = {
-        let id = session_id.clone();
-        async move {
-            tokio::task::spawn_blocking(move || SessionKeys::generate(&id)).await.context("key generation")?
-        }
-    };
     let expires_at = session::rfc3339(expires);
-    // The network is checked before anything is made: the steps that create (the role) or
-    // depend on the zone (prices) wait for it; a wrong subnet or group fails the launch first.
-    let (network_tx, network_rx) = tokio::sync::watch::channel(None::<vpc::Network>);
-    let network_checked = || {
-        let mut rx = network_rx.clone();
-        async move {
-            let network = rx.wait_for(Option::is_some).await.context("the network check did not finish")?;
-            anyhow::Ok(network.clone().expect("checked"))
-        }
-    };
-    // The one thing phase 1 creates before the record exists: removed if another step fails.
-    let made_group = std::sync::Mutex::new(None::<String>);
-    let prepare = async {
-        tokio::try_join!(
-            // Who we are and where the box goes, then the session's own security group in that
-            // VPC, tagged as the session's.
-            async {
-                let (caller, net) = tokio::try_join!(
-                    async { identity::me(&aws, s.owner.as_deref()).await.map_err(anyhow::Error::from) },
-                    async {
-                        vpc::resolve(&aws, s.subnet.as_deref(), &s.security_groups, s.connect)
-                            .await
-                            .map_err(anyhow::Error::from)
-                    },
-                )?;
-                let endpoint = eice_endpoint(&aws, s.connect, &net).await?;
-                network_tx.send_replace(Some(net.clone()));
-                let vpc = net.vpc_id.clone();
-                let session_tags = tags::session_tags(
-                    &session_id,
-                    &caller.owner,
-                    &expires_at,
-                    kept,
-                    s.name.as_deref(),
-                    &s.tags,
-                );
-                let group = network::create_session_group(
-                    &aws,
-                    &vpc,
-                    &s.security_group_name,
-                    &session_id,
-                    &session_tags,
-                )
-                .await?;
-                *made_group.lock().expect("not poisoned") = Some(group.id.clone());
-                crash::point("security-group");
-                anyhow::Ok((caller, group, net, endpoint))
-            },
-            detect_ip,
-            async {
-                if let Some(profile) = own_profile.clone() {
-                    return anyhow::Ok(profile);
-                }
-                network_checked().await?;
-                let profile =
-                    iam::ensure_instance_profile(&aws, &s.iam_role_name, s.connect == ConnectMode::Ssm)
-                        .await?;
-                crash::point("instance-profile");
-                anyhow::Ok(profile)
-            },
-            keys,
-            async { ami::resolve(&aws, &s.ami, s.arch()).await.map_err(anyhow::Error::from) },
-            async {
-                if s.on_demand {
-                    return Ok(Vec::new());
-                }
-                // A chosen subnet fixes the zone: only its prices matter.
-                let zone = match &s.subnet {
-                    Some(_) => network_checked().await?.fixed_zone().map(str::to_string),
-                    None => None,
-                };
-                spot::current_prices(&aws, &s.instance_types, zone.as_deref())
-                    .await
-                    .map_err(anyhow::Error::from)
-            },
-        )
-    };
-    // Leftovers of this user's earlier crashed sessions go first, off the critical path.
-    let housekeeping = async {
-        // Sessions that ended on their own while no CLI ran get their ledger line first...
-        ctx.settle(&aws).await;
-        // ...then this user's crashed sessions go.
-        super::cleanup::quick_sweep(ctx, &aws).await
-    };
-    let (prepared, swept) = tokio::join!(prepare, housekeeping);
-    let ((caller, group, net, endpoint), my_ip, profile, keys, image, prices) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => {
-            return Err(undo_prepare(ctx, &aws, made_group.into_inner().ok().flatten(), error).await);
-        }
-    };
-    drop(step);
-    if let Some(line) = network_line(&net) {
-        ctx.printer.status(line);
-    }
-    if !swept.is_empty() {
-        ctx.printer.status(format!(
-            "removed {} leftover session(s) of earlier runs whose launcher is gone: {}",
-            swept.len(),
-            swept.join(", ")
-        ));
-    }
+    let Prepared { caller, group, net, endpoint, my_ip, profile, keys, image, prices } =
+        prepare(ctx, &aws, &session_id, &expires_at, kept, own_profile).await?;
     mark("prepare", &mut timings);
 
     let session_tags =
         tags::session_tags(&session_id, &caller.owner, &expires_at, kept, s.name.as_deref(), &s.tags);
-    let pid = std::process::id();
     let recorder = Recorder {
         store: store.clone(),
         record: Arc::new(Mutex::new(SessionRecord {
             id: session_id.clone(),
-            name: s.name.clone(),
-            root_volume_gb: Some(s.root_volume.gb),
-            root_volume_type: Some(s.root_volume.kind.as_str().to_string()),
-            region: aws.region.clone(),
-            account: caller.account.clone(),
-            partition: caller.partition().to_string(),
-            owner_arn: caller.owner.clone(),
             created_at: session::rfc3339(created),
             expires_at: expires_at.clone(),
             kept,
             idle_grace_secs: Some(if kept { s.kept_idle_grace } else { s.idle_grace }.as_secs()),
-            user: s.user.clone(),
-            pid: Some(pid),
-            pid_start: lifecycle::process_start(pid),
-            host_key_public: keys.host.public_openssh.clone(),
-            host_key_fingerprint: keys.host.fingerprint.clone(),
-            client_key_public: keys.client.public_openssh.clone(),
-            connect: Some(s.connect.as_str().to_string()),
-            proxy_command: s.proxy_command.clone(),
-            eice_endpoint_id: endpoint.as_ref().map(|e| e.id.clone()),
-            eice_dns_name: endpoint.as_ref().map(|e| e.dns_name.clone()),
             security_group_id: Some(group.id.clone()),
             instance_profile_name: Some(profile.name.clone()),
-            ..Default::default()
+            eice_endpoint_id: endpoint.as_ref().map(|e| e.id.clone()),
+            eice_dns_name: endpoint.as_ref().map(|e| e.dns_name.clone()),
+            ..first_record(s, &aws.region, &caller, &keys)
         })),
         requested: Arc::default(),
     };
@@ -507,41 +367,8 @@ async fn provision(
     crash::point("prepare");
     checkpoint(ctx, &aws, &recorder, signals, &clock).await?;
 
-    let mut candidates = ec2_launch::plan(
-        &s.instance_types,
-        &prices,
-        ec2_launch::Markets::of(s.on_demand, s.on_demand_fallback),
-        |t| pricing::spot_max_price(s, &aws.region, t),
-        |t| pricing::on_demand_price(s, &aws.region, t),
-    );
-    if let Some(zone) = net.fixed_zone() {
-        // The subnet's zone is the only one: every candidate says so (and asks for no other).
-        candidates.retain(|c| c.availability_zone.as_deref().is_none_or(|az| az == zone));
-        for candidate in &mut candidates {
-            candidate.availability_zone = Some(zone.to_string());
-        }
-    }
-    if let Some(first) = candidates.first() {
-        let price = first.expected_price.map(|p| format!(" at {}/h", usd(p))).unwrap_or_default();
-        let estimate = first
-            .expected_price
-            .map(|p| {
-                format!(
-                    ", at most {} for {}",
-                    usd(pricing::estimate_with(
-                        p,
-                        s.max_runtime,
-                        s.root_volume,
-                        s.connect != ConnectMode::Eice
-                    )
-                    .total),
-                    short_duration(s.max_runtime)
-                )
-            })
-            .unwrap_or_default();
-        let profile = s.profile_name.as_ref().map(|p| format!(" (profile {p})")).unwrap_or_default();
-        ctx.printer.status(format!("session {session_id}{profile}: {first}{price}{estimate}"));
-    }
+    let candidates = plan_candidates(s, &aws.region, &prices, &net);
+    announce(ctx, &session_id, candidates.first());
     if let Err(refusal) =
         budget_guard(ctx, &store, &caller.account, &candidates, args.over_budget, clock.now())
     {
@@ -574,51 +401,9 @@ async fn provision(
     let step = ctx.printer.step("requesting the instance");
     let sources: Vec<IpNet> = my_ip.into_iter().chain(s.allow_cidrs.iter().copied()).collect();
     let sources: Vec<IpNet> = if need_ingress { sources } else { s.allow_cidrs.clone() };
-    let open_ssh = async {
-        let mut opened = Vec::new();
-        for cidr in &sources {
-            let rule = network::authorize_ssh(&aws, &group.id, *cidr, &session_id, &session_tags).await?;
-            recorder.update(|r| r.ingress_rule_ids.push(rule.rule_id.clone()))?;
-            crash::point("rule");
-            opened.push(rule);
-        }
-        for from in endpoint.iter().flat_map(|e| &e.security_group_ids) {
-            let rule = eice::admit_endpoint(&aws, &group.id, from, &session_id, &session_tags).await?;
-            recorder.update(|r| r.ingress_rule_ids.push(rule.clone()))?;
-            crash::point("rule");
-        }
-        anyhow::Ok(opened)
-    };
-    let on_event = |event: LaunchEvent| match event {
-        LaunchEvent::Trying(c) => step.set(format!("requesting {c}")),
-        LaunchEvent::NoCapacity { candidate, code } => {
-            step.println(format!("no capacity: {candidate} ({code}); trying the next"))
-        }
-        LaunchEvent::Retrying { candidate, why, after } => {
-            step.println(format!("{candidate}: {why}; retrying in {}", humantime::format_duration(after)))
-        }
-    };
-    let run_instance = async {
-        recorder.requested.store(true, std::sync::atomic::Ordering::SeqCst);
-        let launched = ec2_launch::run_first_available(&aws, &spec, &candidates, &on_event).await.map_err(
-            |e| match e {
-                // Keep the typed error at the top of the chain: it chooses the exit code.
-                ec2_launch::LaunchError::Capacity(c) => anyhow::Error::from(c),
-                ec2_launch::LaunchError::Aws(a) => anyhow::Error::from(a),
-            },
-        )?;
-        recorder.update(|r| {
-            r.instance_id = Some(launched.instance_id.clone());
-            r.spot_request_id = launched.spot_request_id.clone();
-            r.instance_type = Some(launched.instance_type.clone());
-            r.availability_zone = launched.availability_zone.clone();
-            r.market = Some(launched.market.as_str().into());
-            r.price_per_hour = launched.price_per_hour;
-            r.launched_at = Some(session::rfc3339(clock.now()));
-        })?;
-        crash::point("run-instances");
-        anyhow::Ok(launched)
-    };
+    let open_ssh =
+        open_ssh_rules(&aws, &recorder, &group.id, &sources, endpoint.as_ref(), &session_id, &session_tags);
+    let run_instance = request_instance(&aws, &recorder, &spec, &candidates, &step, &clock);
     let (opened, launched) = tokio::join!(open_ssh, run_instance);
     drop(step);
     mark("run-instances", &mut timings);
@@ -631,47 +416,14 @@ async fn provision(
     };
     checkpoint(ctx, &aws, &recorder, signals, &clock).await?;
 
-    // Phase 3: the fail-safe alarm while the instance starts.
-    let step = ctx.printer.step(format!("starting {} ({})", launched.instance_id, launched.instance_type));
-    let create_alarm = async {
-        let name = alarm::create_failsafe(&aws, &session_id, &launched.instance_id, &session_tags).await?;
-        recorder.update(|r| r.alarm_name = Some(name.clone()))?;
-        crash::point("alarm");
-        anyhow::Ok(name)
+    // Phase 3: the fail-safe alarm and the scheduled deadline while the instance starts.
+    let started_up =
+        start_instance(ctx, &aws, &recorder, &launched, &caller, &session_tags, expires, signals);
+    let running = match started_up.await {
+        Ok(running) => running,
+        Err(error) => return Err(undo(ctx, &aws, &store, &recorder, error, &clock).await),
     };
-    let need_public_ip = s.connect == ConnectMode::PublicIp;
-    let on_state = |state: &str| step.set(format!("instance {} is {state}", launched.instance_id));
-    let wait = async {
-        tokio::select! {
-            running = instances::wait_running(&aws, &launched.instance_id, need_public_ip, s.connect_timeout, &on_state) => {
-                running.map_err(anyhow::Error::from)
-            }
-            stop = signals.stopped() => Err(Interrupted {
-                what: stop.name(),
-                done: "removed what the launch had made".into(),
-                code: stop.exit_code(),
-            }.into()),
-        }
-    };
-    let arm_deadline =
-        arm_scheduled_deadline(&aws, &recorder, &s.iam_role_name, &caller, &launched.instance_id, expires);
-    let (alarm_result, running, armed) = tokio::join!(create_alarm, wait, arm_deadline);
-    drop(step);
     mark("running", &mut timings);
-    if let Err(e) = armed {
-        // The watchdog, the alarm and `cleanup` still end the box: a warning, not a failure.
-        ctx.printer.warn(format!(
-            "the scheduled deadline is not armed (the watchdog and the alarm still end the box): {}",
-            crate::exit_codes::one_line(&e)
-        ));
-    }
-    let running = match (alarm_result, running) {
-        (Ok(_), Ok(running)) => running,
-        (alarm_result, running) => {
-            let error = running.err().or(alarm_result.err()).expect("one side failed");
-            return Err(undo(ctx, &aws, &store, &recorder, error, &clock).await);
-        }
-    };
     recorder.update(|r| {
         r.public_ip = running.public_ip.clone();
         r.private_ip = running.private_ip.clone();
@@ -695,6 +447,193 @@ async fn provision(
         session: view,
     };
     Ok((aws, store, record, result))
+}
+
+/// What the record says from the start, beside the session's own ids and times: who launched it
+/// from where, with which settings and keys.
+fn first_record(
+    s: &crate::settings::Settings,
+    region: &str,
+    caller: &identity::Caller,
+    keys: &SessionKeys,
+) -> SessionRecord {
+    let pid = std::process::id();
+    SessionRecord {
+        name: s.name.clone(),
+        root_volume_gb: Some(s.root_volume.gb),
+        root_volume_type: Some(s.root_volume.kind.as_str().to_string()),
+        region: region.to_string(),
+        account: caller.account.clone(),
+        partition: caller.partition().to_string(),
+        owner_arn: caller.owner.clone(),
+        user: s.user.clone(),
+        pid: Some(pid),
+        pid_start: lifecycle::process_start(pid),
+        host_key_public: keys.host.public_openssh.clone(),
+        host_key_fingerprint: keys.host.fingerprint.clone(),
+        client_key_public: keys.client.public_openssh.clone(),
+        connect: Some(s.connect.as_str().to_string()),
+        proxy_command: s.proxy_command.clone(),
+        ..Default::default()
+    }
+}
+
+/// The fallback chain (zones by price, then types, then on-demand), pinned to the subnet's zone
+/// when a subnet was chosen.
+fn plan_candidates(
+    s: &crate::settings::Settings,
+    region: &str,
+    prices: &[spot::SpotPrice],
+    net: &vpc::Network,
+) -> Vec<Candidate> {
+    let mut candidates = ec2_launch::plan(
+        &s.instance_types,
+        prices,
+        ec2_launch::Markets::of(s.on_demand, s.on_demand_fallback),
+        |t| pricing::spot_max_price(s, region, t),
+        |t| pricing::on_demand_price(s, region, t),
+    );
+    if let Some(zone) = net.fixed_zone() {
+        // The subnet's zone is the only one: every candidate says so (and asks for no other).
+        candidates.retain(|c| c.availability_zone.as_deref().is_none_or(|az| az == zone));
+        for candidate in &mut candidates {
+            candidate.availability_zone = Some(zone.to_string());
+        }
+    }
+    candidates
+}
+
+/// "session k3x9q2ab: t3.small spot in us-east-1a at $0.0071/h, at most $0.03 for 4h".
+fn announce(ctx: &Context, session_id: &str, first: Option<&Candidate>) {
+    let s = &ctx.settings;
+    let Some(first) = first else { return };
+    let price = first.expected_price.map(|p| format!(" at {}/h", usd(p))).unwrap_or_default();
+    let estimate = first
+        .expected_price
+        .map(|p| {
+            let cost =
+                pricing::estimate_with(p, s.max_runtime, s.root_volume, s.connect != ConnectMode::Eice);
+            format!(", at most {} for {}", usd(cost.total), short_duration(s.max_runtime))
+        })
+        .unwrap_or_default();
+    let profile = s.profile_name.as_ref().map(|p| format!(" (profile {p})")).unwrap_or_default();
+    ctx.printer.status(format!("session {session_id}{profile}: {first}{price}{estimate}"));
+}
+
+/// The session's SSH rules (each recorded the moment it exists): from the caller's address and
+/// `allow_cidr`s, and from an Instance Connect Endpoint's groups.
+async fn open_ssh_rules(
+    aws: &crate::aws::Aws,
+    recorder: &Recorder,
+    group_id: &str,
+    sources: &[IpNet],
+    endpoint: Option<&eice::Endpoint>,
+    session_id: &str,
+    session_tags: &[(String, String)],
+) -> Result<()> {
+    for cidr in sources {
+        let rule = network::authorize_ssh(aws, group_id, *cidr, session_id, session_tags).await?;
+        recorder.update(|r| r.ingress_rule_ids.push(rule.rule_id.clone()))?;
+        crash::point("rule");
+    }
+    for from in endpoint.iter().flat_map(|e| &e.security_group_ids) {
+        let rule = eice::admit_endpoint(aws, group_id, from, session_id, session_tags).await?;
+        recorder.update(|r| r.ingress_rule_ids.push(rule.clone()))?;
+        crash::point("rule");
+    }
+    Ok(())
+}
+
+/// RunInstances down the fallback chain, the progress line following it; what launched is
+/// recorded at once.
+async fn request_instance(
+    aws: &crate::aws::Aws,
+    recorder: &Recorder,
+    spec: &LaunchSpec,
+    candidates: &[Candidate],
+    step: &crate::output::Step,
+    clock: &dyn Clock,
+) -> Result<ec2_launch::Launched> {
+    let on_event = |event: LaunchEvent| match event {
+        LaunchEvent::Trying(c) => step.set(format!("requesting {c}")),
+        LaunchEvent::NoCapacity { candidate, code } => {
+            step.println(format!("no capacity: {candidate} ({code}); trying the next"))
+        }
+        LaunchEvent::Retrying { candidate, why, after } => {
+            step.println(format!("{candidate}: {why}; retrying in {}", humantime::format_duration(after)))
+        }
+    };
+    recorder.requested.store(true, std::sync::atomic::Ordering::SeqCst);
+    let launched =
+        ec2_launch::run_first_available(aws, spec, candidates, &on_event).await.map_err(|e| match e {
+            // Keep the typed error at the top of the chain: it chooses the exit code.
+            ec2_launch::LaunchError::Capacity(c) => anyhow::Error::from(c),
+            ec2_launch::LaunchError::Aws(a) => anyhow::Error::from(a),
+        })?;
+    recorder.update(|r| {
+        r.instance_id = Some(launched.instance_id.clone());
+        r.spot_request_id = launched.spot_request_id.clone();
+        r.instance_type = Some(launched.instance_type.clone());
+        r.availability_zone = launched.availability_zone.clone();
+        r.market = Some(launched.market.as_str().into());
+        r.price_per_hour = launched.price_per_hour;
+        r.launched_at = Some(session::rfc3339(clock.now()));
+    })?;
+    crash::point("run-instances");
+    Ok(launched)
+}
+
+/// Phase 3: the fail-safe alarm and the scheduled deadline while the instance starts, then the
+/// running instance (or the first failure; a Ctrl-C stops the wait).
+#[allow(clippy::too_many_arguments)]
+async fn start_instance(
+    ctx: &Context,
+    aws: &crate::aws::Aws,
+    recorder: &Recorder,
+    launched: &ec2_launch::Launched,
+    caller: &identity::Caller,
+    session_tags: &[(String, String)],
+    expires: time::OffsetDateTime,
+    signals: &Signals,
+) -> Result<instances::InstanceInfo> {
+    let s = &ctx.settings;
+    let session_id = recorder.snapshot().id;
+    let step = ctx.printer.step(format!("starting {} ({})", launched.instance_id, launched.instance_type));
+    let create_alarm = async {
+        let name = alarm::create_failsafe(aws, &session_id, &launched.instance_id, session_tags).await?;
+        recorder.update(|r| r.alarm_name = Some(name.clone()))?;
+        crash::point("alarm");
+        anyhow::Ok(name)
+    };
+    let need_public_ip = s.connect == ConnectMode::PublicIp;
+    let on_state = |state: &str| step.set(format!("instance {} is {state}", launched.instance_id));
+    let wait = async {
+        tokio::select! {
+            running = instances::wait_running(aws, &launched.instance_id, need_public_ip, s.connect_timeout, &on_state) => {
+                running.map_err(anyhow::Error::from)
+            }
+            stop = signals.stopped() => Err(Interrupted {
+                what: stop.name(),
+                done: "removed what the launch had made".into(),
+                code: stop.exit_code(),
+            }.into()),
+        }
+    };
+    let arm_deadline =
+        arm_scheduled_deadline(aws, recorder, &s.iam_role_name, caller, &launched.instance_id, expires);
+    let (alarm_result, running, armed) = tokio::join!(create_alarm, wait, arm_deadline);
+    drop(step);
+    if let Err(e) = armed {
+        // The watchdog, the alarm and `cleanup` still end the box: a warning, not a failure.
+        ctx.printer.warn(format!(
+            "the scheduled deadline is not armed (the watchdog and the alarm still end the box): {}",
+            crate::exit_codes::one_line(&e)
+        ));
+    }
+    match (alarm_result, running) {
+        (Ok(_), Ok(running)) => Ok(running),
+        (alarm_result, running) => Err(running.err().or(alarm_result.err()).expect("one side failed")),
+    }
 }
 
 /// The fourth layer (`aws::schedule`): the scheduler role, then the session's schedules. Runs
@@ -789,6 +728,164 @@ async fn undo_prepare(
             .warn(format!("the session's security group {group} is left for `ephemeral-admin cleanup`: {e}"));
     }
     error
+}
+
+/// Whether SSH is opened to the caller's address: through SSM no inbound port is needed at all,
+/// through an Instance Connect Endpoint only the endpoint's group is admitted.
+fn needs_caller_ingress(connect: ConnectMode) -> bool {
+    !matches!(connect, ConnectMode::Ssm | ConnectMode::Eice)
+}
+
+/// What phase 1 found and made.
+struct Prepared {
+    caller: identity::Caller,
+    group: network::SecurityGroup,
+    net: vpc::Network,
+    endpoint: Option<eice::Endpoint>,
+    my_ip: Option<IpNet>,
+    profile: iam::InstanceProfile,
+    keys: SessionKeys,
+    image: ami::Image,
+    prices: Vec<spot::SpotPrice>,
+}
+
+/// Phase 1: everything independent, at once (who we are, the network check and the session's
+/// group in it, the caller's address, the instance profile, keys, image, prices), beside the
+/// sweep of earlier leftovers. A failure removes the group if it was made already.
+async fn prepare(
+    ctx: &Context,
+    aws: &crate::aws::Aws,
+    session_id: &str,
+    expires_at: &str,
+    kept: bool,
+    own_profile: Option<iam::InstanceProfile>,
+) -> Result<Prepared> {
+    let s = &ctx.settings;
+    let need_ingress = needs_caller_ingress(s.connect);
+    let step =
+        ctx.printer.step("preparing (identity, address, security group, IAM profile, keys, image, prices)");
+    let detect_ip = async {
+        match (s.my_ip, need_ingress) {
+            (Some(net), _) => Ok(Some(net)),
+            (None, false) => Ok(None),
+            (None, true) => {
+                // Nothing is made without knowing whom to let in: fix the environment, exit 2.
+                ip::detect(&ip_services(), ip::TIMEOUT)
+                    .await
+                    .map(Some)
+                    .map_err(|e| crate::error::UsageError::new(e.to_string()).into())
+            }
+        }
+    };
+    let keys = {
+        let id = session_id.to_string();
+        async move {
+            tokio::task::spawn_blocking(move || SessionKeys::generate(&id)).await.context("key generation")?
+        }
+    };
+    // The network is checked before anything is made: the steps that create (the role) or
+    // depend on the zone (prices) wait for it; a wrong subnet or group fails the launch first.
+    let (network_tx, network_rx) = tokio::sync::watch::channel(None::<vpc::Network>);
+    let network_checked = || {
+        let mut rx = network_rx.clone();
+        async move {
+            let network = rx.wait_for(Option::is_some).await.context("the network check did not finish")?;
+            anyhow::Ok(network.clone().expect("checked"))
+        }
+    };
+    // The one thing phase 1 creates before the record exists: removed if another step fails.
+    let made_group = std::sync::Mutex::new(None::<String>);
+    let prepare = async {
+        tokio::try_join!(
+            // Who we are and where the box goes, then the session's own security group in that
+            // VPC, tagged as the session's.
+            async {
+                let (caller, net) = tokio::try_join!(
+                    async { identity::me(aws, s.owner.as_deref()).await.map_err(anyhow::Error::from) },
+                    async {
+                        vpc::resolve(aws, s.subnet.as_deref(), &s.security_groups, s.connect)
+                            .await
+                            .map_err(anyhow::Error::from)
+                    },
+                )?;
+                let endpoint = eice_endpoint(aws, s.connect, &net).await?;
+                network_tx.send_replace(Some(net.clone()));
+                let vpc = net.vpc_id.clone();
+                let session_tags = tags::session_tags(
+                    session_id,
+                    &caller.owner,
+                    expires_at,
+                    kept,
+                    s.name.as_deref(),
+                    &s.tags,
+                );
+                let group = network::create_session_group(
+                    aws,
+                    &vpc,
+                    &s.security_group_name,
+                    session_id,
+                    &session_tags,
+                )
+                .await?;
+                *made_group.lock().expect("not poisoned") = Some(group.id.clone());
+                crash::point("security-group");
+                anyhow::Ok((caller, group, net, endpoint))
+            },
+            detect_ip,
+            async {
+                if let Some(profile) = own_profile.clone() {
+                    return anyhow::Ok(profile);
+                }
+                network_checked().await?;
+                let profile =
+                    iam::ensure_instance_profile(aws, &s.iam_role_name, s.connect == ConnectMode::Ssm)
+                        .await?;
+                crash::point("instance-profile");
+                anyhow::Ok(profile)
+            },
+            keys,
+            async { ami::resolve(aws, &s.ami, s.arch()).await.map_err(anyhow::Error::from) },
+            async {
+                if s.on_demand {
+                    return Ok(Vec::new());
+                }
+                // A chosen subnet fixes the zone: only its prices matter.
+                let zone = match &s.subnet {
+                    Some(_) => network_checked().await?.fixed_zone().map(str::to_string),
+                    None => None,
+                };
+                spot::current_prices(aws, &s.instance_types, zone.as_deref())
+                    .await
+                    .map_err(anyhow::Error::from)
+            },
+        )
+    };
+    // Leftovers of this user's earlier crashed sessions go first, off the critical path.
+    let housekeeping = async {
+        // Sessions that ended on their own while no CLI ran get their ledger line first...
+        ctx.settle(aws).await;
+        // ...then this user's crashed sessions go.
+        super::cleanup::quick_sweep(ctx, aws).await
+    };
+    let (prepared, swept) = tokio::join!(prepare, housekeeping);
+    let ((caller, group, net, endpoint), my_ip, profile, keys, image, prices) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            return Err(undo_prepare(ctx, aws, made_group.into_inner().ok().flatten(), error).await);
+        }
+    };
+    drop(step);
+    if let Some(line) = network_line(&net) {
+        ctx.printer.status(line);
+    }
+    if !swept.is_empty() {
+        ctx.printer.status(format!(
+            "removed {} leftover session(s) of earlier runs whose launcher is gone: {}",
+            swept.len(),
+            swept.join(", ")
+        ));
+    }
+    Ok(Prepared { caller, group, net, endpoint, my_ip, profile, keys, image, prices })
 }
 
 /// What must hold before anything is created, checked at once: the name is not taken by one of
