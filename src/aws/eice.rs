@@ -107,18 +107,8 @@ pub async fn create_group(aws: &Aws, vpc_id: &str) -> Result<String, AwsError> {
 }
 
 async fn own_group_id(aws: &Aws, vpc_id: &str, name: &str) -> Result<String, AwsError> {
-    let out = aws
-        .ec2
-        .describe_security_groups()
-        .filters(Filter::builder().name("group-name").values(name).build())
-        .filters(Filter::builder().name("vpc-id").values(vpc_id).build())
-        .send()
-        .await
-        .doing(format!("looking up security group {name}"))?;
-    out.security_groups()
-        .first()
-        .and_then(|g| g.group_id())
-        .map(str::to_string)
+    super::network::group_id_by_name(aws, vpc_id, name)
+        .await?
         .ok_or_else(|| AwsError::missing(format!("looking up security group {name}"), "a group id"))
 }
 

@@ -169,7 +169,11 @@ pub async fn create_session_group(
     }
 }
 
-async fn group_id_by_name(aws: &Aws, vpc_id: &str, name: &str) -> Result<Option<String>, AwsError> {
+pub(crate) async fn group_id_by_name(
+    aws: &Aws,
+    vpc_id: &str,
+    name: &str,
+) -> Result<Option<String>, AwsError> {
     let out = aws
         .ec2
         .describe_security_groups()
