@@ -794,7 +794,7 @@ async fn prepare(
         }
     };
     // The one thing phase 1 creates before the record exists: removed if another step fails.
-    let made_group = std::sync::Mutex::new(None::<String>);
+    let made_group = Arc::new(tokio::sync::Mutex::new(None::<String>));
     let prepare = async {
         tokio::try_join!(
             // Who we are and where the box goes, then the session's own security group in that
@@ -819,15 +819,20 @@ async fn prepare(
                     s.name.as_deref(),
                     &s.tags,
                 );
-                let group = network::create_session_group(
-                    aws,
-                    &vpc,
-                    &s.security_group_name,
-                    session_id,
-                    &session_tags,
-                )
-                .await?;
-                *made_group.lock().expect("not poisoned") = Some(group.id.clone());
+                // Created in a task of its own, holding the slot's lock until the answer is in:
+                // another step failing cancels this branch, never a CreateSecurityGroup already
+                // sent, and the undo waits for the lock to learn whether a group exists.
+                let mut slot = made_group.clone().lock_owned().await;
+                let create = {
+                    let (aws, name) = (aws.clone(), s.security_group_name.clone());
+                    let (id, tags) = (session_id.to_string(), session_tags.clone());
+                    async move {
+                        let group = network::create_session_group(&aws, &vpc, &name, &id, &tags).await?;
+                        *slot = Some(group.id.clone());
+                        anyhow::Ok(group)
+                    }
+                };
+                let group = tokio::spawn(create).await.context("creating the session's group")??;
                 crash::point("security-group");
                 anyhow::Ok((caller, group, net, endpoint))
             },
@@ -871,7 +876,8 @@ async fn prepare(
     let ((caller, group, net, endpoint), my_ip, profile, keys, image, prices) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
-            return Err(undo_prepare(ctx, aws, made_group.into_inner().ok().flatten(), error).await);
+            let made = made_group.lock().await.clone();
+            return Err(undo_prepare(ctx, aws, made, error).await);
         }
     };
     drop(step);

@@ -230,7 +230,9 @@ fn an_unreachable_endpoint_is_one_line_naming_it() {
 fn an_aws_error_the_sdk_does_not_model_is_one_line_with_the_missing_permission() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
-    cloud.rules(json!([{
+    // The denial arrives while CreateSecurityGroup is still on its way (as on a slow link): the
+    // group made for the session must go all the same.
+    cloud.rules(json!([{ "action": "CreateSecurityGroup", "delay_ms": 600 }, {
         "service": "iam", "action": "GetInstanceProfile", "error": "AccessDenied", "status": 403,
         "message": "User: arn:aws:iam::123456789012:user/dev is not authorized to perform: iam:GetInstanceProfile on resource: instance profile SystemAdminTestingRole because no identity-based policy allows the iam:GetInstanceProfile action"
     }]));
@@ -243,6 +245,8 @@ fn an_aws_error_the_sdk_does_not_model_is_one_line_with_the_missing_permission()
     for noise in ["unhandled error", "aws_request_id", "HttpResponse", "service error"] {
         assert!(!run.stderr.contains(noise), "{noise} in:\n{}", run.stderr);
     }
+    // A request the CLI stopped waiting for still lands: give it the time to.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_nothing_left(&cloud);
 }
 
