@@ -21,9 +21,10 @@ const POLL: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Endpoint {
     pub id: String,
-    pub dns_name: String,
+    /// Where tunnels are opened; AWS may not name it before the endpoint is ready.
+    pub dns_name: Option<String>,
     pub vpc_id: String,
-    pub subnet_id: String,
+    pub subnet_id: Option<String>,
     pub state: String,
     pub security_group_ids: Vec<String>,
     /// Tagged Project=EphemeralContainer: made by `setup eice`.
@@ -34,9 +35,9 @@ impl Endpoint {
     fn from_sdk(e: &Ec2InstanceConnectEndpoint) -> Option<Endpoint> {
         Some(Endpoint {
             id: e.instance_connect_endpoint_id()?.to_string(),
-            dns_name: e.dns_name().unwrap_or_default().to_string(),
+            dns_name: e.dns_name().map(str::to_string),
             vpc_id: e.vpc_id()?.to_string(),
-            subnet_id: e.subnet_id().unwrap_or_default().to_string(),
+            subnet_id: e.subnet_id().map(str::to_string),
             state: e.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
             security_group_ids: e.security_group_ids().to_vec(),
             ours: e
@@ -47,12 +48,13 @@ impl Endpoint {
     }
 
     pub fn ready(&self) -> bool {
-        self.state == State::CreateComplete.as_str()
+        self.state == State::CreateComplete.as_str() && self.dns_name.is_some()
     }
 
     /// "eice-0ab… in subnet-0cd… (vpc-0ef…)".
     pub fn describe(&self) -> String {
-        format!("{} in {} ({}, {})", self.id, self.subnet_id, self.vpc_id, self.state)
+        let subnet = self.subnet_id.as_deref().unwrap_or("no subnet named");
+        format!("{} in {subnet} ({}, {})", self.id, self.vpc_id, self.state)
     }
 }
 
@@ -79,7 +81,7 @@ pub async fn usable(aws: &Aws, vpc_id: &str, subnet_id: Option<&str>) -> Result<
 
 fn pick(mut found: Vec<Endpoint>, subnet_id: Option<&str>) -> Option<Endpoint> {
     found.retain(Endpoint::ready);
-    found.sort_by_key(|e| (Some(e.subnet_id.as_str()) != subnet_id, !e.ours, e.id.clone()));
+    found.sort_by_key(|e| (e.subnet_id.as_deref() != subnet_id, !e.ours, e.id.clone()));
     found.into_iter().next()
 }
 
@@ -226,9 +228,9 @@ mod tests {
     fn endpoint(id: &str, subnet: &str, state: &str, ours: bool) -> Endpoint {
         Endpoint {
             id: id.into(),
-            dns_name: format!("{id}.example"),
+            dns_name: Some(format!("{id}.example")),
             vpc_id: "vpc-1".into(),
-            subnet_id: subnet.into(),
+            subnet_id: Some(subnet.into()),
             state: state.into(),
             security_group_ids: vec![],
             ours,
@@ -245,5 +247,13 @@ mod tests {
         assert_eq!(pick(found.clone(), Some("subnet-2")).unwrap().id, "eice-b");
         assert_eq!(pick(found.clone(), None).unwrap().id, "eice-a");
         assert_eq!(pick(found[2..].to_vec(), None), None);
+    }
+
+    #[test]
+    fn an_endpoint_aws_gave_no_dns_name_is_never_dialled() {
+        let mut nameless = endpoint("eice-a", "subnet-1", "create-complete", true);
+        nameless.dns_name = None;
+        assert!(!nameless.ready());
+        assert_eq!(pick(vec![nameless], Some("subnet-1")), None);
     }
 }

@@ -357,7 +357,7 @@ async fn provision(
             security_group_id: Some(group.id.clone()),
             instance_profile_name: Some(profile.name.clone()),
             eice_endpoint_id: endpoint.as_ref().map(|e| e.id.clone()),
-            eice_dns_name: endpoint.as_ref().map(|e| e.dns_name.clone()),
+            eice_dns_name: endpoint.as_ref().and_then(|e| e.dns_name.clone()),
             ..first_record(s, &aws.region, &caller, &keys)
         })),
         requested: Arc::default(),

@@ -115,7 +115,7 @@ fn reopen_nonblocking(fd: libc::c_int) -> Option<AsyncFd<OwnedFd>> {
     if kind == libc::S_IFCHR && unsafe { libc::isatty(fd) } != 1 {
         return None;
     }
-    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).ok()?;
+    let path = reopen_path(fd)?;
     // SAFETY: a valid C string; the returned descriptor (if any) is ours alone.
     let reopened = unsafe {
         libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
@@ -183,6 +183,19 @@ fn pump(fd: libc::c_int, tx: &mpsc::Sender<std::io::Result<Vec<u8>>>, stop: &Ato
             return;
         }
     }
+}
+
+/// Where the descriptor can be opened again as a file of its own: `/proc/self/fd/N` on Linux.
+/// Elsewhere (macOS's `/dev/fd/N` only duplicates the descriptor, so O_NONBLOCK would reach the
+/// user's terminal) there is none, and stdin is read on the thread.
+#[cfg(target_os = "linux")]
+fn reopen_path(fd: std::os::fd::RawFd) -> Option<std::ffi::CString> {
+    std::ffi::CString::new(format!("/proc/self/fd/{fd}")).ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn reopen_path(_fd: std::os::fd::RawFd) -> Option<std::ffi::CString> {
+    None
 }
 
 #[cfg(test)]
