@@ -1,14 +1,15 @@
 //! EC2 Instance Connect Endpoints: the one endpoint per VPC that `connect = "eice"` tunnels
 //! through. `setup eice` creates it (tagged as the tool's, with a security group of its own that
-//! box groups admit on port 22), a launch finds it before anything is made, `doctor` reports it,
+//! box groups admit on port 22 and the resume relay's port, and whose egress reaches only those
+//! ports inside the VPC), a launch finds it before anything is made, `doctor` reports it,
 //! and `cleanup --purge` deletes it (and its group) when no session needs it.
 
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::{Ec2InstanceConnectEndpoint, Ec2InstanceConnectEndpointState as State, Filter};
-use aws_sdk_ec2::types::{IpPermission, ResourceType, UserIdGroupPair};
+use aws_sdk_ec2::types::{IpPermission, IpRange, Ipv6Range, ResourceType, UserIdGroupPair};
 
-use super::network::{self, SSH_PORT, tag_spec};
+use super::network::{self, tag_spec};
 use super::{Aws, AwsError, AwsResultExt, code_of};
 use crate::session::tags;
 
@@ -108,6 +109,68 @@ pub async fn create_group(aws: &Aws, vpc_id: &str) -> Result<String, AwsError> {
     }
 }
 
+/// Makes the endpoint's group a way in and nowhere else: its egress is sshd and the resume relay
+/// (`ports`) inside its VPC, in place of AWS's default allow-all. Idempotent (a rule already
+/// there, or a default already gone, is fine), so `setup eice` also narrows a group made before.
+pub async fn restrict_egress(aws: &Aws, group_id: &str, vpc_id: &str, ports: &[u16]) -> Result<(), AwsError> {
+    let doing = || format!("limiting the EICE group {group_id}'s egress to its VPC");
+    let vpcs = aws.ec2.describe_vpcs().vpc_ids(vpc_id).send().await.doing(doing())?;
+    let mut cidrs: Vec<String> = vpcs
+        .vpcs()
+        .iter()
+        .flat_map(|v| v.cidr_block_association_set())
+        .filter(|a| a.cidr_block_state().and_then(|s| s.state()).is_none_or(|s| s.as_str() == "associated"))
+        .filter_map(|a| a.cidr_block().map(str::to_string))
+        .collect();
+    if cidrs.is_empty() {
+        cidrs.extend(vpcs.vpcs().iter().filter_map(|v| v.cidr_block().map(str::to_string)));
+    }
+    if cidrs.is_empty() {
+        return Err(AwsError::missing(doing(), "the VPC's IPv4 CIDR"));
+    }
+    let ranges: Vec<IpRange> = cidrs
+        .iter()
+        .map(|c| {
+            IpRange::builder().cidr_ip(c).description("ephemeral-admin: boxes' sshd and resume relay").build()
+        })
+        .collect();
+    let permissions = ports.iter().map(|port| {
+        IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(i32::from(*port))
+            .to_port(i32::from(*port))
+            .set_ip_ranges(Some(ranges.clone()))
+            .build()
+    });
+    let out = aws
+        .ec2
+        .authorize_security_group_egress()
+        .group_id(group_id)
+        .set_ip_permissions(Some(permissions.collect()))
+        .send()
+        .await;
+    match out {
+        Ok(_) => {}
+        Err(e) if code_of(&e) == Some("InvalidPermission.Duplicate") => {}
+        Err(e) => return Err(AwsError::new(doing(), e)),
+    }
+    // AWS's default rules: all IPv4, and all IPv6 in a VPC with an IPv6 block.
+    let all_v4 =
+        IpPermission::builder().ip_protocol("-1").ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build());
+    let all_v6 =
+        IpPermission::builder().ip_protocol("-1").ipv6_ranges(Ipv6Range::builder().cidr_ipv6("::/0").build());
+    for default in [all_v4.build(), all_v6.build()] {
+        let out =
+            aws.ec2.revoke_security_group_egress().group_id(group_id).ip_permissions(default).send().await;
+        match out {
+            Ok(_) => {}
+            Err(e) if code_of(&e) == Some("InvalidPermission.NotFound") => {}
+            Err(e) => return Err(AwsError::new(doing(), e)),
+        }
+    }
+    Ok(())
+}
+
 async fn own_group_id(aws: &Aws, vpc_id: &str, name: &str) -> Result<String, AwsError> {
     super::network::group_id_by_name(aws, vpc_id, name)
         .await?
@@ -187,33 +250,42 @@ pub async fn admit_endpoint(
     aws: &Aws,
     group_id: &str,
     endpoint_group: &str,
+    ports: &[u16],
     session_id: &str,
     session_tags: &[(String, String)],
-) -> Result<String, AwsError> {
+) -> Result<Vec<String>, AwsError> {
     let doing = || format!("opening SSH from the EICE group {endpoint_group}");
     let pair = UserIdGroupPair::builder()
         .group_id(endpoint_group)
         .description(format!("ephemeral-admin session {session_id} via EICE"))
         .build();
-    let permission = IpPermission::builder()
-        .ip_protocol("tcp")
-        .from_port(SSH_PORT)
-        .to_port(SSH_PORT)
-        .user_id_group_pairs(pair);
+    let permissions = ports.iter().map(|port| {
+        IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(i32::from(*port))
+            .to_port(i32::from(*port))
+            .user_id_group_pairs(pair.clone())
+            .build()
+    });
     let out = aws
         .ec2
         .authorize_security_group_ingress()
         .group_id(group_id)
-        .ip_permissions(permission.build())
+        .set_ip_permissions(Some(permissions.collect()))
         .tag_specifications(tag_spec(ResourceType::SecurityGroupRule, session_tags))
         .send()
         .await
         .doing(doing())?;
-    out.security_group_rules()
-        .first()
-        .and_then(|r| r.security_group_rule_id())
+    let ids: Vec<String> = out
+        .security_group_rules()
+        .iter()
+        .filter_map(|r| r.security_group_rule_id())
         .map(str::to_string)
-        .ok_or_else(|| AwsError::missing(doing(), "a security group rule id"))
+        .collect();
+    if ids.len() < ports.len() {
+        return Err(AwsError::missing(doing(), "a security group rule id for every port"));
+    }
+    Ok(ids)
 }
 
 /// Deletes the endpoint's group (AWS refuses while the endpoint's interface still holds it).

@@ -124,13 +124,15 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
         },
         Statement {
             sid: "ChangeOnlyOwnResources",
-            why: "terminate boxes, cancel spot requests, open and close SSH, move deadlines, delete a session's group: only on resources tagged Project=EphemeralContainer",
+            why: "terminate boxes, cancel spot requests, open and close SSH, narrow the EICE group's egress, move deadlines, delete a session's group: only on resources tagged Project=EphemeralContainer",
             actions: &[
                 "ec2:TerminateInstances",
                 "ec2:CancelSpotInstanceRequests",
                 "ec2:CreateTags",
                 "ec2:AuthorizeSecurityGroupIngress",
                 "ec2:RevokeSecurityGroupIngress",
+                "ec2:AuthorizeSecurityGroupEgress",
+                "ec2:RevokeSecurityGroupEgress",
                 "ec2:DeleteSecurityGroup",
                 "ec2:DeleteInstanceConnectEndpoint",
             ],
@@ -291,12 +293,17 @@ fn instance_connect_endpoint() -> [Statement; 4] {
     [
         Statement {
             sid: "InstanceConnectTunnelToSshOnly",
-            why: "`connect = \"eice\"`: open a tunnel through an EC2 Instance Connect Endpoint, to port 22 only",
+            why: "`connect = \"eice\"`: open a tunnel through an EC2 Instance Connect Endpoint, to sshd (22) and the box's resume relay in front of it (2022) only",
             actions: &["ec2-instance-connect:OpenTunnel"],
             resources: ec2(&["instance-connect-endpoint"]),
-            // (No maxTunnelDuration condition: AWS caps tunnels at an hour anyway, and its two
-            // spellings of that key in the Service Authorization Reference trip policy linters.)
-            condition: Some(json!({"NumericEquals": {"ec2-instance-connect:remotePort": "22"}})),
+            // OpenTunnel's condition keys name the port, the private address, the duration and
+            // the endpoint's tags, never the target instance's tags, so "the tool's instances"
+            // cannot be said here; the box's group admits the endpoint only for the session. Not
+            // the endpoint's tags either: AWS allows one endpoint per VPC, so a VPC that already
+            // has one (not ours) must be usable. No maxTunnelDuration condition: AWS caps tunnels
+            // at an hour anyway, and its two spellings in the Service Authorization Reference trip
+            // policy linters.
+            condition: Some(json!({"NumericEquals": {"ec2-instance-connect:remotePort": ["22", "2022"]}})),
         },
         Statement {
             sid: "CreateOnlyTaggedInstanceConnectEndpoint",

@@ -144,7 +144,8 @@ async fn eice_transport(ctx: &Context, record: &SessionRecord) -> Result<Transpo
         dns_name: dns_name.clone(),
         region: record.region.clone(),
         private_ip,
-        port: crate::aws::network::SSH_PORT as u16,
+        port: record.resume_port.unwrap_or(crate::aws::network::SSH_PORT as u16),
+        resumable: record.resume_port.is_some(),
         max_duration: ssh::eice::MAX_TUNNEL,
         dial_url: ctx.settings.aws.eice_endpoint_url.clone(),
         credentials,
@@ -249,8 +250,10 @@ pub async fn work(session: &ssh::Session, work: Work<'_>, signals: &Signals) -> 
     }
 }
 
-/// [`work`], riding out the end of an EICE tunnel. The endpoint closes every tunnel at its
-/// maximum duration (one hour), and the SSH connection ends with it. A `--tmux` shell is then
+/// [`work`], riding out the end of an EICE tunnel on a box reached without its resume relay (a
+/// session recorded by an earlier version; through the relay, [`ssh::resume`] carries the SSH
+/// connection itself across tunnels and this loop never runs). The endpoint closes every tunnel
+/// at its maximum duration (one hour), and the SSH connection ends with it. A `--tmux` shell is then
 /// reattached on a new tunnel and a new connection (same pinned host key), with no keystroke
 /// from the user; the forwards are set up again on the new connection (`-L`/`-D` keep their
 /// listeners, `-R` and `-A` are asked for again); `--record` ends with the first connection.

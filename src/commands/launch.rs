@@ -240,6 +240,7 @@ fn render_user_data(
         boot_grace_secs: s.boot_grace.as_secs(),
         interval_secs: s.watchdog_interval.as_secs().max(1),
         install_tmux: s.tmux,
+        resume_relay: s.connect == ConnectMode::Eice,
         packages: &s.packages,
         setup_script: s.setup.as_ref().map(|setup| setup.text.as_str()),
     })
@@ -248,7 +249,7 @@ fn render_user_data(
 /// Renders the user-data with throw-away keys of the real size and checks that AWS would take
 /// it (gzip'd if need be): exit 2 before any AWS call if not.
 fn check_user_data(s: &crate::settings::Settings, args: &LaunchArgs) -> Result<()> {
-    if !has_setup(s) {
+    if !has_setup(s) && s.connect != ConnectMode::Eice {
         return Ok(());
     }
     let id = session::new_id();
@@ -358,6 +359,7 @@ async fn provision(
             instance_profile_name: Some(profile.name.clone()),
             eice_endpoint_id: endpoint.as_ref().map(|e| e.id.clone()),
             eice_dns_name: endpoint.as_ref().and_then(|e| e.dns_name.clone()),
+            resume_port: endpoint.is_some().then_some(crate::ssh::resume::RELAY_PORT),
             ..first_record(s, &aws.region, &caller, &keys)
         })),
         requested: Arc::default(),
@@ -536,9 +538,11 @@ async fn open_ssh_rules(
         recorder.update(|r| r.ingress_rule_ids.push(rule.rule_id.clone()))?;
         crash::point("rule");
     }
+    // sshd, and the resume relay in front of it (`crate::ssh::resume`).
+    let ports = [network::SSH_PORT as u16, crate::ssh::resume::RELAY_PORT];
     for from in endpoint.iter().flat_map(|e| &e.security_group_ids) {
-        let rule = eice::admit_endpoint(aws, group_id, from, session_id, session_tags).await?;
-        recorder.update(|r| r.ingress_rule_ids.push(rule.clone()))?;
+        let rules = eice::admit_endpoint(aws, group_id, from, &ports, session_id, session_tags).await?;
+        recorder.update(|r| r.ingress_rule_ids.extend(rules.iter().cloned()))?;
         crash::point("rule");
     }
     Ok(())

@@ -150,10 +150,17 @@ async fn attempt(
             }
             (result, Some(proxy))
         }
+        Transport::Eice(target) if target.resumable => {
+            let stream = super::resume::open(resumable_dial(target)).await.map_err(|e| match e {
+                super::resume::Fault::Retry(why) => Failure::Retry(why),
+                super::resume::Fault::Fatal(why) => Failure::Fatal(SshError::Other(why)),
+            })?;
+            (handshake(opts, config.clone(), stream, pinned, key).await, None)
+        }
         Transport::Eice(target) => {
-            let stream = super::eice::open(target).await.map_err(|e| match e {
-                super::eice::EiceError::Transient(why) => Failure::Retry(why),
-                fatal => Failure::Fatal(SshError::Other(fatal.to_string())),
+            let stream = super::eice::open(target).await.map_err(|e| match eice_fault(e) {
+                super::resume::Fault::Retry(why) => Failure::Retry(why),
+                super::resume::Fault::Fatal(why) => Failure::Fatal(SshError::Other(why)),
             })?;
             tunnel = Some(stream.ending());
             (handshake(opts, config.clone(), stream, pinned, key).await, None)
@@ -161,6 +168,26 @@ async fn attempt(
     };
     let handle = handshake?;
     Ok(Session { handle, proxy, inbound, tunnel })
+}
+
+/// A tunnel that could not be opened: a refusal is final, anything else worth another try.
+fn eice_fault(e: super::eice::EiceError) -> super::resume::Fault {
+    match e {
+        super::eice::EiceError::Transient(why) => super::resume::Fault::Retry(why),
+        fatal => super::resume::Fault::Fatal(fatal.to_string()),
+    }
+}
+
+/// Opens a fresh tunnel (fresh credentials and signature) to the box's resume relay each time.
+fn resumable_dial(target: &super::eice::EiceTarget) -> super::resume::Dial {
+    let target = target.clone();
+    Box::new(move || {
+        let target = target.clone();
+        Box::pin(async move {
+            let tunnel = super::eice::open(&target).await.map_err(eice_fault)?;
+            Ok(Box::new(tunnel) as Box<dyn super::resume::Io>)
+        })
+    })
 }
 
 /// Connects to `host:port`, starting another connect every `stagger` while earlier ones are

@@ -39,6 +39,9 @@ pub struct EiceTarget {
     pub region: String,
     pub private_ip: String,
     pub port: u16,
+    /// `port` is the box's resume relay ([`super::resume`]): SSH runs over a stream that moves to
+    /// a new tunnel whenever one ends, instead of straight over one tunnel to sshd.
+    pub resumable: bool,
     pub max_duration: Duration,
     /// Dial this base URL (`ws://127.0.0.1:PORT` for the local cloud) instead of `wss://DnsName`.
     pub dial_url: Option<String>,
@@ -53,7 +56,8 @@ impl std::fmt::Debug for EiceTarget {
 
 impl std::fmt::Display for EiceTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{} via {}", self.private_ip, self.port, self.endpoint_id)
+        let how = if self.resumable { " (resumable)" } else { "" };
+        write!(f, "{}:{}{how} via {}", self.private_ip, self.port, self.endpoint_id)
     }
 }
 

@@ -13,6 +13,7 @@ mod exec;
 pub mod forward;
 mod quote;
 pub mod record;
+pub mod resume;
 mod sftp;
 mod shell;
 mod stdin;

@@ -29,6 +29,15 @@ pub const SSHD_DROPIN_PATH: &str = "/etc/ssh/sshd_config.d/00-ephemeral-admin.co
 pub const SSHD_DROPIN: &str = "# ephemeral-admin: keys only; notice a client that vanished without closing its connection.\n\
     PasswordAuthentication no\nKbdInteractiveAuthentication no\nClientAliveInterval 10\nClientAliveCountMax 3\n";
 
+/// The resume relay of `connect = "eice"` boxes (python3 stdlib, which every cloud-init image
+/// has): it holds the connection to sshd while the client moves to a new tunnel
+/// (`crate::ssh::resume`).
+pub const RESUME_SCRIPT: &str = include_str!("resume.py");
+/// Its systemd unit (port 2022, a dynamic user).
+pub const RESUME_UNIT: &str = include_str!("resume.service");
+pub const RESUME_PATH: &str = "/usr/local/lib/ephemeral-admin/resume.py";
+pub const RESUME_UNIT_PATH: &str = "/etc/systemd/system/ephemeral-admin-resume.service";
+
 /// AWS refuses user-data above 16 KB "in raw form, before it is base64-encoded" (EC2 User Guide,
 /// "Work with instance user data").
 pub const MAX_USER_DATA: usize = 16 * 1024;
@@ -68,6 +77,8 @@ pub struct BoxConfig<'a> {
     pub boot_grace_secs: u64,
     pub interval_secs: u64,
     pub install_tmux: bool,
+    /// Runs the resume relay (`connect = "eice"`).
+    pub resume_relay: bool,
     /// Installed by the setup runner (logged, and its failure reported), unlike tmux.
     pub packages: &'a [String],
     pub setup_script: Option<&'a str>,
@@ -150,6 +161,10 @@ pub fn render(config: &BoxConfig) -> String {
     write_file(&mut out, WATCHDOG_PATH, "0755", WATCHDOG_SCRIPT);
     write_file(&mut out, WATCHDOG_UNIT_PATH, "0644", WATCHDOG_UNIT);
     write_file(&mut out, SSHD_DROPIN_PATH, "0644", SSHD_DROPIN);
+    if config.resume_relay {
+        write_file(&mut out, RESUME_PATH, "0644", RESUME_SCRIPT);
+        write_file(&mut out, RESUME_UNIT_PATH, "0644", RESUME_UNIT);
+    }
     if config.has_setup() {
         write_file(&mut out, SETUP_RUNNER_PATH, "0755", SETUP_RUNNER);
     }
@@ -165,6 +180,9 @@ pub fn render(config: &BoxConfig) -> String {
     );
     out.push_str("  - [systemctl, daemon-reload]\n");
     out.push_str("  - [systemctl, enable, --now, ephemeral-admin-watchdog.service]\n");
+    if config.resume_relay {
+        out.push_str("  - [systemctl, enable, --now, ephemeral-admin-resume.service]\n");
+    }
     if config.has_setup() {
         let script = if config.setup_script.is_some() { SETUP_SCRIPT_PATH } else { "-" };
         let _ = write!(out, "  - ['{SETUP_RUNNER_PATH}', '{script}'");
@@ -229,6 +247,7 @@ mod tests {
             boot_grace_secs: 600,
             interval_secs: 5,
             install_tmux: true,
+            resume_relay: false,
             packages: &[],
             setup_script: None,
         })
@@ -259,6 +278,7 @@ mod tests {
             boot_grace_secs: 600,
             interval_secs: 5,
             install_tmux: false,
+            resume_relay: false,
             packages: &[],
             setup_script: None,
         });
@@ -363,6 +383,7 @@ mod tests {
             boot_grace_secs: 600,
             interval_secs: 5,
             install_tmux: false,
+            resume_relay: false,
             packages: &packages,
             setup_script: Some(script),
         };
@@ -390,6 +411,46 @@ mod tests {
         assert_eq!(last[1].as_str(), Some("-"), "packages only");
         config.packages = &[];
         assert!(!render(&config).contains(SETUP_RUNNER_PATH), "no setup, no runner");
+    }
+
+    #[test]
+    fn an_eice_box_runs_the_resume_relay_byte_for_byte_and_other_boxes_do_not() {
+        let keys = SessionKeys::generate("abcdefgh").unwrap();
+        let mut config = BoxConfig {
+            session_id: "abcdefgh",
+            host_key_private: &keys.host.private_openssh,
+            host_key_public: &keys.host.public_openssh,
+            client_key_public: &keys.client.public_openssh,
+            deadline_epoch: 1_795_370_400,
+            cap_epoch: 1_795_399_200,
+            idle_grace_secs: 120,
+            boot_grace_secs: 600,
+            interval_secs: 5,
+            install_tmux: false,
+            resume_relay: true,
+            packages: &[],
+            setup_script: None,
+        };
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&render(&config)).expect("valid YAML");
+        let files = doc["write_files"].as_sequence().unwrap();
+        let file = |path: &str| files.iter().find(|f| f["path"].as_str() == Some(path)).cloned();
+        assert_eq!(file(RESUME_PATH).unwrap()["content"].as_str().unwrap(), RESUME_SCRIPT);
+        let unit = file(RESUME_UNIT_PATH).unwrap()["content"].as_str().unwrap().to_string();
+        assert!(
+            unit.contains(&format!(
+                "ExecStart=/usr/bin/python3 {RESUME_PATH} --listen 0.0.0.0:2022 --to 127.0.0.1:22"
+            )),
+            "{unit}"
+        );
+        assert!(unit.contains("DynamicUser=yes"), "{unit}");
+        let runcmd = serde_yaml_ng::to_string(&doc["runcmd"]).unwrap();
+        assert!(runcmd.contains("ephemeral-admin-resume.service"), "{runcmd}");
+        let sent = encode(&render(&config)).expect("AWS takes it (gzip'd: the relay is 11 KiB)");
+        assert!(fits(sent.len()), "{} bytes", sent.len());
+
+        config.resume_relay = false;
+        let text = render(&config);
+        assert!(!text.contains(RESUME_PATH) && !text.contains("ephemeral-admin-resume"), "{text}");
     }
 
     #[test]

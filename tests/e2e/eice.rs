@@ -2,8 +2,9 @@
 //! local cloud's EC2 Instance Connect Endpoint (a ws:// relay that verifies the SigV4 query
 //! signature, the VPC and the groups, then pipes to the box simulator's sshd). `setup eice`
 //! makes the endpoint (progress, idempotent), `doctor` reports it, `cleanup --purge` removes it.
-//! The endpoint closing a tunnel at its maximum duration (forced to seconds here) is ridden out
-//! by `--tmux`; a command shorter than the limit does not notice.
+//! The endpoint closing a tunnel at its maximum duration (forced to seconds here) goes unnoticed
+//! by a command and a plain shell (the SSH stream resumes through the box's relay on a new
+//! tunnel); a box reached without the relay keeps `--tmux` work by reattaching.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -85,6 +86,19 @@ fn setup_eice_creates_one_tagged_endpoint_with_progress_and_a_second_run_changes
     let groups = crate::launch::own_groups(&cloud.state());
     let group = groups.iter().find(|g| made[0]["security_group_ids"][0] == g["id"]).expect("its own group");
     assert!(group["name"].as_str().unwrap().starts_with("ephemeral-admin-eice-"), "{group}");
+    // A way in, not out: egress only to sshd and the resume relay, inside the VPC.
+    let mut egress: Vec<(String, u64, String)> = group["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (r["protocol"].to_string(), r["from_port"].as_u64().unwrap_or(0), r["cidr_ipv4"].to_string())
+        })
+        .collect();
+    egress.sort();
+    let vpc_cidr = "\"172.31.0.0/16\"".to_string();
+    let tcp = "\"tcp\"".to_string();
+    assert_eq!(egress, vec![(tcp.clone(), 22, vpc_cidr.clone()), (tcp, 2022, vpc_cidr)], "{group}");
 
     cloud.clear_log();
     let again = user.run(&["setup", "eice", "--output", "json"]).success().json();
@@ -182,13 +196,90 @@ fn a_tampered_signature_is_refused_with_403_and_one_line_naming_the_permission()
     purge_and_check(&cloud, &user);
 }
 
+/// Tunnels the endpoint closed normally (at their maximum duration) to `port`.
+fn closed_tunnels(cloud: &LocalCloud, port: u64) -> usize {
+    tunnels(cloud).iter().filter(|t| t["close_code"] == 1000 && t["remote_port"] == port).count()
+}
+
 #[test]
-fn a_tunnel_closed_at_its_max_duration_is_reattached_by_tmux_and_short_commands_do_not_notice() {
+fn a_command_and_a_shell_ride_out_closed_tunnels_without_noticing() {
     let cloud = LocalCloud::start();
     let user = eice_user(&cloud);
     setup(&cloud, &user);
     let out = launch_detached(&user);
     let session = out["session_id"].as_str().unwrap().to_string();
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 2})));
+
+    // A command that outlives three tunnels, with 2 MiB on its stdin: every line once and in
+    // order, stdin intact, its own exit status, and not a word on stderr.
+    let before = closed_tunnels(&cloud, 2022);
+    let script = "n=0; while [ $n -lt 12 ]; do n=$((n+1)); echo line-$n; sleep 0.6; done; \
+                  echo stdin-$(sha256sum | cut -c1-16); exit 7";
+    let mut child = user
+        .command(&["connect", &session, "--", "sh", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut stdin = child.stdin.take().unwrap();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &sent).unwrap());
+    let done = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&done.stdout), String::from_utf8_lossy(&done.stderr));
+    assert_eq!(done.status.code(), Some(7), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let expected: Vec<String> = (1..=12).map(|n| format!("line-{n}")).collect();
+    assert_eq!(&lines[..12], expected.as_slice(), "{stdout}");
+    let sha = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut sha_in = sha.stdin.as_ref().unwrap();
+    std::io::Write::write_all(&mut sha_in, &data).unwrap();
+    let sum = String::from_utf8(sha.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(lines[12], format!("stdin-{}", &sum[..16]), "{stdout}");
+    assert_eq!(lines.len(), 13, "{stdout}");
+    assert!(stderr.trim().is_empty(), "the user notices nothing: {stderr}");
+    let closed = closed_tunnels(&cloud, 2022) - before;
+    assert!(closed >= 2, "the command outlived {closed} closed tunnels: {:#?}", tunnels(&cloud));
+
+    // A plain shell (no tmux): what it was told before the tunnels closed, it still knows after.
+    shell_rides_out_closed_tunnels(&cloud, &user, &session);
+    user.run(&["terminate", &session]).success();
+    purge_and_check(&cloud, &user);
+}
+
+/// `connect SESSION` in a terminal: a variable set in the box's shell, two tunnels closed by the
+/// endpoint, the variable still there, and no line about it on the screen; then `exit` leaves.
+fn shell_rides_out_closed_tunnels(cloud: &LocalCloud, user: &User, session: &str) {
+    let tmux = Tmux::start(user, 120, 30);
+    tmux.wait_for("local$", Duration::from_secs(10));
+    tmux.line(&format!("ephemeral-admin connect {session}"));
+    tmux.wait_for("left until", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.line("export MARK=kept-$((6*7)); echo set-$MARK");
+    tmux.wait_for("set-kept-42", Duration::from_secs(20));
+    let before = closed_tunnels(cloud, 2022);
+    wait_until("two tunnels closed under the shell", Duration::from_secs(30), || {
+        closed_tunnels(cloud, 2022) >= before + 2
+    });
+    tmux.line("echo mark=$MARK");
+    tmux.wait_for("mark=kept-42", Duration::from_secs(20));
+    let screen = tmux.screen();
+    assert!(!screen.contains("tunnel") && !screen.contains("local$ echo mark"), "never left:\n{screen}");
+    tmux.line("exit");
+    tmux.wait_for("local$", Duration::from_secs(20));
+}
+
+#[test]
+fn a_box_reached_without_its_resume_relay_keeps_tmux_across_tunnels_and_says_what_ends() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    setup(&cloud, &user);
+    let out = launch_detached(&user);
+    let session = out["session_id"].as_str().unwrap().to_string();
+    // As recorded by a version without the relay: straight to sshd, one tunnel per connection.
+    forget_resume_port(&user, &session);
     cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 6})));
 
     // Shorter than the limit: unaffected. Longer: lost (255), saying why and what survives it.
@@ -211,8 +302,33 @@ fn a_tunnel_closed_at_its_max_duration_is_reattached_by_tmux_and_short_commands_
         std::io::Read::read_exact(&mut stream, &mut banner).expect("an answer through the forward");
         assert_eq!(&banner, b"SSH-2.0-", "sshd's banner through -L on the new connection");
     });
+    assert!(
+        tunnels(&cloud).iter().all(|t| t["remote_port"] == 22),
+        "never the relay: {:#?}",
+        tunnels(&cloud)
+    );
     user.run(&["terminate", &session]).success();
     purge_and_check(&cloud, &user);
+}
+
+/// Removes `resume_port` from the session's local record.
+fn forget_resume_port(user: &User, session: &str) {
+    let mut stack = vec![user.state_dir()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.ends_with(format!("{session}/session.toml")) {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(text.contains("resume_port = 2022"), "{text}");
+                let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("resume_port")).collect();
+                std::fs::write(&path, kept.join("\n") + "\n").unwrap();
+                return;
+            }
+        }
+    }
+    panic!("no record for {session}");
 }
 
 #[test]

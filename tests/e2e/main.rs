@@ -19,6 +19,7 @@ mod names;
 mod networks;
 mod policy;
 mod realbox;
+mod resume;
 mod robust;
 mod schedule;
 mod session;

@@ -15,6 +15,7 @@ fn target(dial_url: Option<String>) -> EiceTarget {
         region: "us-east-1".into(),
         private_ip: "10.0.1.25".into(),
         port: 22,
+        resumable: false,
         max_duration: MAX_TUNNEL,
         dial_url,
         credentials: SharedCredentialsProvider::new(creds(None)),

@@ -627,6 +627,8 @@ _MAPPERS: dict[tuple[str, str], Any] = {
     ("ec2", "CreateSecurityGroup"): _ec2_create_security_group,
     ("ec2", "AuthorizeSecurityGroupIngress"): _ec2_group_rules,
     ("ec2", "RevokeSecurityGroupIngress"): _ec2_group_rules,
+    ("ec2", "AuthorizeSecurityGroupEgress"): _ec2_group_rules,
+    ("ec2", "RevokeSecurityGroupEgress"): _ec2_group_rules,
     ("ec2", "DeleteSecurityGroup"): _ec2_group_rules,
     ("ec2", "CreateInstanceConnectEndpoint"): _ec2_create_instance_connect_endpoint,
     ("ec2", "DeleteInstanceConnectEndpoint"): lambda call, world: [_ec2_existing(
