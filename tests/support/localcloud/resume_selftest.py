@@ -4,8 +4,8 @@
     python3 tests/support/localcloud/resume_selftest.py [--python PYTHON]
 
 Runs resume.py as a subprocess (with PYTHON, default this interpreter; it must work on 3.9+)
-between an asyncio test client written from the protocol (resume.py's docstring) and an in-process "sshd stand-in" TCP server on 127.0.0.1 that echoes or
-sends then closes. Checks: a new stream both ways; 8 MiB each way with 3 mid-transfer drops
+between an asyncio test client written from the protocol (resume.py's docstring) and an
+in-process "sshd stand-in" TCP server on 127.0.0.1 that echoes or sends then closes. Checks: a new stream both ways; 8 MiB each way with 3 mid-transfer drops
 (unacked bytes both ways) resumed with no byte lost or duplicated; a refused unknown token; a wrong
 magic; a detached session dropped after --detach-timeout; sshd's EOF after all data; a takeover
 by a second HELLO; the client's EOF; an unknown frame type; the log never holds a whole token.
