@@ -13,6 +13,12 @@ simulated box:
 * the real watchdog script and its env file are taken from ``write_files`` and run
   with ``sh`` the way the systemd unit would run it, talking to a fake IMDSv2;
   its power-off POSTs back to localcloud, which terminates the instance in moto;
+* the resume relay (``src/userdata/resume.py``, what lets an EICE client resume its SSH byte
+  stream over a new tunnel) runs when ``write_files`` carry its unit
+  (``ephemeral-admin-resume.service``) and script and ``runcmd`` enables the unit: the unit's
+  ExecStart with this interpreter, ``--listen 127.0.0.1:<free port>`` and ``--to 127.0.0.1:<the
+  box's sshd port>`` in place of the unit's (its other flags kept), restarted a second after it
+  exits (Restart=always), killed with the box; its stderr goes to ``resume.log`` in the box dir;
 * user-data may be gzip'd, as cloud-init accepts it;
 * a ``runcmd`` entry that runs a written file (the CLI's setup runner) runs as cloud-init would,
   with stub ``apt-get``/``dnf``/``yum`` that record package installs (see ``_start_setup``).
@@ -53,7 +59,9 @@ Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box`
     POST /_localcloud/box-reset                stop every box, forget them (= boxsim.reset())
 
 summary = {instance_id, region, account_id, state, ssh_port, public_ip, direct, private_ip,
-           private_direct, dir, poweroff_reason, imds_url, imds_available, error}; state is
+           private_direct, dir, poweroff_reason, imds_url, imds_available, error, resume_port};
+           resume_port is the relay's port while it runs, else null; the box's own GET adds
+           resume_log (the relay's stderr) and resume_restarts; state is
            booting|up|powered-off|gone; direct is "<public ip>:<port>" while sshd listens there,
            else null; private_direct likewise for a box without a public IP (below)
 (or failed, with error, when the user-data cannot make a box).
@@ -70,9 +78,11 @@ box's own processes (its sshd and their children, e.g. a forwarded connection) w
 ``token=<secret>`` and the path asked for, and anyone else with 403, so a test that gets the token
 went through the box. ``GET /_localcloud/box/<iid>`` shows the token as ``private_service_token``.
 
-Module functions: attach(cloud), reset(), shutdown(), ssh_target(instance_id) (the
-(host, port) of an up box's sshd, for localcloud's EC2 Instance Connect Endpoint relay). Set BOXSIM_KEEP_DIRS=1 to keep
-the box directories (logs) after shutdown.
+Module functions: attach(cloud), reset(), shutdown(), port_target(instance_id, port) (the
+(host, port) on this machine of an up box's port 22 = its sshd, or 2022 = its resume relay while
+that runs, else None; for localcloud's EC2 Instance Connect Endpoint relay), ssh_target(instance_id)
+(= port_target(instance_id, 22)). Set BOXSIM_KEEP_DIRS=1 to keep the box directories (logs) after
+shutdown.
 
 Real-VM mode (``BOXSIM_REAL_VM=1`` or an image directory, or box-config ``{"real_vm": true}``):
 an instance launched while it is on boots a real Debian cloud VM under QEMU
@@ -123,6 +133,9 @@ MARK = "EA_BOXSIM_BOX"  # set in the env of every process of a box (and its SSH 
 DEFAULT_UNIT = "/etc/systemd/system/ephemeral-admin-watchdog.service"
 DEFAULT_SCRIPT = "/usr/local/sbin/ephemeral-admin-watchdog"
 DEFAULT_ENVFILE = "/etc/ephemeral-admin/watchdog.env"
+RESUME_UNIT = "/etc/systemd/system/ephemeral-admin-resume.service"
+RESUME_SCRIPT = "/usr/local/lib/ephemeral-admin/resume.py"
+RESUME_PORT = 2022  # the relay's port on a real box
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GONE_STATES = {"shutting-down", "terminated", "stopping", "stopped"}
 WATCHDOG_MARK = "ephemeral-admin-watchdog: "
@@ -163,17 +176,27 @@ def shutdown():
         _SIM.shutdown()
 
 
-def ssh_target(instance_id):
-    """(host, port) where the sshd of a box that is up listens on this machine (what a
-    connection to the instance's port 22 from inside its VPC reaches), else None."""
+def port_target(instance_id, port):
+    """(host, port) on this machine of what listens at ``port`` on a box that is up (what a
+    connection to the instance's port from inside its VPC reaches): 22 its sshd, 2022
+    (RESUME_PORT) its resume relay while that runs; else None."""
     sim = _SIM
     if sim is None:
         return None
     with sim.lock:
         box = sim.boxes.get(instance_id)
-    if box is None or box.state != "up" or not box.ssh_port:
+    if box is None or box.state != "up":
         return None
-    return ("127.0.0.1", box.ssh_port)
+    if port == 22 and box.ssh_port:
+        return ("127.0.0.1", box.ssh_port)
+    if port == RESUME_PORT and box.resume_running():
+        return ("127.0.0.1", box.resume_port)
+    return None
+
+
+def ssh_target(instance_id):
+    """(host, port) where the sshd of a box that is up listens on this machine, else None."""
+    return port_target(instance_id, 22)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -454,6 +477,11 @@ class Box:
         self.watchdog_env = None
         self.watchdog_restarts = 0
         self.watchdog_exited_at = None
+        self.resume = None  # the resume relay process (Popen)
+        self.resume_cmd = None
+        self.resume_port = None
+        self.resume_restarts = 0
+        self.resume_exited_at = None
         self.poweroff_reason = None
         self.error = None
         self.notes = []
@@ -480,6 +508,9 @@ class Box:
                     f.write(f"{_now_iso()} {msg}\n")
             except OSError:
                 pass
+
+    def resume_running(self):
+        return self.resume is not None and self.resume.poll() is None and not self.stopped
 
     def read_lines(self, name, tail=None):
         if not self.dir:
@@ -511,6 +542,7 @@ class Box:
             "accel": self.vm.accel if self.vm else None,
             "boot": dict(self.boot_times),
             "vm_started_at": self.vm_started_at,
+            "resume_port": self.resume_port if self.resume_running() else None,
         }
 
     def console_lines(self):
@@ -663,6 +695,7 @@ class BoxSim:
                 self._stop_box(box, "gone")
             else:
                 self._check_watchdog(box)
+                self._check_resume(box)
 
     def _on_terminated(self, region, instance_ids):
         for iid in instance_ids:
@@ -711,6 +744,7 @@ class BoxSim:
             # follower's `cloud-init status` would say done and it would give up.
             self._start_setup(box, cfg, files)
             self._start_sshd(box, cfg)
+            self._start_resume(box, cfg, files)
             box.service = _PrivateService.start(box)
             self._start_watchdog(box, cfg, files)
             with box.lock:
@@ -944,6 +978,83 @@ class BoxSim:
                         env=env, cwd=box.dir, start_new_session=True)
             box.note(f"setup runner started: {' '.join(shlex.quote(str(a)) for a in argv)}")
 
+    def _start_resume(self, box, cfg, files):
+        """The resume relay, as systemd would run ephemeral-admin-resume.service once runcmd
+        enabled it: its ExecStart with --listen/--to pointing at this machine's loopback."""
+        unit = files.get(RESUME_UNIT)
+        if unit is None or "ephemeral-admin-resume.service" not in json.dumps(cfg.get("runcmd") or []):
+            if unit is not None:
+                box.note("no resume relay: its unit is written but runcmd does not enable it")
+            return
+        exec_start = []
+        for line in unit.decode(errors="replace").splitlines():
+            k, _, v = line.strip().partition("=")
+            if k.strip() == "ExecStart":
+                exec_start = shlex.split(v.strip().lstrip("-@+!"))
+        script_path = next((a for a in exec_start if a in files), RESUME_SCRIPT)
+        if script_path not in files:
+            raise ValueError(f"resume relay script {script_path} not in write_files")
+        script = os.path.join(box.dir, "resume.py")
+        with open(script, "wb") as f:
+            f.write(files[script_path])
+        flags, args = [], exec_start[exec_start.index(script_path) + 1:] if script_path in exec_start else []
+        while args:
+            a = args.pop(0)
+            if a in ("--listen", "--to"):
+                args[:1] = []  # and its value
+            elif not a.startswith(("--listen=", "--to=")):
+                flags.append(a)
+        for _attempt in range(3):
+            port = _free_port()
+            box.resume_port = port
+            box.resume_cmd = [sys.executable, script, "--listen", f"127.0.0.1:{port}",
+                              "--to", f"127.0.0.1:{box.ssh_port}"] + flags
+            self._spawn_resume(box)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and box.resume is not None and box.resume.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    box.note(f"resume relay up on 127.0.0.1:{port}: {shlex.join(box.resume_cmd)}")
+                    return
+                except OSError:
+                    time.sleep(0.02)
+            if box.stopped:
+                return
+            self._kill_proc(box.resume)
+        raise RuntimeError("resume relay failed: " + " | ".join(box.read_lines("resume.log", tail=5)))
+
+    def _spawn_resume(self, box):
+        env = {"PATH": SYSTEMD_PATH + ":" + os.environ.get("PATH", ""), "LANG": "C.UTF-8", MARK: box.iid}
+        with box.lock:
+            if box.stopped:
+                return
+            with open(os.path.join(box.dir, "resume.log"), "ab") as log:
+                box.resume = self.spawner.popen(
+                    box.resume_cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    env=env, cwd=box.dir, start_new_session=True)
+            box.resume_exited_at = None
+
+    def _check_resume(self, box):
+        """Restart=always, RestartSec=1: rerun a relay that exited (its sessions are lost)."""
+        r = box.resume
+        if r is None or box.state != "up" or r.poll() is None:
+            return
+        if box.resume_exited_at is None:
+            box.resume_exited_at = time.monotonic()
+            box.note(f"resume relay exited rc={r.returncode}; restarting (Restart=always)")
+        elif time.monotonic() - box.resume_exited_at >= 1.0:
+            box.resume_restarts += 1
+            self._spawn_resume(box)
+
+    @staticmethod
+    def _kill_proc(p):
+        if p is not None and p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            p.wait()
+
     def _spawn_watchdog(self, box):
         with box.lock:
             if box.stopped:
@@ -1012,7 +1123,7 @@ class BoxSim:
             box.service.stop()
         if box.vm is not None:
             box.vm.stop()
-        procs = [p for p in (box.sshd, box.watchdog, box.setup) if p is not None]
+        procs = [p for p in (box.sshd, box.watchdog, box.setup, box.resume) if p is not None]
         roots = {p.pid for p in procs if p.poll() is None}
         table = _proc_table()
         pids = roots | _descendants(roots, table) | _marked(box.iid, table)
@@ -1097,6 +1208,9 @@ class BoxSim:
                 "watchdog_pid": box.watchdog.pid if box.watchdog else None,
                 "watchdog_restarts": box.watchdog_restarts,
                 "watchdog_log": box.watchdog_lines() if box.vm else box.read_lines("watchdog.log"),
+                "resume_pid": box.resume.pid if box.resume_running() else None,
+                "resume_restarts": box.resume_restarts,
+                "resume_log": box.read_lines("resume.log", tail=200),
                 "wall": box.read_lines("wall.log"),
                 "sshd_log": box.read_lines("sshd.log", tail=200),
                 "notes": list(box.notes),

@@ -39,6 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 WATCHDOG = os.path.join(REPO, "src", "userdata", "watchdog.sh")
 UNIT = os.path.join(REPO, "src", "userdata", "watchdog.service")
+RESUME = os.path.join(REPO, "src", "userdata", "resume.py")
+RESUME_UNIT = os.path.join(REPO, "src", "userdata", "resume.service")
 BOX_CONNECT = os.path.join(HERE, "box-connect")
 LOCALCLOUD = os.path.join(HERE, "localcloud.py")
 TAG = "ephemeral-admin:expires-at"
@@ -213,8 +215,9 @@ def indent(text, n):
     return "".join(pad + line + "\n" if line else "\n" for line in text.splitlines())
 
 
-def render_user_data(host_priv, host_pub, client_pub, env, encoded=False):
-    """The CLI's #cloud-config shape; encoded=True ships the files as b64/gz+b64."""
+def render_user_data(host_priv, host_pub, client_pub, env, encoded=False, resume=False):
+    """The CLI's #cloud-config shape; encoded=True ships the files as b64/gz+b64; resume=True
+    adds the resume relay (connect = "eice"): its script, its unit and the runcmd enabling it."""
     with open(WATCHDOG) as f:
         script = f.read()
     with open(UNIT) as f:
@@ -247,9 +250,14 @@ def render_user_data(host_priv, host_pub, client_pub, env, encoded=False):
         + entry("/etc/ephemeral-admin/watchdog.env", env_text, "0644", "b64" if encoded else None)
         + entry("/usr/local/sbin/ephemeral-admin-watchdog", script, "0755", "gz+b64" if encoded else None)
         + entry("/etc/systemd/system/ephemeral-admin-watchdog.service", unit)
+        + (entry("/usr/local/lib/ephemeral-admin/resume.py", open(RESUME).read(), "0644",
+                 "gz+b64" if encoded else None)
+           + entry("/etc/systemd/system/ephemeral-admin-resume.service", open(RESUME_UNIT).read())
+           if resume else "")
         + "runcmd:\n"
         "  - [systemctl, daemon-reload]\n"
         "  - [systemctl, enable, --now, ephemeral-admin-watchdog.service]\n"
+        + ("  - [systemctl, enable, --now, ephemeral-admin-resume.service]\n" if resume else "")
     )
 
 
@@ -308,11 +316,11 @@ class Env:
         self.ami = {r: c.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
                     for r, c in self.ec2.items()}
 
-    def launch(self, region="us-east-1", env=None, tags=None, encoded=False):
+    def launch(self, region="us-east-1", env=None, tags=None, encoded=False, resume=False):
         e = {"EA_SESSION_ID": "selftest", "EA_DEADLINE": int(time.time()) + 3600,
              "EA_IDLE_GRACE": IDLE_GRACE, "EA_BOOT_GRACE": BOOT_GRACE, "EA_INTERVAL": INTERVAL}
         e.update(env or {})
-        ud = render_user_data(self.host_priv, self.host_pub, self.client_pub, e, encoded)
+        ud = render_user_data(self.host_priv, self.host_pub, self.client_pub, e, encoded, resume)
         kw = {}
         if tags:
             kw["TagSpecifications"] = [{"ResourceType": "instance",
@@ -620,11 +628,54 @@ def scenario_private_service(E):
     finally:
         tunnel.terminate()
         tunnel.wait(5)
+    check(E.box(iid)["resume_port"] is None, "no resume relay without its unit in the user-data")
     return f"403 directly, token through ssh -L ({host}:{port})"
 
 
+def _relay_hello(port):
+    """A new EAR1 stream through a box's resume relay: (WELCOME, the first stream bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"EAR1" + os.urandom(16) + bytes(8))
+        data = b""
+        while len(data) < 13 + 5 + 8:  # WELCOME, then a DATA frame with sshd's banner
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data[:13], data[18:]
+
+
+def scenario_resume_relay(E):
+    """A box whose user-data carries the resume relay runs it in front of its sshd; it restarts
+    when it exits (Restart=always) and dies with the box."""
+    iid = E.launch(resume=True, encoded=True)
+    b = E.wait_box(iid, {"up"}, 10)
+    port = b["resume_port"]
+    check(port, f"resume_port in the summary of a box with the relay: {b}")
+    welcome, stream = _relay_hello(port)
+    check(welcome == b"EAR1\0" + bytes(8), f"HELLO for a new token: WELCOME NEW have 0, got {welcome!r}")
+    check(stream.startswith(b"SSH-2.0-"), f"the relay's stream is the box's sshd: {stream[:40]!r}")
+    b = E.wait_log(iid, " new from ", 5, key="resume_log")
+    pid = b["resume_pid"]
+    os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + 6
+    while time.monotonic() < end and not (E.box(iid)["resume_restarts"] == 1 and E.box(iid)["resume_pid"]):
+        time.sleep(0.1)
+    b = E.box(iid)
+    check(b["resume_restarts"] == 1 and b["resume_pid"] not in (None, pid), f"relay restarted: {b}")
+    welcome, _ = _relay_hello(b["resume_port"])
+    check(welcome == b"EAR1\0" + bytes(8), f"the restarted relay answers: {welcome!r}")
+    E.ec2["us-east-1"].terminate_instances(InstanceIds=[iid])
+    E.wait_box(iid, {"gone"}, 5)
+    time.sleep(0.2)
+    check(not pid_alive(b["resume_pid"]), "the relay died with the box")
+    check(E.box(iid)["resume_port"] is None, "no resume_port once the box is gone")
+    return f"relay on 127.0.0.1:{port} answers NEW with sshd's banner; restarted after SIGKILL; killed with the box"
+
+
 SCENARIOS = [scenario_never_connected, scenario_hostkey_idle, scenario_deadline,
-             scenario_imds_down, scenario_spot_external, scenario_spot_reclaim, scenario_private_service]
+             scenario_imds_down, scenario_spot_external, scenario_spot_reclaim, scenario_private_service,
+             scenario_resume_relay]
 
 
 # --------------------------------------------------------------------------- main

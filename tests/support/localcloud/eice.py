@@ -29,9 +29,10 @@ moto knows nothing of EICE. Here:
   Whether the target can be reached is a network matter on AWS: the upgrade succeeds and the
   endpoint then closes the WebSocket with 1011 "Unable to connect to target" when no running
   instance of the endpoint's VPC has that private IP, when none of its groups admits TCP
-  remotePort from one of the endpoint's groups, or when nothing listens (no simulated box).
-  Otherwise the bytes of the box simulator's sshd (``boxsim.ssh_target``) travel as binary
-  frames both ways; the endpoint closes with 1000 after min(maxTunnelDuration,
+  remotePort from one of the endpoint's groups, or when nothing listens at remotePort (no
+  simulated box; boxsim listens at 22, its sshd, and at 2022 while the box's resume relay runs).
+  Otherwise the bytes of what listens there (``boxsim.port_target(instance id, remotePort)``)
+  travel as binary frames both ways; the endpoint closes with 1000 after min(maxTunnelDuration,
   ``tunnel_limit_seconds``) seconds, or when the box closes the TCP connection.
 * control: ``GET /_localcloud/eice`` -> ``{"ws_url", "create_seconds", "tunnel_limit_seconds",
   "tunnels": [...]}``; ``PUT /_localcloud/eice {"create_seconds": 2, "tunnel_limit_seconds": 5}``
@@ -748,9 +749,7 @@ class Eice:
         if not admitted:
             return inst.id, None
         boxsim = __import__("sys").modules.get("boxsim")
-        target = boxsim.ssh_target(inst.id) if boxsim and hasattr(boxsim, "ssh_target") else None
-        if target is None or port != 22:
-            return inst.id, None
+        target = boxsim.port_target(inst.id, port) if boxsim and hasattr(boxsim, "port_target") else None
         return inst.id, target
 
     @staticmethod
