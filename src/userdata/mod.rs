@@ -175,6 +175,11 @@ pub fn render(config: &BoxConfig) -> String {
         let _ = writeln!(out, "    content: {encoded}");
     }
     out.push_str("runcmd:\n");
+    if config.resume_relay {
+        // First: an eice client waits for it (cloud-init's final stage is the first hook after
+        // write_files has put the unit in place).
+        out.push_str("  - [systemctl, start, --no-block, ephemeral-admin-resume.service]\n");
+    }
     out.push_str(
         "  - systemctl try-reload-or-restart ssh.service || systemctl try-reload-or-restart sshd.service\n",
     );

@@ -804,6 +804,8 @@ class PolicyEnforcement:
 #    route table, as on AWS (moto's has neither);
 #  * EC2 Instance Connect Endpoints (eice.py): Create/Describe/DeleteInstanceConnectEndpoint
 #    with states on a clock, and the openTunnel WebSocket (SigV4-checked) relaying to boxsim;
+#  * AuthorizeSecurityGroupIngress/Egress with several IpPermissions answer every rule they
+#    made, as AWS does (moto answers only the last permission's);
 #  * two speed fixes: a faster reset and cheaper AWS-managed IAM policies.
 # The fix functions run with moto_lock held, instead of handing the request
 # straight to moto; each either answers itself, checks something first, or
@@ -877,6 +879,35 @@ def loopback_public_ip() -> str:
             if ip not in _loopback_ips_used:
                 _loopback_ips_used.add(ip)
                 return ip
+
+
+def _patch_moto_authorize_answers_every_rule() -> None:
+    """AWS's AuthorizeSecurityGroupIngress/Egress answer ``securityGroupRuleSet`` with every
+    rule the call added (API reference: "Information about the inbound/outbound security group
+    rules that were added"); moto's response loops over the IpPermissions and keeps only the
+    last one's rules. Here the rules of every permission are answered."""
+    try:
+        from moto.core.responses import ActionResult
+        from moto.ec2.responses.security_groups import SecurityGroups
+    except ImportError:
+        return
+
+    def answer(direction: str):
+        def handler(self):  # type: ignore[no-untyped-def]
+            self.error_on_dryrun()
+            made = []
+            backend = getattr(self.ec2_backend, f"authorize_security_group_{direction}")
+            for kwargs in self._process_rules_from_querystring():
+                rules, _ = backend(**kwargs)
+                made.extend(rules)
+            return ActionResult({"Return": True, "SecurityGroupRules": made})
+        return handler
+
+    SecurityGroups.authorize_security_group_ingress = answer("ingress")
+    SecurityGroups.authorize_security_group_egress = answer("egress")
+
+
+_patch_moto_authorize_answers_every_rule()
 
 
 def _patch_moto_public_ips() -> None:
