@@ -160,7 +160,10 @@ class Client:
         await self.flush()
 
     async def flush(self):
+        """Send what the relay lacks, keeping at most BUFFER bytes unacked (as a client must)."""
         while self.pos < len(self.out):
+            while self.pos - self.peer_acked >= BUFFER:
+                await asyncio.sleep(0.005)
             chunk = self.out[self.pos:self.pos + random.choice((1000, 65536, 40000))]
             self.w.write(struct.pack(">BI", DATA, len(chunk)) + chunk)
             self.pos += len(chunk)
@@ -173,7 +176,7 @@ class Client:
         return n + len(self.r._buffer)
 
     async def drop(self, data=b""):
-        """Stop reading and acking, push data without waiting (the relay's --buffer fills, then
+        """Stop reading and acking, push data ignoring the relay's ACKs (its --buffer fills, then
         its reads from us stop), then drop the TCP connection (RST): bytes are lost both ways."""
         self.reader.cancel()
         try:
@@ -191,10 +194,10 @@ class Client:
         await asyncio.sleep(0.05)
         return unread, unacked
 
-    async def wait(self, cond, what, timeout=20):
+    async def wait(self, cond, what, timeout=20, detail=lambda: ""):
         deadline = time.monotonic() + timeout
         while not cond():
-            check(time.monotonic() < deadline, f"timed out waiting for {what}")
+            check(time.monotonic() < deadline, f"timed out waiting for {what} {detail()}")
             await asyncio.sleep(0.02)
 
 
@@ -231,7 +234,8 @@ async def t_resume_big(port, sshd, size=8 << 20, drops=3):
         check(status == RESUMED, f"drop {i}: RESUMED, got {status}")
         seen.append((unread, unacked, (i + 1) * step - relay_have))
     await c.send(payload[drops * step:])
-    await c.wait(lambda: len(c.recv) >= size, f"{size} bytes echoed back", 60)
+    await c.wait(lambda: len(c.recv) >= size, f"{size} bytes echoed back", 60,
+                 lambda: f"got {len(c.recv)}, sent {c.pos}, acked {c.peer_acked}, sshd got {len(conn['got'])}")
     check(bytes(conn["got"]) == payload, "sshd got the payload exactly once, in order")
     check(bytes(c.recv) == payload, "the client got the echo exactly once, in order")
     check(len(sshd.conns) == 1 or sshd.conns[-1] is conn, "resumes reuse one sshd connection")
@@ -348,7 +352,13 @@ async def main():
                      ("unknown frame type closes the connection only", t_bad_frame(port, sshd))]
             for name, coro in tests:
                 log(f"resume: {name}")
-                await asyncio.wait_for(coro, 90)
+                try:
+                    await asyncio.wait_for(coro, 90)
+                except BaseException:
+                    print(f"relay log:\n{open(logpath).read()}", file=sys.stderr)
+                    for c in tests:
+                        c[1].close()
+                    raise
             check(relay.poll() is None, "relay still running")
         finally:
             relay.terminate()
