@@ -13,6 +13,11 @@ Wire protocol (big-endian), one TCP connection = one tunnel:
           status 0 NEW, 1 RESUMED, 2 REFUSED (then u16 length + UTF-8 reason, and the relay closes)
   then both sides retransmit what the peer lacks and send frames:
   0x01 DATA u32 len (1..=65536) + bytes | 0x02 ACK u64 total received | 0x03 EOF (stream ended)
+Flow control: ACKs share each connection with DATA, so neither side may stop reading its
+connection while waiting for the other's ACKs. The relay keeps at most --buffer bytes unacked
+towards the client (then it stops reading sshd) and ACKs client bytes once they left its buffer
+for sshd's socket; a client that keeps at most --buffer bytes unacked is never stopped (beyond
+that the relay waits for sshd, and the client's ACKs may wait behind its data).
 A session is dropped when the client sends EOF, when sshd closed and the client acked everything,
 or after --detach-timeout seconds without a connection. One log line per event on stderr, with
 the token's first 4 bytes only. Python 3.9+, stdlib only (runs as a systemd DynamicUser).
@@ -56,7 +61,7 @@ class Session:
         self.in_total = self.acked_sent = 0
         self.sshd_eof = self.closed = False
         self.conn = None
-        self.space = asyncio.Event()
+        self.space, self.drain_lock = asyncio.Event(), asyncio.Lock()
         self.ack_timer = self.detach_timer = None
         self.pump_task = asyncio.ensure_future(self.pump())
 
@@ -80,7 +85,7 @@ class Session:
         self.maybe_finish()
 
     def send(self, frame):
-        if self.conn and not self.conn.is_closing():
+        if self.conn and not self.closed and not self.conn.is_closing():
             self.conn.write(frame)
 
     def attach(self, w, status, have):
@@ -121,18 +126,32 @@ class Session:
         if not self.sshd_w.is_closing():
             self.sshd_w.write(data)
         self.in_total += len(data)
-        if self.in_total - self.acked_sent >= ACK_EVERY:
+        if self.handed() - self.acked_sent >= ACK_EVERY:
             self.send_ack()
-        elif self.ack_timer is None:
-            self.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self.send_ack)
+        self.ack_later()
+
+    def handed(self):
+        """Client bytes that left our buffer for sshd's socket: what we ACK. A client keeping its
+        unacked bytes under --buffer thus never makes us stop reading its connection, so its
+        ACKs of our output always get through (they share that connection with its data)."""
+        if self.sshd_w.is_closing():
+            return self.in_total
+        return self.in_total - self.sshd_w.transport.get_write_buffer_size()
+
+    def ack_later(self):
+        if self.ack_timer is None and self.in_total > self.acked_sent and not self.closed:
+            self.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self.ack_tick)
+
+    def ack_tick(self):
+        self.ack_timer = None
+        self.send_ack()
+        self.ack_later()  # while sshd has not taken everything yet
 
     def send_ack(self):
-        if self.ack_timer:
-            self.ack_timer.cancel()
-        self.ack_timer = None
-        if self.conn and self.in_total > self.acked_sent:
-            self.send(struct.pack(">BQ", ACK, self.in_total))
-            self.acked_sent = self.in_total
+        handed = self.handed()
+        if self.conn and handed > self.acked_sent:
+            self.send(struct.pack(">BQ", ACK, handed))
+            self.acked_sent = handed
 
     def maybe_finish(self):
         if self.sshd_eof and not self.out and not self.closed:
@@ -219,25 +238,28 @@ class Relay:
                     n = struct.unpack(">I", await r.readexactly(4))[0]
                     if not 1 <= n <= MAX_DATA:
                         raise ProtocolError(f"DATA length {n}")
-                    data = await r.readexactly(n)
-                    if s.conn is not w:
-                        return
-                    s.to_sshd(data)
-                    try:
-                        await s.sshd_w.drain()
-                    except OSError:
-                        pass  # sshd went away: the pump sees it and sends EOF
+                    arg = await r.readexactly(n)
                 elif kind == ACK:
-                    total = struct.unpack(">Q", await r.readexactly(8))[0]
-                    if s.conn is not w:
-                        return
-                    s.ack(total)
-                    s.maybe_finish()
-                elif kind == EOF:
-                    if s.conn is w:
-                        s.close("client sent EOF")
-                else:
+                    arg = struct.unpack(">Q", await r.readexactly(8))[0]
+                elif kind != EOF:
                     raise ProtocolError(f"frame type {kind}")
+                if s.conn is not w:
+                    return  # taken over: the new connection carries the stream
+                if s.closed:
+                    break
+                if kind == DATA:
+                    s.to_sshd(arg)
+                    if s.in_total - s.handed() > self.buffer:  # the client ignores our ACKs
+                        async with s.drain_lock:  # one drain at a time (python < 3.10 asserts)
+                            try:
+                                await s.sshd_w.drain()
+                            except OSError:
+                                pass  # sshd went away: the pump sees it and sends EOF
+                elif kind == ACK:
+                    s.ack(arg)
+                    s.maybe_finish()
+                else:
+                    s.close("client sent EOF")
             # Ended: read what the client still sends until it closes, so our close sends no RST.
             await asyncio.wait_for(r.read(), LINGER)
         except ProtocolError as e:

@@ -663,7 +663,14 @@ def scenario_resume_relay(E):
         time.sleep(0.1)
     b = E.box(iid)
     check(b["resume_restarts"] == 1 and b["resume_pid"] not in (None, pid), f"relay restarted: {b}")
-    welcome, _ = _relay_hello(b["resume_port"])
+    end = time.monotonic() + 5
+    while True:  # the restarted relay binds its port a moment after it started
+        try:
+            welcome, _ = _relay_hello(b["resume_port"])
+            break
+        except ConnectionRefusedError:
+            check(time.monotonic() < end, "the restarted relay listens within 5 s")
+            time.sleep(0.05)
     check(welcome == b"EAR1\0" + bytes(8), f"the restarted relay answers: {welcome!r}")
     E.ec2["us-east-1"].terminate_instances(InstanceIds=[iid])
     E.wait_box(iid, {"gone"}, 5)

@@ -88,8 +88,8 @@ class Sshd:
 class Client:
     """A test client: the spec's client side, with its whole output kept for retransmission."""
 
-    def __init__(self, port, token=None):
-        self.port, self.token = port, token or os.urandom(16)
+    def __init__(self, port, token=None, window=BUFFER):
+        self.port, self.token, self.window = port, token or os.urandom(16), window
         self.recv, self.out, self.pos = bytearray(), bytearray(), 0
         self.peer_acked, self.eof, self.r, self.w, self.reader = 0, False, None, None, None
 
@@ -160,7 +160,11 @@ class Client:
         await self.flush()
 
     async def flush(self):
+        """Send what the relay lacks, keeping at most window bytes unacked (at most the relay's
+        --buffer, as a client must)."""
         while self.pos < len(self.out):
+            while self.pos - self.peer_acked >= self.window:
+                await asyncio.sleep(0.005)
             chunk = self.out[self.pos:self.pos + random.choice((1000, 65536, 40000))]
             self.w.write(struct.pack(">BI", DATA, len(chunk)) + chunk)
             self.pos += len(chunk)
@@ -173,7 +177,7 @@ class Client:
         return n + len(self.r._buffer)
 
     async def drop(self, data=b""):
-        """Stop reading and acking, push data without waiting (the relay's --buffer fills, then
+        """Stop reading and acking, push data ignoring the relay's ACKs (its --buffer fills, then
         its reads from us stop), then drop the TCP connection (RST): bytes are lost both ways."""
         self.reader.cancel()
         try:
@@ -191,10 +195,10 @@ class Client:
         await asyncio.sleep(0.05)
         return unread, unacked
 
-    async def wait(self, cond, what, timeout=20):
+    async def wait(self, cond, what, timeout=20, detail=lambda: ""):
         deadline = time.monotonic() + timeout
         while not cond():
-            check(time.monotonic() < deadline, f"timed out waiting for {what}")
+            check(time.monotonic() < deadline, f"timed out waiting for {what} {detail()}")
             await asyncio.sleep(0.02)
 
 
@@ -231,7 +235,8 @@ async def t_resume_big(port, sshd, size=8 << 20, drops=3):
         check(status == RESUMED, f"drop {i}: RESUMED, got {status}")
         seen.append((unread, unacked, (i + 1) * step - relay_have))
     await c.send(payload[drops * step:])
-    await c.wait(lambda: len(c.recv) >= size, f"{size} bytes echoed back", 60)
+    await c.wait(lambda: len(c.recv) >= size, f"{size} bytes echoed back", 60,
+                 lambda: f"got {len(c.recv)}, sent {c.pos}, acked {c.peer_acked}, sshd got {len(conn['got'])}")
     check(bytes(conn["got"]) == payload, "sshd got the payload exactly once, in order")
     check(bytes(c.recv) == payload, "the client got the echo exactly once, in order")
     check(len(sshd.conns) == 1 or sshd.conns[-1] is conn, "resumes reuse one sshd connection")
@@ -239,6 +244,20 @@ async def t_resume_big(port, sshd, size=8 << 20, drops=3):
     check(any(a > 0 for _, a, _ in seen), f"some drop had unacked client->relay bytes: {seen}")
     check(any(x > 0 for _, _, x in seen), f"some drop lost client->relay bytes: {seen}")
     log(f"  drops (unread by the client, unacked by the relay, retransmitted by the client): {seen}")
+    c.w.close()
+
+
+async def t_saturated(port, sshd, size=24 << 20):
+    """Both directions full at once, the relay at its default --buffer and the client keeping as
+    much unacked: ACKs (behind data on each connection) must still get through."""
+    payload = os.urandom(size)
+    c = Client(port, window=4 << 20)
+    await c.hello()
+    conn = sshd.conns[-1]
+    await c.send(payload)
+    await c.wait(lambda: len(c.recv) >= size, f"{size} bytes echoed back", 60,
+                 lambda: f"got {len(c.recv)}, sent {c.pos}, acked {c.peer_acked}, sshd got {len(conn['got'])}")
+    check(bytes(conn["got"]) == payload and bytes(c.recv) == payload, "both ways intact")
     c.w.close()
 
 
@@ -317,49 +336,65 @@ async def t_bad_frame(port, sshd):
     c.w.close()
 
 
+async def start_relay(python, tmp, name, sshd_port, *flags):
+    logpath = os.path.join(tmp, f"{name}.log")
+    with open(logpath, "wb") as logf:
+        relay = subprocess.Popen([python, RELAY, "--listen", "127.0.0.1:0", "--to", f"127.0.0.1:{sshd_port}",
+                                  *flags], stdin=subprocess.DEVNULL, stderr=logf)
+    for _ in range(100):
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", open(logpath).read())
+        if m:
+            return relay, int(m.group(1)), logpath
+        await asyncio.sleep(0.05)
+    relay.kill()
+    raise AssertionError(f"relay did not log 'listening on': {open(logpath).read()}")
+
+
 async def main():
     p = argparse.ArgumentParser()
     p.add_argument("--python", default=sys.executable)
     args = p.parse_args()
     sshd = Sshd()
     sshd_port = await sshd.start()
+    relays = []
     with tempfile.TemporaryDirectory() as tmp:
-        logpath = os.path.join(tmp, "relay.log")
-        with open(logpath, "wb") as logf:
-            relay = subprocess.Popen(
-                [args.python, RELAY, "--listen", "127.0.0.1:0", "--to", f"127.0.0.1:{sshd_port}",
-                 "--detach-timeout", str(DETACH_TIMEOUT), "--buffer", str(BUFFER)], stdin=subprocess.DEVNULL, stderr=logf)
         try:
-            for _ in range(100):
-                m = re.search(r"listening on 127\.0\.0\.1:(\d+)", open(logpath).read())
-                if m:
-                    break
-                await asyncio.sleep(0.05)
-            check(m, "relay did not log 'listening on'")
-            port = int(m.group(1))
-            tests = [("new stream both ways", t_new_stream(port, sshd)),
-                     ("8 MiB each way, 3 drops (backpressure), resumed", t_resume_big(port, sshd)),
-                     ("unknown token with have > 0 refused", t_refused_unknown(port)),
-                     ("wrong magic closed", t_wrong_magic(port)),
-                     ("detached session dropped, then refused", t_detach_timeout(port, sshd)),
-                     ("sshd EOF after all data", t_sshd_eof(port, sshd)),
-                     ("second HELLO takes over", t_takeover(port, sshd)),
-                     ("client EOF closes sshd and forgets", t_client_eof(port, sshd)),
-                     ("unknown frame type closes the connection only", t_bad_frame(port, sshd))]
-            for name, coro in tests:
+            relay, port, logpath = await start_relay(args.python, tmp, "relay", sshd_port, "--detach-timeout",
+                                                     str(DETACH_TIMEOUT), "--buffer", str(BUFFER))
+            relays.append(relay)
+            default, default_port, default_log = await start_relay(args.python, tmp, "default", sshd_port)
+            relays.append(default)
+            tests = [("new stream both ways", t_new_stream(port, sshd), logpath),
+                     ("8 MiB each way, 3 drops (backpressure), resumed", t_resume_big(port, sshd), logpath),
+                     ("24 MiB each way at once, default --buffer", t_saturated(default_port, sshd), default_log),
+                     ("unknown token with have > 0 refused", t_refused_unknown(port), logpath),
+                     ("wrong magic closed", t_wrong_magic(port), logpath),
+                     ("detached session dropped, then refused", t_detach_timeout(port, sshd), logpath),
+                     ("sshd EOF after all data", t_sshd_eof(port, sshd), logpath),
+                     ("second HELLO takes over", t_takeover(port, sshd), logpath),
+                     ("client EOF closes sshd and forgets", t_client_eof(port, sshd), logpath),
+                     ("unknown frame type closes the connection only", t_bad_frame(port, sshd), logpath)]
+            for name, coro, relay_log in tests:
                 log(f"resume: {name}")
-                await asyncio.wait_for(coro, 90)
-            check(relay.poll() is None, "relay still running")
+                try:
+                    await asyncio.wait_for(coro, 90)
+                except BaseException:
+                    print(f"relay log:\n{open(relay_log).read()}", file=sys.stderr)
+                    for c in tests:
+                        c[1].close()
+                    raise
+            check(relay.poll() is None and default.poll() is None, "relays still running")
         finally:
-            relay.terminate()
-            relay.wait(10)
+            for r in relays:
+                r.terminate()
+                r.wait(10)
             sshd.server.close()
             await asyncio.sleep(0.3)  # the stand-in's connections see the relay's end
         text = open(logpath).read()
         for word in ("new", "resumed", "refused", "detached", "closed"):
             check(re.search(rf"^[0-9a-f]{{8}} {word}", text, re.M), f"log has a '{word}' line")
         check(not re.search(r"[0-9a-f]{32}", text), "the log never holds a whole token")
-        check("Traceback" not in text, f"relay log has a traceback:\n{text}")
+        check("Traceback" not in text + open(default_log).read(), f"relay log has a traceback:\n{text}")
     log(f"resume self-test: {len(tests)} checks passed (relay on {args.python})")
 
 
