@@ -75,7 +75,9 @@ pub async fn open(dial: Dial) -> Result<DuplexStream, Fault> {
         }
         Welcome::Refused(why) => return Err(Fault::Retry(format!("the box's resume relay refused: {why}"))),
     }
-    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    // As roomy as a TCP socket's buffers, beyond SSH's channel window: SSH never waits on this
+    // pipe for long while the pump waits on SSH.
+    let (ours, theirs) = tokio::io::duplex(BUFFER);
     let pump = Pump { dial, token, unacked: VecDeque::new(), unacked_base: 0, received: 0, acked: 0 };
     tokio::spawn(pump.run(theirs, tunnel, 0));
     Ok(ours)
@@ -235,7 +237,8 @@ impl Pump {
         let mut ack_due: Option<Instant> = None;
         let mut buf = vec![0u8; SEND_CHUNK];
         loop {
-            let room = self.unacked.len() < BUFFER;
+            // The relay stops reading beyond this much unacknowledged (its --buffer).
+            let room = self.unacked.len() + SEND_CHUNK <= BUFFER;
             let due = ack_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 frame = frames.recv() => match frame {
