@@ -2,9 +2,13 @@
 
 Both sessions run on the same local cloud and box simulator: one launched with `--connect eice`
 (SSH inside the local endpoint's ws:// relay, which checks the SigV4 query signature and pipes
-to the box's sshd), one reached by TCP at its public IP. Time to first byte is from starting
+to the box's resume relay on port 2022, which holds the connection to its sshd), one reached by
+TCP at its public IP. Time to first byte is from starting
 `connect ID -- echo x` until its first output byte arrives (a new tunnel or TCP connection, the
-SSH handshake, the channel); throughput is `connect ID -- cat` as in section 6.
+SSH handshake, the channel); throughput is `connect ID -- cat` as in section 6. Last, the resume gap: with the endpoint
+forced to close every tunnel after 2 s, a command printing a line every 20 ms for 10 s, and the
+longest silence between lines as they arrive here (the time SSH's stream spends moving to a new
+tunnel), beside the longest silence with no tunnel closed.
 """
 
 import json
@@ -77,7 +81,34 @@ def section_eice(h, cfg, row, shared):
                         f"median {median(ttfb) * 1000:.0f} ms (n={len(ttfb)})", None, values=ttfb))
         rows.append(row(f"  {size >> 20} MiB through `connect ID -- cat`, via {route}", "-", describe_tp(tp), None,
                         values=tp["wall_s"]))
+    log("eice: the resume gap across tunnels the endpoint closes")
+    steady = longest_silence(h, eice.ea("sh", "-c", TICKER))
+    h.cloud.control("PUT", "eice", {"tunnel_limit_seconds": 2})
+    try:
+        gaps = longest_silence(h, eice.ea("sh", "-c", TICKER))
+    finally:
+        h.cloud.control("PUT", "eice", {"tunnel_limit_seconds": 3600})
+    data["resume"] = {"steady_gap_s": steady, "resume_gap_s": gaps}
+    rows.append(row("longest silence in a 10 s command, tunnels closed every 2 s (resumed)", "-",
+                    f"{gaps * 1000:.0f} ms (no tunnel closed: {steady * 1000:.0f} ms)", None))
     notes.append("the EICE relay is the local cloud's stand-in (Python, ws:// on loopback, one thread per "
                  "tunnel): it shows the client's framing cost and the extra hop, not AWS's endpoint. Each "
                  "`connect` opens a new tunnel with a fresh SigV4 signature.")
     return rows, notes, data
+
+
+# A line every 20 ms for 10 s.
+TICKER = "i=0; while [ $i -lt 500 ]; do i=$((i+1)); echo tick-$i; sleep 0.02; done"
+
+
+def longest_silence(h, argv):
+    """The longest time between two lines of argv's stdout, as they arrive; checks all came."""
+    p = h.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    last, longest, count = time.perf_counter(), 0.0, 0
+    for _ in p.stdout:
+        now = time.perf_counter()
+        longest, last, count = max(longest, now - last) if count else 0.0, now, count + 1
+    p.communicate(timeout=60)
+    if p.returncode != 0 or count != 500:
+        raise RuntimeError(f"the ticker printed {count} of 500 lines (exit {p.returncode})")
+    return longest

@@ -1,8 +1,9 @@
 //! The real-box tier: the CLI against a real Linux VM running real cloud-init, systemd, sshd and
 //! our watchdog, all from the CLI's own user-data. The box simulator's real-VM mode boots the
 //! Debian cloud image of `tests/support/realbox/` under QEMU for each instance, serves it the
-//! instance's tags through its IMDSv2, forwards the box's public IP to the guest's sshd, and
-//! turns the guest's poweroff into TerminateInstances.
+//! instance's tags through its IMDSv2, forwards the box's public IP to the guest's sshd (and the
+//! local EC2 Instance Connect Endpoint to the guest's sshd and resume relay), and turns the
+//! guest's poweroff into TerminateInstances.
 //!
 //! Three VM lifecycles (minutes under TCG), so these are ignored in the default run;
 //! `scripts/test` builds the image and runs them one at a time:
@@ -98,24 +99,15 @@ fn keyscan(ip: &str, port: u16) -> Vec<String> {
     keys
 }
 
-/// OpenSSH's client as the laptop: the session key, the pinned host key, no keepalives of its own.
-fn laptop(user: &User, session: &str, ip: &str, port: u16) -> Child {
-    let dir = session_dir(user, session);
-    let known_hosts = dir.join("realbox_known_hosts");
-    let host = if port == 22 { ip.to_string() } else { format!("[{ip}]:{port}") };
-    std::fs::write(&known_hosts, format!("{host} {}\n", pinned_key(user, session))).unwrap();
-    Command::new("ssh")
-        .args(["-F", "/dev/null", "-i"])
-        .arg(dir.join("id_ed25519"))
-        .args(["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
-        .args(["-o", "ServerAliveInterval=0", "-o", "TCPKeepAlive=no", "-o"])
-        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-        .args(["-p", &port.to_string(), &format!("{LOGIN}@{ip}"), "sleep 900"])
+/// The laptop: `connect SESSION -- sleep 900` through the local EC2 Instance Connect Endpoint and
+/// the box's resume relay.
+fn laptop(user: &User, session: &str) -> Child {
+    user.command(&["connect", session, "--", "sleep", "900"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start ssh")
+        .expect("start connect")
 }
 
 fn signal(pid: u32, name: &str) {
@@ -231,26 +223,62 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
     assert!(log.iter().any(|l| l.contains("ssh connections=1")), "the real sshd's session counts: {log:#?}");
 }
 
-/// Lifecycle 2: A vanished laptop: its client stops answering without closing the connection (frozen,
-/// so TCP stays up). sshd's probes drop it, the watchdog sees the box idle, and after the
-/// idle grace the box powers off. On the way, `extend` and a tag past the cap reach the real
-/// watchdog through the IMDS.
+/// Lifecycle 2, in no-inbound mode (`connect = "eice"`): the box's resume relay starts on real
+/// systemd (a dynamic user, the image's python3, from gzip'd user-data) and carries a command
+/// across a tunnel the endpoint closes. Then a vanished laptop: its client stops answering without
+/// closing anything (frozen, so the tunnel stays up). The relay holds sshd's side, but sshd's
+/// probes go unanswered and drop it, the watchdog sees the box idle, and after the idle grace
+/// the box powers off. On the way, `extend` and a tag past the cap reach the real watchdog
+/// through the IMDS.
 #[test]
 #[ignore = "real-box tier (QEMU): scripts/test runs it"]
-fn a_vanished_laptop_is_noticed_and_the_box_powers_off_after_the_idle_grace() {
+fn an_eice_box_resumes_across_tunnels_and_a_vanished_laptop_still_powers_it_off_after_the_idle_grace() {
     let cloud = LocalCloud::start_real_vm();
     let user = user(
         &cloud,
         // Detached, so a kept session: kept_idle_grace is its idle grace.
         "kept_idle_grace = \"10s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
     );
-    let (session, instance) = launch_detached(&user, &[]);
-    let (ip, port) = direct(&wait_up(&cloud, &instance));
-    // A client that connects while cloud-init is still at work may be cut (sshd reloads): redial.
-    let mut client = laptop(&user, &session, &ip, port);
+    let ws = cloud.control("GET", "eice", None)["ws_url"].as_str().unwrap().to_string();
+    let user = user.env("EPHEMERAL_ADMIN_EICE_ENDPOINT_URL", &ws);
+    cloud.control("PUT", "eice", Some(json!({"create_seconds": 0})));
+    user.run(&["setup", "eice", "-q"]).success();
+    let args = ["launch", "--detach", "--connect", "eice", "--output", "json", "--user", LOGIN];
+    let out = user.run(&args).success().json();
+    let (session, instance) =
+        (out["session_id"].as_str().unwrap().to_string(), out["instance_id"].as_str().unwrap().to_string());
+    assert!(out["public_ip"].is_null(), "{out}");
+    wait_up(&cloud, &instance);
+
+    // The relay on the real box, and a command that outlives a tunnel.
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 6})));
+    let script = "sudo cloud-init status --wait >/dev/null 2>&1; \
+        echo relay=$(systemctl is-active ephemeral-admin-resume.service); \
+        pid=$(systemctl show -p MainPID --value ephemeral-admin-resume.service); \
+        echo user=$(ps -o user= -p \"$pid\"); sleep 10; echo survived";
+    let run = user.run(&["connect", &session, "--", "sh", "-c", script]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("relay=active\n"), "{}", run.stdout);
+    let relay_user = run.stdout.lines().find_map(|l| l.strip_prefix("user=")).unwrap_or_default().trim();
+    assert!(
+        !relay_user.is_empty() && relay_user != "root",
+        "the relay runs as a dynamic user: {}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("survived"), "{}", run.stdout);
+    let closed = cloud.control("GET", "eice", None)["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["close_code"] == 1000 && t["remote_port"] == "2022")
+        .count();
+    assert!(closed >= 1, "the command outlived a closed tunnel");
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 3600})));
+
+    let mut client = laptop(&user, &session);
     wait_until("the watchdog to count the laptop's session", Duration::from_secs(240), || {
         if client.try_wait().unwrap().is_some() {
-            client = laptop(&user, &session, &ip, port);
+            client = laptop(&user, &session);
         }
         lines(&box_info(&cloud, &instance), "watchdog_log").iter().any(|l| l.contains("ssh connections=1"))
     });
@@ -282,6 +310,9 @@ fn a_vanished_laptop_is_noticed_and_the_box_powers_off_after_the_idle_grace() {
     assert!(log[seen..].iter().any(|l| l.contains("ssh connections=0")), "{log:#?}");
     let console = lines(&info, "console").join("\n");
     assert!(console.contains("Timeout, client not responding"), "sshd's probes dropped the client");
+    user.run(&["terminate", &session]).success();
+    user.run(&["cleanup", "--purge", "-q"]).success();
+    assert_nothing_left(&cloud);
 }
 
 /// Lifecycle 3: The cap: a box whose watchdog never starts (masked on the kernel command line) still

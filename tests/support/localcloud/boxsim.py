@@ -510,6 +510,10 @@ class Box:
                 pass
 
     def resume_running(self):
+        if self.real_vm:
+            # QEMU forwards the guest's port 2022; whether the guest's relay listens there only
+            # a connection shows (refused until its unit runs).
+            return self.resume_port is not None and not self.stopped
         return self.resume is not None and self.resume.poll() is None and not self.stopped
 
     def read_lines(self, name, tail=None):
@@ -765,6 +769,10 @@ class BoxSim:
         """Real-VM mode: QEMU boots the image with this instance's user-data from the IMDS."""
         box.ssh_port = realbox.free_port()
         fwds = [("127.0.0.1", box.ssh_port)]
+        if b"ephemeral-admin-resume.service" in (box.user_data or b""):
+            # An eice box: the local EICE reaches the guest's resume relay through this.
+            box.resume_port = realbox.free_port()
+            fwds.append(("127.0.0.1", box.resume_port, RESUME_PORT))
         if box.public_ip:
             fwds.append((box.public_ip, self.direct_port))
         elif box.private_alias:
@@ -1208,7 +1216,7 @@ class BoxSim:
                 "watchdog_pid": box.watchdog.pid if box.watchdog else None,
                 "watchdog_restarts": box.watchdog_restarts,
                 "watchdog_log": box.watchdog_lines() if box.vm else box.read_lines("watchdog.log"),
-                "resume_pid": box.resume.pid if box.resume_running() else None,
+                "resume_pid": box.resume.pid if box.resume is not None and box.resume_running() else None,
                 "resume_restarts": box.resume_restarts,
                 "resume_log": box.read_lines("resume.log", tail=200),
                 "wall": box.read_lines("wall.log"),

@@ -51,6 +51,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import copy
 import json
 import logging
 import os
@@ -806,6 +807,8 @@ class PolicyEnforcement:
 #    with states on a clock, and the openTunnel WebSocket (SigV4-checked) relaying to boxsim;
 #  * AuthorizeSecurityGroupIngress/Egress with several IpPermissions answer every rule they
 #    made, as AWS does (moto answers only the last permission's);
+#  * TerminateInstances on an instance already terminated succeeds, as on AWS (moto deleted its
+#    network interface again and failed with InvalidNetworkInterfaceID.NotFound);
 #  * two speed fixes: a faster reset and cheaper AWS-managed IAM policies.
 # The fix functions run with moto_lock held, instead of handing the request
 # straight to moto; each either answers itself, checks something first, or
@@ -908,6 +911,30 @@ def _patch_moto_authorize_answers_every_rule() -> None:
 
 
 _patch_moto_authorize_answers_every_rule()
+
+
+def _patch_moto_terminate_terminated() -> None:
+    """AWS: terminating an instance that is already terminated succeeds and reports
+    ``terminated`` as both its previous and current state ("TerminateInstances": "Terminated
+    instances remain visible after termination (for approximately one hour)" and the call is
+    idempotent). moto's Instance.terminate tears the instance's network interfaces down again,
+    and one created from a NetworkInterface spec is gone the second time: the call failed with
+    InvalidNetworkInterfaceID.NotFound. Here a terminated instance just answers its state."""
+    try:
+        from moto.ec2.models.instances import Instance
+    except ImportError:
+        return
+    original = Instance.terminate
+
+    def terminate(self):  # type: ignore[no-untyped-def]
+        if getattr(getattr(self, "_state", None), "name", None) == "terminated":
+            return copy.copy(self._state)
+        return original(self)
+
+    Instance.terminate = terminate
+
+
+_patch_moto_terminate_terminated()
 
 
 def _patch_moto_public_ips() -> None:

@@ -449,6 +449,30 @@ def t_sg_dependency():
     check(sg not in groups, "deletable after the instance terminated")
 
 
+@section("security group rules: every rule answered; terminating twice (section 6 fixes)")
+def t_sg_rules_and_terminate_twice():
+    CLOUD.reset()
+    ec2 = CLOUD.client("ec2")
+    sg = ec2.create_security_group(GroupName="two-rules", Description="d")["GroupId"]
+    perms = [{"IpProtocol": "tcp", "FromPort": p, "ToPort": p, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
+             for p in (22, 2022)]
+    made = ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=perms)["SecurityGroupRules"]
+    check(sorted(r["FromPort"] for r in made) == [22, 2022], "ingress: a rule per permission answered", made)
+    made = ec2.authorize_security_group_egress(GroupId=sg, IpPermissions=perms)["SecurityGroupRules"]
+    check(sorted(r["FromPort"] for r in made) == [22, 2022], "egress: a rule per permission answered", made)
+    subnet = ec2.describe_subnets()["Subnets"][0]["SubnetId"]
+    inst = run_one(ec2, NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": subnet, "Groups": [sg],
+                                            "AssociatePublicIpAddress": False}])
+    ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
+    try:
+        again = ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])["TerminatingInstances"][0]
+        # (moto's answer always says CurrentState shutting-down; AWS would say terminated.)
+        check(again["PreviousState"]["Name"] == "terminated",
+              "terminating a terminated instance answers its state", again)
+    except Exception as exc:  # noqa: BLE001
+        check(False, "terminating a terminated instance answers its state", exc)
+
+
 @section("spot requests: unknown ids, RunInstances spot, cancel, max price")
 def t_spot_requests():
     CLOUD.reset()
@@ -1498,7 +1522,7 @@ def main() -> int:
     timings["startup to READY (s)"] = CLOUD.startup
     try:
         for test in (t_basics, t_ice, t_every, t_drop, t_drop_after, t_delay, t_log, t_spot_prices,
-                     t_pending, t_sg_dependency, t_spot_requests, t_ssm_amis, t_protocol_errors,
+                     t_pending, t_sg_dependency, t_sg_rules_and_terminate_twice, t_spot_requests, t_ssm_amis, t_protocol_errors,
                      t_state, t_enforcement, t_scheduler, t_control, t_reset):
             test()
     finally:
