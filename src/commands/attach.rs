@@ -167,6 +167,12 @@ pub async fn open(ctx: &Context, options: &ConnectOptions, signals: &Signals) ->
         }
     };
     drop(step);
+    if session.relay_skipped() {
+        ctx.printer.warn(format!(
+            "the box's resume relay (port {}) did not answer, so this connection goes straight to sshd and ends when its tunnel does (at most an hour); `--tmux` keeps the work",
+            ssh::resume::RELAY_PORT
+        ));
+    }
     Ok(session)
 }
 

@@ -58,6 +58,10 @@ pub async fn connect(
     let mut backoff = BACKOFF_START;
     let mut attempts = 0u32;
     let mut last = String::from("no attempt was made");
+    // Since when the box's resume relay has not answered (an eice box without it: a custom image
+    // without python3, say): after a third of the wait, straight to sshd instead.
+    let mut silent_since: Option<Instant> = None;
+    let relay_grace = opts.connect_timeout / 3;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -69,7 +73,8 @@ pub async fn connect(
             });
         }
         attempts += 1;
-        match tokio::time::timeout(remaining, attempt(opts, &config, &key)).await {
+        let straight = silent_since.is_some_and(|t| t.elapsed() >= relay_grace);
+        match tokio::time::timeout(remaining, attempt(opts, &config, &key, straight)).await {
             Ok(Ok(session)) => {
                 tracing::debug!(attempts, elapsed = ?started.elapsed(), "ssh connected to {target}");
                 return Ok(session);
@@ -77,6 +82,11 @@ pub async fn connect(
             Ok(Err(Failure::Fatal(error))) => return Err(error),
             Ok(Err(Failure::Retry(why))) => {
                 tracing::debug!(attempt = attempts, "ssh attempt failed: {why}");
+                last = why;
+            }
+            Ok(Err(Failure::Silent(why))) => {
+                tracing::debug!(attempt = attempts, "ssh attempt failed: {why}");
+                silent_since.get_or_insert_with(Instant::now);
                 last = why;
             }
             Err(_) if attempts == 1 => last = format!("no answer from {target} yet"),
@@ -115,13 +125,17 @@ fn client_config(opts: &ConnectOptions) -> client::Config {
 enum Failure {
     /// Worth another attempt; the text says what happened.
     Retry(String),
+    /// Worth another attempt: nothing answered on the resume relay's port.
+    Silent(String),
     Fatal(SshError),
 }
 
+/// One try at a session; `straight`: past a resume relay that does not answer, to sshd itself.
 async fn attempt(
     opts: &ConnectOptions,
     config: &Arc<client::Config>,
     key: &Arc<PrivateKey>,
+    straight: bool,
 ) -> Result<Session, Failure> {
     let inbound = Arc::new(super::forward::Inbound::default());
     let pinned = Pinned { expected: opts.host_key.clone(), inbound: inbound.clone() };
@@ -150,24 +164,28 @@ async fn attempt(
             }
             (result, Some(proxy))
         }
-        Transport::Eice(target) if target.resumable => {
-            let stream = super::resume::open(resumable_dial(target)).await.map_err(|e| match e {
-                super::resume::Fault::Retry(why) => Failure::Retry(why),
-                super::resume::Fault::Fatal(why) => Failure::Fatal(SshError::Other(why)),
-            })?;
+        Transport::Eice(target) if target.resumable && !straight => {
+            let stream = super::resume::open(resumable_dial(target)).await.map_err(failure)?;
             (handshake(opts, config.clone(), stream, pinned, key).await, None)
         }
         Transport::Eice(target) => {
-            let stream = super::eice::open(target).await.map_err(|e| match eice_fault(e) {
-                super::resume::Fault::Retry(why) => Failure::Retry(why),
-                super::resume::Fault::Fatal(why) => Failure::Fatal(SshError::Other(why)),
-            })?;
+            let target = if target.resumable { &target.straight_to_sshd() } else { target };
+            let stream = super::eice::open(target).await.map_err(|e| failure(eice_fault(e)))?;
             tunnel = Some(stream.ending());
             (handshake(opts, config.clone(), stream, pinned, key).await, None)
         }
     };
     let handle = handshake?;
-    Ok(Session { handle, proxy, inbound, tunnel })
+    let relay_skipped = straight && matches!(&opts.transport, Transport::Eice(t) if t.resumable);
+    Ok(Session { handle, proxy, inbound, tunnel, relay_skipped })
+}
+
+fn failure(fault: super::resume::Fault) -> Failure {
+    match fault {
+        super::resume::Fault::Retry(why) => Failure::Retry(why),
+        super::resume::Fault::Silent(why) => Failure::Silent(why),
+        super::resume::Fault::Fatal(why) => Failure::Fatal(SshError::Other(why)),
+    }
 }
 
 /// A tunnel that could not be opened: a refusal is final, anything else worth another try.

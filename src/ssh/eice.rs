@@ -48,6 +48,14 @@ pub struct EiceTarget {
     pub credentials: SharedCredentialsProvider,
 }
 
+impl EiceTarget {
+    /// The same box's sshd itself (port 22), one tunnel per connection: for a box whose resume
+    /// relay does not answer.
+    pub fn straight_to_sshd(&self) -> EiceTarget {
+        EiceTarget { port: 22, resumable: false, ..self.clone() }
+    }
+}
+
 impl std::fmt::Debug for EiceTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{self}")

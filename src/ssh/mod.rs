@@ -193,8 +193,10 @@ pub struct Session {
     proxy: Option<connect::ProxyProcess>,
     /// What the client handler needs for channels the box opens (`-R`, the agent).
     inbound: std::sync::Arc<forward::Inbound>,
-    /// How an EICE tunnel ended, when the session runs through one.
+    /// How an EICE tunnel ended, when the session runs straight through one.
     tunnel: Option<eice::Ending>,
+    /// The box's resume relay did not answer, so the session went straight to sshd.
+    relay_skipped: bool,
 }
 
 impl Session {
@@ -202,6 +204,12 @@ impl Session {
     /// its maximum duration): a new tunnel reaches the same box.
     pub fn tunnel_expired(&self) -> bool {
         self.tunnel.as_ref().is_some_and(eice::Ending::normal)
+    }
+
+    /// Whether the session runs straight to sshd because the box's resume relay did not answer
+    /// (it then ends with its tunnel).
+    pub fn relay_skipped(&self) -> bool {
+        self.relay_skipped
     }
 
     /// Says goodbye to sshd and waits (briefly) for the connection to wind down.

@@ -51,6 +51,9 @@ pub enum Fault {
     Retry(String),
     /// Not worth one (a refused signature, say).
     Fatal(String),
+    /// Nothing answered on the relay's port: the tunnel ended, or stayed silent, before the
+    /// first byte of a WELCOME (a box still booting, or one without the relay).
+    Silent(String),
 }
 
 pub type Tunnel = Box<dyn Io>;
@@ -99,27 +102,31 @@ async fn hello(tunnel: &mut Tunnel, token: &[u8; 16], have: u64) -> Result<Welco
         tunnel.write_all(&out).await?;
         tunnel.flush().await?;
         let mut head = [0u8; 5];
-        tunnel.read_exact(&mut head).await?;
+        if tunnel.read(&mut head[..1]).await.unwrap_or(0) == 0 {
+            return Ok(None); // nothing answered
+        }
+        tunnel.read_exact(&mut head[1..]).await?;
         if &head[..4] != MAGIC {
-            return Err(std::io::Error::other("port 2022 does not speak EAR1"));
+            return Err(std::io::Error::other(format!("port {RELAY_PORT} does not speak EAR1")));
         }
         if head[4] == REFUSED {
             let length = tunnel.read_u16().await?;
             let mut reason = vec![0u8; length as usize];
             tunnel.read_exact(&mut reason).await?;
-            return Ok(Welcome::Refused(String::from_utf8_lossy(&reason).into_owned()));
+            return Ok(Some(Welcome::Refused(String::from_utf8_lossy(&reason).into_owned())));
         }
         let theirs = tunnel.read_u64().await?;
         match head[4] {
-            NEW => Ok(Welcome::New),
-            RESUMED => Ok(Welcome::Resumed(theirs)),
+            NEW => Ok(Some(Welcome::New)),
+            RESUMED => Ok(Some(Welcome::Resumed(theirs))),
             other => Err(std::io::Error::other(format!("unknown EAR1 status {other}"))),
         }
     };
+    let silent = || Fault::Silent(format!("nothing answered on the box's resume relay port ({RELAY_PORT})"));
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await {
-        Ok(Ok(welcome)) => Ok(welcome),
+        Ok(Ok(Some(welcome))) => Ok(welcome),
+        Ok(Ok(None)) | Err(_) => Err(silent()),
         Ok(Err(e)) => Err(Fault::Retry(format!("the box's resume relay (port {RELAY_PORT}): {e}"))),
-        Err(_) => Err(Fault::Retry(format!("the box's resume relay (port {RELAY_PORT}) did not answer"))),
     }
 }
 
@@ -222,10 +229,12 @@ impl Pump {
         let (reader, mut writer) = tokio::io::split(tunnel);
         let mut frames = read_frames(reader);
         if their_have < self.unacked_base {
-            return Served::Broken(format!(
-                "the relay has {their_have} bytes, but {} were acknowledged",
+            // Bytes it acknowledged are gone from the relay: nothing can mend that stream.
+            tracing::warn!(
+                "the box's resume relay has {their_have} bytes, but {} were acknowledged",
                 self.unacked_base
-            ));
+            );
+            return Served::Finished;
         }
         self.acknowledged(their_have);
         let resend: Vec<u8> = self.unacked.iter().copied().collect();
@@ -241,28 +250,11 @@ impl Pump {
             let room = self.unacked.len() + SEND_CHUNK <= BUFFER;
             let due = ack_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                frame = frames.recv() => match frame {
-                    Some(Ok(Frame::Data(data))) => {
-                        if local_w.write_all(&data).await.is_err() {
-                            return Served::Finished; // SSH has gone
-                        }
-                        self.received += data.len() as u64;
-                        if self.received - self.acked >= ACK_EVERY {
-                            ack_due = Some(Instant::now());
-                        } else {
-                            ack_due.get_or_insert_with(|| Instant::now() + ACK_DELAY);
-                        }
+                frame = frames.recv() => {
+                    if let Some(end) = self.take(frame, local_w, &mut writer, &mut ack_due).await {
+                        return end;
                     }
-                    Some(Ok(Frame::Ack(upto))) => self.acknowledged(upto),
-                    Some(Ok(Frame::Eof)) => {
-                        // sshd closed the connection: SSH reads the end; the relay forgets us.
-                        let _ = send(&mut writer, ACK, &self.received.to_be_bytes()).await;
-                        let _ = local_w.shutdown().await;
-                        return Served::Finished;
-                    }
-                    Some(Err(why)) => return Served::Broken(why),
-                    None => return Served::Broken("the tunnel closed".into()),
-                },
+                }
                 read = local_r.read(&mut buf), if room => match read {
                     Ok(0) | Err(_) => {
                         // SSH is done with the connection: tell the relay, which closes sshd's side.
@@ -285,6 +277,46 @@ impl Pump {
                     }
                 }
             }
+        }
+    }
+
+    /// What one frame from the relay (or the tunnel's end) does: bytes on to SSH (and an
+    /// acknowledgement scheduled), acknowledged bytes forgotten, or the end of this tunnel or of
+    /// the whole stream.
+    async fn take(
+        &mut self,
+        frame: Option<Result<Frame, String>>,
+        local_w: &mut tokio::io::WriteHalf<DuplexStream>,
+        writer: &mut tokio::io::WriteHalf<Tunnel>,
+        ack_due: &mut Option<Instant>,
+    ) -> Option<Served> {
+        match frame {
+            Some(Ok(Frame::Data(data))) => {
+                if local_w.write_all(&data).await.is_err() {
+                    // SSH has gone: the relay closes sshd's side at once.
+                    let _ = send(writer, EOF, &[]).await;
+                    return Some(Served::Finished);
+                }
+                self.received += data.len() as u64;
+                if self.received - self.acked >= ACK_EVERY {
+                    *ack_due = Some(Instant::now());
+                } else {
+                    ack_due.get_or_insert_with(|| Instant::now() + ACK_DELAY);
+                }
+                None
+            }
+            Some(Ok(Frame::Ack(upto))) => {
+                self.acknowledged(upto);
+                None
+            }
+            Some(Ok(Frame::Eof)) => {
+                // sshd closed the connection: SSH reads the end; the relay forgets us.
+                let _ = send(writer, ACK, &self.received.to_be_bytes()).await;
+                let _ = local_w.shutdown().await;
+                Some(Served::Finished)
+            }
+            Some(Err(why)) => Some(Served::Broken(why)),
+            None => Some(Served::Broken("the tunnel closed".into())),
         }
     }
 
@@ -319,7 +351,7 @@ impl Pump {
                     tracing::warn!("a new tunnel was refused: {why}");
                     return None;
                 }
-                Ok(Err(Fault::Retry(why))) => tracing::info!("no new tunnel yet: {why}"),
+                Ok(Err(Fault::Retry(why) | Fault::Silent(why))) => tracing::info!("no new tunnel yet: {why}"),
                 Err(_) => break,
             }
             tokio::time::sleep(pause.min(give_up.saturating_duration_since(Instant::now()))).await;

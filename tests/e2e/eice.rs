@@ -325,6 +325,38 @@ fn a_box_reached_without_its_resume_relay_keeps_tmux_across_tunnels_and_says_wha
     purge_and_check(&cloud, &user);
 }
 
+#[test]
+fn a_box_whose_relay_never_answers_is_reached_straight_after_a_third_of_the_wait_with_a_warning() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    setup(&cloud, &user);
+    // As if the image had no python3: nothing listens on port 2022.
+    cloud.control("PUT", "box-config", Some(json!({"resume_relay": false})));
+    user.write_config("connect_timeout = \"15s\"\n");
+    let run = user.run(&[
+        "launch",
+        "--connect",
+        "eice",
+        "--user",
+        login(),
+        "--",
+        "sh",
+        "-c",
+        "echo straight-$((6*7))",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("straight-42"), "{}", run.stdout);
+    let warned: Vec<&str> =
+        run.stderr.lines().filter(|l| l.contains("resume relay (port 2022) did not answer")).collect();
+    assert_eq!(warned.len(), 1, "one line saying what it means: {}", run.stderr);
+    assert!(warned[0].contains("--tmux"), "{}", run.stderr);
+    let ports: Vec<String> =
+        tunnels(&cloud).iter().map(|t| t["remote_port"].as_str().unwrap_or("-").to_string()).collect();
+    let first_22 = ports.iter().position(|p| p == "22").expect("a tunnel to sshd");
+    assert!(first_22 > 0 && ports[..first_22].iter().all(|p| p == "2022"), "the relay first: {ports:?}");
+    purge_and_check(&cloud, &user);
+}
+
 /// Removes `resume_port` from the session's local record.
 fn forget_resume_port(user: &User, session: &str) {
     let mut stack = vec![user.state_dir()];

@@ -51,7 +51,9 @@ Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box`
                                                S seconds later)
     POST /_localcloud/box/<iid>/imds           {"available": false}
     GET|PUT /_localcloud/box-config            {"boot_seconds": 2.5, "drop_syns_while_booting": false,
-                                               "watchdog": true}  (false: boxes boot without it)
+                                               "watchdog": true, "resume_relay": true}  (false: boxes
+                                               boot without it, as if its unit failed or the image
+                                               had no python3)
                                                (GET adds ssh_port: the direct port). With
                                                drop_syns_while_booting, a booting box's public
                                                address silently drops SYNs (a full accept queue),
@@ -568,6 +570,8 @@ class BoxSim:
         # False: boxes boot without their watchdog (as if its unit failed), so only the layers
         # outside the box can end them.
         self.watchdog = True
+        # False: boxes boot without their resume relay (nothing answers on port 2022).
+        self.resume_relay = True
         self.real_vm = None
         self.vm_kernel_args = ""
         if os.environ.get("BOXSIM_REAL_VM"):
@@ -619,6 +623,7 @@ class BoxSim:
             self.boot_seconds = 0.0
             self.drop_syns_while_booting = False
             self.watchdog = True
+            self.resume_relay = True
         for box in boxes:
             self._stop_box(box, None)
 
@@ -994,6 +999,9 @@ class BoxSim:
             if unit is not None:
                 box.note("no resume relay: its unit is written but runcmd does not enable it")
             return
+        if not self.resume_relay:
+            box.note("no resume relay: box-config resume_relay=false")
+            return
         exec_start = []
         for line in unit.decode(errors="replace").splitlines():
             k, _, v = line.strip().partition("=")
@@ -1195,8 +1203,10 @@ class BoxSim:
                 self.vm_kernel_args = str(data["vm_kernel_args"] or "")
             if method in ("PUT", "POST") and "watchdog" in data:
                 self.watchdog = bool(data["watchdog"])
+            if method in ("PUT", "POST") and "resume_relay" in data:
+                self.resume_relay = bool(data["resume_relay"])
             return 200, {"boot_seconds": self.boot_seconds, "ssh_port": self.direct_port,
-                         "watchdog": self.watchdog,
+                         "watchdog": self.watchdog, "resume_relay": self.resume_relay,
                          "drop_syns_while_booting": self.drop_syns_while_booting,
                          "real_vm": self.real_vm, "vm_kernel_args": self.vm_kernel_args}
         if path == "/_localcloud/box-reset" and method == "POST":
