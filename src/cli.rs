@@ -128,6 +128,12 @@ pub enum Command {
         after_help = "Examples:\n  ephemeral-admin ssh-config k3x9q2ab >> ~/.ssh/config\n  ssh ephemeral-admin-k3x9q2ab\n  ephemeral-admin ssh-config db-fix --install && ssh db-fix   # removed again at teardown"
     )]
     SshConfig(SshConfigArgs),
+    /// Carry a byte stream to a session's sshd on stdin and stdout: OpenSSH's ProxyCommand, as
+    /// `ssh-config` writes it for an eice session (it then outlives the endpoint's 1 h tunnels).
+    #[command(after_help = "Examples:
+  ssh -o ProxyCommand='ephemeral-admin proxy k3x9q2ab' admin@k3x9q2ab
+  ephemeral-admin ssh-config k3x9q2ab --install   # writes that ProxyCommand for you")]
+    Proxy(SessionIdArg),
     /// Print the least-privilege IAM policy a user needs to run every command.
     #[command(
         after_help = "Examples:\n  ephemeral-admin policy > policy.json\n  ephemeral-admin policy --box\n  ephemeral-admin policy --validate"

@@ -149,6 +149,43 @@ pub fn host_alias(record: &SessionRecord) -> String {
     record.name.clone().unwrap_or_else(|| format!("ephemeral-admin-{}", record.id))
 }
 
+/// `ephemeral-admin proxy ID` as a ProxyCommand: this very binary (by its full path: ssh's
+/// PATH may differ), with the session's region and the profile it was asked with.
+fn proxy_command(ctx: &Context, record: &SessionRecord) -> Result<String> {
+    let exe = std::env::current_exe().context("finding this program's path for the ProxyCommand")?;
+    let mut words = vec![exe.display().to_string(), "--region".into(), record.region.clone()];
+    if let Some(profile) = &ctx.settings.aws.profile {
+        words.extend(["--profile".into(), profile.clone()]);
+    }
+    words.extend(["-q".into(), "proxy".into(), record.id.clone()]);
+    // OpenSSH runs it through the shell and expands %-tokens in it: quote, and double any %.
+    Ok(crate::ssh::shell_quote(&words).replace('%', "%%"))
+}
+
+/// `proxy ID`: the box's sshd on stdin and stdout, by the route `connect` takes (an eice box
+/// through its resume relay, so the stream outlives the endpoint's tunnels). Nothing but the
+/// stream goes to stdout.
+pub async fn proxy(ctx: &Context, id: &str) -> Result<ExitStatus> {
+    let (store, record) = running_session(ctx, id).await?;
+    let route = Route::resolve(ctx, &record, None, None);
+    if matches!(route.mode, ConnectMode::ProxyCommand | ConnectMode::Ssm) {
+        return Err(crate::error::UsageError::new(format!(
+            "session {id} is reached through a proxy command already: use that one (`ephemeral-admin ssh-config {id}` prints it)"
+        ))
+        .into());
+    }
+    let options = attach::connect_options(ctx, &store, &record, &route).await?;
+    let (stream, relay_skipped) = crate::ssh::stream_to_sshd(&options.transport).await?;
+    if relay_skipped {
+        ctx.printer.warn(format!(
+            "the box's resume relay (port {}) did not answer: straight to sshd, so this connection ends with its tunnel (at most an hour)",
+            crate::ssh::resume::RELAY_PORT
+        ));
+    }
+    crate::ssh::pipe_stdio(stream).await.context("carrying the SSH stream")?;
+    Ok(ExitStatus::Success)
+}
+
 pub async fn ssh_config(ctx: &Context, id: &str, install: bool) -> Result<ExitStatus> {
     let (store, record) = running_session(ctx, id).await?;
     let route = Route::resolve(ctx, &record, None, None);
@@ -171,22 +208,18 @@ pub async fn ssh_config(ctx: &Context, id: &str, install: bool) -> Result<ExitSt
         format!("    UserKnownHostsFile {}", known_hosts.display()),
         "    StrictHostKeyChecking yes".to_string(),
     ];
+    // OpenSSH expands %h, %p and %r itself; %i is ours.
     let proxy = match route.mode {
-        ConnectMode::Ssm => {
-            Some(attach::ssm_proxy_command(&record.region, ctx.settings.aws.profile.as_deref()))
-        }
-        ConnectMode::ProxyCommand => route.proxy_command.clone(),
-        // OpenSSH has no WebSocket: the AWS CLI opens the tunnel (its `open-tunnel` subcommand).
-        ConnectMode::Eice => Some(format!(
-            "aws ec2-instance-connect open-tunnel --instance-id %i --region {}{}",
-            record.region,
-            ctx.settings.aws.profile.as_deref().map(|p| format!(" --profile {p}")).unwrap_or_default()
-        )),
+        ConnectMode::Ssm => Some(
+            attach::ssm_proxy_command(&record.region, ctx.settings.aws.profile.as_deref())
+                .replace("%i", instance_id),
+        ),
+        ConnectMode::ProxyCommand => route.proxy_command.as_ref().map(|t| t.replace("%i", instance_id)),
+        // OpenSSH has no WebSocket: this binary opens the tunnel, through the box's resume relay.
+        ConnectMode::Eice => Some(proxy_command(ctx, &record)?),
         _ => None,
     };
-    if let Some(template) = proxy {
-        // OpenSSH expands %h, %p and %r itself; %i is ours.
-        let command = template.replace("%i", instance_id);
+    if let Some(command) = proxy {
         lines.push(format!("    ProxyCommand {command}"));
     }
     let config = lines.join("\n") + "\n";

@@ -215,6 +215,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::Cost(args) => cost::cost(&ctx, &args).await,
         Command::Dashboard => cost::dashboard(&ctx).await,
         Command::Budget(args) => cost::budget(&ctx, &args).await,
+        Command::Proxy(args) => connect::proxy(&ctx, &resolve_session(&ctx, &args.id).await?).await,
         Command::SshConfig(args) => {
             connect::ssh_config(&ctx, &resolve_session(&ctx, &args.session.id).await?, args.install).await
         }

@@ -141,17 +141,6 @@ async fn attempt(
     let pinned = Pinned { expected: opts.host_key.clone(), inbound: inbound.clone() };
     let mut tunnel = None;
     let (handshake, proxy) = match &opts.transport {
-        Transport::Tcp { host, port } => {
-            let stream = tcp_connect_staggered(host, *port, TCP_STAGGER, TCP_CONNECT_TIMEOUT)
-                .await
-                .map_err(|why| Failure::Retry(format!("TCP connect to {}: {why}", opts.transport)))?;
-            let _ = stream.set_nodelay(true);
-            // russh reads each packet's length and then its body with separate reads: through a
-            // buffer, one system call takes in whatever has arrived (an echo, or many packets).
-            // (A proxy's stdout is already read in large chunks by `Drained`.)
-            let stream = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
-            (handshake(opts, config.clone(), stream, pinned, key).await, None)
-        }
         Transport::ProxyCommand(command) => {
             let (mut proxy, stream) = ProxyProcess::spawn(command).map_err(Failure::Fatal)?;
             let result = handshake(opts, config.clone(), stream, pinned, key).await;
@@ -164,20 +153,66 @@ async fn attempt(
             }
             (result, Some(proxy))
         }
-        Transport::Eice(target) if target.resumable && !straight => {
-            let stream = super::resume::open(resumable_dial(target)).await.map_err(failure)?;
-            (handshake(opts, config.clone(), stream, pinned, key).await, None)
-        }
-        Transport::Eice(target) => {
-            let target = if target.resumable { &target.straight_to_sshd() } else { target };
-            let stream = super::eice::open(target).await.map_err(|e| failure(eice_fault(e)))?;
-            tunnel = Some(stream.ending());
+        direct => {
+            let (stream, ending) = open_stream(direct, straight).await?;
+            tunnel = ending;
             (handshake(opts, config.clone(), stream, pinned, key).await, None)
         }
     };
     let handle = handshake?;
     let relay_skipped = straight && matches!(&opts.transport, Transport::Eice(t) if t.resumable);
     Ok(Session { handle, proxy, inbound, tunnel, relay_skipped })
+}
+
+/// The byte stream to the box's sshd over TCP or an EICE tunnel (through the box's resume relay
+/// unless `straight`), and, for a tunnel straight to sshd, how it ends. (A proxy command's
+/// stream comes with its process: see [`attempt`].)
+async fn open_stream(
+    transport: &Transport,
+    straight: bool,
+) -> Result<(Box<dyn super::resume::Io>, Option<super::eice::Ending>), Failure> {
+    match transport {
+        Transport::Tcp { host, port } => {
+            let stream = tcp_connect_staggered(host, *port, TCP_STAGGER, TCP_CONNECT_TIMEOUT)
+                .await
+                .map_err(|why| Failure::Retry(format!("TCP connect to {transport}: {why}")))?;
+            let _ = stream.set_nodelay(true);
+            // russh reads each packet's length and then its body with separate reads: through a
+            // buffer, one system call takes in whatever has arrived (an echo, or many packets).
+            // (A proxy's stdout is already read in large chunks by `Drained`.)
+            Ok((Box::new(tokio::io::BufReader::with_capacity(READ_BUFFER, stream)), None))
+        }
+        Transport::Eice(target) if target.resumable && !straight => {
+            Ok((Box::new(super::resume::open(resumable_dial(target)).await.map_err(failure)?), None))
+        }
+        Transport::Eice(target) => {
+            let target = if target.resumable { &target.straight_to_sshd() } else { target };
+            let stream = super::eice::open(target).await.map_err(|e| failure(eice_fault(e)))?;
+            let ending = stream.ending();
+            Ok((Box::new(stream), Some(ending)))
+        }
+        Transport::ProxyCommand(_) => {
+            Err(Failure::Fatal(SshError::Other("a proxy command is its own stream".into())))
+        }
+    }
+}
+
+/// `proxy`: one byte stream to the box's sshd for another SSH client (OpenSSH's ProxyCommand),
+/// by the same route as [`connect`]; through an eice box's relay it rides out tunnel ends. A
+/// relay that does not answer is passed by (the answer's `bool`: the stream then ends with its
+/// tunnel).
+pub async fn stream_to_sshd(transport: &Transport) -> Result<(Box<dyn super::resume::Io>, bool), SshError> {
+    let to_error = |f: Failure| match f {
+        Failure::Fatal(e) => e,
+        Failure::Retry(why) | Failure::Silent(why) => SshError::Other(format!("reaching {transport}: {why}")),
+    };
+    match open_stream(transport, false).await {
+        Ok((stream, _)) => Ok((stream, false)),
+        Err(Failure::Silent(_)) => {
+            open_stream(transport, true).await.map(|(stream, _)| (stream, true)).map_err(to_error)
+        }
+        Err(other) => Err(to_error(other)),
+    }
 }
 
 fn failure(fault: super::resume::Fault) -> Failure {

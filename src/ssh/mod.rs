@@ -11,6 +11,7 @@ mod connect;
 pub mod eice;
 mod exec;
 pub mod forward;
+mod pipe;
 mod quote;
 pub mod record;
 pub mod resume;
@@ -22,8 +23,9 @@ use std::time::Duration;
 
 use russh::client;
 
-pub use connect::connect;
+pub use connect::{connect, stream_to_sshd};
 pub use exec::{Captured, ExecIo};
+pub use pipe::pipe_stdio;
 pub use quote::{expand_proxy_command, shell_quote};
 pub use shell::ShellOptions;
 

@@ -357,6 +357,49 @@ fn a_box_whose_relay_never_answers_is_reached_straight_after_a_third_of_the_wait
     purge_and_check(&cloud, &user);
 }
 
+#[test]
+fn openssh_through_ssh_config_rides_out_closed_tunnels_via_the_binary_as_its_proxy_command() {
+    let cloud = LocalCloud::start();
+    let user = eice_user(&cloud);
+    setup(&cloud, &user);
+    let out = launch_detached(&user);
+    let session = out["session_id"].as_str().unwrap().to_string();
+    let block = user.run(&["ssh-config", &session]).success().stdout;
+    let proxy = block
+        .lines()
+        .find(|l| l.trim_start().starts_with("ProxyCommand "))
+        .unwrap_or_else(|| panic!("{block}"));
+    assert!(
+        proxy.contains(env!("CARGO_BIN_EXE_ephemeral-admin"))
+            && proxy.ends_with(&format!(" proxy {session}")),
+        "{proxy}"
+    );
+    assert!(!block.contains("aws ec2-instance-connect"), "no AWS CLI needed: {block}");
+    let config = user.home.join("eice_ssh_config");
+    std::fs::write(&config, &block).unwrap();
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 2})));
+    let before = closed_tunnels(&cloud, 2022);
+    // OpenSSH's own client, with the CLI's environment (the ProxyCommand is the CLI).
+    let done = user
+        .wrapper("ssh")
+        .arg("-F")
+        .arg(&config)
+        .args(["-o", "BatchMode=yes", &format!("ephemeral-admin-{session}")])
+        .arg("n=0; while [ $n -lt 10 ]; do n=$((n+1)); echo tick-$n; sleep 0.6; done; exit 5")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&done.stdout), String::from_utf8_lossy(&done.stderr));
+    assert_eq!(done.status.code(), Some(5), "{stdout}\n{stderr}");
+    let expected: Vec<String> = (1..=10).map(|n| format!("tick-{n}")).collect();
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{stderr}");
+    assert!(stderr.trim().is_empty(), "nothing from the proxy: {stderr}");
+    let closed = closed_tunnels(&cloud, 2022) - before;
+    assert!(closed >= 2, "ssh outlived {closed} closed tunnels: {:#?}", tunnels(&cloud));
+    user.run(&["terminate", &session]).success();
+    purge_and_check(&cloud, &user);
+}
+
 /// Removes `resume_port` from the session's local record.
 fn forget_resume_port(user: &User, session: &str) {
     let mut stack = vec![user.state_dir()];

@@ -3,7 +3,7 @@
 //! when the session ends, whichever way it ends.
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
@@ -186,5 +186,41 @@ fn cleanup_removes_the_installed_host_of_the_sessions_it_removes() {
     user.run(&["cleanup", "scratch"]).success();
     let text = std::fs::read_to_string(ssh_dir.join("ephemeral-admin/config")).unwrap();
     assert!(!text.contains(out["session_id"].as_str().unwrap()), "{text}");
+    assert_nothing_left(&cloud);
+}
+
+#[test]
+fn proxy_carries_a_public_ip_session_for_openssh_and_sends_a_proxied_one_to_its_own_command() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let login = crate::lifecycle::login();
+    let args = ["launch", "--detach", "--my-ip", "203.0.113.7", "--user", login, "--output", "json"];
+    let out = user.run(&args).success().json();
+    let id = out["session_id"].as_str().unwrap().to_string();
+    let block = user.run(&["ssh-config", &id]).success().stdout;
+    assert!(!block.contains("ProxyCommand"), "straight TCP needs none: {block}");
+    let config = user.home.join("proxied_config");
+    let bin = env!("CARGO_BIN_EXE_ephemeral-admin");
+    std::fs::write(&config, format!("{block}    ProxyCommand {bin} -q proxy {id}\n")).unwrap();
+    let done = user
+        .wrapper("ssh")
+        .arg("-F")
+        .arg(&config)
+        .args(["-o", "BatchMode=yes", &format!("ephemeral-admin-{id}"), "echo through-$((6*7)); exit 3"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(done.status.code(), Some(3), "{}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(String::from_utf8_lossy(&done.stdout), "through-42\n");
+    user.run(&["terminate", &id]).success();
+
+    // A session reached through a proxy command already: that command is the one to use.
+    let proxied = launch_detached(&user, &proxy(&cloud), &[]);
+    let proxied_id = proxied["session_id"].as_str().unwrap().to_string();
+    let run = user.run(&["proxy", &proxied_id]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stdout.is_empty(), "nothing but the stream on stdout: {}", run.stdout);
+    assert!(run.stderr.contains("through a proxy command already"), "{}", run.stderr);
+    user.run(&["terminate", &proxied_id]).success();
     assert_nothing_left(&cloud);
 }
