@@ -182,8 +182,11 @@ pub async fn proxy(ctx: &Context, id: &str) -> Result<ExitStatus> {
             crate::ssh::resume::RELAY_PORT
         ));
     }
-    crate::ssh::pipe_stdio(stream).await.context("carrying the SSH stream")?;
-    Ok(ExitStatus::Success)
+    match crate::ssh::pipe_stdio(stream).await {
+        // The SSH client went away first (it closed our stdout): the end, not a failure.
+        Err(e) if crate::output::is_reader_gone(&e) => Ok(ExitStatus::Success),
+        done => done.map(|()| ExitStatus::Success).context("carrying the SSH stream"),
+    }
 }
 
 pub async fn ssh_config(ctx: &Context, id: &str, install: bool) -> Result<ExitStatus> {
