@@ -1,7 +1,6 @@
 //! EC2 Instance Connect Endpoints: the one endpoint per VPC that `connect = "eice"` tunnels
 //! through. `setup eice` creates it (tagged as the tool's, with a security group of its own that
-//! box groups admit on port 22 and the resume relay's port, and whose egress reaches only those
-//! ports inside the VPC), a launch finds it before anything is made, `doctor` reports it,
+//! box groups admit on port 22, and whose egress reaches only port 22 inside the VPC), a launch finds it before anything is made, `doctor` reports it,
 //! and `cleanup --purge` deletes it (and its group) when no session needs it.
 
 use std::time::{Duration, Instant};
@@ -109,8 +108,8 @@ pub async fn create_group(aws: &Aws, vpc_id: &str) -> Result<String, AwsError> {
     }
 }
 
-/// Makes the endpoint's group a way in and nowhere else: its egress is sshd and the resume relay
-/// (`ports`) inside its VPC, in place of AWS's default allow-all. Idempotent (a rule already
+/// Makes the endpoint's group a way in and nowhere else: its egress is sshd (`ports`) inside its
+/// VPC, in place of AWS's default allow-all. Idempotent (a rule already
 /// there, or a default already gone, is fine), so `setup eice` also narrows a group made before.
 pub async fn restrict_egress(aws: &Aws, group_id: &str, vpc_id: &str, ports: &[u16]) -> Result<(), AwsError> {
     let doing = || format!("limiting the EICE group {group_id}'s egress to its VPC");
@@ -130,9 +129,7 @@ pub async fn restrict_egress(aws: &Aws, group_id: &str, vpc_id: &str, ports: &[u
     }
     let ranges: Vec<IpRange> = cidrs
         .iter()
-        .map(|c| {
-            IpRange::builder().cidr_ip(c).description("ephemeral-admin: boxes' sshd and resume relay").build()
-        })
+        .map(|c| IpRange::builder().cidr_ip(c).description("ephemeral-admin: boxes' sshd").build())
         .collect();
     let permissions = ports.iter().map(|port| {
         IpPermission::builder()

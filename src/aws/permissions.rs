@@ -293,7 +293,7 @@ fn instance_connect_endpoint() -> [Statement; 4] {
     [
         Statement {
             sid: "InstanceConnectTunnelToSshOnly",
-            why: "`connect = \"eice\"`: open a tunnel through an EC2 Instance Connect Endpoint, to sshd (22) and the box's resume relay in front of it (2022) only",
+            why: "`connect = \"eice\"`: open a tunnel through an EC2 Instance Connect Endpoint, to port 22 only",
             actions: &["ec2-instance-connect:OpenTunnel"],
             resources: ec2(&["instance-connect-endpoint"]),
             // OpenTunnel's condition keys name the port, the private address, the duration and
@@ -303,7 +303,7 @@ fn instance_connect_endpoint() -> [Statement; 4] {
             // has one (not ours) must be usable. No maxTunnelDuration condition: AWS caps tunnels
             // at an hour anyway, and its two spellings in the Service Authorization Reference trip
             // policy linters.
-            condition: Some(json!({"NumericEquals": {"ec2-instance-connect:remotePort": ["22", "2022"]}})),
+            condition: Some(json!({"NumericEquals": {"ec2-instance-connect:remotePort": "22"}})),
         },
         Statement {
             sid: "CreateOnlyTaggedInstanceConnectEndpoint",

@@ -144,7 +144,7 @@ async fn eice_transport(ctx: &Context, record: &SessionRecord) -> Result<Transpo
         dns_name: dns_name.clone(),
         region: record.region.clone(),
         private_ip,
-        port: record.resume_port.unwrap_or(crate::aws::network::SSH_PORT as u16),
+        port: crate::aws::network::SSH_PORT as u16,
         resumable: record.resume_port.is_some(),
         max_duration: ssh::eice::MAX_TUNNEL,
         dial_url: ctx.settings.aws.eice_endpoint_url.clone(),
@@ -168,10 +168,9 @@ pub async fn open(ctx: &Context, options: &ConnectOptions, signals: &Signals) ->
     };
     drop(step);
     if session.relay_skipped() {
-        ctx.printer.warn(format!(
-            "the box's resume relay (port {}) did not answer, so this connection goes straight to sshd and ends when its tunnel does (at most an hour); `--tmux` keeps the work",
-            ssh::resume::RELAY_PORT
-        ));
+        ctx.printer.warn(
+            "the box's resume relay did not answer, so this connection goes straight to sshd and ends when its tunnel does (at most an hour); `--tmux` keeps the work",
+        );
     }
     Ok(session)
 }

@@ -175,12 +175,11 @@ pub async fn proxy(ctx: &Context, id: &str) -> Result<ExitStatus> {
         .into());
     }
     let options = attach::connect_options(ctx, &store, &record, &route).await?;
-    let (stream, relay_skipped) = crate::ssh::stream_to_sshd(&options.transport).await?;
+    let (stream, relay_skipped) = crate::ssh::stream_to_sshd(&options).await?;
     if relay_skipped {
-        ctx.printer.warn(format!(
-            "the box's resume relay (port {}) did not answer: straight to sshd, so this connection ends with its tunnel (at most an hour)",
-            crate::ssh::resume::RELAY_PORT
-        ));
+        ctx.printer.warn(
+            "the box's resume relay did not answer: straight to sshd, so this connection ends with its tunnel (at most an hour)",
+        );
     }
     match crate::ssh::pipe_stdio(stream).await {
         // The SSH client went away first (it closed our stdout): the end, not a failure.

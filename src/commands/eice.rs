@@ -61,7 +61,7 @@ pub async fn setup(ctx: &Context, args: &SetupEiceArgs) -> Result<ExitStatus> {
 /// endpoint per VPC: `ResourceLimitExceeded`) is waited for instead.
 async fn create(ctx: &Context, aws: &Aws, vpc_id: &str, subnet_id: &str) -> Result<(bool, Endpoint)> {
     let group = eice::create_group(aws, vpc_id).await?;
-    let ports = [crate::aws::network::SSH_PORT as u16, crate::ssh::resume::RELAY_PORT];
+    let ports = [crate::aws::network::SSH_PORT as u16];
     eice::restrict_egress(aws, &group, vpc_id, &ports).await?;
     let token = format!("ephemeral-admin-{}", crate::session::new_id());
     match eice::create(aws, subnet_id, &group, &token).await {

@@ -538,8 +538,9 @@ async fn open_ssh_rules(
         recorder.update(|r| r.ingress_rule_ids.push(rule.rule_id.clone()))?;
         crash::point("rule");
     }
-    // sshd, and the resume relay in front of it (`crate::ssh::resume`).
-    let ports = [network::SSH_PORT as u16, crate::ssh::resume::RELAY_PORT];
+    // sshd only: the endpoint tunnels to ports 22 and 3389 alone, and the resume relay listens on
+    // the box's loopback (`crate::ssh::resume`).
+    let ports = [network::SSH_PORT as u16];
     for from in endpoint.iter().flat_map(|e| &e.security_group_ids) {
         let rules = eice::admit_endpoint(aws, group_id, from, &ports, session_id, session_tags).await?;
         recorder.update(|r| r.ingress_rule_ids.extend(rules.iter().cloned()))?;

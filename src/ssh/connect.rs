@@ -153,8 +153,8 @@ async fn attempt(
             }
             (result, Some(proxy))
         }
-        direct => {
-            let (stream, ending) = open_stream(direct, straight).await?;
+        _ => {
+            let (stream, ending) = open_stream(opts, config, key, straight).await?;
             tunnel = ending;
             (handshake(opts, config.clone(), stream, pinned, key).await, None)
         }
@@ -168,9 +168,12 @@ async fn attempt(
 /// unless `straight`), and, for a tunnel straight to sshd, how it ends. (A proxy command's
 /// stream comes with its process: see [`attempt`].)
 async fn open_stream(
-    transport: &Transport,
+    opts: &ConnectOptions,
+    config: &Arc<client::Config>,
+    key: &Arc<PrivateKey>,
     straight: bool,
 ) -> Result<(Box<dyn super::resume::Io>, Option<super::eice::Ending>), Failure> {
+    let transport = &opts.transport;
     match transport {
         Transport::Tcp { host, port } => {
             let stream = tcp_connect_staggered(host, *port, TCP_STAGGER, TCP_CONNECT_TIMEOUT)
@@ -183,10 +186,10 @@ async fn open_stream(
             Ok((Box::new(tokio::io::BufReader::with_capacity(READ_BUFFER, stream)), None))
         }
         Transport::Eice(target) if target.resumable && !straight => {
-            Ok((Box::new(super::resume::open(resumable_dial(target)).await.map_err(failure)?), None))
+            let dial = resumable_dial(opts, config, key, target);
+            Ok((Box::new(super::resume::open(dial).await.map_err(failure)?), None))
         }
         Transport::Eice(target) => {
-            let target = if target.resumable { &target.straight_to_sshd() } else { target };
             let stream = super::eice::open(target).await.map_err(|e| failure(eice_fault(e)))?;
             let ending = stream.ending();
             Ok((Box::new(stream), Some(ending)))
@@ -201,15 +204,19 @@ async fn open_stream(
 /// by the same route as [`connect`]; through an eice box's relay it rides out tunnel ends. A
 /// relay that does not answer is passed by (the answer's `bool`: the stream then ends with its
 /// tunnel).
-pub async fn stream_to_sshd(transport: &Transport) -> Result<(Box<dyn super::resume::Io>, bool), SshError> {
+pub async fn stream_to_sshd(opts: &ConnectOptions) -> Result<(Box<dyn super::resume::Io>, bool), SshError> {
+    let config = Arc::new(client_config(opts));
+    let key = Arc::new(opts.client_key.clone());
     let to_error = |f: Failure| match f {
         Failure::Fatal(e) => e,
-        Failure::Retry(why) | Failure::Silent(why) => SshError::Other(format!("reaching {transport}: {why}")),
+        Failure::Retry(why) | Failure::Silent(why) => {
+            SshError::Other(format!("reaching {}: {why}", opts.transport))
+        }
     };
-    match open_stream(transport, false).await {
+    match open_stream(opts, &config, &key, false).await {
         Ok((stream, _)) => Ok((stream, false)),
         Err(Failure::Silent(_)) => {
-            open_stream(transport, true).await.map(|(stream, _)| (stream, true)).map_err(to_error)
+            open_stream(opts, &config, &key, true).await.map(|(stream, _)| (stream, true)).map_err(to_error)
         }
         Err(other) => Err(to_error(other)),
     }
@@ -231,16 +238,78 @@ fn eice_fault(e: super::eice::EiceError) -> super::resume::Fault {
     }
 }
 
-/// Opens a fresh tunnel (fresh credentials and signature) to the box's resume relay each time.
-fn resumable_dial(target: &super::eice::EiceTarget) -> super::resume::Dial {
-    let target = target.clone();
+/// Each call: a fresh tunnel (fresh credentials and signature) to the box's sshd, a short-lived
+/// outer SSH connection over it (same key, same pinned host key), and on that one exec channel
+/// piping to the box's resume relay ([`crate::userdata::RESUME_ATTACH`]). The endpoint only
+/// tunnels to ports 22 and 3389, so the relay listens on the box's loopback alone.
+fn resumable_dial(
+    opts: &ConnectOptions,
+    config: &Arc<client::Config>,
+    key: &Arc<PrivateKey>,
+    target: &super::eice::EiceTarget,
+) -> super::resume::Dial {
+    let opts =
+        Arc::new(ConnectOptions { transport: Transport::Eice(target.straight_to_sshd()), ..opts.clone() });
+    let (config, key) = (config.clone(), key.clone());
     Box::new(move || {
-        let target = target.clone();
+        let (opts, config, key) = (opts.clone(), config.clone(), key.clone());
         Box::pin(async move {
-            let tunnel = super::eice::open(&target).await.map_err(eice_fault)?;
-            Ok(Box::new(tunnel) as Box<dyn super::resume::Io>)
+            let Transport::Eice(target) = &opts.transport else { unreachable!("built above") };
+            let tunnel = super::eice::open(target).await.map_err(eice_fault)?;
+            let pinned = Pinned { expected: opts.host_key.clone(), inbound: Arc::default() };
+            let handle = handshake(&opts, config, tunnel, pinned, &key).await.map_err(|f| match f {
+                Failure::Fatal(e) => super::resume::Fault::Fatal(e.to_string()),
+                Failure::Retry(why) | Failure::Silent(why) => super::resume::Fault::Retry(why),
+            })?;
+            let retry =
+                |e: russh::Error| super::resume::Fault::Retry(format!("the tunnel's SSH channel: {e}"));
+            let channel = handle.channel_open_session().await.map_err(retry)?;
+            channel.exec(false, crate::userdata::RESUME_ATTACH).await.map_err(retry)?;
+            Ok(Box::new(Outer { stream: channel.into_stream(), _connection: handle })
+                as Box<dyn super::resume::Io>)
         })
     })
+}
+
+/// One tunnel's outer SSH connection and its channel to the relay: the stream, kept alive with
+/// the connection it runs on.
+struct Outer {
+    stream: russh::ChannelStream<client::Msg>,
+    _connection: Handle<Pinned>,
+}
+
+impl tokio::io::AsyncRead for Outer {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Outer {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// Connects to `host:port`, starting another connect every `stagger` while earlier ones are

@@ -55,6 +55,7 @@ impl std::fmt::Display for Transport {
 }
 
 /// Everything [`connect`] needs.
+#[derive(Clone)]
 pub struct ConnectOptions {
     pub transport: Transport,
     pub user: String,

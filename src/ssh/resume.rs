@@ -1,9 +1,11 @@
 //! One byte stream that outlives the tunnels it rides on. An EC2 Instance Connect Endpoint ends
 //! every tunnel at its maximum duration (one hour), and an SSH connection over a tunnel would
 //! end with it, taking a shell or a running command along. An eice box therefore runs a small
-//! relay (`src/userdata/resume.py`, port [`RELAY_PORT`]) that holds the TCP connection to its own
-//! sshd; the client speaks the EAR1 protocol to it over successive tunnels and the SSH
-//! connection above (end-to-end encrypted, host key pinned) never notices the change.
+//! relay (`src/userdata/resume.py`, on its loopback at [`RELAY_PORT`]) that holds the TCP
+//! connection to its own sshd. The endpoint tunnels to ports 22 and 3389 only, so each tunnel
+//! carries a short-lived outer SSH connection whose one exec channel pipes to the relay (see
+//! `connect::resumable_dial`); the client speaks the EAR1 protocol to the relay over successive
+//! tunnels and the SSH connection inside (end-to-end encrypted, host key pinned) never notices.
 //!
 //! EAR1, both integers big-endian: the client sends `EAR1` + a 16-byte token (one per SSH
 //! connection) + u64 bytes it has received; the relay answers `EAR1` + status (0 new, 1 resumed,
@@ -20,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// The relay's port on an eice box.
+/// The relay's port on an eice box's loopback.
 pub const RELAY_PORT: u16 = 2022;
 const MAGIC: &[u8; 4] = b"EAR1";
 const DATA: u8 = 1;
@@ -107,7 +109,7 @@ async fn hello(tunnel: &mut Tunnel, token: &[u8; 16], have: u64) -> Result<Welco
         }
         tunnel.read_exact(&mut head[1..]).await?;
         if &head[..4] != MAGIC {
-            return Err(std::io::Error::other(format!("port {RELAY_PORT} does not speak EAR1")));
+            return Err(std::io::Error::other("the box's resume relay does not speak EAR1".to_string()));
         }
         if head[4] == REFUSED {
             let length = tunnel.read_u16().await?;
@@ -122,11 +124,11 @@ async fn hello(tunnel: &mut Tunnel, token: &[u8; 16], have: u64) -> Result<Welco
             other => Err(std::io::Error::other(format!("unknown EAR1 status {other}"))),
         }
     };
-    let silent = || Fault::Silent(format!("nothing answered on the box's resume relay port ({RELAY_PORT})"));
+    let silent = || Fault::Silent("the box's resume relay did not answer".to_string());
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await {
         Ok(Ok(Some(welcome))) => Ok(welcome),
         Ok(Ok(None)) | Err(_) => Err(silent()),
-        Ok(Err(e)) => Err(Fault::Retry(format!("the box's resume relay (port {RELAY_PORT}): {e}"))),
+        Ok(Err(e)) => Err(Fault::Retry(format!("the box's resume relay: {e}"))),
     }
 }
 

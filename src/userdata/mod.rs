@@ -31,12 +31,17 @@ pub const SSHD_DROPIN: &str = "# ephemeral-admin: keys only; notice a client tha
 
 /// The resume relay of `connect = "eice"` boxes (python3 stdlib, which every cloud-init image
 /// has): it holds the connection to sshd while the client moves to a new tunnel
-/// (`crate::ssh::resume`).
+/// (`crate::ssh::resume`); each tunnel reaches it through an outer SSH connection's exec of
+/// [`RESUME_ATTACH`].
 pub const RESUME_SCRIPT: &str = include_str!("resume.py");
-/// Its systemd unit (port 2022, a dynamic user).
+/// Its systemd unit (127.0.0.1:2022 only, a dynamic user).
 pub const RESUME_UNIT: &str = include_str!("resume.service");
 pub const RESUME_PATH: &str = "/usr/local/lib/ephemeral-admin/resume.py";
 pub const RESUME_UNIT_PATH: &str = "/etc/systemd/system/ephemeral-admin-resume.service";
+/// What the client execs over each tunnel's outer SSH connection: a pipe to the relay.
+/// (`EA_RESUME_ADDRESS` and `EA_RESUME_SCRIPT` move it, for the box simulator, whose boxes share
+/// one machine; a real box sets neither.)
+pub const RESUME_ATTACH: &str = "exec python3 \"${EA_RESUME_SCRIPT:-/usr/local/lib/ephemeral-admin/resume.py}\" --attach \"${EA_RESUME_ADDRESS:-127.0.0.1:2022}\"";
 
 /// AWS refuses user-data above 16 KB "in raw form, before it is base64-encoded" (EC2 User Guide,
 /// "Work with instance user data").
@@ -443,11 +448,15 @@ mod tests {
         let unit = file(RESUME_UNIT_PATH).unwrap()["content"].as_str().unwrap().to_string();
         assert!(
             unit.contains(&format!(
-                "ExecStart=/usr/bin/python3 {RESUME_PATH} --listen 0.0.0.0:2022 --to 127.0.0.1:22"
+                "ExecStart=/usr/bin/python3 {RESUME_PATH} --listen 127.0.0.1:2022 --to 127.0.0.1:22"
             )),
             "{unit}"
         );
         assert!(unit.contains("DynamicUser=yes"), "{unit}");
+        // The client's exec finds the script where it is written and the relay where it listens.
+        let relay = format!("127.0.0.1:{}", crate::ssh::resume::RELAY_PORT);
+        assert!(RESUME_ATTACH.contains(RESUME_PATH) && RESUME_ATTACH.contains(&relay), "{RESUME_ATTACH}");
+        assert!(unit.contains(&format!("--listen {relay} ")), "loopback only: {unit}");
         let runcmd = serde_yaml_ng::to_string(&doc["runcmd"]).unwrap();
         assert!(runcmd.contains("ephemeral-admin-resume.service"), "{runcmd}");
         let sent = encode(&render(&config)).expect("AWS takes it (gzip'd: the relay is 11 KiB)");

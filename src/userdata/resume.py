@@ -2,10 +2,13 @@
 
 Why: an EC2 Instance Connect Endpoint closes every tunnel at its maximum duration (1 h), and the
 SSH connection over it died with it. This relay runs on the box (systemd unit
-ephemeral-admin-resume.service, only for connect = "eice"), listens on port 2022 and holds the TCP
-connection to sshd. A client's tunnel goes to the relay; when a tunnel ends, the client opens a new
-one and resumes the same byte stream by token, sequence totals and retransmission of unacked bytes,
-so the end-to-end encrypted SSH connection above never notices.
+ephemeral-admin-resume.service, only for connect = "eice"), listens on 127.0.0.1:2022 only and
+holds the TCP connection to sshd. The endpoint reaches nothing but sshd (port 22; AWS's endpoint
+tunnels to ports 22 and 3389 only), so each tunnel carries a short-lived outer SSH connection
+whose one exec channel runs this script with --attach, a plain stdin/stdout <-> relay pipe; the
+client's real SSH connection runs inside. When a tunnel ends, the client opens a new one and
+resumes the same byte stream by token, sequence totals and retransmission of unacked bytes, so
+the end-to-end encrypted SSH connection inside never notices.
 
 Wire protocol (big-endian), one TCP connection = one tunnel:
   HELLO   client -> relay: b"EAR1" + 16-byte token + u64 have (relay->client bytes it received)
@@ -283,14 +286,54 @@ def hostport(text):
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def attach(address):
+    """--attach: stdin to the relay and the relay to stdout, until either ends (what an outer SSH
+    connection's exec channel runs). Exits 2 when nothing listens there."""
+    import os
+    import socket
+    import threading
+    try:
+        sock = socket.create_connection(address, timeout=10)
+    except OSError as e:
+        log(f"no resume relay at {address[0]}:{address[1]}: {e}")
+        return 2
+    sock.settimeout(None)
+
+    def up():
+        while True:
+            data = os.read(0, 65536)
+            if not data:
+                break
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=up, daemon=True).start()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return 0
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
+
+
 async def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--listen", type=hostport, required=True, help="HOST:PORT to listen on")
-    p.add_argument("--to", type=hostport, required=True, help="HOST:PORT of sshd")
+    p.add_argument("--attach", type=hostport, metavar="HOST:PORT",
+                   help="pipe stdin/stdout to the relay at HOST:PORT and exit")
+    p.add_argument("--listen", type=hostport, help="HOST:PORT to listen on")
+    p.add_argument("--to", type=hostport, help="HOST:PORT of sshd")
     p.add_argument("--detach-timeout", type=float, default=120.0, metavar="SECONDS")
     p.add_argument("--max-sessions", type=int, default=64, metavar="N")
     p.add_argument("--buffer", type=int, default=4 << 20, metavar="BYTES")
     args = p.parse_args()
+    if args.attach:
+        try:
+            sys.exit(attach(args.attach))
+        except (BrokenPipeError, ConnectionError):
+            sys.exit(0)  # either side went away: the tunnel's end
+    if not (args.listen and args.to):
+        p.error("--listen and --to are required (or --attach)")
     relay = Relay(args)
     server = await asyncio.start_server(relay.handle, *args.listen)
     host, port = server.sockets[0].getsockname()[:2]

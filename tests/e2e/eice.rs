@@ -86,7 +86,7 @@ fn setup_eice_creates_one_tagged_endpoint_with_progress_and_a_second_run_changes
     let groups = crate::launch::own_groups(&cloud.state());
     let group = groups.iter().find(|g| made[0]["security_group_ids"][0] == g["id"]).expect("its own group");
     assert!(group["name"].as_str().unwrap().starts_with("ephemeral-admin-eice-"), "{group}");
-    // A way in, not out: egress only to sshd and the resume relay, inside the VPC.
+    // A way in, not out: egress only to sshd, inside the VPC.
     let mut egress: Vec<(String, u64, String)> = group["egress"]
         .as_array()
         .unwrap()
@@ -98,7 +98,7 @@ fn setup_eice_creates_one_tagged_endpoint_with_progress_and_a_second_run_changes
     egress.sort();
     let vpc_cidr = "\"172.31.0.0/16\"".to_string();
     let tcp = "\"tcp\"".to_string();
-    assert_eq!(egress, vec![(tcp.clone(), 22, vpc_cidr.clone()), (tcp, 2022, vpc_cidr)], "{group}");
+    assert_eq!(egress, vec![(tcp, 22, vpc_cidr)], "{group}");
 
     cloud.clear_log();
     let again = user.run(&["setup", "eice", "--output", "json"]).success().json();
@@ -161,15 +161,14 @@ fn an_eice_box_has_no_public_ip_no_caller_rule_and_runs_a_command_and_connect() 
     let params = rules[0]["params"].as_object().unwrap();
     assert!(!params.keys().any(|k| k.contains("CidrIp")), "no address rule at all: {params:?}");
     assert_eq!(params["IpPermissions.1.Groups.1.GroupId"], endpoint["security_group_ids"][0]);
-    assert_eq!(params["IpPermissions.1.FromPort"], "22", "sshd: {params:?}");
-    assert_eq!(params["IpPermissions.2.FromPort"], "2022", "and the resume relay in front of it: {params:?}");
-    assert_eq!(params["IpPermissions.2.Groups.1.GroupId"], endpoint["security_group_ids"][0]);
+    assert_eq!(params["IpPermissions.1.FromPort"], "22", "sshd only: {params:?}");
+    assert!(!params.contains_key("IpPermissions.2.FromPort"), "nothing but sshd: {params:?}");
     let carried: Vec<Value> = tunnels(&cloud)
         .into_iter()
         .filter(|t| t["refused"].is_null() && t["bytes_out"].as_u64().unwrap_or(0) > 0)
         .collect();
     assert!(!carried.is_empty(), "{:#?}", tunnels(&cloud));
-    assert!(carried.iter().all(|t| t["remote_port"] == "2022"), "through the relay: {carried:#?}");
+    assert!(carried.iter().all(|t| t["remote_port"] == "22"), "to sshd only: {carried:#?}");
 
     // A kept box: launched detached, reached again with `connect -- CMD`.
     let out = launch_detached(&user);
@@ -222,7 +221,7 @@ fn a_command_and_a_shell_ride_out_closed_tunnels_without_noticing() {
 
     // A command that outlives three tunnels, with 2 MiB on its stdin: every line once and in
     // order, stdin intact, its own exit status, and not a word on stderr.
-    let before = closed_tunnels(&cloud, 2022);
+    let before = closed_tunnels(&cloud, 22);
     let script = "n=0; while [ $n -lt 12 ]; do n=$((n+1)); echo line-$n; sleep 0.6; done; \
                   echo stdin-$(sha256sum | cut -c1-16); exit 7";
     let mut child = user
@@ -253,7 +252,7 @@ fn a_command_and_a_shell_ride_out_closed_tunnels_without_noticing() {
         stderr.lines().all(|l| l.starts_with("waiting for ssh on ")),
         "the user notices nothing: {stderr}"
     );
-    let closed = closed_tunnels(&cloud, 2022) - before;
+    let closed = closed_tunnels(&cloud, 22) - before;
     assert!(closed >= 2, "the command outlived {closed} closed tunnels: {:#?}", tunnels(&cloud));
 
     // A plain shell (no tmux): what it was told before the tunnels closed, it still knows after.
@@ -272,9 +271,9 @@ fn shell_rides_out_closed_tunnels(cloud: &LocalCloud, user: &User, session: &str
     std::thread::sleep(Duration::from_millis(500));
     tmux.line("export MARK=kept-$((6*7)); echo set-$MARK");
     tmux.wait_for("set-kept-42", Duration::from_secs(20));
-    let before = closed_tunnels(cloud, 2022);
+    let before = closed_tunnels(cloud, 22);
     wait_until("two tunnels closed under the shell", Duration::from_secs(30), || {
-        closed_tunnels(cloud, 2022) >= before + 2
+        closed_tunnels(cloud, 22) >= before + 2
     });
     tmux.line("echo mark=$MARK");
     tmux.wait_for("mark=kept-42", Duration::from_secs(20));
@@ -291,9 +290,17 @@ fn a_box_reached_without_its_resume_relay_keeps_tmux_across_tunnels_and_says_wha
     setup(&cloud, &user);
     let out = launch_detached(&user);
     let session = out["session_id"].as_str().unwrap().to_string();
+    user.run(&["connect", &session, "--", "true"]).success();
     // As recorded by a version without the relay: straight to sshd, one tunnel per connection.
     forget_resume_port(&user, &session);
-    let launched = tunnels(&cloud).len();
+    let instance = out["instance_id"].as_str().unwrap().to_string();
+    let relay_streams = || {
+        let info = cloud.control("GET", &format!("box/{instance}"), None);
+        let log = info["resume_log"].as_array().cloned().unwrap_or_default();
+        log.iter().filter(|l| l.as_str().unwrap_or("").contains(" new from")).count()
+    };
+    let launched = relay_streams();
+    assert!(launched >= 1, "a connect with the record intact went through the relay");
     cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 6})));
 
     // Shorter than the limit: unaffected. Longer: lost (255), saying why and what survives it.
@@ -316,11 +323,7 @@ fn a_box_reached_without_its_resume_relay_keeps_tmux_across_tunnels_and_says_wha
         std::io::Read::read_exact(&mut stream, &mut banner).expect("an answer through the forward");
         assert_eq!(&banner, b"SSH-2.0-", "sshd's banner through -L on the new connection");
     });
-    assert!(
-        tunnels(&cloud)[launched..].iter().all(|t| t["remote_port"] == "22"),
-        "never the relay: {:#?}",
-        tunnels(&cloud)
-    );
+    assert_eq!(relay_streams(), launched, "no stream through the relay after the record lost it");
     user.run(&["terminate", &session]).success();
     purge_and_check(&cloud, &user);
 }
@@ -346,14 +349,14 @@ fn a_box_whose_relay_never_answers_is_reached_straight_after_a_third_of_the_wait
     ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stdout.contains("straight-42"), "{}", run.stdout);
-    let warned: Vec<&str> =
-        run.stderr.lines().filter(|l| l.contains("resume relay (port 2022) did not answer")).collect();
+    let warned: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:") && l.contains("resume relay did not answer"))
+        .collect();
     assert_eq!(warned.len(), 1, "one line saying what it means: {}", run.stderr);
     assert!(warned[0].contains("--tmux"), "{}", run.stderr);
-    let ports: Vec<String> =
-        tunnels(&cloud).iter().map(|t| t["remote_port"].as_str().unwrap_or("-").to_string()).collect();
-    let first_22 = ports.iter().position(|p| p == "22").expect("a tunnel to sshd");
-    assert!(first_22 > 0 && ports[..first_22].iter().all(|p| p == "2022"), "the relay first: {ports:?}");
+    assert!(tunnels(&cloud).iter().all(|t| t["remote_port"] == "22"), "sshd only: {:#?}", tunnels(&cloud));
     purge_and_check(&cloud, &user);
 }
 
@@ -378,7 +381,7 @@ fn openssh_through_ssh_config_rides_out_closed_tunnels_via_the_binary_as_its_pro
     let config = user.home.join("eice_ssh_config");
     std::fs::write(&config, &block).unwrap();
     cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 2})));
-    let before = closed_tunnels(&cloud, 2022);
+    let before = closed_tunnels(&cloud, 22);
     // OpenSSH's own client, with the CLI's environment (the ProxyCommand is the CLI).
     let done = user
         .wrapper("ssh")
@@ -394,7 +397,7 @@ fn openssh_through_ssh_config_rides_out_closed_tunnels_via_the_binary_as_its_pro
     let expected: Vec<String> = (1..=10).map(|n| format!("tick-{n}")).collect();
     assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{stderr}");
     assert!(stderr.trim().is_empty(), "nothing from the proxy: {stderr}");
-    let closed = closed_tunnels(&cloud, 2022) - before;
+    let closed = closed_tunnels(&cloud, 22) - before;
     assert!(closed >= 2, "ssh outlived {closed} closed tunnels: {:#?}", tunnels(&cloud));
     user.run(&["terminate", &session]).success();
     purge_and_check(&cloud, &user);

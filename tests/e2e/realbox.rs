@@ -270,7 +270,7 @@ fn an_eice_box_resumes_across_tunnels_and_a_vanished_laptop_still_powers_it_off_
         .as_array()
         .unwrap()
         .iter()
-        .filter(|t| t["close_code"] == 1000 && t["remote_port"] == "2022")
+        .filter(|t| t["close_code"] == 1000 && t["remote_port"] == "22")
         .count();
     assert!(closed >= 1, "the command outlived a closed tunnel");
     cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 3600})));

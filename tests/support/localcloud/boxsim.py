@@ -18,7 +18,10 @@ simulated box:
   (``ephemeral-admin-resume.service``) and script and ``runcmd`` enables the unit: the unit's
   ExecStart with this interpreter, ``--listen 127.0.0.1:<free port>`` and ``--to 127.0.0.1:<the
   box's sshd port>`` in place of the unit's (its other flags kept), restarted a second after it
-  exits (Restart=always), killed with the box; its stderr goes to ``resume.log`` in the box dir;
+  exits (Restart=always), killed with the box; its stderr goes to ``resume.log`` in the box dir.
+  The box's sshd sets EA_RESUME_ADDRESS and EA_RESUME_SCRIPT for its sessions, so the client's
+  exec of ``resume.py --attach`` (through an outer SSH connection, as on a real box, where the
+  relay listens on the box's own 127.0.0.1:2022) reaches this box's relay;
 * user-data may be gzip'd, as cloud-init accepts it;
 * a ``runcmd`` entry that runs a written file (the CLI's setup runner) runs as cloud-init would,
   with stub ``apt-get``/``dnf``/``yum`` that record package installs (see ``_start_setup``).
@@ -81,8 +84,8 @@ box's own processes (its sshd and their children, e.g. a forwarded connection) w
 went through the box. ``GET /_localcloud/box/<iid>`` shows the token as ``private_service_token``.
 
 Module functions: attach(cloud), reset(), shutdown(), port_target(instance_id, port) (the
-(host, port) on this machine of an up box's port 22 = its sshd, or 2022 = its resume relay while
-that runs, else None; for localcloud's EC2 Instance Connect Endpoint relay), ssh_target(instance_id)
+(host, port) on this machine of an up box's port 22 = its sshd, else None; for localcloud's EC2
+Instance Connect Endpoint relay), ssh_target(instance_id)
 (= port_target(instance_id, 22)). Set BOXSIM_KEEP_DIRS=1 to keep the box directories (logs) after
 shutdown.
 
@@ -137,7 +140,6 @@ DEFAULT_SCRIPT = "/usr/local/sbin/ephemeral-admin-watchdog"
 DEFAULT_ENVFILE = "/etc/ephemeral-admin/watchdog.env"
 RESUME_UNIT = "/etc/systemd/system/ephemeral-admin-resume.service"
 RESUME_SCRIPT = "/usr/local/lib/ephemeral-admin/resume.py"
-RESUME_PORT = 2022  # the relay's port on a real box
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GONE_STATES = {"shutting-down", "terminated", "stopping", "stopped"}
 WATCHDOG_MARK = "ephemeral-admin-watchdog: "
@@ -180,8 +182,8 @@ def shutdown():
 
 def port_target(instance_id, port):
     """(host, port) on this machine of what listens at ``port`` on a box that is up (what a
-    connection to the instance's port from inside its VPC reaches): 22 its sshd, 2022
-    (RESUME_PORT) its resume relay while that runs; else None."""
+    connection to the instance's port from inside its VPC reaches): 22 its sshd; else None (the
+    resume relay listens on the box's own loopback, out of the VPC's reach)."""
     sim = _SIM
     if sim is None:
         return None
@@ -191,8 +193,6 @@ def port_target(instance_id, port):
         return None
     if port == 22 and box.ssh_port:
         return ("127.0.0.1", box.ssh_port)
-    if port == RESUME_PORT and box.resume_running():
-        return ("127.0.0.1", box.resume_port)
     return None
 
 
@@ -512,10 +512,6 @@ class Box:
                 pass
 
     def resume_running(self):
-        if self.real_vm:
-            # QEMU forwards the guest's port 2022; whether the guest's relay listens there only
-            # a connection shows (refused until its unit runs).
-            return self.resume_port is not None and not self.stopped
         return self.resume is not None and self.resume.poll() is None and not self.stopped
 
     def read_lines(self, name, tail=None):
@@ -752,6 +748,8 @@ class BoxSim:
             # looks before the runner made its log: on a host with cloud-init of its own, the
             # follower's `cloud-init status` would say done and it would give up.
             self._start_setup(box, cfg, files)
+            # The relay's port first: the box's sshd tells the exec'd attach where it is.
+            box.resume_port = _free_port()
             self._start_sshd(box, cfg)
             self._start_resume(box, cfg, files)
             box.service = _PrivateService.start(box)
@@ -774,10 +772,6 @@ class BoxSim:
         """Real-VM mode: QEMU boots the image with this instance's user-data from the IMDS."""
         box.ssh_port = realbox.free_port()
         fwds = [("127.0.0.1", box.ssh_port)]
-        if b"ephemeral-admin-resume.service" in (box.user_data or b""):
-            # An eice box: the local EICE reaches the guest's resume relay through this.
-            box.resume_port = realbox.free_port()
-            fwds.append(("127.0.0.1", box.resume_port, RESUME_PORT))
         if box.public_ip:
             fwds.append((box.public_ip, self.direct_port))
         elif box.private_alias:
@@ -873,7 +867,7 @@ class BoxSim:
             direct = f"{box.public_ip}:{self.direct_port}" if box.public_ip else None
             private = f"{box.private_alias}:{self.direct_port}" if box.private_alias else None
             with open(conf, "w") as f:
-                f.write(_sshd_config(d, port, box.iid, direct or private))
+                f.write(_sshd_config(d, port, box.iid, direct or private, box.resume_port))
             # The box's user starts with an empty home, like on a fresh instance: this machine's
             # own ~/.bashrc (pyenv init and its rehash lock) has no business in a box's login.
             os.makedirs(os.path.join(d, "home"), mode=0o700, exist_ok=True)
@@ -1020,8 +1014,9 @@ class BoxSim:
                 args[:1] = []  # and its value
             elif not a.startswith(("--listen=", "--to=")):
                 flags.append(a)
-        for _attempt in range(3):
-            port = _free_port()
+        for attempt in range(3):
+            # The port sshd announced first; another only if that one was taken meanwhile.
+            port = box.resume_port if attempt == 0 and box.resume_port else _free_port()
             box.resume_port = port
             box.resume_cmd = [sys.executable, script, "--listen", f"127.0.0.1:{port}",
                               "--to", f"127.0.0.1:{box.ssh_port}"] + flags
@@ -1312,7 +1307,7 @@ def _sshd_version():
     return _SSHD_VERSION
 
 
-def _sshd_config(d, port, iid, direct=None):
+def _sshd_config(d, port, iid, direct=None, resume_port=None):
     # The box's home is {d}/home (HOME below): SFTP starts there too, as it would in the login
     # user's home on a real box.
     # OpenSSH >= 9.8 penalises sources whose connections fail or close early; every
@@ -1320,6 +1315,10 @@ def _sshd_config(d, port, iid, direct=None):
     extra = "PerSourcePenalties no\n" if _sshd_version() >= (9, 8) else ""
     if direct:
         extra += f"ListenAddress {direct}\n"
+    # Where the client's exec of the resume attach finds this box's relay and its script (on a
+    # real box: 127.0.0.1:2022 and /usr/local/lib/ephemeral-admin/resume.py).
+    resume = (f" EA_RESUME_ADDRESS=127.0.0.1:{resume_port} EA_RESUME_SCRIPT={d}/resume.py"
+              if resume_port else "")
     return extra + f"""# boxsim: one box's sshd
 ListenAddress 127.0.0.1:{port}
 HostKey {d}/ssh_host_ed25519_key
@@ -1335,7 +1334,7 @@ AllowTcpForwarding yes
 PrintMotd no
 Subsystem sftp internal-sftp -d {d}/home
 LogLevel VERBOSE
-SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup
+SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup{resume}
 """
 
 

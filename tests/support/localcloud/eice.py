@@ -23,14 +23,15 @@ moto knows nothing of EICE. Here:
   an unknown key, a wrong signature, a date beyond ``X-Amz-Expires`` (at most 3600) -> 403),
   the scope (service ``ec2-instance-connect``, the endpoint's region), the endpoint (unknown ->
   404, not ``create-complete`` -> 404), the Host header (must be its DnsName -> 403), the
-  parameters (400), and with a policy loaded ``ec2-instance-connect:OpenTunnel`` on the
+  parameters (400; remotePort other than 22 or 3389 too: AWS's endpoint tunnels to SSH and RDP
+  only), and with a policy loaded ``ec2-instance-connect:OpenTunnel`` on the
   endpoint's ARN with the keys ``ec2-instance-connect:remotePort``, ``:privateIpAddress``,
   ``:maxTunnelDuration`` and the endpoint's tags (403, recorded in the policy's denials).
   Whether the target can be reached is a network matter on AWS: the upgrade succeeds and the
   endpoint then closes the WebSocket with 1011 "Unable to connect to target" when no running
   instance of the endpoint's VPC has that private IP, when none of its groups admits TCP
   remotePort from one of the endpoint's groups, or when nothing listens at remotePort (no
-  simulated box; boxsim listens at 22, its sshd, and at 2022 while the box's resume relay runs).
+  simulated box; boxsim's box listens at 22, its sshd).
   Otherwise the bytes of what listens there (``boxsim.port_target(instance id, remotePort)``)
   travel as binary frames both ways; the endpoint closes with 1000 after min(maxTunnelDuration,
   ``tunnel_limit_seconds``) seconds, or when the box closes the TCP connection.
@@ -629,8 +630,9 @@ class Eice:
             ipaddress.IPv4Address(ip)
         except ValueError:
             raise Refused(400, "remotePort and maxTunnelDuration must be integers, privateIpAddress an IPv4 address")
-        if not 1 <= port <= 65535:
-            raise Refused(400, f"remotePort {port} is out of range")
+        if port not in (22, 3389):
+            # AWS: EC2 Instance Connect Endpoint connects to ports 22 (SSH) and 3389 (RDP) only.
+            raise Refused(400, f"remotePort {port} is not supported: only 22 and 3389")
         if not 1 <= duration <= 3600:
             raise Refused(400, f"maxTunnelDuration {duration} must be between 1 and 3600 seconds")
         with self.lock:

@@ -8,7 +8,8 @@ between an asyncio test client written from the protocol (resume.py's docstring)
 in-process "sshd stand-in" TCP server on 127.0.0.1 that echoes or sends then closes. Checks: a new stream both ways; 8 MiB each way with 3 mid-transfer drops
 (unacked bytes both ways) resumed with no byte lost or duplicated; a refused unknown token; a wrong
 magic; a detached session dropped after --detach-timeout; sshd's EOF after all data; a takeover
-by a second HELLO; the client's EOF; an unknown frame type; the log never holds a whole token.
+by a second HELLO; the client's EOF; an unknown frame type; --attach (the stdin/stdout pipe an
+outer SSH connection's exec runs); the log never holds a whole token.
 """
 
 import argparse
@@ -336,6 +337,38 @@ async def t_bad_frame(port, sshd):
     c.w.close()
 
 
+async def t_attach(python, port, sshd):
+    """--attach: what an outer SSH connection's exec runs; a HELLO through its stdin gets the
+    WELCOME and the echo back on its stdout, and its stdin's end closes the relay connection
+    (the session stays, detached). Nothing listening: exit 2 at once."""
+    proc = await asyncio.create_subprocess_exec(python, RELAY, "--attach", f"127.0.0.1:{port}",
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    token = os.urandom(16)
+    proc.stdin.write(MAGIC + token + struct.pack(">Q", 0) + struct.pack(">BI", DATA, 5) + b"piped")
+    await proc.stdin.drain()
+    got = b""
+    while b"piped" not in got:
+        chunk = await asyncio.wait_for(proc.stdout.read(4096), 10)
+        check(chunk, f"the attach pipe answered: {got!r}")
+        got += chunk
+    check(got[:5] == MAGIC + bytes([NEW]), f"WELCOME NEW through the pipe: {got[:13]!r}")
+    proc.stdin.close()
+    check(await asyncio.wait_for(proc.wait(), 10) == 0, "stdin's end ends the attach, exit 0")
+    c = Client(port, token=token)
+    c.out, c.pos = bytearray(b"piped"), 5  # what went through the pipe
+    check((await c.hello())[0] == RESUMED, "the session outlives the attach (detached, resumable)")
+    c.w.close()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    free = probe.getsockname()[1]
+    probe.close()
+    nobody = await asyncio.create_subprocess_exec(python, RELAY, "--attach", f"127.0.0.1:{free}",
+                                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(nobody.communicate(), 20)
+    check(nobody.returncode == 2 and out == b"", f"nothing listening: exit 2, no output ({nobody.returncode})")
+
+
 async def start_relay(python, tmp, name, sshd_port, *flags):
     logpath = os.path.join(tmp, f"{name}.log")
     with open(logpath, "wb") as logf:
@@ -373,7 +406,8 @@ async def main():
                      ("sshd EOF after all data", t_sshd_eof(port, sshd), logpath),
                      ("second HELLO takes over", t_takeover(port, sshd), logpath),
                      ("client EOF closes sshd and forgets", t_client_eof(port, sshd), logpath),
-                     ("unknown frame type closes the connection only", t_bad_frame(port, sshd), logpath)]
+                     ("unknown frame type closes the connection only", t_bad_frame(port, sshd), logpath),
+                     ("--attach pipes stdin/stdout to the relay", t_attach(args.python, port, sshd), logpath)]
             for name, coro, relay_log in tests:
                 log(f"resume: {name}")
                 try:

@@ -1232,18 +1232,6 @@ def box_user_data(tmp: str) -> str:
             + f"  ed25519_public: {keys['host'][1]}\nssh_authorized_keys:\n  - {keys['client'][1]}\n")
 
 
-def resume_user_data() -> str:
-    """What the CLI adds for connect = "eice": the resume relay, its unit, the runcmd enabling it."""
-    userdata = os.path.join(HERE, "..", "..", "..", "src", "userdata")
-    files = ""
-    for path, name in (("/usr/local/lib/ephemeral-admin/resume.py", "resume.py"),
-                       ("/etc/systemd/system/ephemeral-admin-resume.service", "resume.service")):
-        with open(os.path.join(userdata, name)) as f:
-            files += f"  - path: {path}\n    content: |\n" + "".join(
-                "      " + line + "\n" if line else "\n" for line in f.read().splitlines())
-    return "write_files:\n" + files + "runcmd:\n  - [systemctl, enable, --now, ephemeral-admin-resume.service]\n"
-
-
 @section("EC2 Instance Connect Endpoint: API states, SigV4 tunnel to a box's sshd, refusals")
 def t_eice():
     tmp = tempfile.mkdtemp(prefix="eice-selftest-")
@@ -1365,31 +1353,15 @@ def _t_eice(cloud: "Cloud", tmp: str) -> None:
           "six tunnels open at once each reach the box's sshd", banners)
     for w in many:
         w.close()
-    # remotePort 2022: the resume relay of a box whose user-data runs it (boxsim.port_target).
-    ec2.authorize_security_group_ingress(GroupId=box_sg, IpPermissions=[{
-        "IpProtocol": "tcp", "FromPort": 2022, "ToPort": 2022, "UserIdGroupPairs": [{"GroupId": eice_sg}]}])
-    relayed = run_one(ec2, SecurityGroupIds=[box_sg], SubnetId=subnet, UserData=ud + resume_user_data())
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and cloud.api("GET", f"/_localcloud/box/{relayed['InstanceId']}")[1].get(
-            "state") not in ("up", "failed"):
-        time.sleep(0.1)
-    ws = WsClient(ws_url, eice_presign(dns, eid, relayed["PrivateIpAddress"], port=2022))
-    got = b""
-    if ws.status == 101:
-        ws.send(2, b"EAR1" + os.urandom(16) + bytes(8))  # HELLO, a new stream
-        while len(got) < 13 + 5 + 8:
-            op, data = ws.recv()
-            if op != 2:
-                break
-            got += data
-    check(got[:13] == b"EAR1\0" + bytes(8) and got[18:26] == b"SSH-2.0-",
-          "remotePort 2022 reaches the box's resume relay: WELCOME NEW, then sshd's banner", (ws.status, got[:40]))
-    ws.close()
-    no = WsClient(ws_url, eice_presign(dns, eid, ip, port=2022))
-    _, code, reason = no.read_until_close(5) if no.status == 101 else (b"", None, "")
-    check(no.status == 101 and code == 1011, "remotePort 2022 on a box without the relay: closed 1011",
-          (no.status, code, reason))
-    no.close()
+    # remotePort: AWS's endpoint tunnels to 22 (SSH) and 3389 (RDP) only.
+    odd = WsClient(ws_url, eice_presign(dns, eid, ip, port=2022))
+    check(odd.status == 400, "remotePort 2022 is refused (400): only 22 and 3389", odd.status)
+    odd.close()
+    rdp = WsClient(ws_url, eice_presign(dns, eid, ip, port=3389))
+    _, code, reason = rdp.read_until_close(5) if rdp.status == 101 else (b"", None, "")
+    check(rdp.status == 101 and code == 1011, "remotePort 3389 is taken, and nothing listens there: closed 1011",
+          (rdp.status, code, reason))
+    rdp.close()
     ws = WsClient(ws_url, eice_presign(dns, eid, ip))
     ws.send(1, b"hello")
     _, code, _ = ws.read_until_close(5)
@@ -1469,7 +1441,7 @@ def _t_eice(cloud: "Cloud", tmp: str) -> None:
     ok = WsClient(ws_url, eice_presign(dns, eid, ip))
     check(ok.status == 101, "policy allows OpenTunnel on the endpoint for port 22 and this IP", (ok.status, ok.body))
     ok.close()
-    no = WsClient(ws_url, eice_presign(dns, eid, ip, port=2222))
+    no = WsClient(ws_url, eice_presign(dns, eid, ip, port=3389))
     check(no.status == 403 and "ec2-instance-connect:OpenTunnel" in no.body,
           "policy refuses another remotePort: 403 naming OpenTunnel", (no.status, no.body))
     no.close()

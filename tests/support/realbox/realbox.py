@@ -79,8 +79,7 @@ def ec2_uuid():
 
 
 class Vm:
-    """One QEMU process. ``hostfwds``: [(host_ip, host_port)] each forwarded to guest port 22, or
-    [(host_ip, host_port, guest_port)] to that guest port.
+    """One QEMU process. ``hostfwds``: [(host_ip, host_port)] each forwarded to guest port 22.
     ``imds``: (host, port, instance_id) of the fake IMDS (paths under /<instance_id>/)."""
 
     def __init__(self, image_dir, workdir, hostfwds, imds, kernel_args="", popen=subprocess.Popen):
@@ -98,7 +97,7 @@ class Vm:
                                                   host, str(port), iid))
         if "," in relay:
             raise ValueError(f"QEMU option values cannot hold a comma: {relay}")
-        fwds = "".join(f",hostfwd=tcp:{f[0]}:{f[1]}-:{f[2] if len(f) > 2 else 22}" for f in self.hostfwds)
+        fwds = "".join(f",hostfwd=tcp:{h}:{p}-:22" for h, p in self.hostfwds)
         net = f"user,id=n0,net=169.254.169.0/24,restrict=on{fwds},guestfwd=tcp:{IMDS_ADDR}:80-cmd:{relay}"
         ident = ec2_uuid()
         self.accel = accel(self.image_dir)
