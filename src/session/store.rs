@@ -43,8 +43,9 @@ pub struct SessionRecord {
     /// `connect = "eice"`: the endpoint the box is reached through, and its DnsName.
     pub eice_endpoint_id: Option<String>,
     pub eice_dns_name: Option<String>,
-    /// The port of the box's resume relay (`connect = "eice"` boxes from this version on): SSH
-    /// rides out the end of a tunnel through it. None: straight to sshd, one tunnel per connection.
+    /// The port of the resume relay on the box's loopback (`connect = "eice"` boxes from this
+    /// version on): SSH rides out the end of a tunnel through it. None: straight to sshd, one
+    /// tunnel per connection.
     pub resume_port: Option<u16>,
     /// The process that launched or last attached to the session, and its start time
     /// (`lifecycle::process_start`) so a recycled pid is not mistaken for it.

@@ -141,9 +141,9 @@ enum Frame {
 
 /// Reads frames from one tunnel into a channel (so reading is never cut off halfway by the
 /// pump's other work); the channel closes with the tunnel, carrying why.
-fn read_frames(mut reader: tokio::io::ReadHalf<Tunnel>) -> mpsc::Receiver<Result<Frame, String>> {
+fn read_frames(mut reader: tokio::io::ReadHalf<Tunnel>) -> Frames {
     let (tx, rx) = mpsc::channel(8);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let frame = async {
                 match reader.read_u8().await? {
@@ -168,7 +168,20 @@ fn read_frames(mut reader: tokio::io::ReadHalf<Tunnel>) -> mpsc::Receiver<Result
             }
         }
     });
-    rx
+    Frames { rx, reader: task.abort_handle() }
+}
+
+/// The frames of one tunnel; dropping it stops their reader, so a tunnel given up on is closed
+/// (with the outer SSH connection it carries) even if it never said goodbye.
+struct Frames {
+    rx: mpsc::Receiver<Result<Frame, String>>,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Frames {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 /// The bytes in flight, and where each direction has got to.
@@ -252,7 +265,7 @@ impl Pump {
             let room = self.unacked.len() + SEND_CHUNK <= BUFFER;
             let due = ack_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                frame = frames.recv() => {
+                frame = frames.rx.recv() => {
                     if let Some(end) = self.take(frame, local_w, &mut writer, &mut ack_due).await {
                         return end;
                     }
