@@ -167,6 +167,13 @@ pub async fn run(ctx: &Context, args: &CleanupArgs) -> Result<ExitStatus> {
             Err(e) => report.errors.push(format!("{region}: {}", crate::exit_codes::one_line(&e))),
         }
     }
+    if args.purge && !args.dry_run {
+        // IAM is global: its roles go only when no region of the account still uses them.
+        match purge_global(ctx, aws, &caller.account).await {
+            Ok(purged) => report.purged.extend(purged),
+            Err(e) => report.errors.push(crate::exit_codes::one_line(&e)),
+        }
+    }
     for id in &args.ids {
         if !report.sessions.iter().any(|s| &s.session_id == id) {
             report.errors.push(format!(
@@ -347,9 +354,9 @@ async fn sweep(
         report.log_groups_removed = stale_logs;
     }
     if args.purge && !args.dry_run {
-        match purge(ctx, aws, &caller.account).await {
+        match purge_regional(aws).await {
             Ok(purged) => report.purged = purged,
-            Err(e) => report.errors.push(crate::exit_codes::one_line(&e)),
+            Err(e) => report.errors.push(format!("{}: {}", aws.region, crate::exit_codes::one_line(&e))),
         }
     }
     report.sessions.append(&mut outcomes);
@@ -533,76 +540,111 @@ async fn remove(
 
 /// `--purge`: the IAM roles and instance profiles, once nothing uses them. (Security groups are
 /// per session and go with their session.)
-async fn purge(ctx: &Context, aws: &Aws, account: &str) -> Result<Vec<String>> {
+/// `--purge`, per region: the Instance Connect Endpoints `setup eice` made, where no box of the
+/// tool's is left.
+async fn purge_regional(aws: &Aws) -> Result<Vec<String>> {
+    let (purged, waiting) = super::eice::purge(aws).await?;
+    if !waiting.is_empty() {
+        bail!("not purged: {}", waiting.join("; "));
+    }
+    Ok(purged)
+}
+
+/// `--purge`, once: the IAM roles (global), each only when no instance in any enabled region of
+/// the account runs with it, and no schedule in any region runs as it. A region that cannot be
+/// checked keeps them.
+async fn purge_global(ctx: &Context, aws: &Aws, account: &str) -> Result<Vec<String>> {
     let s = &ctx.settings;
+    let regions = enabled_regions(aws).await?;
+    let clients = futures::future::join_all(regions.iter().map(|region| async move {
+        if *region == aws.region { aws.clone() } else { aws.in_region(&s.aws, region).await }
+    }))
+    .await;
     let mut purged = Vec::new();
-    let users = |filter: &'static str, value: String| async move {
-        // Instances we just terminated may take a moment to let go: wait for them, bounded.
-        let start = tokio::time::Instant::now();
-        loop {
-            let users = instances::users_of(aws, filter, &value).await?;
-            let blocking: Vec<&InstanceInfo> = users.iter().filter(|i| i.state != "shutting-down").collect();
-            if !blocking.is_empty() {
-                let named: Vec<String> = blocking
-                    .iter()
-                    .map(|i| {
-                        format!(
-                            "{} (session {})",
-                            i.instance_id,
-                            i.session_id.as_deref().unwrap_or("not ours")
-                        )
-                    })
-                    .collect();
-                bail!(
-                    "still used by {}: terminate it first, or run `cleanup --all --purge`",
-                    named.join(", ")
-                );
-            }
-            if users.is_empty() {
-                return Ok(());
-            }
-            if start.elapsed() > PURGE_WAIT {
-                bail!(
-                    "instances are still shutting down after {}: run `cleanup --purge` again shortly",
-                    short_duration(PURGE_WAIT)
-                );
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    };
     let mut refusals = Vec::new();
     for name in [s.iam_role_name.clone(), iam::ssm_role_name(&s.iam_role_name)] {
         let profile_arn = format!("arn:aws:iam::{account}:instance-profile/{name}");
-        match users("iam-instance-profile.arn", profile_arn).await {
-            Ok(()) => {
+        let checks = clients.iter().map(|regional| profile_users(regional, &profile_arn));
+        match first_refusal(futures::future::join_all(checks).await) {
+            None => {
                 if iam::delete_instance_profile_and_role(aws, &name).await? {
                     purged.push(format!("IAM role and instance profile {name}"));
                 }
             }
-            Err(e) => refusals.push(format!("IAM role and instance profile {name} {e}")),
+            Some(why) => refusals.push(format!("IAM role and instance profile {name} {why}")),
         }
     }
     // The schedules' role, once no schedule of the tool's is left to run as it.
     let scheduler_role = iam::scheduler_role_name(&s.iam_role_name);
-    match schedule::list_ours(aws).await?.as_slice() {
-        [] => {
+    let listed = futures::future::join_all(clients.iter().map(schedule::list_ours)).await;
+    let mut left = 0;
+    for (region, found) in regions.iter().zip(listed) {
+        match found {
+            Ok(found) => left += found.len(),
+            Err(e) => {
+                refusals.push(format!(
+                    "IAM role {scheduler_role}: the schedules of {region} could not be listed ({e})"
+                ));
+                left = usize::MAX;
+                break;
+            }
+        }
+    }
+    match left {
+        0 => {
             if iam::delete_scheduler_role(aws, &s.iam_role_name).await? {
                 purged.push(format!("IAM role {scheduler_role}"));
             }
         }
-        left => refusals.push(format!(
-            "IAM role {scheduler_role} still used by {} schedule(s) of live sessions: end them first, or run `cleanup --all --purge`",
-            left.len()
+        usize::MAX => {}
+        n => refusals.push(format!(
+            "IAM role {scheduler_role} still used by {n} schedule(s) of live sessions: end them first, or run `cleanup --all --purge --all-regions`"
         )),
     }
-    // The Instance Connect Endpoints `setup eice` made, where no box of the tool's is left.
-    let (endpoints, waiting) = super::eice::purge(aws).await?;
-    purged.extend(endpoints);
-    refusals.extend(waiting);
     if !refusals.is_empty() {
         bail!("not purged: {}", refusals.join("; "));
     }
     Ok(purged)
+}
+
+/// The first region's reason to keep a shared resource, if any.
+fn first_refusal(checks: Vec<Result<()>>) -> Option<String> {
+    checks.into_iter().find_map(|c| c.err()).map(|e| crate::exit_codes::one_line(&e))
+}
+
+/// Whether instances in `aws`'s region still run with the instance profile `arn`: waits for those
+/// shutting down (bounded); an error names the ones that block.
+async fn profile_users(aws: &Aws, arn: &str) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    loop {
+        let users = instances::users_of(aws, "iam-instance-profile.arn", arn).await?;
+        let blocking: Vec<&InstanceInfo> = users.iter().filter(|i| i.state != "shutting-down").collect();
+        if !blocking.is_empty() {
+            let named: Vec<String> = blocking
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{} in {} (session {})",
+                        i.instance_id,
+                        aws.region,
+                        i.session_id.as_deref().unwrap_or("not ours")
+                    )
+                })
+                .collect();
+            bail!("still used by {}: terminate it first, or run `cleanup --all --purge`", named.join(", "));
+        }
+        if users.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > PURGE_WAIT {
+            bail!(
+                "instances in {} are still shutting down after {}: run `cleanup --purge` again shortly",
+                aws.region,
+                short_duration(PURGE_WAIT)
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// The sweep `launch` runs before it provisions: local records only (so it costs no AWS call

@@ -231,6 +231,40 @@ fn purge_removes_the_shared_resources_only_when_nothing_uses_them() {
 }
 
 #[test]
+fn purge_in_another_region_keeps_the_global_roles_a_box_elsewhere_still_uses() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let kept = launch_detached(&user, &proxy, &[]);
+    let kept_id = kept["session_id"].as_str().unwrap();
+    let instance = kept["instance_id"].as_str().unwrap();
+    // IAM is global: a purge run from us-west-2 must see the box (and its schedules) in us-east-1.
+    let run = user.run(&["cleanup", "--purge", "--region", "us-west-2"]);
+    assert_eq!(run.code, 1, "refuses while a box elsewhere uses them: {}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains(&format!("still used by {instance} in us-east-1 (session {kept_id})")),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("still used by 3 schedule(s)"), "{}", run.stdout);
+    let state = cloud.state();
+    assert_eq!(
+        state["iam"]["roles"].as_array().unwrap().len(),
+        2,
+        "both roles stay: {:#}",
+        state["iam"]["roles"]
+    );
+    assert_eq!(state["iam"]["instance_profiles"].as_array().unwrap().len(), 1);
+
+    user.run(&["terminate", kept_id]).success();
+    let run = user.run(&["cleanup", "--purge", "--region", "us-west-2"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let state = cloud.state();
+    assert!(state["iam"]["roles"].as_array().unwrap().is_empty(), "{:#}", state["iam"]["roles"]);
+    assert_nothing_left(&cloud);
+}
+
+#[test]
 fn launch_sweeps_its_own_crashed_sessions_first() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
