@@ -251,11 +251,12 @@ fn an_eice_box_resumes_across_tunnels_and_a_vanished_laptop_still_powers_it_off_
     wait_up(&cloud, &instance);
 
     // The relay on the real box, and a command that outlives a tunnel.
-    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 6})));
+    // Long enough for a TCG guest to take a new tunnel's outer SSH handshake and start python.
+    cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 12})));
     let script = "sudo cloud-init status --wait >/dev/null 2>&1; \
         echo relay=$(systemctl is-active ephemeral-admin-resume.service); \
         pid=$(systemctl show -p MainPID --value ephemeral-admin-resume.service); \
-        echo user=$(ps -o user= -p \"$pid\"); sleep 10; echo survived";
+        echo user=$(ps -o user= -p \"$pid\"); sleep 16; echo survived";
     let run = user.run(&["connect", &session, "--", "sh", "-c", script]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("relay=active\n"), "{}", run.stdout);
@@ -297,8 +298,9 @@ fn an_eice_box_resumes_across_tunnels_and_a_vanished_laptop_still_powers_it_off_
 
     signal(client.id(), "STOP");
     let vanished = Instant::now();
-    // sshd: 10 s x 3 probes (~40 s); then the 10 s grace; then a TCG poweroff.
-    wait_terminated(&cloud, &instance, Duration::from_secs(40 + 10 + 150));
+    // sshd: 10 s x 3 probes (~40 s) for the tunnel's outer connection, as many again for the
+    // relay's; then the 10 s grace; then a TCG poweroff.
+    wait_terminated(&cloud, &instance, Duration::from_secs(40 + 40 + 10 + 150));
     let gone = vanished.elapsed();
     signal(client.id(), "KILL");
     let _ = client.wait();
