@@ -245,22 +245,36 @@ mod tests {
     use crate::keys::SessionKeys;
     use std::io::Read as _;
 
-    fn sample(keys: &SessionKeys) -> String {
-        render(&BoxConfig {
-            session_id: "abcdefgh",
+    /// The configuration every test starts from (a session of the same id and times).
+    fn base(keys: &SessionKeys) -> BoxConfig<'_> {
+        BoxConfig {
             host_key_private: &keys.host.private_openssh,
             host_key_public: &keys.host.public_openssh,
             client_key_public: &keys.client.public_openssh,
+            ..base_with_no_keys()
+        }
+    }
+
+    fn base_with_no_keys() -> BoxConfig<'static> {
+        BoxConfig {
+            session_id: "abcdefgh",
+            host_key_private: "",
+            host_key_public: "",
+            client_key_public: "",
             deadline_epoch: 1_795_370_400,
             cap_epoch: 1_795_399_200,
             idle_grace_secs: 120,
             boot_grace_secs: 600,
             interval_secs: 5,
-            install_tmux: true,
+            install_tmux: false,
             resume_relay: false,
             packages: &[],
             setup_script: None,
-        })
+        }
+    }
+
+    fn sample(keys: &SessionKeys) -> String {
+        render(&BoxConfig { install_tmux: true, ..base(keys) })
     }
 
     #[test]
@@ -278,19 +292,10 @@ mod tests {
     #[test]
     fn matches_the_committed_snapshot() {
         let rendered = render(&BoxConfig {
-            session_id: "abcdefgh",
             host_key_private: include_str!("testdata/host_ed25519"),
             host_key_public: include_str!("testdata/host_ed25519.pub"),
             client_key_public: include_str!("testdata/client_ed25519.pub"),
-            deadline_epoch: 1_795_370_400,
-            cap_epoch: 1_795_399_200,
-            idle_grace_secs: 120,
-            boot_grace_secs: 600,
-            interval_secs: 5,
-            install_tmux: false,
-            resume_relay: false,
-            packages: &[],
-            setup_script: None,
+            ..base_with_no_keys()
         });
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/userdata/testdata/user-data.snapshot");
         if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
@@ -382,21 +387,7 @@ mod tests {
         let keys = SessionKeys::generate("abcdefgh").unwrap();
         let script = "  indented first line\n\tweird: yaml: [x\n#!not a shebang here\n";
         let packages = ["jq".to_string(), "postgresql-client".to_string()];
-        let mut config = BoxConfig {
-            session_id: "abcdefgh",
-            host_key_private: &keys.host.private_openssh,
-            host_key_public: &keys.host.public_openssh,
-            client_key_public: &keys.client.public_openssh,
-            deadline_epoch: 1_795_370_400,
-            cap_epoch: 1_795_399_200,
-            idle_grace_secs: 120,
-            boot_grace_secs: 600,
-            interval_secs: 5,
-            install_tmux: false,
-            resume_relay: false,
-            packages: &packages,
-            setup_script: Some(script),
-        };
+        let mut config = BoxConfig { packages: &packages, setup_script: Some(script), ..base(&keys) };
         let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&render(&config)).expect("valid YAML");
         let files = doc["write_files"].as_sequence().unwrap();
         let file = |path: &str| files.iter().find(|f| f["path"].as_str() == Some(path)).unwrap().clone();
@@ -426,21 +417,7 @@ mod tests {
     #[test]
     fn an_eice_box_runs_the_resume_relay_byte_for_byte_and_other_boxes_do_not() {
         let keys = SessionKeys::generate("abcdefgh").unwrap();
-        let mut config = BoxConfig {
-            session_id: "abcdefgh",
-            host_key_private: &keys.host.private_openssh,
-            host_key_public: &keys.host.public_openssh,
-            client_key_public: &keys.client.public_openssh,
-            deadline_epoch: 1_795_370_400,
-            cap_epoch: 1_795_399_200,
-            idle_grace_secs: 120,
-            boot_grace_secs: 600,
-            interval_secs: 5,
-            install_tmux: false,
-            resume_relay: true,
-            packages: &[],
-            setup_script: None,
-        };
+        let mut config = BoxConfig { resume_relay: true, ..base(&keys) };
         let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&render(&config)).expect("valid YAML");
         let files = doc["write_files"].as_sequence().unwrap();
         let file = |path: &str| files.iter().find(|f| f["path"].as_str() == Some(path)).cloned();
