@@ -3,8 +3,9 @@
 # once. Re-running is fast: nothing already present is installed again.
 
 MOTO_VERSION=5.2.1
-# parliament lints the printed IAM policies (scripts/test).
+# parliament lints the printed IAM policies and cloudsplaining looks for escalation (scripts/test).
 PARLIAMENT_VERSION=1.6.4
+CLOUDSPLAINING_VERSION=0.9.1
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$REPO_ROOT/.venv"
 
@@ -34,7 +35,7 @@ ensure_packages() {
   apt_install "${missing[@]}"
 }
 
-# moto[server] and parliament, pinned, in the repo's own venv.
+# moto[server], parliament and cloudsplaining, pinned, in the repo's own venv.
 ensure_venv() {
   if ! "$VENV/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
     echo "creating $VENV with moto[server]==$MOTO_VERSION" >&2
@@ -44,6 +45,10 @@ ensure_venv() {
   if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('parliament') != '$PARLIAMENT_VERSION')" 2>/dev/null; then
     echo "installing parliament==$PARLIAMENT_VERSION into $VENV" >&2
     "$VENV/bin/pip" install -q --disable-pip-version-check "parliament==$PARLIAMENT_VERSION"
+  fi
+  if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('cloudsplaining') != '$CLOUDSPLAINING_VERSION')" 2>/dev/null; then
+    echo "installing cloudsplaining==$CLOUDSPLAINING_VERSION into $VENV" >&2
+    "$VENV/bin/pip" install -q --disable-pip-version-check "cloudsplaining==$CLOUDSPLAINING_VERSION"
   fi
 }
 

@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
-"""Lints IAM policy documents with parliament; exits 1 on any MEDIUM or worse finding.
+"""Lints IAM policy documents: parliament (exits 1 on any MEDIUM or worse finding) and
+cloudsplaining's privilege-escalation scan with every risky action flagged (`-aR`: it reads no
+resource or condition).
 
 Usage: lint-policies.py NAME=FILE [NAME=FILE ...]
+
+Each escalation cloudsplaining reports must be in BOUNDED below: a route the policy closes with a
+resource or condition cloudsplaining does not read, with the end-to-end test that tries the
+route against the local cloud enforcing the policy and sees it denied. Anything else fails.
 
 One refinement of parliament's RESOURCE_MISMATCH ("no resources match for the given action"):
 parliament wants each statement to name every resource type an action requires, but AWS's own
@@ -56,6 +62,37 @@ def lint(name: str, text: str) -> int:
     return bad
 
 
+# (policy name, cloudsplaining method) -> why it is closed, and the test that proves it.
+BOUNDED = {
+    ("user", "CreateEC2WithExistingIP"):
+        "iam:PassRole names only the Session Manager box role (to ec2.amazonaws.com, iam:PassedToService), "
+        "whose policy a daily user cannot change, the scheduler role (to scheduler.amazonaws.com only) and, "
+        "only when an admin configures `instance_profile`, that profile's role (to EC2 only): "
+        "escalation::a_daily_user_cannot_write_a_role_or_pass_one_the_tool_did_not_make",
+    ("bootstrap", "PutRolePolicy"):
+        "iam:PutRolePolicy/CreateRole/PutRolePermissionsBoundary only with iam:PermissionsBoundary = the tool's "
+        "boundary, which the same policy denies changing or removing: "
+        "escalation::the_bootstrap_policy_writes_roles_only_under_the_boundary_and_never_widens_it",
+}
+
+
+def escalations(name: str, doc: dict) -> int:
+    from cloudsplaining.scan.policy_document import PolicyDocument
+
+    found = PolicyDocument(doc, flag_conditional_statements=True,
+                           flag_resource_arn_statements=True).allows_privilege_escalation
+    bad = 0
+    for item in found:
+        why = BOUNDED.get((name, item["type"]))
+        if why:
+            print(f"{name}: escalation {item['type']} ({', '.join(item['actions'])}) is closed by {why}")
+        else:
+            bad += 1
+            print(f"{name}: ESCALATION {item['type']} ({', '.join(item['actions'])}): not closed")
+    print(f"{name}: {'no open escalation' if bad == 0 else f'{bad} open escalation(s)'}")
+    return bad
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
@@ -64,7 +101,9 @@ def main(argv: list[str]) -> int:
     for arg in argv:
         name, _, path = arg.partition("=")
         with open(path or name) as f:
-            bad += lint(name, f.read())
+            text = f.read()
+        bad += lint(name, text)
+        bad += escalations(name, json.loads(text))
     return 1 if bad else 0
 
 

@@ -97,9 +97,10 @@ pub enum Command {
         after_help = "Examples:\n  ephemeral-admin cleanup --dry-run       # what would go, and why\n  ephemeral-admin cleanup                 # sessions that are over or orphaned\n  ephemeral-admin cleanup --all --purge   # everything, then the shared group and role"
     )]
     Cleanup(CleanupArgs),
-    /// Create what a connect mode needs once per VPC (an EC2 Instance Connect Endpoint).
+    /// Create the standing parts once: the tool's IAM roles (per account, by an admin) or an EC2
+    /// Instance Connect Endpoint (per VPC).
     #[command(
-        after_help = "Examples:\n  ephemeral-admin setup eice                    # in the default VPC; takes a few minutes\n  ephemeral-admin setup eice --subnet subnet-0ab12cd34ef567890"
+        after_help = "Examples:\n  ephemeral-admin setup roles                   # once per account, by an admin (policy --bootstrap)\n  ephemeral-admin setup eice                    # in the default VPC; takes a few minutes\n  ephemeral-admin setup eice --subnet subnet-0ab12cd34ef567890"
     )]
     Setup(SetupArgs),
     /// Check credentials, region, config, network, AMI and permissions.
@@ -134,9 +135,9 @@ pub enum Command {
   ssh -o ProxyCommand='ephemeral-admin proxy k3x9q2ab' admin@k3x9q2ab
   ephemeral-admin ssh-config k3x9q2ab --install   # writes that ProxyCommand for you")]
     Proxy(SessionIdArg),
-    /// Print the least-privilege IAM policy a user needs to run every command.
+    /// Print the least-privilege IAM policy a daily user needs to run every command.
     #[command(
-        after_help = "Examples:\n  ephemeral-admin policy > policy.json\n  ephemeral-admin policy --box\n  ephemeral-admin policy --validate"
+        after_help = "Examples:\n  ephemeral-admin policy > policy.json\n  ephemeral-admin policy --bootstrap > bootstrap.json   # an admin's, once, for `setup roles`\n  ephemeral-admin policy --box\n  ephemeral-admin policy --validate"
     )]
     Policy(PolicyArgs),
     /// Write a commented config file with every key and its default.
@@ -161,6 +162,9 @@ pub struct SetupArgs {
 pub enum SetupWhat {
     /// An EC2 Instance Connect Endpoint, for `connect = "eice"`: no public IP, no open port.
     Eice(SetupEiceArgs),
+    /// The tool's standing IAM, once per account, by an admin: the permissions boundary, the
+    /// scheduler role and the Session Manager box role (needs `policy --bootstrap`).
+    Roles,
 }
 
 #[derive(Debug, Args)]
@@ -174,9 +178,13 @@ pub struct SetupEiceArgs {
 /// Flags of `policy`.
 #[derive(Debug, Args, Default)]
 pub struct PolicyArgs {
-    /// Print the box role's policy instead (with Session Manager's permissions when `connect = "ssm"`).
-    #[arg(long = "box")]
+    /// Print the Session Manager box role's policy instead (boxes reached by SSH get no role).
+    #[arg(long = "box", conflicts_with = "bootstrap")]
     pub box_role: bool,
+    /// Print what an account admin needs besides the daily policy, once, for `setup roles` and
+    /// `cleanup --purge` (every role write bound to the tool's permissions boundary).
+    #[arg(long)]
+    pub bootstrap: bool,
     /// Check the policy with IAM Access Analyzer (ValidatePolicy) on your account and print its findings.
     #[arg(long)]
     pub validate: bool,

@@ -2,7 +2,7 @@
 //! environment, the process kills itself with SIGKILL right after that step, exactly as a power
 //! cut or `kill -9` would. A debugging aid for testing `cleanup`; inert otherwise.
 //!
-//! Steps: `security-group`, `instance-profile`, `prepare`, `rule`, `run-instances`, `alarm`,
+//! Steps: `security-group`, `prepare`, `rule`, `run-instances`, `alarm`,
 //! `schedule`, `connecting`.
 
 pub const VARIABLE: &str = "EPHEMERAL_ADMIN_ABORT_AFTER";

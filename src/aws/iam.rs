@@ -1,10 +1,14 @@
-//! The box's IAM role and instance profile, created once and reused.
+//! The tool's standing IAM: the role EventBridge Scheduler runs the deadlines as, the role and
+//! instance profile of Session Manager boxes, and the permissions boundary that bounds both.
 //!
-//! The role trusts only EC2, and its one inline policy allows only what the box itself may do:
-//! publish metrics in the tool's namespace and write to its own log groups. Nothing on the box
-//! can touch other AWS resources (the watchdog ends the box by powering off, which needs no IAM).
-//! Boxes reached through Session Manager (`connect = "ssm"`) get a second role and profile,
-//! `{name}-ssm`, whose policy adds what the SSM agent needs, so other boxes stay minimal.
+//! Nothing here runs on a daily user's behalf: `setup roles` (an account admin, once, holding
+//! `policy --bootstrap`) creates and repairs these, and `cleanup --purge` removes them. A daily
+//! user's policy may only read them and pass them to their one service, so no daily user can
+//! write a role policy. Every role is created with the boundary, whose document is the union of
+//! what the roles need: whatever is put on a role later (by a bootstrap holder), it can do no
+//! more. Boxes reached by SSH get no role at all: nothing on them uses AWS, so IMDS holds no
+//! credentials. Session Manager boxes (`connect = "ssm"`) get `{name}-ssm`, which holds only
+//! what the SSM agent needs.
 
 use aws_sdk_iam::types::Tag;
 use serde_json::json;
@@ -15,6 +19,13 @@ use crate::session::tags;
 pub const INLINE_POLICY_NAME: &str = "ephemeral-admin-box";
 pub const METRIC_NAMESPACE: &str = "EphemeralAdmin";
 pub const LOG_GROUP_PREFIX: &str = "/aws/ephemeral-container/";
+/// The customer-managed policy every standing role is created with as its permissions boundary.
+pub const BOUNDARY_POLICY_NAME: &str = "ephemeral-admin-boundary";
+
+/// The boundary's ARN in an account.
+pub fn boundary_arn(partition: &str, account: &str) -> String {
+    format!("arn:{partition}:iam::{account}:policy/{BOUNDARY_POLICY_NAME}")
+}
 
 /// The instance profile the box launches with.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -42,11 +53,6 @@ pub fn ssm_role_name(name: &str) -> String {
     format!("{name}-ssm")
 }
 
-/// The role (and profile) a session's box uses.
-pub fn box_role_name(name: &str, ssm: bool) -> String {
-    if ssm { ssm_role_name(name) } else { name.to_string() }
-}
-
 /// What the SSM agent needs for Session Manager (the session part of AWS's managed
 /// `AmazonSSMManagedInstanceCore`): register the instance, and the control and data channels.
 pub const SESSION_MANAGER_AGENT_ACTIONS: &[&str] = &[
@@ -63,119 +69,217 @@ pub const SESSION_MANAGER_AGENT_ACTIONS: &[&str] = &[
     "ec2messages:SendReply",
 ];
 
-/// The box role's inline policy (`policy --box` prints this very document).
-pub fn box_policy_document(ssm: bool) -> serde_json::Value {
-    let mut doc = json!({
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "OwnMetricsOnly",
-                "Effect": "Allow",
-                "Action": "cloudwatch:PutMetricData",
-                "Resource": "*",
-                "Condition": {"StringEquals": {"cloudwatch:namespace": METRIC_NAMESPACE}}
-            },
-            {
-                "Sid": "OwnLogsOnly",
-                "Effect": "Allow",
-                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
-                "Resource": format!("arn:aws:logs:*:*:log-group:{LOG_GROUP_PREFIX}*")
-            }
-        ]
-    });
-    if ssm {
-        let statements = doc["Statement"].as_array_mut().expect("a list");
-        statements.push(json!({
-            "Sid": "SessionManagerAgent",
-            "Effect": "Allow",
-            "Action": SESSION_MANAGER_AGENT_ACTIONS,
-            "Resource": "*"
-        }));
+fn session_manager_agent() -> serde_json::Value {
+    json!({
+        "Sid": "SessionManagerAgent",
+        "Effect": "Allow",
+        "Action": SESSION_MANAGER_AGENT_ACTIONS,
+        "Resource": "*"
+    })
+}
+
+/// The Session Manager box role's inline policy (`policy --box` prints this very document):
+/// the agent's channels and nothing else. Boxes reached by SSH get no role.
+pub fn box_policy_document() -> serde_json::Value {
+    json!({"Version": "2012-10-17", "Statement": [session_manager_agent()]})
+}
+
+pub fn box_policy() -> String {
+    box_policy_document().to_string()
+}
+
+/// The permissions boundary of every standing role: what the SSM box role and the scheduler role
+/// need together, and nothing more. A role created under it can never exceed it, whatever inline
+/// policy is put on it later.
+pub fn boundary_policy_document() -> serde_json::Value {
+    let mut statements = vec![session_manager_agent()];
+    statements.extend(scheduler_policy_document()["Statement"].as_array().cloned().unwrap_or_default());
+    json!({"Version": "2012-10-17", "Statement": statements})
+}
+
+/// `setup roles`: the boundary, then the scheduler role and the SSM box role with its profile,
+/// each created under the boundary (or, made by an older version without one, put under it) with
+/// its policy set again. Safe to repeat and against a concurrent run. Answers the names of what
+/// it created or repaired.
+pub async fn bootstrap(
+    aws: &Aws,
+    base: &str,
+    caller: &super::identity::Caller,
+) -> Result<Vec<String>, AwsError> {
+    let boundary = boundary_arn(caller.partition(), &caller.account);
+    let mut done = Vec::new();
+    if ensure_boundary(aws, &boundary).await? {
+        done.push(format!("created permissions boundary {BOUNDARY_POLICY_NAME}"));
     }
-    doc
-}
-
-pub fn box_policy(ssm: bool) -> String {
-    box_policy_document(ssm).to_string()
-}
-
-/// Finds the profile (one call when it exists and has its role), else creates what is missing.
-/// Safe against a concurrent launch doing the same.
-pub async fn ensure_instance_profile(aws: &Aws, base: &str, ssm: bool) -> Result<InstanceProfile, AwsError> {
-    let name = &box_role_name(base, ssm);
-    let found = aws.iam.get_instance_profile().instance_profile_name(name).send().await;
-    let has_role = match found {
-        Ok(out) => {
-            let linked =
-                out.instance_profile().is_some_and(|p| p.roles().iter().any(|r| r.role_name() == name));
-            if linked {
-                return Ok(InstanceProfile { name: name.into(), fresh: false });
-            }
-            true
-        }
-        Err(e) if code_of(&e) == Some("NoSuchEntity") => false,
-        Err(e) => return Err(AwsError::new(format!("looking up instance profile {name}"), e)),
+    let scheduler = Role {
+        name: scheduler_role_name(base),
+        description: "ephemeral-admin: EventBridge Scheduler ends the tool's boxes at their deadline",
+        trust: scheduler_trust_policy(&caller.account),
+        policy_name: SCHEDULER_POLICY_NAME,
+        policy: scheduler_policy_document().to_string(),
     };
-    // Cold account: role and profile at once, then the role's policy and the link at once.
-    let (role, profile) = tokio::join!(create_role(aws, name), async {
-        if has_role { Ok(()) } else { create_profile(aws, name).await }
-    });
-    role?;
-    profile?;
-    let link = async {
-        match aws.iam.add_role_to_instance_profile().instance_profile_name(name).role_name(name).send().await
-        {
-            Ok(_) => Ok(()),
-            // Already linked (by a concurrent launch): an instance profile holds one role.
-            Err(e) if code_of(&e) == Some("LimitExceeded") => Ok(()),
-            Err(e) => Err(AwsError::new(format!("adding role {name} to its instance profile"), e)),
-        }
+    let ssm = Role {
+        name: ssm_role_name(base),
+        description: "ephemeral-admin Session Manager boxes: the SSM agent's channels only",
+        trust: trust_policy(),
+        policy_name: INLINE_POLICY_NAME,
+        policy: box_policy(),
     };
-    let (policy, linked) = tokio::join!(put_role_policy(aws, name, ssm), link);
-    policy?;
-    linked?;
-    Ok(InstanceProfile { name: name.into(), fresh: true })
+    for role in [&scheduler, &ssm] {
+        let verb = if ensure_role(aws, role, &boundary).await? { "created" } else { "checked" };
+        done.push(format!("{verb} role {} (boundary {BOUNDARY_POLICY_NAME})", role.name));
+    }
+    if ensure_profile(aws, &ssm.name).await? {
+        done.push(format!("created instance profile {}", ssm.name));
+    }
+    Ok(done)
 }
 
-async fn create_role(aws: &Aws, name: &str) -> Result<(), AwsError> {
+/// A standing role as `bootstrap` makes it.
+struct Role {
+    name: String,
+    description: &'static str,
+    trust: String,
+    policy_name: &'static str,
+    policy: String,
+}
+
+/// Answers whether this call created the boundary. An existing one is left as it is: the
+/// bootstrap policy may not write a policy version, so nobody holding it can widen the boundary.
+async fn ensure_boundary(aws: &Aws, arn: &str) -> Result<bool, AwsError> {
+    match aws.iam.get_policy().policy_arn(arn).send().await {
+        Ok(_) => return Ok(false),
+        Err(e) if code_of(&e) == Some("NoSuchEntity") => {}
+        Err(e) => return Err(AwsError::new(format!("looking up policy {BOUNDARY_POLICY_NAME}"), e)),
+    }
     let created = aws
         .iam
-        .create_role()
-        .role_name(name)
-        .description("ephemeral-admin boxes: own metrics and logs only")
-        .assume_role_policy_document(trust_policy())
+        .create_policy()
+        .policy_name(BOUNDARY_POLICY_NAME)
+        .description("ephemeral-admin: the most any of the tool's roles may ever do")
+        .policy_document(boundary_policy_document().to_string())
         .set_tags(Some(iam_tags()))
         .send()
         .await;
     match created {
-        Ok(_) => {}
-        Err(e) if code_of(&e) == Some("EntityAlreadyExists") => {}
-        Err(e) => return Err(AwsError::new(format!("creating IAM role {name}"), e)),
+        Ok(_) => Ok(true),
+        Err(e) if code_of(&e) == Some("EntityAlreadyExists") => Ok(false),
+        Err(e) => Err(AwsError::new(format!("creating policy {BOUNDARY_POLICY_NAME}"), e)),
     }
-    Ok(())
 }
 
-/// Idempotent: also repairs a role whose policy someone edited.
-async fn put_role_policy(aws: &Aws, name: &str, ssm: bool) -> Result<(), AwsError> {
+/// Answers whether this call created the role. Either way the role ends up under the boundary
+/// with its policy as this version writes it.
+async fn ensure_role(aws: &Aws, role: &Role, boundary: &str) -> Result<bool, AwsError> {
+    let name = &role.name;
+    let created = aws
+        .iam
+        .create_role()
+        .role_name(name)
+        .description(role.description)
+        .assume_role_policy_document(&role.trust)
+        .permissions_boundary(boundary)
+        .set_tags(Some(iam_tags()))
+        .send()
+        .await;
+    let fresh = match created {
+        Ok(_) => true,
+        Err(e) if code_of(&e) == Some("EntityAlreadyExists") => {
+            aws.iam
+                .put_role_permissions_boundary()
+                .role_name(name)
+                .permissions_boundary(boundary)
+                .send()
+                .await
+                .doing(format!("putting IAM role {name} under the boundary"))?;
+            false
+        }
+        Err(e) => return Err(AwsError::new(format!("creating IAM role {name}"), e)),
+    };
     aws.iam
         .put_role_policy()
         .role_name(name)
-        .policy_name(INLINE_POLICY_NAME)
-        .policy_document(box_policy(ssm))
+        .policy_name(role.policy_name)
+        .policy_document(&role.policy)
         .send()
         .await
         .doing(format!("setting the policy of IAM role {name}"))?;
-    Ok(())
+    Ok(fresh)
 }
 
-async fn create_profile(aws: &Aws, name: &str) -> Result<(), AwsError> {
-    let created =
-        aws.iam.create_instance_profile().instance_profile_name(name).set_tags(Some(iam_tags())).send().await;
-    match created {
-        Ok(_) => Ok(()),
-        Err(e) if code_of(&e) == Some("EntityAlreadyExists") => Ok(()),
-        Err(e) => Err(AwsError::new(format!("creating instance profile {name}"), e)),
+/// The instance profile of the same name holding the role. Answers whether this call created or
+/// linked anything.
+async fn ensure_profile(aws: &Aws, name: &str) -> Result<bool, AwsError> {
+    let mut changed = false;
+    let roles = match profile_roles(aws, name).await? {
+        Some(roles) => roles,
+        None => {
+            let created = aws
+                .iam
+                .create_instance_profile()
+                .instance_profile_name(name)
+                .set_tags(Some(iam_tags()))
+                .send()
+                .await;
+            match created {
+                Ok(_) => changed = true,
+                Err(e) if code_of(&e) == Some("EntityAlreadyExists") => {}
+                Err(e) => return Err(AwsError::new(format!("creating instance profile {name}"), e)),
+            }
+            Vec::new()
+        }
+    };
+    if roles.iter().any(|r| r == name) {
+        return Ok(changed);
     }
+    match aws.iam.add_role_to_instance_profile().instance_profile_name(name).role_name(name).send().await {
+        Ok(_) => Ok(true),
+        // Already linked (by a concurrent run): an instance profile holds one role.
+        Err(e) if code_of(&e) == Some("LimitExceeded") => Ok(changed),
+        Err(e) => Err(AwsError::new(format!("adding role {name} to its instance profile"), e)),
+    }
+}
+
+/// What a launch needs of the standing parts, read with a daily user's permissions: the
+/// scheduler role's ARN, and for Session Manager boxes their instance profile (holding its
+/// role). A missing part is named in `missing`; `launch` refuses then, naming `setup roles`.
+#[derive(Debug, Clone, Default)]
+pub struct Standing {
+    pub scheduler_role_arn: Option<String>,
+    pub ssm_profile: Option<InstanceProfile>,
+    pub missing: Vec<String>,
+}
+
+pub async fn standing(aws: &Aws, base: &str, ssm: bool) -> Result<Standing, AwsError> {
+    let scheduler = scheduler_role_name(base);
+    let role = async {
+        match aws.iam.get_role().role_name(&scheduler).send().await {
+            Ok(out) => Ok(out.role().map(|r| r.arn().to_string())),
+            Err(e) if code_of(&e) == Some("NoSuchEntity") => Ok(None),
+            Err(e) => Err(AwsError::new(format!("looking up IAM role {scheduler}"), e)),
+        }
+    };
+    let profile_name = ssm_role_name(base);
+    let profile = async {
+        if !ssm {
+            return Ok(None);
+        }
+        let roles = profile_roles(aws, &profile_name).await?.unwrap_or_default();
+        Ok(roles.contains(&profile_name).then(|| profile_name.clone()))
+    };
+    let (role, profile) = tokio::try_join!(role, profile)?;
+    let mut missing = Vec::new();
+    if role.is_none() {
+        missing.push(format!("role {scheduler}"));
+    }
+    if ssm && profile.is_none() {
+        missing.push(format!("instance profile {profile_name} (with its role)"));
+    }
+    Ok(Standing {
+        scheduler_role_arn: role,
+        ssm_profile: profile.map(|name| InstanceProfile { name, fresh: false }),
+        missing,
+    })
 }
 
 fn iam_tags() -> Vec<Tag> {
@@ -236,54 +340,6 @@ pub fn scheduler_policy_document() -> serde_json::Value {
             }
         ]
     })
-}
-
-/// The scheduler role's ARN: one GetRole when it exists, else created with its policy. Safe
-/// against a concurrent launch doing the same.
-pub async fn ensure_scheduler_role(
-    aws: &Aws,
-    base: &str,
-    caller: &super::identity::Caller,
-) -> Result<String, AwsError> {
-    let name = &scheduler_role_name(base);
-    let account = &caller.account;
-    match aws.iam.get_role().role_name(name).send().await {
-        Ok(out) => {
-            if let Some(arn) = out.role().map(|r| r.arn()) {
-                return Ok(arn.to_string());
-            }
-            return Err(AwsError::missing(format!("looking up IAM role {name}"), "role"));
-        }
-        Err(e) if code_of(&e) == Some("NoSuchEntity") => {}
-        Err(e) => return Err(AwsError::new(format!("looking up IAM role {name}"), e)),
-    }
-    let created = aws
-        .iam
-        .create_role()
-        .role_name(name)
-        .description("ephemeral-admin: EventBridge Scheduler ends the tool's boxes at their deadline")
-        .assume_role_policy_document(scheduler_trust_policy(account))
-        .set_tags(Some(iam_tags()))
-        .send()
-        .await;
-    let arn = match created {
-        Ok(out) => out.role().map(|r| r.arn().to_string()),
-        Err(e) if code_of(&e) == Some("EntityAlreadyExists") => None,
-        Err(e) => return Err(AwsError::new(format!("creating IAM role {name}"), e)),
-    };
-    aws.iam
-        .put_role_policy()
-        .role_name(name)
-        .policy_name(SCHEDULER_POLICY_NAME)
-        .policy_document(scheduler_policy_document().to_string())
-        .send()
-        .await
-        .doing(format!("setting the policy of IAM role {name}"))?;
-    match arn {
-        Some(arn) => Ok(arn),
-        // Made by a concurrent launch: its ARN follows from the name.
-        None => Ok(format!("arn:{}:iam::{account}:role/{name}", caller.partition())),
-    }
 }
 
 /// Removes the scheduler role (cleanup --purge). Answers whether there was one.
@@ -366,22 +422,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_ssm_boxes_get_session_manager_permissions_and_their_own_role() {
-        let plain = box_policy_document(false);
-        let ssm = box_policy_document(true);
-        let sids = |doc: &serde_json::Value| -> Vec<String> {
-            doc["Statement"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s["Sid"].as_str().unwrap().to_string())
-                .collect()
-        };
-        assert_eq!(sids(&plain), ["OwnMetricsOnly", "OwnLogsOnly"]);
-        assert_eq!(sids(&ssm), ["OwnMetricsOnly", "OwnLogsOnly", "SessionManagerAgent"]);
-        assert!(!plain.to_string().contains("ssm"));
-        assert_eq!(box_role_name("R", false), "R");
-        assert_eq!(box_role_name("R", true), "R-ssm");
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&box_policy(true)).unwrap(), ssm);
+    fn the_box_role_holds_the_agent_only_and_the_boundary_covers_every_role() {
+        let ssm = box_policy_document();
+        let sids: Vec<&str> =
+            ssm["Statement"].as_array().unwrap().iter().map(|s| s["Sid"].as_str().unwrap()).collect();
+        assert_eq!(sids, ["SessionManagerAgent"]);
+        assert!(!ssm.to_string().contains("logs:") && !ssm.to_string().contains("cloudwatch:"));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&box_policy()).unwrap(), ssm);
+        // The boundary is exactly the union of what the two roles hold: no role can do less
+        // than its job under it, and none can ever do more than the union.
+        let boundary = boundary_policy_document();
+        let mut union: Vec<serde_json::Value> = ssm["Statement"].as_array().unwrap().clone();
+        union.extend(scheduler_policy_document()["Statement"].as_array().unwrap().iter().cloned());
+        assert_eq!(boundary["Statement"].as_array().unwrap(), &union);
+        assert_eq!(
+            boundary_arn("aws", "123456789012"),
+            "arn:aws:iam::123456789012:policy/ephemeral-admin-boundary"
+        );
     }
 }

@@ -156,7 +156,8 @@ pub struct LaunchSpec {
     pub subnet_id: Option<String>,
     /// With a subnet: ask for a public IP (a public subnet) or not (a private one).
     pub associate_public_ip: bool,
-    pub instance_profile_name: String,
+    /// None: the box gets no role (boxes reached by SSH use no AWS API).
+    pub instance_profile_name: Option<String>,
     pub user_data: String,
     pub tags: Vec<(String, String)>,
     pub root_volume: RootVolume,
@@ -384,8 +385,10 @@ fn request(
         .instance_type(InstanceType::from(candidate.instance_type.as_str()))
         .min_count(1)
         .max_count(1)
-        .iam_instance_profile(
-            IamInstanceProfileSpecification::builder().name(&spec.instance_profile_name).build(),
+        .set_iam_instance_profile(
+            spec.instance_profile_name
+                .as_ref()
+                .map(|name| IamInstanceProfileSpecification::builder().name(name).build()),
         )
         .user_data(&spec.user_data)
         .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)

@@ -156,6 +156,12 @@ pub struct AwsError {
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
+/// An IAM action the daily policy does not grant is the bootstrap policy's (`setup roles`,
+/// `cleanup --purge`): a daily user never holds it.
+fn is_bootstrap_action(action: &str) -> bool {
+    action.starts_with("iam:") && !permissions::granted_actions("-").iter().any(|a| a == action)
+}
+
 impl AwsError {
     pub fn new<E, R>(doing: impl Into<String>, error: SdkError<E, R>) -> AwsError
     where
@@ -175,6 +181,9 @@ impl AwsError {
                     _ => format!("an error answer without an AWS error code ({action})"),
                 };
                 let hint = match code.as_deref() {
+                    Some(c) if is_denial(c) && is_bootstrap_action(&action) => Some(format!(
+                        "your credentials lack {action}, which only an account admin's one-time `setup roles` or `cleanup --purge` needs: `ephemeral-admin policy --bootstrap` prints what to add"
+                    )),
                     Some(c) if is_denial(c) => Some(format!(
                         "your credentials lack {action} or a permission it needs (named above): `ephemeral-admin policy` prints the policy to attach"
                     )),

@@ -25,6 +25,8 @@ pub struct Statement {
 pub const SSM_DOCUMENT: &str = "AWS-StartSSHSession";
 /// The service-linked role CloudWatch uses to run an alarm's EC2 action (terminate).
 pub const ALARM_ACTIONS_SERVICE: &str = "events.amazonaws.com";
+/// The service a box's role is passed to.
+pub const EC2_SERVICE: &str = "ec2.amazonaws.com";
 /// The service whose service-linked role an EC2 Instance Connect Endpoint runs as.
 pub const EICE_SERVICE: &str = "ec2-instance-connect.amazonaws.com";
 
@@ -39,7 +41,6 @@ fn ec2(types: &[&str]) -> Vec<String> {
 /// The statements of the user policy, for the box role named `role_name` (and its SSM twin), and
 /// for the user's own `instance_profile` when one is configured.
 pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statement> {
-    let roles = [role_name.to_string(), iam::ssm_role_name(role_name)];
     let mut out = vec![
         Statement {
             sid: "ReadOnly",
@@ -146,30 +147,18 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
             condition: Some(project_is_ours("ec2:ResourceTag")),
         },
         Statement {
-            sid: "OwnBoxRolesOnly",
-            why: "create, tag, pass and delete the box's role and instance profile (and the SSM variant), nothing else in IAM",
-            actions: &[
-                "iam:GetRole",
-                "iam:CreateRole",
-                "iam:TagRole",
-                "iam:PutRolePolicy",
-                "iam:DeleteRolePolicy",
-                "iam:DeleteRole",
-                "iam:PassRole",
-                "iam:GetInstanceProfile",
-                "iam:CreateInstanceProfile",
-                "iam:TagInstanceProfile",
-                "iam:AddRoleToInstanceProfile",
-                "iam:RemoveRoleFromInstanceProfile",
-                "iam:DeleteInstanceProfile",
-            ],
-            resources: roles
-                .iter()
-                .flat_map(|r| {
-                    [format!("arn:aws:iam::*:role/{r}"), format!("arn:aws:iam::*:instance-profile/{r}")]
-                })
-                .collect(),
+            sid: "ReadStandingRoles",
+            why: "find the scheduler role and the Session Manager box role and profile that `setup roles` made (a daily user never writes IAM)",
+            actions: &["iam:GetRole", "iam:GetInstanceProfile"],
+            resources: standing_roles(role_name),
             condition: None,
+        },
+        Statement {
+            sid: "PassSsmBoxRoleToEc2Only",
+            why: "`connect = \"ssm\"`: launch with the Session Manager box role, to EC2 only; its policy is the SSM agent's, under the boundary, and no daily user can change it",
+            actions: &["iam:PassRole"],
+            resources: vec![format!("arn:aws:iam::*:role/{}", iam::ssm_role_name(role_name))],
+            condition: Some(json!({"StringEquals": {"iam:PassedToService": EC2_SERVICE}})),
         },
         Statement {
             sid: "OwnSchedulesOnly",
@@ -185,20 +174,6 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
                 schedule::GROUP,
                 schedule::PREFIX
             )],
-            condition: None,
-        },
-        Statement {
-            sid: "OwnSchedulerRoleOnly",
-            why: "create, tag and delete the role the schedules run as (it may only end the tool's boxes and delete their group and alarm)",
-            actions: &[
-                "iam:GetRole",
-                "iam:CreateRole",
-                "iam:TagRole",
-                "iam:PutRolePolicy",
-                "iam:DeleteRolePolicy",
-                "iam:DeleteRole",
-            ],
-            resources: vec![format!("arn:aws:iam::*:role/{}", iam::scheduler_role_name(role_name))],
             condition: None,
         },
         Statement {
@@ -349,18 +324,113 @@ fn configured_profile(profile: &str) -> [Statement; 2] {
             why: "`instance_profile`: launch boxes with the configured profile's role, to EC2 only",
             actions: &["iam:PassRole"],
             resources: vec![format!("arn:aws:iam::*:role/{profile}")],
-            condition: Some(json!({"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}})),
+            condition: Some(json!({"StringEquals": {"iam:PassedToService": EC2_SERVICE}})),
         },
     ]
 }
 
-fn to_json(statements: &[Statement]) -> Value {
+/// The standing roles' and the SSM profile's ARNs (any account).
+fn standing_roles(role_name: &str) -> Vec<String> {
+    let ssm = iam::ssm_role_name(role_name);
+    vec![
+        format!("arn:aws:iam::*:role/{ssm}"),
+        format!("arn:aws:iam::*:instance-profile/{ssm}"),
+        format!("arn:aws:iam::*:role/{}", iam::scheduler_role_name(role_name)),
+    ]
+}
+
+/// `policy --bootstrap`: what an account admin needs besides the daily policy to run `setup
+/// roles` (and `cleanup --purge`), once. Every role write is bound to the tool's permissions
+/// boundary, which nothing here may widen or remove, so even a holder of this policy can give a
+/// role no more than the boundary: the SSM agent's channels and ending the tool's boxes.
+pub fn bootstrap_statements(role_name: &str) -> Vec<Statement> {
+    let ssm = iam::ssm_role_name(role_name);
+    let scheduler = iam::scheduler_role_name(role_name);
+    let role_arns: Vec<String> =
+        [&ssm, &scheduler].iter().map(|r| format!("arn:aws:iam::*:role/{r}")).collect();
+    // Roles made by older versions (the plain box role, unbounded) are only ever removed.
+    let mut upkeep = role_arns.clone();
+    upkeep.push(format!("arn:aws:iam::*:role/{role_name}"));
+    upkeep.extend([role_name, ssm.as_str()].iter().map(|r| format!("arn:aws:iam::*:instance-profile/{r}")));
+    let boundary = format!("arn:aws:iam::*:policy/{}", iam::BOUNDARY_POLICY_NAME);
+    vec![
+        Statement {
+            sid: "StandingRolesOnlyUnderTheBoundary",
+            why: "create the scheduler role and the Session Manager box role, set their policies, and put older ones under the boundary: only with the tool's permissions boundary",
+            actions: &["iam:CreateRole", "iam:PutRolePolicy", "iam:PutRolePermissionsBoundary"],
+            resources: role_arns.clone(),
+            condition: Some(json!({"ArnLike": {"iam:PermissionsBoundary": boundary}})),
+        },
+        Statement {
+            sid: "StandingRolesUpkeep",
+            why: "tag the roles and the profile at creation, link the role into its profile, and (`cleanup --purge`) remove them; none of these can widen what a role may do",
+            actions: &[
+                "iam:GetRole",
+                "iam:TagRole",
+                "iam:DeleteRolePolicy",
+                "iam:DeleteRole",
+                "iam:GetInstanceProfile",
+                "iam:CreateInstanceProfile",
+                "iam:TagInstanceProfile",
+                "iam:AddRoleToInstanceProfile",
+                "iam:RemoveRoleFromInstanceProfile",
+                "iam:DeleteInstanceProfile",
+            ],
+            resources: upkeep,
+            condition: None,
+        },
+        Statement {
+            sid: "PassSsmBoxRoleIntoItsProfile",
+            why: "adding a role to an instance profile needs iam:PassRole on it: the Session Manager box role only",
+            actions: &["iam:PassRole"],
+            resources: vec![format!("arn:aws:iam::*:role/{ssm}")],
+            condition: None,
+        },
+        Statement {
+            sid: "CreateTheBoundaryOnce",
+            why: "create the permissions boundary if the account has none yet (tagged), and read it",
+            actions: &["iam:CreatePolicy", "iam:TagPolicy", "iam:GetPolicy", "iam:GetPolicyVersion"],
+            resources: vec![boundary],
+            condition: None,
+        },
+    ]
+}
+
+/// The explicit denials of `policy --bootstrap`: they hold whatever else the holder is allowed.
+pub fn bootstrap_denials(role_name: &str) -> Vec<Statement> {
+    let roles = [iam::ssm_role_name(role_name), iam::scheduler_role_name(role_name)];
+    vec![Statement {
+        sid: "NeverWidenOrRemoveTheBoundary",
+        why: "explicit deny: no new version, default version or deletion of the boundary, and no role taken out from under it",
+        actions: &[
+            "iam:CreatePolicyVersion",
+            "iam:SetDefaultPolicyVersion",
+            "iam:DeletePolicy",
+            "iam:DeleteRolePermissionsBoundary",
+        ],
+        resources: std::iter::once(format!("arn:aws:iam::*:policy/{}", iam::BOUNDARY_POLICY_NAME))
+            .chain(roles.iter().map(|r| format!("arn:aws:iam::*:role/{r}")))
+            .collect(),
+        condition: None,
+    }]
+}
+
+/// `policy --bootstrap` as a document: its allows, then its denials.
+pub fn bootstrap_document(role_name: &str) -> Value {
+    let mut doc = to_json(&bootstrap_statements(role_name), "Allow");
+    let denials = to_json(&bootstrap_denials(role_name), "Deny");
+    let list = doc["Statement"].as_array_mut().expect("a list");
+    list.extend(denials["Statement"].as_array().cloned().unwrap_or_default());
+    doc
+}
+
+fn to_json(statements: &[Statement], effect: &str) -> Value {
     let list: Vec<Value> = statements
         .iter()
         .map(|s| {
             let mut v = json!({
                 "Sid": s.sid,
-                "Effect": "Allow",
+                "Effect": effect,
                 "Action": s.actions,
                 "Resource": s.resources,
             });
@@ -375,7 +445,7 @@ fn to_json(statements: &[Statement]) -> Value {
 
 /// The IAM policy document a user needs to run every command.
 pub fn policy_document(role_name: &str, instance_profile: Option<&str>) -> Value {
-    to_json(&statements(role_name, instance_profile))
+    to_json(&statements(role_name, instance_profile), "Allow")
 }
 
 /// `service:Action` of every statement, deduplicated (for tests and the README).
@@ -415,9 +485,48 @@ mod tests {
     }
 
     #[test]
+    fn no_daily_statement_writes_iam_and_every_bootstrap_role_write_needs_the_boundary() {
+        let daily = statements("R", Some("AdminWork"));
+        let iam_writes: Vec<&str> = daily
+            .iter()
+            .flat_map(|s| s.actions.iter().copied())
+            .filter(|a| a.starts_with("iam:") && !a.starts_with("iam:Get"))
+            .filter(|a| *a != "iam:PassRole" && *a != "iam:CreateServiceLinkedRole")
+            .collect();
+        assert!(iam_writes.is_empty(), "daily IAM writes: {iam_writes:?}");
+        // Every PassRole names its one service.
+        for s in daily.iter().filter(|s| s.actions.contains(&"iam:PassRole")) {
+            assert!(
+                s.condition.as_ref().is_some_and(|c| c.to_string().contains("iam:PassedToService")),
+                "{}",
+                s.sid
+            );
+        }
+        let doc = bootstrap_document("R");
+        for st in doc["Statement"].as_array().unwrap() {
+            let actions = st["Action"].to_string();
+            if st["Effect"] == "Allow"
+                && (actions.contains("iam:PutRolePolicy") || actions.contains("iam:CreateRole"))
+            {
+                assert_eq!(
+                    st["Condition"]["ArnLike"]["iam:PermissionsBoundary"],
+                    "arn:aws:iam::*:policy/ephemeral-admin-boundary"
+                );
+            }
+        }
+        let deny = doc["Statement"].as_array().unwrap().iter().find(|s| s["Effect"] == "Deny").unwrap();
+        assert!(deny["Action"].to_string().contains("iam:DeleteRolePermissionsBoundary"));
+    }
+
+    #[test]
     fn readme_explains_every_statement() {
         let readme = include_str!("../../README.md");
-        for s in statements("SystemAdminTestingRole", Some("AdminWork")) {
+        let all = [
+            statements("SystemAdminTestingRole", Some("AdminWork")),
+            bootstrap_statements("SystemAdminTestingRole"),
+            bootstrap_denials("SystemAdminTestingRole"),
+        ];
+        for s in all.iter().flatten() {
             assert!(readme.contains(&format!("`{}`", s.sid)), "README lacks statement {}", s.sid);
         }
     }

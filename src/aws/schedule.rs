@@ -6,7 +6,7 @@
 //! [`END_AFTER`], so the watchdog's own orderly power-off comes first) through the universal
 //! target `aws-sdk:ec2:terminateInstances`; `…-sweep-group` and `…-sweep-alarm`,
 //! [`SWEEP_AFTER`] later, delete what a crash would leave (the session's security group and its
-//! alarm). Each runs as the tool's scheduler role ([`super::iam::ensure_scheduler_role`]), which
+//! alarm). Each runs as the tool's scheduler role ([`super::iam::bootstrap`], made once by `setup roles`), which
 //! may only do exactly that to resources tagged as the tool's, and deletes itself once it has run
 //! (`ActionAfterCompletion = DELETE`). `extend` moves them, teardown and `cleanup` delete them.
 //! Schedules carry no tags (AWS supports tags on schedule groups only): they are ours by name.

@@ -223,6 +223,13 @@ fn render(report: &Report) -> String {
     for purged in &report.purged {
         text.push_str(&format!("purged {purged}\n"));
     }
+    if report.purged.iter().any(|p| p.starts_with("IAM role")) {
+        // The bootstrap policy may never delete (or widen) the boundary; it grants nothing.
+        text.push_str(&format!(
+            "kept the permissions boundary policy {}: it grants nothing; an account admin deletes it with `aws iam delete-policy` once the tool is gone for good\n",
+            crate::aws::iam::BOUNDARY_POLICY_NAME
+        ));
+    }
     if !report.log_groups_removed.is_empty() {
         let verb = if report.dry_run { "would delete" } else { "deleted" };
         text.push_str(&format!("{verb} {} expired session log group(s)\n", report.log_groups_removed.len()));

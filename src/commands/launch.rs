@@ -337,12 +337,14 @@ async fn provision(
     let kept = args.detach || args.keep || s.tmux;
     let need_ingress = needs_caller_ingress(s.connect);
     mark("settings", &mut timings);
-    // A taken name or a missing instance profile is bad input: refused before anything exists.
-    let own_profile = preflight(ctx, &aws).await?;
+    // A taken name, a missing instance profile or missing standing roles are bad input: refused
+    // before anything exists.
+    let Preflight { own_profile, standing } = preflight(ctx, &aws).await?;
 
     let expires_at = session::rfc3339(expires);
     let Prepared { caller, group, net, endpoint, my_ip, profile, keys, image, prices } =
-        prepare(ctx, &aws, &session_id, &expires_at, kept, own_profile).await?;
+        prepare(ctx, &aws, &session_id, &expires_at, kept, own_profile.or(standing.ssm_profile.clone()))
+            .await?;
     mark("prepare", &mut timings);
 
     let session_tags =
@@ -356,7 +358,7 @@ async fn provision(
             kept,
             idle_grace_secs: Some(if kept { s.kept_idle_grace } else { s.idle_grace }.as_secs()),
             security_group_id: Some(group.id.clone()),
-            instance_profile_name: Some(profile.name.clone()),
+            instance_profile_name: profile.as_ref().map(|p| p.name.clone()),
             eice_endpoint_id: endpoint.as_ref().map(|e| e.id.clone()),
             eice_dns_name: endpoint.as_ref().and_then(|e| e.dns_name.clone()),
             resume_port: endpoint.is_some().then_some(crate::ssh::resume::RELAY_PORT),
@@ -393,7 +395,7 @@ async fn provision(
         extra_security_group_ids: net.extra_groups.clone(),
         subnet_id: net.subnet.as_ref().map(|subnet| subnet.id.clone()),
         associate_public_ip: net.public_ip() && endpoint.is_none(),
-        instance_profile_name: profile.name.clone(),
+        instance_profile_name: profile.as_ref().map(|p| p.name.clone()),
         user_data: base64::engine::general_purpose::STANDARD.encode(user_data),
         tags: session_tags.clone(),
         root_volume: s.root_volume,
@@ -420,7 +422,7 @@ async fn provision(
 
     // Phase 3: the fail-safe alarm and the scheduled deadline while the instance starts.
     let started_up =
-        start_instance(ctx, &aws, &recorder, &launched, &caller, &session_tags, expires, signals);
+        start_instance(ctx, &aws, &recorder, &launched, &standing, &session_tags, expires, signals);
     let running = match started_up.await {
         Ok(running) => running,
         Err(error) => return Err(undo(ctx, &aws, &store, &recorder, error, &clock).await),
@@ -596,7 +598,7 @@ async fn start_instance(
     aws: &crate::aws::Aws,
     recorder: &Recorder,
     launched: &ec2_launch::Launched,
-    caller: &identity::Caller,
+    standing: &iam::Standing,
     session_tags: &[(String, String)],
     expires: time::OffsetDateTime,
     signals: &Signals,
@@ -624,8 +626,7 @@ async fn start_instance(
             }.into()),
         }
     };
-    let arm_deadline =
-        arm_scheduled_deadline(aws, recorder, &s.iam_role_name, caller, &launched.instance_id, expires);
+    let arm_deadline = arm_scheduled_deadline(aws, recorder, standing, &launched.instance_id, expires);
     let (alarm_result, running, armed) = tokio::join!(create_alarm, wait, arm_deadline);
     drop(step);
     if let Err(e) = armed {
@@ -641,19 +642,19 @@ async fn start_instance(
     }
 }
 
-/// The fourth layer (`aws::schedule`): the scheduler role, then the session's schedules. Runs
-/// while the instance starts, off the critical path. The names are recorded before the
-/// schedules exist, so a crash in between leaves nothing the record does not name.
+/// The fourth layer (`aws::schedule`): the session's schedules, run as the scheduler role that
+/// `setup roles` made (found by the preflight). Runs while the instance starts, off the critical
+/// path. The names are recorded before the schedules exist, so a crash in between leaves nothing
+/// the record does not name.
 async fn arm_scheduled_deadline(
     aws: &crate::aws::Aws,
     recorder: &Recorder,
-    role_base: &str,
-    caller: &identity::Caller,
+    standing: &iam::Standing,
     instance_id: &str,
     deadline: time::OffsetDateTime,
 ) -> Result<Vec<String>> {
     let record = recorder.snapshot();
-    let role = iam::ensure_scheduler_role(aws, role_base, caller).await?;
+    let role = standing.scheduler_role_arn.clone().context("the scheduler role was not found")?;
     let alarm_name = alarm::alarm_name(&record.id, instance_id);
     let plan = schedule::Plan {
         session_id: &record.id,
@@ -748,7 +749,8 @@ struct Prepared {
     net: vpc::Network,
     endpoint: Option<eice::Endpoint>,
     my_ip: Option<IpNet>,
-    profile: iam::InstanceProfile,
+    /// None for a box reached by SSH: it gets no role, so IMDS holds no credentials.
+    profile: Option<iam::InstanceProfile>,
     keys: SessionKeys,
     image: ami::Image,
     prices: Vec<spot::SpotPrice>,
@@ -763,12 +765,11 @@ async fn prepare(
     session_id: &str,
     expires_at: &str,
     kept: bool,
-    own_profile: Option<iam::InstanceProfile>,
+    profile: Option<iam::InstanceProfile>,
 ) -> Result<Prepared> {
     let s = &ctx.settings;
     let need_ingress = needs_caller_ingress(s.connect);
-    let step =
-        ctx.printer.step("preparing (identity, address, security group, IAM profile, keys, image, prices)");
+    let step = ctx.printer.step("preparing (identity, address, security group, keys, image, prices)");
     let detect_ip = async {
         match (s.my_ip, need_ingress) {
             (Some(net), _) => Ok(Some(net)),
@@ -842,17 +843,6 @@ async fn prepare(
                 anyhow::Ok((caller, group, net, endpoint))
             },
             detect_ip,
-            async {
-                if let Some(profile) = own_profile.clone() {
-                    return anyhow::Ok(profile);
-                }
-                network_checked().await?;
-                let profile =
-                    iam::ensure_instance_profile(aws, &s.iam_role_name, s.connect == ConnectMode::Ssm)
-                        .await?;
-                crash::point("instance-profile");
-                anyhow::Ok(profile)
-            },
             keys,
             async { ami::resolve(aws, &s.ami, s.arch()).await.map_err(anyhow::Error::from) },
             async {
@@ -878,7 +868,7 @@ async fn prepare(
         super::cleanup::quick_sweep(ctx, aws).await
     };
     let (prepared, swept) = tokio::join!(prepare, housekeeping);
-    let ((caller, group, net, endpoint), my_ip, profile, keys, image, prices) = match prepared {
+    let ((caller, group, net, endpoint), my_ip, keys, image, prices) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
             let made = made_group.lock().await.clone();
@@ -903,7 +893,7 @@ async fn prepare(
 /// the caller's live sessions in the region, and the instance profile asked for exists (with a
 /// role in it). Either failing is bad input (exit 2). Answers the profile to launch with, if the
 /// user named one.
-async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Option<iam::InstanceProfile>> {
+async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Preflight> {
     let s = &ctx.settings;
     let name_free = async {
         let Some(name) = s.name.as_deref() else { return anyhow::Ok(()) };
@@ -946,12 +936,36 @@ async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Option<iam::I
             ));
         }
         ctx.printer.status(format!(
-            "the box gets instance profile {name} (role {role}) instead of the tool's minimal role: it can do whatever that role allows"
+            "the box gets instance profile {name} (role {role}), which the tool did not make: it can do whatever that role allows"
         ));
         Ok(Some(iam::InstanceProfile { name: name.to_string(), fresh: false }))
     };
-    let ((), profile) = tokio::try_join!(name_free, profile)?;
-    Ok(profile)
+    let ((), own_profile, standing) = tokio::try_join!(name_free, profile, standing_parts(ctx, aws))?;
+    Ok(Preflight { own_profile, standing })
+}
+
+/// What the preflight found: the user's own instance profile, if one is configured, and the
+/// tool's standing parts.
+struct Preflight {
+    own_profile: Option<iam::InstanceProfile>,
+    standing: iam::Standing,
+}
+
+/// The standing parts a launch uses but never makes (a daily user may not write IAM): the
+/// scheduler role, and for Session Manager boxes without their own profile, the SSM profile.
+/// Missing ones are bad input naming `setup roles` (exit 2, nothing made).
+async fn standing_parts(ctx: &Context, aws: &crate::aws::Aws) -> Result<iam::Standing> {
+    let s = &ctx.settings;
+    let ssm = s.connect == ConnectMode::Ssm && s.instance_profile.is_none();
+    let standing = iam::standing(aws, &s.iam_role_name, ssm).await?;
+    if standing.missing.is_empty() {
+        return Ok(standing);
+    }
+    Err(crate::error::UsageError::new(format!(
+        "this account lacks the tool's {}: an account admin runs `ephemeral-admin setup roles` once (with the permissions `ephemeral-admin policy --bootstrap` prints)",
+        standing.missing.join(" and ")
+    ))
+    .into())
 }
 
 /// A failed launch removes what it made so far, then reports the original error.

@@ -13,6 +13,7 @@ mod init;
 mod launch;
 mod policy;
 mod prices;
+mod roles;
 mod sessions;
 mod setup;
 mod view;
@@ -199,6 +200,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::Doctor => doctor::run(&ctx).await,
         Command::Setup(args) => match &args.what {
             crate::cli::SetupWhat::Eice(args) => eice::setup(&ctx, args).await,
+            crate::cli::SetupWhat::Roles => roles::setup(&ctx).await,
         },
         Command::Prices(_) => prices::run(&ctx).await,
         Command::Policy(args) => policy::run(&ctx, &args).await,

@@ -1,5 +1,7 @@
-//! `policy`: the least-privilege IAM policy a user needs (or, with `--box`, the box role's policy,
-//! the same document the launch attaches), and `--validate`: IAM Access Analyzer's findings on it.
+//! `policy`: the least-privilege IAM policy a daily user needs; `--bootstrap`, what an account
+//! admin needs besides it, once, for `setup roles` and `cleanup --purge`; `--box`, the Session
+//! Manager box role's policy (the very document `setup roles` attaches; boxes reached by SSH get
+//! no role); and `--validate`: IAM Access Analyzer's findings on the chosen one.
 
 use anyhow::Result;
 use aws_sdk_accessanalyzer::types::{PolicyType, ValidatePolicyFindingType};
@@ -7,14 +9,16 @@ use serde_json::Value;
 
 use super::Context;
 use crate::aws::{AwsResultExt, iam, permissions};
-use crate::cli::{ConnectMode, PolicyArgs};
+use crate::cli::PolicyArgs;
 use crate::error::ExitStatus;
 use crate::output::table;
 
 /// The document `policy` prints for these flags and settings.
 pub fn document(ctx: &Context, args: &PolicyArgs) -> Value {
     if args.box_role {
-        iam::box_policy_document(ctx.settings.connect == ConnectMode::Ssm)
+        iam::box_policy_document()
+    } else if args.bootstrap {
+        permissions::bootstrap_document(&ctx.settings.iam_role_name)
     } else {
         permissions::policy_document(&ctx.settings.iam_role_name, ctx.settings.instance_profile.as_deref())
     }

@@ -9,6 +9,7 @@ mod boxopts;
 mod cleanup;
 mod cost;
 mod eice;
+mod escalation;
 mod files;
 mod forward;
 mod foundation;

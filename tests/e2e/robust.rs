@@ -233,14 +233,14 @@ fn an_aws_error_the_sdk_does_not_model_is_one_line_with_the_missing_permission()
     // The denial arrives while CreateSecurityGroup is still on its way (as on a slow link): the
     // group made for the session must go all the same.
     cloud.rules(json!([{ "action": "CreateSecurityGroup", "delay_ms": 600 }, {
-        "service": "iam", "action": "GetInstanceProfile", "error": "AccessDenied", "status": 403,
-        "message": "User: arn:aws:iam::123456789012:user/dev is not authorized to perform: iam:GetInstanceProfile on resource: instance profile SystemAdminTestingRole because no identity-based policy allows the iam:GetInstanceProfile action"
+        "service": "ssm", "action": "GetParameter", "error": "AccessDeniedException", "status": 400,
+        "message": "User: arn:aws:iam::123456789012:user/dev is not authorized to perform: ssm:GetParameter on resource: arn:aws:ssm:us-east-1::parameter/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id because no identity-based policy allows the ssm:GetParameter action"
     }]));
     let run = user.run(&attached_args(&proxy(&cloud), &["--detach"]));
     assert_eq!(run.code, 1, "{}", run.stderr);
     let last = run.stderr.lines().last().unwrap();
     assert!(last.starts_with("error: "), "{}", run.stderr);
-    assert!(last.contains("AccessDenied (iam:GetInstanceProfile)"), "{last}");
+    assert!(last.contains("AccessDeniedException (ssm:GetParameter)"), "{last}");
     assert!(last.contains("`ephemeral-admin policy`"), "{last}");
     for noise in ["unhandled error", "aws_request_id", "HttpResponse", "service error"] {
         assert!(!run.stderr.contains(noise), "{noise} in:\n{}", run.stderr);

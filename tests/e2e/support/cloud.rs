@@ -52,6 +52,17 @@ impl LocalCloud {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> LocalCloud {
+        let cloud = Self::start_fresh_account(args, env);
+        // An account admin made the tool's standing IAM once, holding exactly the daily and the
+        // bootstrap policy; then every test runs as a user holding exactly the policy
+        // `ephemeral-admin policy` prints: the local cloud answers anything else with AWS's denial.
+        cloud.bootstrap();
+        cloud.enforce(&printed_policy());
+        cloud
+    }
+
+    /// An account nobody ran `setup roles` in yet, the daily policy enforced.
+    pub fn start_fresh_account(args: &[&str], env: &[(&str, &str)]) -> LocalCloud {
         let script = repo().join("tests/support/localcloud/localcloud.py");
         let mut child = Command::new(python())
             .envs(env.iter().copied())
@@ -82,10 +93,18 @@ impl LocalCloud {
             _stdin: stdin,
             denials_expected: std::cell::Cell::new(false),
         };
-        // Every test runs as a user holding exactly the policy `ephemeral-admin policy` prints:
-        // the local cloud answers anything else with AWS's denial.
         cloud.enforce(&printed_policy());
         cloud
+    }
+
+    /// `setup roles` as an account admin holding the daily and the bootstrap policy (and no
+    /// more): the boundary, the scheduler role and the Session Manager role.
+    pub fn bootstrap(&self) {
+        self.enforce(&admin_policy());
+        let run = crate::support::User::new(self).run(&["setup", "roles"]);
+        assert_eq!(run.code, 0, "setup roles failed: {}", run.stderr);
+        let (_, policy) = request(&self.url, "GET", "/_localcloud/policy", None);
+        assert_eq!(policy["denials"], json!([]), "setup roles was denied");
     }
 
     /// Enforces a narrower `policy` than the printed one: denials are the point of such a test.
@@ -177,6 +196,39 @@ impl LocalCloud {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Runs boto3 `code` with an `iam` client as an administrator (the policy does not apply).
+    pub fn as_admin_iam(&self, code: &str) {
+        let script = format!(
+            "import boto3, json, sys\n\
+             iam = boto3.client('iam', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                                aws_access_key_id='other', aws_secret_access_key='other')\n{code}\n"
+        );
+        let out = Command::new(python()).args(["-c", &script, &self.url]).output().expect("run boto3");
+        assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Runs boto3 `code` signed with the CLI's access key (so under the enforced policy), with
+    /// `iam` and `ec2` clients and `attempt(fn, **kw)`, which prints the AWS error code or `ok`.
+    pub fn as_cli_user(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3, json, sys\n\
+             from botocore.config import Config\n\
+             kw = dict(endpoint_url=sys.argv[1], region_name='us-east-1', aws_access_key_id='testing',\n\
+                       aws_secret_access_key='testing', config=Config(retries={{'total_max_attempts': 1}}))\n\
+             iam, ec2 = boto3.client('iam', **kw), boto3.client('ec2', **kw)\n\
+             def attempt(fn, **args):\n\
+             \x20   try:\n\
+             \x20       fn(**args)\n\
+             \x20       print('ok')\n\
+             \x20   except Exception as e:\n\
+             \x20       print(getattr(e, 'response', {{}}).get('Error', {{}}).get('Code', repr(e)))\n\
+             {code}\n"
+        );
+        let out = Command::new(python()).args(["-c", &script, &self.url]).output().expect("run boto3");
+        assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Everything moto holds in the region, as JSON.
     pub fn state(&self) -> Value {
         self.control("GET", "state?region=us-east-1", None)
@@ -185,10 +237,26 @@ impl LocalCloud {
 
 /// The user policy exactly as the CLI prints it with the default settings.
 pub fn printed_policy() -> Value {
+    printed(&[])
+}
+
+/// What an account admin holds for `setup roles` and `cleanup --purge`: the daily policy and
+/// `policy --bootstrap`, side by side.
+pub fn admin_policy() -> Value {
+    let mut policy = printed_policy();
+    let bootstrap = printed(&["--bootstrap"]);
+    let statements = policy["Statement"].as_array_mut().unwrap();
+    statements.extend(bootstrap["Statement"].as_array().unwrap().iter().cloned());
+    policy
+}
+
+/// `ephemeral-admin policy ARGS` with the default settings.
+pub fn printed(args: &[&str]) -> Value {
     let home = std::env::temp_dir().join(format!("ea-policy-{}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ephemeral-admin"))
         .arg("policy")
+        .args(args)
         .env_clear()
         .env("HOME", &home)
         .env("XDG_CONFIG_HOME", home.join("config"))

@@ -245,6 +245,9 @@ class World(Protocol):
     def resource_tags(self, service: str, region: str, resource_id: str) -> dict[str, str] | None:
         """Tags of an existing resource (EC2 id, IAM role name ...); None if unknown."""
 
+    def role_boundary(self, name: str) -> str | None:
+        """The ARN of the role's permissions boundary, if it has one."""
+
     def instance_profile_roles(self, name: str) -> list[str]:
         """Role names inside an instance profile."""
 
@@ -478,12 +481,33 @@ def service_linked_role_check(world: World, service: str) -> Check:
                  {"iam:AWSServiceName": service})
 
 
+# The IAM actions whose authorization carries iam:PermissionsBoundary (Service Authorization
+# Reference): the boundary a role is created or put under, or the role's current one.
+BOUNDARY_FROM_REQUEST = {"CreateRole", "PutRolePermissionsBoundary"}
+BOUNDARY_OF_ROLE = {"PutRolePolicy", "DeleteRolePolicy", "AttachRolePolicy", "DetachRolePolicy",
+                    "DeleteRolePermissionsBoundary"}
+
+
+def _iam_policy(call: Call, world: World) -> list[Check]:
+    """Customer-managed policies: CreatePolicy names one, the others take its ARN."""
+    a = f"iam:{call.action}"
+    arn = call.get("PolicyArn") or f"arn:aws:iam::{world.account}:policy{call.get('Path') or '/'}{call.get('PolicyName')}"
+    checks = [Check(a, arn)]
+    tags = call.query_tags("Tags")
+    if tags and call.action == "CreatePolicy":
+        checks[0].context.update(request_tag_context(tags))
+        checks.append(Check("iam:TagPolicy", arn, request_tag_context(tags)))
+    return checks
+
+
 def _iam(call: Call, world: World) -> list[Check]:
     a = f"iam:{call.action}"
     role, profile = call.get("RoleName"), call.get("InstanceProfileName")
     if call.action == "CreateServiceLinkedRole":
         service = call.get("AWSServiceName") or ""
         return [service_linked_role_check(world, service)]
+    if call.get("PolicyArn") and not role or call.action == "CreatePolicy":
+        return _iam_policy(call, world)
     if profile:
         arn = _iam_profile_arn(world, profile)
         tags_action = "iam:TagInstanceProfile"
@@ -497,6 +521,12 @@ def _iam(call: Call, world: World) -> list[Check]:
     tags = call.query_tags("Tags")
     if tags:
         ctx.update(request_tag_context(tags))
+    if role and call.action in BOUNDARY_FROM_REQUEST and call.get("PermissionsBoundary"):
+        ctx["iam:PermissionsBoundary"] = call.get("PermissionsBoundary")
+    elif role and call.action in BOUNDARY_OF_ROLE:
+        boundary = world.role_boundary(role)
+        if boundary:
+            ctx["iam:PermissionsBoundary"] = boundary
     checks = [Check(a, arn, ctx)]
     if tags and call.action.startswith("Create"):
         checks.append(Check(tags_action, arn, request_tag_context(tags)))

@@ -37,9 +37,14 @@ class FakeWorld:
     account = ACCOUNT
 
     def __init__(self, tags: dict[str, dict[str, str]] | None = None,
-                 profiles: dict[str, list[str]] | None = None):
+                 profiles: dict[str, list[str]] | None = None,
+                 boundaries: dict[str, str] | None = None):
         self.tags = tags or {}
         self.profiles = profiles or {}
+        self.boundaries = boundaries or {}
+
+    def role_boundary(self, name):
+        return self.boundaries.get(name)
 
     def resource_tags(self, service, region, resource_id):
         return self.tags.get(resource_id)
@@ -413,10 +418,41 @@ def t_denials() -> None:
     check((code, status) == ("AccessDeniedException", 403), "JSON services: AccessDeniedException")
 
 
+def t_permissions_boundary() -> None:
+    """iam:PermissionsBoundary: from the request where a role is put under one, from the role
+    itself where its policies change; a customer-managed policy is authorized on its ARN."""
+    boundary = f"arn:aws:iam::{ACCOUNT}:policy/ephemeral-admin-boundary"
+    bounded = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": ["iam:CreateRole", "iam:PutRolePolicy"],
+        "Resource": "arn:aws:iam::*:role/R-*",
+        "Condition": {"ArnLike": {"iam:PermissionsBoundary": "arn:aws:iam::*:policy/ephemeral-admin-boundary"}}}]}
+    world = FakeWorld(boundaries={"R-bounded": boundary})
+    create = Call("iam", "us-east-1", "CreateRole", {"RoleName": "R-x", "PermissionsBoundary": boundary})
+    check(iam.first_denied(bounded, iam.authorizations(create, world)) is None, "CreateRole under the boundary")
+    create.params.pop("PermissionsBoundary")
+    check(iam.first_denied(bounded, iam.authorizations(create, world)) is not None, "CreateRole without it is denied")
+    create.params["PermissionsBoundary"] = f"arn:aws:iam::{ACCOUNT}:policy/AdministratorAccess"
+    check(iam.first_denied(bounded, iam.authorizations(create, world)) is not None, "CreateRole under another is denied")
+    put = Call("iam", "us-east-1", "PutRolePolicy", {"RoleName": "R-bounded", "PolicyName": "p"})
+    check(iam.first_denied(bounded, iam.authorizations(put, world)) is None, "PutRolePolicy on a bounded role")
+    put.params["RoleName"] = "R-free"
+    check(iam.first_denied(bounded, iam.authorizations(put, world)) is not None,
+          "PutRolePolicy on a role without the boundary is denied")
+    version = Call("iam", "us-east-1", "CreatePolicyVersion", {"PolicyArn": boundary, "SetAsDefault": "true"})
+    checks = iam.authorizations(version, world)
+    check([(c.action, c.resource) for c in checks] == [("iam:CreatePolicyVersion", boundary)],
+          "CreatePolicyVersion is authorized on the policy's ARN", checks)
+    made = Call("iam", "us-east-1", "CreatePolicy", {"PolicyName": "ephemeral-admin-boundary",
+                                                     "Tags.member.1.Key": "Project", "Tags.member.1.Value": "E"})
+    checks = iam.authorizations(made, world)
+    check([(c.action, c.resource) for c in checks] == [("iam:CreatePolicy", boundary), ("iam:TagPolicy", boundary)],
+          "CreatePolicy with tags needs iam:TagPolicy too", checks)
+
+
 def main() -> int:
     for test in (t_run_instances, t_own_resources, t_security_group_rules, t_tag_actions_of_other_services,
                  t_service_linked_role_condition, t_ssm, t_operators, t_instance_connect_endpoint,
-                 t_evaluation_logic, t_denials):
+                 t_evaluation_logic, t_denials, t_permissions_boundary):
         print(f"- {test.__name__[2:].replace('_', ' ')}")
         try:
             test()

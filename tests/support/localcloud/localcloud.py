@@ -707,6 +707,13 @@ class MotoWorld:
             return None
         return None
 
+    def role_boundary(self, name: str) -> str | None:
+        from moto.iam.models import iam_backends
+        try:
+            return iam_backends[ACCOUNT_ID]["global"].get_role(name).permissions_boundary_arn or None
+        except Exception:
+            return None
+
     def instance_profile_roles(self, name: str) -> list[str]:
         from moto.iam.models import iam_backends
         try:
@@ -1994,6 +2001,7 @@ class StateDump:
                     "tags": _safe(lambda: {k: v["Value"] for k, v in r.tags.items()}, {}),
                     "max_session_duration": _get(r, "max_session_duration"),
                     "description": _get(r, "description"),
+                    "permissions_boundary": _get(r, "permissions_boundary_arn"),
                 } for r in iam.roles.values()],
                 "instance_profiles": [{
                     "name": p.name, "arn": _get(p, "arn"), "path": _get(p, "path"),

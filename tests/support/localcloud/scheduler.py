@@ -283,6 +283,7 @@ class Firing:
             documents += [json.loads(p.document) if isinstance(p.document, str) else p.document
                           for p in getattr(role, "managed_policies", {}).values()
                           if getattr(p, "document", None)]
+            boundary = _boundary_document(iam_backends[account]["global"], role)
         if not _trusts_scheduler(trust, account):
             return f"AccessDenied: role {role_arn} does not trust {SERVICE_PRINCIPAL} for account {account}"
         sig_service = "monitoring" if service == "cloudwatch" else service
@@ -297,6 +298,13 @@ class Firing:
             check, _ = denied
             return (f"AccessDenied: role {role_arn} is not authorized to perform: {check.action} "
                     f"on resource: {check.resource}")
+        # IAM: a role with a permissions boundary may do only what both its policies and the
+        # boundary allow.
+        denied = iampolicy.first_denied(boundary, checks) if boundary is not None else None
+        if denied:
+            check, _ = denied
+            return (f"AccessDenied: role {role_arn} is not authorized to perform: {check.action} "
+                    f"on resource: {check.resource} because no permissions boundary allows it")
         return None
 
     def _client_as(self, role_arn: str, region: str, service: str) -> Any:
@@ -311,6 +319,21 @@ class Firing:
                             aws_access_key_id=creds["AccessKeyId"],
                             aws_secret_access_key=creds["SecretAccessKey"],
                             aws_session_token=creds["SessionToken"], config=config)
+
+
+def _boundary_document(iam: Any, role: Any) -> dict[str, Any] | None:
+    """The default version of the role's permissions boundary; a boundary that is gone allows
+    nothing. None when the role has no boundary."""
+    arn = getattr(role, "permissions_boundary_arn", None)
+    if not arn:
+        return None
+    try:
+        policy = iam.get_policy(arn)
+        version = next(v for v in policy.versions if v.version_id == policy.default_version_id)
+        doc = version.document
+        return json.loads(doc) if isinstance(doc, str) else doc
+    except Exception:
+        return {"Version": "2012-10-17", "Statement": []}
 
 
 def _trusts_scheduler(trust: dict[str, Any], account: str) -> bool:
@@ -342,6 +365,9 @@ class _RoleWorld:
             return None
         tags = getattr(backend, "tags", None)
         return dict(tags.get(resource_id, {})) or None if isinstance(tags, dict) else None
+
+    def role_boundary(self, name: str) -> str | None:
+        return None
 
     def instance_profile_roles(self, name: str) -> list[str]:
         return []
