@@ -91,7 +91,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  ephemeral-admin terminate k3x9q2ab    # safe to repeat: it removes whatever is left"
     )]
-    Terminate(SessionIdArg),
+    Terminate(TerminateArgs),
     /// Remove whatever a crashed or abandoned session left behind.
     #[command(
         after_help = "Examples:\n  ephemeral-admin cleanup --dry-run       # what would go, and why\n  ephemeral-admin cleanup                 # sessions that are over or orphaned\n  ephemeral-admin cleanup --all --purge   # everything, then the shared group and role"
@@ -181,6 +181,10 @@ pub struct PolicyArgs {
     /// Print the Session Manager box role's policy instead (boxes reached by SSH get no role).
     #[arg(long = "box", conflicts_with = "bootstrap")]
     pub box_role: bool,
+    /// Print what a team admin adds to the daily policy to end anyone's session
+    /// (`terminate --force`, `cleanup --owner any`).
+    #[arg(long, conflicts_with_all = ["box_role", "bootstrap"])]
+    pub team_admin: bool,
     /// Print what an account admin needs besides the daily policy, once, for `setup roles` and
     /// `cleanup --purge` (every role write bound to the tool's permissions boundary).
     #[arg(long)]
@@ -341,6 +345,16 @@ pub struct SessionIdArg {
     /// Session id (as printed by `launch` and `list`), its name, its instance id (i-…), or `last`.
     #[arg(value_name = "ID")]
     pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TerminateArgs {
+    #[command(flatten)]
+    pub session: SessionIdArg,
+    /// End it even if another person launched it (AWS allows that only with a team admin's
+    /// policy: `ephemeral-admin policy --team-admin`).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

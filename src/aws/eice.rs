@@ -177,6 +177,7 @@ async fn own_group_id(aws: &Aws, vpc_id: &str, name: &str) -> Result<String, Aws
 fn endpoint_tags() -> Vec<(String, String)> {
     let mut tags = tags::shared_resource_tags();
     tags.push((tags::NAME.into(), NAME.into()));
+    tags.push((tags::STANDING.into(), tags::STANDING_EICE.into()));
     tags
 }
 

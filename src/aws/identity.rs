@@ -20,12 +20,26 @@ pub struct Caller {
     /// The owner tag of the sessions this caller launches: [`owner_of`] the ARN, or the `owner`
     /// setting.
     pub owner: String,
+    /// IAM's `aws:userid` (`AIDA…` for a user, `AROA…:SESSION` for an assumed role): every
+    /// resource a launch makes carries it as its owner-id tag, and the printed policy lets a
+    /// caller change only resources whose owner-id is theirs. Per person even on a shared role.
+    pub user_id: String,
 }
 
 impl Caller {
     /// Is a session tagged with `owner` this caller's?
     pub fn is_mine(&self, owner: &str) -> bool {
         is_mine(owner, &self.owner)
+    }
+
+    /// May this caller change a session whose resources carry `owner_id` (their owner-id tag)?
+    /// The same rule the printed policy makes AWS enforce: only its owner-id's own. Sessions
+    /// from before owner-ids (`None`) go by the owner tag.
+    pub fn may_change(&self, owner_id: Option<&str>, owner: Option<&str>) -> bool {
+        match owner_id {
+            Some(id) => id == self.user_id,
+            None => owner.is_none_or(|o| self.is_mine(o)),
+        }
     }
 }
 
@@ -56,6 +70,11 @@ pub(super) async fn ask(aws: &Aws) -> Result<Caller, AwsError> {
     let arn = out.arn().ok_or_else(|| AwsError::missing(doing, "caller ARN"))?.to_string();
     Ok(Caller {
         account: out.account().ok_or_else(|| AwsError::missing(doing, "account"))?.to_string(),
+        user_id: out
+            .user_id()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| AwsError::missing(doing, "user id"))?
+            .to_string(),
         owner: owner_of(&arn),
         arn,
     })

@@ -19,6 +19,8 @@ pub struct InstanceInfo {
     /// The session's name (`launch --name`).
     pub name: Option<String>,
     pub owner: Option<String>,
+    /// The creator's aws:userid (`tags::OWNER_ID`); None on boxes of older versions.
+    pub owner_id: Option<String>,
     pub state: String,
     pub instance_type: String,
     pub availability_zone: Option<String>,
@@ -51,6 +53,7 @@ impl InstanceInfo {
             session_id: tags.get(tags::SESSION).cloned(),
             name: tags.get(tags::SESSION_NAME).cloned(),
             owner: tags.get(tags::OWNER).cloned(),
+            owner_id: tags.get(tags::OWNER_ID).cloned(),
             state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
             instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
             availability_zone: i.placement().and_then(|p| p.availability_zone()).map(str::to_string),
@@ -291,6 +294,7 @@ pub struct SpotRequestInfo {
     pub id: String,
     pub session_id: Option<String>,
     pub owner: Option<String>,
+    pub owner_id: Option<String>,
     pub instance_id: Option<String>,
     pub state: String,
 }
@@ -317,6 +321,7 @@ pub async fn open_spot_requests(aws: &Aws) -> Result<Vec<SpotRequestInfo>, AwsEr
                 id: r.spot_instance_request_id()?.to_string(),
                 session_id: tag(tags::SESSION),
                 owner: tag(tags::OWNER),
+                owner_id: tag(tags::OWNER_ID),
                 instance_id: r.instance_id().map(str::to_string),
                 state: r.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
             })

@@ -192,6 +192,7 @@ pub struct OwnGroup {
     pub name: String,
     pub session_id: Option<String>,
     pub owner: Option<String>,
+    pub owner_id: Option<String>,
 }
 
 /// Every security group tagged as the tool's in the region (one paginated call).
@@ -213,6 +214,7 @@ pub async fn own_groups(aws: &Aws) -> Result<Vec<OwnGroup>, AwsError> {
                 name: g.group_name().unwrap_or("?").to_string(),
                 session_id: tag(tags::SESSION).map(str::to_string),
                 owner: tag(tags::OWNER).map(str::to_string),
+                owner_id: tag(tags::OWNER_ID).map(str::to_string),
             });
         }
     }

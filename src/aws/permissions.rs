@@ -34,6 +34,34 @@ fn project_is_ours(key: &str) -> Value {
     json!({"StringEquals": {format!("{key}/{}", tags::PROJECT): tags::PROJECT_VALUE}})
 }
 
+/// The caller's own aws:userid, as IAM fills it in.
+pub const USERID_VARIABLE: &str = "${aws:userid}";
+
+/// A resource (or, on create, the request) tagged as the tool's and as the caller's own.
+fn owned(key: &str) -> Value {
+    json!({"StringEquals": {
+        format!("{key}/{}", tags::PROJECT): tags::PROJECT_VALUE,
+        format!("{key}/{}", tags::OWNER_ID): USERID_VARIABLE,
+    }})
+}
+
+/// The tool's alarms, by name.
+fn alarms() -> String {
+    format!("arn:aws:cloudwatch:*:*:alarm:{}*", alarm::ALARM_PREFIX)
+}
+
+fn owned_on_create() -> Value {
+    owned("aws:RequestTag")
+}
+
+/// The EC2 Instance Connect Endpoint and its group: standing parts, nobody's in particular.
+fn standing_eice(key: &str) -> Value {
+    json!({"StringEquals": {
+        format!("{key}/{}", tags::PROJECT): tags::PROJECT_VALUE,
+        format!("{key}/{}", tags::STANDING): tags::STANDING_EICE,
+    }})
+}
+
 fn ec2(types: &[&str]) -> Vec<String> {
     types.iter().map(|t| format!("arn:aws:ec2:*:*:{t}/*")).collect()
 }
@@ -85,17 +113,25 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
             condition: None,
         },
         Statement {
-            sid: "CreateOnlyTaggedResources",
-            why: "the box's instance, volume and spot request, the tool's security group and its SSH rules may only be created carrying Project=EphemeralContainer",
-            actions: &["ec2:RunInstances", "ec2:CreateSecurityGroup", "ec2:AuthorizeSecurityGroupIngress"],
-            resources: ec2(&[
-                "instance",
-                "volume",
-                "spot-instances-request",
-                "security-group",
-                "security-group-rule",
-            ]),
-            condition: Some(project_is_ours("aws:RequestTag")),
+            sid: "CreateOnlyOwnTaggedResources",
+            why: "the box's instance, volume and spot request and the session's security group may only be created carrying Project=EphemeralContainer and the creator's own aws:userid as owner-id",
+            actions: &["ec2:RunInstances", "ec2:CreateSecurityGroup"],
+            resources: ec2(&["instance", "volume", "spot-instances-request", "security-group"]),
+            condition: Some(owned_on_create()),
+        },
+        Statement {
+            sid: "CreateOnlyOwnTaggedRules",
+            why: "an SSH rule may only be created carrying the same two tags (the group it goes into must be the caller's own: ChangeOnlyOwnResources)",
+            actions: &["ec2:AuthorizeSecurityGroupIngress"],
+            resources: ec2(&["security-group-rule"]),
+            condition: Some(owned_on_create()),
+        },
+        Statement {
+            sid: "CreateOnlyTheToolsEndpointGroup",
+            why: "`setup eice`: the endpoint's own security group, a standing part (tagged ephemeral-admin:standing=eice, no owner)",
+            actions: &["ec2:CreateSecurityGroup"],
+            resources: ec2(&["security-group"]),
+            condition: Some(standing_eice("aws:RequestTag")),
         },
         Statement {
             sid: "CreateSecurityGroupInAnyVpc",
@@ -125,26 +161,29 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
         },
         Statement {
             sid: "ChangeOnlyOwnResources",
-            why: "terminate boxes, cancel spot requests, open and close SSH, narrow the EICE group's egress, move deadlines, delete a session's group: only on resources tagged Project=EphemeralContainer",
+            why: "terminate one's own boxes, cancel their spot requests, open and close SSH on one's own session groups, move their deadlines, delete them: only resources tagged Project=EphemeralContainer whose owner-id is the caller's own aws:userid",
             actions: &[
                 "ec2:TerminateInstances",
                 "ec2:CancelSpotInstanceRequests",
                 "ec2:CreateTags",
                 "ec2:AuthorizeSecurityGroupIngress",
                 "ec2:RevokeSecurityGroupIngress",
+                "ec2:DeleteSecurityGroup",
+            ],
+            resources: ec2(&["instance", "spot-instances-request", "security-group", "security-group-rule"]),
+            condition: Some(owned("ec2:ResourceTag")),
+        },
+        Statement {
+            sid: "ChangeOnlyTheToolsEndpoints",
+            why: "`setup eice` narrows the endpoint group's egress; `cleanup --purge` deletes the endpoint and its group: only standing parts tagged ephemeral-admin:standing=eice",
+            actions: &[
                 "ec2:AuthorizeSecurityGroupEgress",
                 "ec2:RevokeSecurityGroupEgress",
                 "ec2:DeleteSecurityGroup",
                 "ec2:DeleteInstanceConnectEndpoint",
             ],
-            resources: ec2(&[
-                "instance",
-                "spot-instances-request",
-                "security-group",
-                "security-group-rule",
-                "instance-connect-endpoint",
-            ]),
-            condition: Some(project_is_ours("ec2:ResourceTag")),
+            resources: ec2(&["security-group", "instance-connect-endpoint"]),
+            condition: Some(standing_eice("ec2:ResourceTag")),
         },
         Statement {
             sid: "ReadStandingRoles",
@@ -194,10 +233,22 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
         },
         Statement {
             sid: "OwnAlarmsOnly",
-            why: "the per-box fail-safe alarm (created with tags, so also cloudwatch:TagResource) and its deletion",
-            actions: &["cloudwatch:PutMetricAlarm", "cloudwatch:TagResource", "cloudwatch:DeleteAlarms"],
-            resources: vec![format!("arn:aws:cloudwatch:*:*:alarm:{}*", alarm::ALARM_PREFIX)],
-            condition: None,
+            why: "the per-box fail-safe alarm, created with tags (so also cloudwatch:TagResource) carrying the creator's own aws:userid, and never over another person's alarm",
+            actions: &["cloudwatch:PutMetricAlarm", "cloudwatch:TagResource"],
+            resources: vec![alarms()],
+            condition: Some(json!({
+                "StringEquals": {format!("aws:RequestTag/{}", tags::OWNER_ID): USERID_VARIABLE},
+                "StringEqualsIfExists": {format!("aws:ResourceTag/{}", tags::OWNER_ID): USERID_VARIABLE},
+            })),
+        },
+        Statement {
+            sid: "DeleteOwnAlarmsOnly",
+            why: "delete one's own sessions' alarms only (owner-id tag)",
+            actions: &["cloudwatch:DeleteAlarms"],
+            resources: vec![alarms()],
+            condition: Some(
+                json!({"StringEquals": {format!("aws:ResourceTag/{}", tags::OWNER_ID): USERID_VARIABLE}}),
+            ),
         },
         Statement {
             sid: "OwnMetricsOnly",
@@ -236,10 +287,14 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
         },
         Statement {
             sid: "SessionManagerToOwnBoxesOnly",
-            why: "`connect = \"ssm\"`: start a Session Manager session only on instances tagged Project=EphemeralContainer",
+            why: "`connect = \"ssm\"`: start a Session Manager session only on one's own boxes (Project and owner-id tags), and only with a document the caller may use (ssm:SessionDocumentAccessCheck)",
             actions: &["ssm:StartSession"],
             resources: ec2(&["instance"]),
-            condition: Some(project_is_ours("ssm:resourceTag")),
+            condition: Some({
+                let mut c = owned("ssm:resourceTag");
+                c["BoolIfExists"] = json!({"ssm:SessionDocumentAccessCheck": "true"});
+                c
+            }),
         },
     ];
     out.extend(instance_connect_endpoint());
@@ -263,7 +318,7 @@ pub fn statements(role_name: &str, instance_profile: Option<&str>) -> Vec<Statem
 
 /// `connect = "eice"`: tunnels to port 22 through an endpoint, and `setup eice` creating the
 /// tool's endpoint (tagged; AWS makes its network interface and, on first use, its
-/// service-linked role). Deleting it is in `ChangeOnlyOwnResources`.
+/// service-linked role). Deleting it is in `ChangeOnlyTheToolsEndpoints`.
 fn instance_connect_endpoint() -> [Statement; 4] {
     [
         Statement {
@@ -396,6 +451,38 @@ pub fn bootstrap_statements(role_name: &str) -> Vec<Statement> {
     ]
 }
 
+/// `policy --team-admin`: what a team admin adds to the daily policy to end anyone's box
+/// (`terminate --force`, `cleanup --all-owners`): the same writes as `ChangeOnlyOwnResources`
+/// that end a session, on any resource of the tool's, whoever's owner-id it carries.
+pub fn team_admin_statements() -> Vec<Statement> {
+    vec![
+        Statement {
+            sid: "TeamAdminEndsAnyonesBoxes",
+            why: "end any teammate's session: terminate its box, cancel its spot request, close its SSH rules and delete its group, whoever made it",
+            actions: &[
+                "ec2:TerminateInstances",
+                "ec2:CancelSpotInstanceRequests",
+                "ec2:RevokeSecurityGroupIngress",
+                "ec2:DeleteSecurityGroup",
+            ],
+            resources: ec2(&["instance", "spot-instances-request", "security-group", "security-group-rule"]),
+            condition: Some(project_is_ours("ec2:ResourceTag")),
+        },
+        Statement {
+            sid: "TeamAdminDeletesAnyonesAlarms",
+            why: "delete the fail-safe alarm of a session it ended, whoever made it",
+            actions: &["cloudwatch:DeleteAlarms"],
+            resources: vec![alarms()],
+            condition: None,
+        },
+    ]
+}
+
+/// `policy --team-admin` as a document.
+pub fn team_admin_document() -> Value {
+    to_json(&team_admin_statements(), "Allow")
+}
+
 /// The explicit denials of `policy --bootstrap`: they hold whatever else the holder is allowed.
 pub fn bootstrap_denials(role_name: &str) -> Vec<Statement> {
     let roles = [iam::ssm_role_name(role_name), iam::scheduler_role_name(role_name)];
@@ -525,6 +612,7 @@ mod tests {
             statements("SystemAdminTestingRole", Some("AdminWork")),
             bootstrap_statements("SystemAdminTestingRole"),
             bootstrap_denials("SystemAdminTestingRole"),
+            team_admin_statements(),
         ];
         for s in all.iter().flatten() {
             assert!(readme.contains(&format!("`{}`", s.sid)), "README lacks statement {}", s.sid);

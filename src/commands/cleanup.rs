@@ -89,6 +89,15 @@ impl Found {
             .or_else(|| self.groups.iter().find_map(|g| g.owner.clone()))
     }
 
+    /// The creator's aws:userid, from any of the session's resources that carries it.
+    fn owner_id(&self) -> Option<String> {
+        self.instances
+            .iter()
+            .find_map(|i| i.owner_id.clone())
+            .or_else(|| self.spot_requests.iter().find_map(|s| s.owner_id.clone()))
+            .or_else(|| self.groups.iter().find_map(|g| g.owner_id.clone()))
+    }
+
     fn live(&self) -> Vec<&InstanceInfo> {
         self.instances.iter().filter(|i| i.state != "terminated" && i.state != "shutting-down").collect()
     }
@@ -318,8 +327,10 @@ async fn sweep(
     let mut doomed: Vec<(String, Found, String)> = Vec::new();
     for (id, found) in sessions {
         let owner = found.owner();
-        if owners == Owners::Me && owner.as_deref().is_some_and(|o| !caller.is_mine(o)) {
-            continue; // Another owner's session: not ours to judge, not even to list.
+        // Another person's session (by the owner-id AWS enforces, so even on one shared role):
+        // not ours to judge, not even to list.
+        if owners == Owners::Me && !caller.may_change(found.owner_id().as_deref(), owner.as_deref()) {
+            continue;
         }
         match decide(&id, &found, args, now) {
             Decision::Remove(reason) => doomed.push((id, found, reason)),

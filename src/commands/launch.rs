@@ -347,8 +347,14 @@ async fn provision(
             .await?;
     mark("prepare", &mut timings);
 
-    let session_tags =
-        tags::session_tags(&session_id, &caller.owner, &expires_at, kept, s.name.as_deref(), &s.tags);
+    let session_tags = tags::session_tags(
+        &session_id,
+        (&caller.owner, &caller.user_id),
+        &expires_at,
+        kept,
+        s.name.as_deref(),
+        &s.tags,
+    );
     let recorder = Recorder {
         store: store.clone(),
         record: Arc::new(Mutex::new(SessionRecord {
@@ -819,7 +825,7 @@ async fn prepare(
                 let vpc = net.vpc_id.clone();
                 let session_tags = tags::session_tags(
                     session_id,
-                    &caller.owner,
+                    (&caller.owner, &caller.user_id),
                     expires_at,
                     kept,
                     s.name.as_deref(),

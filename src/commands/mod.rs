@@ -212,7 +212,9 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitStatus> {
         Command::Extend(args) => extend::run(&ctx, &args).await,
         Command::List => sessions::list(&ctx).await,
         Command::Status(args) => sessions::status(&ctx, &resolve_session(&ctx, &args.id).await?).await,
-        Command::Terminate(args) => sessions::terminate(&ctx, &resolve_session(&ctx, &args.id).await?).await,
+        Command::Terminate(args) => {
+            sessions::terminate(&ctx, &resolve_session(&ctx, &args.session.id).await?, args.force).await
+        }
         Command::Cleanup(args) => cleanup::run(&ctx, &args).await,
         Command::Cost(args) => cost::cost(&ctx, &args).await,
         Command::Dashboard => cost::dashboard(&ctx).await,

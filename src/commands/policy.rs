@@ -17,6 +17,8 @@ use crate::output::table;
 pub fn document(ctx: &Context, args: &PolicyArgs) -> Value {
     if args.box_role {
         iam::box_policy_document()
+    } else if args.team_admin {
+        permissions::team_admin_document()
     } else if args.bootstrap {
         permissions::bootstrap_document(&ctx.settings.iam_role_name)
     } else {

@@ -93,11 +93,14 @@ pub async fn status(ctx: &Context, id: &str) -> Result<ExitStatus> {
     Ok(ExitStatus::Success)
 }
 
-pub async fn terminate(ctx: &Context, id: &str) -> Result<ExitStatus> {
+pub async fn terminate(ctx: &Context, id: &str, force: bool) -> Result<ExitStatus> {
     let aws = ctx.aws().await?;
     let store = Store::new(ctx.settings.sessions_dir());
     let record = store.load(id)?;
-    let resources = discover(&aws, id, record.as_ref()).await?;
+    let (resources, owner) = discover(&aws, id, record.as_ref()).await?;
+    if !force {
+        refuse_anothers(&aws, ctx, id, &owner).await?;
+    }
     if record.is_none()
         && resources.instance_ids.is_empty()
         && resources.rule_ids.is_empty()
@@ -114,9 +117,35 @@ pub fn print_teardown(ctx: &Context, report: &TeardownReport) {
     ctx.printer.result(report, || report.summary());
 }
 
+/// Who launched a session, as its resources' tags say: the owner-id AWS enforces and the owner.
+#[derive(Debug, Default)]
+pub struct SessionOwner {
+    pub owner_id: Option<String>,
+    pub owner: Option<String>,
+}
+
+/// The tool never ends another person's box unless told to (`--force`), even where IAM would
+/// let it (a team admin's policy): one line naming the owner, exit 2, nothing touched.
+async fn refuse_anothers(aws: &Aws, ctx: &Context, id: &str, owner: &SessionOwner) -> Result<()> {
+    let caller = crate::aws::identity::me(aws, ctx.settings.owner.as_deref()).await?;
+    if caller.may_change(owner.owner_id.as_deref(), owner.owner.as_deref()) {
+        return Ok(());
+    }
+    let whose = owner.owner_id.as_deref().or(owner.owner.as_deref()).unwrap_or("someone else");
+    Err(crate::error::UsageError::new(format!(
+        "session {id} was launched by {whose}, not by you ({}): `terminate {id} --force` ends it anyway, with a team admin's permissions (`ephemeral-admin policy --team-admin`)",
+        caller.user_id
+    ))
+    .into())
+}
+
 /// Everything AWS and the local record know a session owns: its live instances, its security
-/// group and SSH rules, its alarms (all by tag, at once).
-pub async fn discover(aws: &Aws, id: &str, record: Option<&SessionRecord>) -> Result<SessionResources> {
+/// group and SSH rules, its alarms (all by tag, at once), and who launched it.
+pub async fn discover(
+    aws: &Aws,
+    id: &str,
+    record: Option<&SessionRecord>,
+) -> Result<(SessionResources, SessionOwner)> {
     let query = instances::Query { session_id: Some(id), ..Default::default() };
     let (found, groups, rules, alarms) = tokio::try_join!(
         async { instances::find(aws, query).await.map_err(anyhow::Error::from) },
@@ -150,5 +179,13 @@ pub async fn discover(aws: &Aws, id: &str, record: Option<&SessionRecord>) -> Re
         ssh_config_file: None,
         launched_at: found.iter().find_map(|i| i.launch_time.clone()),
     });
-    Ok(resources)
+    let group = groups.iter().find(|g| g.session_id.as_deref() == Some(id));
+    let owner = SessionOwner {
+        owner_id: found
+            .iter()
+            .find_map(|i| i.owner_id.clone())
+            .or_else(|| group.and_then(|g| g.owner_id.clone())),
+        owner: found.iter().find_map(|i| i.owner.clone()).or_else(|| group.and_then(|g| g.owner.clone())),
+    };
+    Ok((resources, owner))
 }

@@ -11,9 +11,16 @@ pub const PROJECT_VALUE: &str = "EphemeralContainer";
 pub const AUTO_MANAGED: &str = "AutoManaged";
 pub const SESSION: &str = "ephemeral-admin:session";
 pub const OWNER: &str = "ephemeral-admin:owner";
+/// The creator's IAM `aws:userid`: the printed policy requires it on every create
+/// (`aws:RequestTag`) and lets a caller change only resources carrying their own
+/// (`ec2:ResourceTag`), so owner isolation is AWS's, not the tool's, to enforce.
+pub const OWNER_ID: &str = "ephemeral-admin:owner-id";
 pub const EXPIRES_AT: &str = "ephemeral-admin:expires-at";
 /// `attached` (ends with the shell) or `kept` (`--keep`/`--detach`: ends by its watchdog).
 pub const MODE: &str = "ephemeral-admin:mode";
+/// Marks a standing part (`eice`: the Instance Connect Endpoint and its group), nobody's own.
+pub const STANDING: &str = "ephemeral-admin:standing";
+pub const STANDING_EICE: &str = "eice";
 /// The session's name (`launch --name`), a DNS label; absent for unnamed sessions.
 pub const SESSION_NAME: &str = "ephemeral-admin:name";
 
@@ -30,7 +37,7 @@ pub fn shared_resource_tags() -> Vec<(String, String)> {
 /// Everything a session's resources carry, user tags last.
 pub fn session_tags(
     session_id: &str,
-    owner: &str,
+    (owner, owner_id): (&str, &str),
     expires_at: &str,
     kept: bool,
     name: Option<&str>,
@@ -42,6 +49,7 @@ pub fn session_tags(
         (AUTO_MANAGED.to_string(), "true".to_string()),
         (SESSION.to_string(), session_id.to_string()),
         (OWNER.to_string(), owner.to_string()),
+        (OWNER_ID.to_string(), owner_id.to_string()),
         (EXPIRES_AT.to_string(), expires_at.to_string()),
         (MODE.to_string(), if kept { "kept" } else { "attached" }.to_string()),
     ];
@@ -63,7 +71,7 @@ mod tests {
     fn every_key_is_readable_through_imds() {
         let tags = session_tags(
             "k3x9q2ab",
-            "arn:aws:iam::1:user/a",
+            ("arn:aws:iam::1:user/a", "AIDAEXAMPLE"),
             "2026-11-22T18:00:00Z",
             false,
             Some("db-fix"),

@@ -42,7 +42,8 @@ fn a_daily_user_cannot_write_a_role_or_pass_one_the_tool_did_not_make() {
          attempt(iam.create_role, RoleName='{SCHEDULER_ROLE}', AssumeRolePolicyDocument='{OUTSIDE_TRUST}')\n\
          attempt(iam.delete_role_permissions_boundary, RoleName='{SSM_ROLE}')\n\
          attempt(iam.create_policy_version, PolicyArn='{BOUNDARY}', PolicyDocument=admin, SetAsDefault=True)\n\
-         tags = [{{'ResourceType': t, 'Tags': [{{'Key': 'Project', 'Value': 'EphemeralContainer'}}]}} for t in ('instance', 'volume')]\n\
+         own = [{{'Key': 'Project', 'Value': 'EphemeralContainer'}}, {{'Key': 'ephemeral-admin:owner-id', 'Value': 'AIDAMOTOUSER0000000001'}}]\n\
+         tags = [{{'ResourceType': t, 'Tags': own}} for t in ('instance', 'volume')]\n\
          attempt(ec2.run_instances, ImageId='{image}', MinCount=1, MaxCount=1, InstanceType='t3.micro', IamInstanceProfile={{'Name': 'AdminWorkRole'}}, TagSpecifications=tags)"
     ));
     // Every IAM write: AWS's AccessDenied; the launch with someone else's role: EC2's.

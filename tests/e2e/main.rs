@@ -18,6 +18,7 @@ mod launch;
 mod lifecycle;
 mod names;
 mod networks;
+mod owners;
 mod policy;
 mod realbox;
 mod resume;

@@ -210,12 +210,19 @@ impl LocalCloud {
     /// Runs boto3 `code` signed with the CLI's access key (so under the enforced policy), with
     /// `iam` and `ec2` clients and `attempt(fn, **kw)`, which prints the AWS error code or `ok`.
     pub fn as_cli_user(&self, code: &str) -> String {
+        self.as_principal("testing", code)
+    }
+
+    /// [`as_cli_user`](Self::as_cli_user) signed with `key`, one of the local cloud's enforced
+    /// principals (`testing-bob`, `testing-shared-alice`, …), with an `ssm` and a `cw` client too.
+    pub fn as_principal(&self, key: &str, code: &str) -> String {
         let script = format!(
             "import boto3, json, sys\n\
              from botocore.config import Config\n\
-             kw = dict(endpoint_url=sys.argv[1], region_name='us-east-1', aws_access_key_id='testing',\n\
+             kw = dict(endpoint_url=sys.argv[1], region_name='us-east-1', aws_access_key_id=sys.argv[2],\n\
                        aws_secret_access_key='testing', config=Config(retries={{'total_max_attempts': 1}}))\n\
              iam, ec2 = boto3.client('iam', **kw), boto3.client('ec2', **kw)\n\
+             ssm, cw = boto3.client('ssm', **kw), boto3.client('cloudwatch', **kw)\n\
              def attempt(fn, **args):\n\
              \x20   try:\n\
              \x20       fn(**args)\n\
@@ -224,7 +231,7 @@ impl LocalCloud {
              \x20       print(getattr(e, 'response', {{}}).get('Error', {{}}).get('Code', repr(e)))\n\
              {code}\n"
         );
-        let out = Command::new(python()).args(["-c", &script, &self.url]).output().expect("run boto3");
+        let out = Command::new(python()).args(["-c", &script, &self.url, key]).output().expect("run boto3");
         assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }

@@ -544,7 +544,10 @@ def _alarm_arn(call: Call, world: World, name: str) -> str:
 def _cw_put_metric_alarm(call: Call, world: World) -> list[Check]:
     arn = _alarm_arn(call, world, call.get("AlarmName") or "")
     tags = call.query_tags("Tags")
-    checks = [Check("cloudwatch:PutMetricAlarm", arn, request_tag_context(tags))]
+    # Overwriting an existing alarm is authorized with its tags too (aws:ResourceTag).
+    ctx = {**request_tag_context(tags), **resource_tag_context(world.resource_tags("cloudwatch", call.region, arn),
+                                                                "cloudwatch")}
+    checks = [Check("cloudwatch:PutMetricAlarm", arn, ctx)]
     if tags:
         checks.append(Check("cloudwatch:TagResource", arn, request_tag_context(tags)))
     actions = call.members("AlarmActions") + call.members("OKActions") + \
@@ -557,8 +560,10 @@ def _cw_put_metric_alarm(call: Call, world: World) -> list[Check]:
 
 
 def _cw_delete_alarms(call: Call, world: World) -> list[Check]:
-    return [Check("cloudwatch:DeleteAlarms", _alarm_arn(call, world, n))
-            for n in call.members("AlarmNames")]
+    arns = [_alarm_arn(call, world, n) for n in call.members("AlarmNames")]
+    return [Check("cloudwatch:DeleteAlarms", arn,
+                  resource_tag_context(world.resource_tags("cloudwatch", call.region, arn), "cloudwatch"))
+            for arn in arns]
 
 
 def _cw_put_metric_data(call: Call, world: World) -> list[Check]:

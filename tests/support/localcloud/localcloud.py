@@ -64,6 +64,7 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote
@@ -682,6 +683,27 @@ PRINCIPAL_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/moto"
 PRINCIPAL_USERID = "AIDAMOTOUSER0000000001"
 
 
+@dataclass
+class Principal:
+    """Who signs with an access key: GetCallerIdentity's answer, and the values IAM fills in
+    for ${aws:userid} and ${aws:username} (IAM users only) when it evaluates their policy."""
+    arn: str          # as GetCallerIdentity answers it
+    userid: str       # aws:userid: AIDA... for a user, AROA...:SESSION for an assumed role
+    username: str | None = None
+
+
+# The CLI's key ("testing") and teammates' keys, all enforced with the same policy: two IAM
+# users, and two people on one shared (non-SSO) role, told apart by their session names only.
+PRINCIPALS: dict[str, Principal] = {
+    "testing": Principal(f"arn:aws:sts::{ACCOUNT_ID}:user/moto", PRINCIPAL_USERID, "moto"),
+    "testing-bob": Principal(f"arn:aws:iam::{ACCOUNT_ID}:user/bob", "AIDABOBUSER00000000002", "bob"),
+    "testing-shared-alice": Principal(f"arn:aws:sts::{ACCOUNT_ID}:assumed-role/SharedAdmin/alice",
+                                      "AROASHAREDADMIN0000003:alice"),
+    "testing-shared-bob": Principal(f"arn:aws:sts::{ACCOUNT_ID}:assumed-role/SharedAdmin/bob",
+                                    "AROASHAREDADMIN0000003:bob"),
+}
+
+
 class MotoWorld:
     """What the evaluator asks the cloud: resource tags and instance profile roles
     (read from moto; the caller holds moto_lock)."""
@@ -697,6 +719,9 @@ class MotoWorld:
             if service == "ec2":
                 tags = _tags(self.cloud.ec2_backend(region), resource_id)
                 return tags or None
+            if service == "cloudwatch":
+                from moto.cloudwatch.models import cloudwatch_backends
+                return dict(cloudwatch_backends[ACCOUNT_ID][region].tagger.get_tag_dict_for_resource(resource_id)) or None
             if service == "iam":
                 from moto.iam.models import iam_backends
                 iam = iam_backends[ACCOUNT_ID]["global"]
@@ -728,7 +753,7 @@ class PolicyEnforcement:
     def enforce(self, policy: dict[str, Any] | None, access_keys: list[str] | None = None) -> None:
         with self.state_lock:
             self.enforced_policy = policy
-            self.enforced_keys = list(access_keys or ["testing"])
+            self.enforced_keys = list(access_keys or PRINCIPALS)
             self.denials = []
 
     def _checks_for(self, req: AwsRequest) -> list[iampolicy.Check]:
@@ -738,10 +763,12 @@ class PolicyEnforcement:
         with self.moto_lock:
             self.ensure_region(req.region)
             checks = iampolicy.authorizations(call, MotoWorld(self))
+        who = PRINCIPALS.get(req.access_key or "", PRINCIPALS["testing"])
         for check in checks:
-            check.context.setdefault("aws:username", "moto")
-            check.context.setdefault("aws:userid", PRINCIPAL_USERID)
-            check.context.setdefault("aws:PrincipalArn", PRINCIPAL_ARN)
+            if who.username:
+                check.context.setdefault("aws:username", who.username)
+            check.context.setdefault("aws:userid", who.userid)
+            check.context.setdefault("aws:PrincipalArn", who.arn.replace(":sts::", ":iam::") if ":user/" in who.arn else who.arn)
             check.context.setdefault("aws:RequestedRegion", req.region or "us-east-1")
         return checks
 
@@ -756,7 +783,9 @@ class PolicyEnforcement:
         check, decision = denied
         # CloudWatch's JSON protocol is awsQuery-compatible: its code stays AccessDenied.
         protocol = "query" if req.service == "monitoring" else req.protocol
-        code, message, status = iampolicy.denial(check, decision, PRINCIPAL_ARN, protocol)
+        who = PRINCIPALS.get(req.access_key or "", PRINCIPALS["testing"])
+        arn = PRINCIPAL_ARN if req.access_key == "testing" else who.arn
+        code, message, status = iampolicy.denial(check, decision, arn, protocol)
         with self.state_lock:
             entry["denied"] = {"action": check.action, "resource": check.resource}
             self.denials.append({"seq": entry["seq"], "service": req.service, "api": req.action,
@@ -1500,6 +1529,19 @@ class MotoFixes:
         return Resp(200, [("Content-Type", "application/x-amz-json-1.1"), ("Content-Length", str(len(out)))], out)
 
 
+    def _fix_get_caller_identity(self, req: AwsRequest, environ: dict) -> Resp:
+        """The tests' principals (PRINCIPALS) are who they sign as; moto answers one default
+        user for any key it did not issue."""
+        who = PRINCIPALS.get(req.access_key or "")
+        if who is None:
+            return self._call_moto(environ)
+        body = (f'<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+                f'<GetCallerIdentityResult><Arn>{who.arn}</Arn><UserId>{who.userid}</UserId>'
+                f'<Account>{ACCOUNT_ID}</Account></GetCallerIdentityResult>'
+                f'<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>'
+                f'</GetCallerIdentityResponse>').encode()
+        return Resp(200, [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))], body)
+
     def _fix_eice(self, req: AwsRequest, environ: dict) -> Resp:
         """moto has no EC2 Instance Connect Endpoints: eice.py answers (moto_lock is held)."""
         if self.eice is None:
@@ -1589,6 +1631,7 @@ MOTO_FIXES: dict[tuple[str, str], Callable[[LocalCloud, AwsRequest, dict], Resp]
     ("ec2", "CreateInstanceConnectEndpoint"): MotoFixes._fix_eice,
     ("ec2", "DescribeInstanceConnectEndpoints"): MotoFixes._fix_eice,
     ("ec2", "DeleteInstanceConnectEndpoint"): MotoFixes._fix_eice,
+    ("sts", "GetCallerIdentity"): MotoFixes._fix_get_caller_identity,
 }
 
 
@@ -2073,7 +2116,7 @@ class LocalCloud(Middleware, PolicyEnforcement, MotoFixes, ControlAPI, StateDump
         self.pending_seconds = float(pending_seconds)
         self.rules: list[FaultRule] = []
         self.enforced_policy: dict[str, Any] | None = None  # section 5b
-        self.enforced_keys: list[str] = ["testing"]
+        self.enforced_keys: list[str] = list(PRINCIPALS)
         self.denials: list[dict[str, Any]] = []
         self.calls: list[dict[str, Any]] = []
         self.seq = 0
