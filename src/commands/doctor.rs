@@ -67,7 +67,7 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
     };
     let aws = ctx.aws().await?;
     let step = ctx.printer.step("checking");
-    let (credentials, region, vpc, (image, probes), endpoint) = tokio::join!(
+    let (credentials, region, vpc, (image, probes), endpoint, roles) = tokio::join!(
         check_credentials(&aws),
         check_region(&aws),
         check_network(ctx, &aws),
@@ -75,7 +75,8 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
             let (check, image) = check_image(ctx, &aws).await;
             (check, check_permissions(ctx, &aws, image.as_deref()).await)
         },
-        check_eice(ctx, &aws)
+        check_eice(ctx, &aws),
+        check_roles(ctx, &aws)
     );
     drop(step);
     // Without working credentials every other AWS check fails for that one reason: say it once.
@@ -83,6 +84,7 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
     let mut checks = vec![credentials, region, config, vpc, image];
     checks.extend(probes);
     checks.push(endpoint);
+    checks.push(roles);
     if no_credentials {
         checks = checks.into_iter().map(|c| c.skip("not checked: needs working credentials")).collect();
     }
@@ -113,6 +115,23 @@ pub async fn run(ctx: &Context) -> Result<ExitStatus> {
 async fn check_eice(ctx: &Context, aws: &Aws) -> Check {
     let (ok, detail, fix) = super::eice::doctor_detail(ctx, aws).await;
     Check { name: "eice", ok, skipped: false, detail, fix }
+}
+
+/// The standing IAM a launch reads but never makes (`setup roles`), as the launch reads it.
+async fn check_roles(ctx: &Context, aws: &Aws) -> Check {
+    let s = &ctx.settings;
+    let ssm = s.connect == crate::cli::ConnectMode::Ssm && s.instance_profile.is_none();
+    match crate::aws::iam::standing(aws, &s.iam_role_name, ssm).await {
+        Ok(found) if found.missing.is_empty() => {
+            Check::ok("roles", "the tool's standing roles exist (`setup roles`)")
+        }
+        Ok(found) => Check::fail(
+            "roles",
+            format!("missing: {}", found.missing.join(", ")),
+            "an account admin runs `ephemeral-admin setup roles` once (with `ephemeral-admin policy --bootstrap`)",
+        ),
+        Err(e) => Check::aws_failure("roles", &e, "see `ephemeral-admin policy`"),
+    }
 }
 
 async fn check_credentials(aws: &Aws) -> Check {

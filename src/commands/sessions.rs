@@ -132,8 +132,17 @@ async fn refuse_anothers(aws: &Aws, ctx: &Context, id: &str, owner: &SessionOwne
         return Ok(());
     }
     let whose = owner.owner_id.as_deref().or(owner.owner.as_deref()).unwrap_or("someone else");
+    // The same role under another session name is another aws:userid to AWS.
+    let same_role = owner.owner_id.as_deref().and_then(|o| o.split_once(':')).map(|(role, _)| role)
+        == caller.user_id.split_once(':').map(|(role, _)| role)
+        && caller.user_id.contains(':');
+    let hint = if same_role {
+        " (it is your role under another session name: set `role_session_name` in your AWS profile to keep one)"
+    } else {
+        ""
+    };
     Err(crate::error::UsageError::new(format!(
-        "session {id} was launched by {whose}, not by you ({}): `terminate {id} --force` ends it anyway, with a team admin's permissions (`ephemeral-admin policy --team-admin`)",
+        "session {id} was launched by {whose}, not by you ({}){hint}: `terminate {id} --force` ends it anyway, with a team admin's permissions (`ephemeral-admin policy --team-admin`)",
         caller.user_id
     ))
     .into())

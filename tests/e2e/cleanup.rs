@@ -104,9 +104,10 @@ fn default_cleanup_spares_other_owners_live_and_kept_sessions() {
     let kept = json(&attached_args(&proxy, &["--detach"]))["session_id"].as_str().unwrap().to_string();
     let other = json(&attached_args(&proxy, &["--detach", "--max-runtime", "1h"]));
     let other_id = other["session_id"].as_str().unwrap().to_string();
-    // Make `other` another user's attached session: their owner tag, no local record here.
+    // Make `other` another user's attached session: their owner tags, no local record here.
     let instance = other["instance_id"].as_str().unwrap();
     cloud.retag(instance, "ephemeral-admin:owner", "arn:aws:iam::123456789012:user/someone-else");
+    cloud.retag(instance, "ephemeral-admin:owner-id", "AIDASOMEONEELSE0000009");
     cloud.retag(instance, "ephemeral-admin:mode", "attached");
     std::fs::remove_dir_all(user.state_dir().join(format!("sessions/{other_id}"))).unwrap();
     let mut dead = live_session(&cloud, &user, &proxy);
@@ -145,12 +146,15 @@ fn default_cleanup_spares_other_owners_live_and_kept_sessions() {
         .collect();
     assert_eq!(running, [instance.to_string()]);
 
-    // --owner any is loud, and reaches it.
+    // --owner any is loud, and reaches it, for a team admin (AWS refuses anyone else).
+    let mut team = crate::support::cloud::printed_policy();
+    let extra = crate::support::cloud::printed(&["--team-admin"]);
+    team["Statement"].as_array_mut().unwrap().extend(extra["Statement"].as_array().unwrap().iter().cloned());
+    cloud.enforce(&team);
     let run = user.run(&["cleanup", "--owner", "any", &other_id]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stderr.contains("EVERY owner"), "{}", run.stderr);
     assert_nothing_left(&cloud);
-    crate::foundation::assert_policy_covers(&cloud, &user);
 }
 
 #[test]
@@ -368,7 +372,14 @@ fn the_owner_is_the_role_not_the_login_session_and_an_owner_setting_overrides_it
         state["instances"].as_array().unwrap().iter().find(|i| i["id"] == out["instance_id"]).unwrap();
     assert_eq!(instance["tags"]["ephemeral-admin:owner"], "arn:aws:iam::123456789012:role/ea-admins");
     assert_eq!(listed(&tuesday), [id.as_str()], "the next login sees its own session");
+    // But to AWS the next login is another aws:userid (AROA…:SESSION): the owner-id tag is
+    // Monday's, so Tuesday's login may not change it, and the CLI does not try.
     let cleanup = tuesday.run(&["cleanup", "--dry-run", "--output", "json"]).success().json();
+    assert!(cleanup["sessions"].as_array().unwrap().iter().all(|s| s["session_id"] != id), "{cleanup:#}");
+    let refused = tuesday.run(&["terminate", &id]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("role_session_name"), "{}", refused.stderr);
+    let cleanup = monday.run(&["cleanup", "--dry-run", "--output", "json"]).success().json();
     let seen: Vec<&Value> =
         cleanup["sessions"].as_array().unwrap().iter().filter(|s| s["session_id"] == id).collect();
     assert_eq!(seen.len(), 1, "cleanup judges it as the caller's own: {cleanup:#}");
@@ -385,6 +396,6 @@ fn the_owner_is_the_role_not_the_login_session_and_an_owner_setting_overrides_it
     let monday_as_ops = monday.env("EPHEMERAL_ADMIN_OWNER", "ops@example.com");
     assert_eq!(listed(&monday_as_ops), [other.as_str()]);
     assert_eq!(user.env("EPHEMERAL_ADMIN_OWNER", "bad,owner").run(&["list"]).code, 2);
-    tuesday.run(&["terminate", &id]).success();
+    monday.run(&["terminate", &id]).success();
     ops.run(&["terminate", &other]).success();
 }

@@ -143,6 +143,15 @@ fn an_account_without_the_standing_roles_gets_one_line_naming_setup_roles_and_no
     assert!(state["instances"].as_array().unwrap().is_empty());
     assert!(state["security_groups"].as_array().unwrap().iter().all(|g| g["name"] == "default"), "{state:#}");
 
+    // `doctor` says so too, with the fix.
+    let roles = |user: &User| {
+        let doctor = user.run(&["doctor", "--output", "json"]).json();
+        doctor["checks"].as_array().unwrap().iter().find(|c| c["name"] == "roles").unwrap().clone()
+    };
+    let check = roles(&user);
+    assert_eq!(check["ok"], false, "{check:#}");
+    assert!(check["fix"].as_str().unwrap().contains("setup roles"), "{check:#}");
+
     // A daily user cannot make them: one line naming the bootstrap policy.
     let run = user.run(&["setup", "roles"]);
     assert_eq!(run.code, 1, "{}", run.stderr);
@@ -155,6 +164,7 @@ fn an_account_without_the_standing_roles_gets_one_line_naming_setup_roles_and_no
     assert_eq!(made["boundary"], BOUNDARY, "{made:#}");
     user.run(&["setup", "roles"]).success();
     cloud.enforce(&printed(&[]));
+    assert_eq!(roles(&user)["ok"], true);
     let out =
         user.run(&["launch", "--detach", "--my-ip", "203.0.113.7", "--output", "json"]).success().json();
     // A box reached by SSH has no role at all: IMDS holds no credentials.

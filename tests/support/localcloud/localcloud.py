@@ -756,6 +756,20 @@ class PolicyEnforcement:
             self.enforced_keys = list(access_keys or PRINCIPALS)
             self.denials = []
 
+    def _principal(self, key: str) -> Principal:
+        """Who signs with `key`: one of PRINCIPALS, or a role session moto's STS issued (its
+        AROA…:SESSION user id, as GetCallerIdentity answers it)."""
+        if key in PRINCIPALS:
+            return PRINCIPALS[key]
+        from moto.sts.models import sts_backends
+        with self.moto_lock:
+            for account in list(sts_backends):
+                for backend in sts_backends[account].values():
+                    role = backend.get_assumed_role_from_access_key(key)
+                    if role is not None:
+                        return Principal(role.arn, role.user_id)
+        return PRINCIPALS["testing"]
+
     def _checks_for(self, req: AwsRequest) -> list[iampolicy.Check]:
         call = iampolicy.Call(service=req.service or "", region=req.region or "us-east-1",
                               action=req.action or "", params=dict(req.params or {}),
@@ -763,7 +777,7 @@ class PolicyEnforcement:
         with self.moto_lock:
             self.ensure_region(req.region)
             checks = iampolicy.authorizations(call, MotoWorld(self))
-        who = PRINCIPALS.get(req.access_key or "", PRINCIPALS["testing"])
+        who = self._principal(req.access_key or "")
         for check in checks:
             if who.username:
                 check.context.setdefault("aws:username", who.username)
@@ -783,7 +797,7 @@ class PolicyEnforcement:
         check, decision = denied
         # CloudWatch's JSON protocol is awsQuery-compatible: its code stays AccessDenied.
         protocol = "query" if req.service == "monitoring" else req.protocol
-        who = PRINCIPALS.get(req.access_key or "", PRINCIPALS["testing"])
+        who = self._principal(req.access_key or "")
         arn = PRINCIPAL_ARN if req.access_key == "testing" else who.arn
         code, message, status = iampolicy.denial(check, decision, arn, protocol)
         with self.state_lock:
