@@ -1,6 +1,8 @@
 //! Files to and from the box: `cp` both ways (files, `-r` trees, modes kept, byte for byte),
 //! the errors a user meets (missing path, both sides local or remote, a directory without -r),
-//! `launch --upload` before the command runs, and a closed stdout. The box simulator's sshd runs
+//! `launch --upload` before the command runs, and a closed stdout; and a box as untrusted input
+//! (issue #31, `docs/threat-model/cp.md`): a hostile SFTP server's names, modes, links and
+//! escape sequences. The box simulator's sshd runs
 //! on this machine, so "remote" paths here are absolute paths in the test's own temp HOME, and
 //! the box's home is the simulator's per-box home (its `$HOME`).
 
@@ -440,5 +442,39 @@ fn cp_shows_box_names_and_messages_with_their_escape_sequences_escaped() {
     assert!(stderr.contains("\\x1b[2J"), "the box's message, escaped: {stderr}");
     assert_eq!(std::fs::read(dest.join("esc/ok.txt")).unwrap(), b"ok\n");
     user.run(&["terminate", "hostile"]).success();
+    assert_nothing_left(&cloud);
+}
+
+/// Up to the box, the same rules: the box's existing directory keeps its mode, setuid/setgid/
+/// sticky are not copied (the box's SFTP server applies its own umask), `--preserve` keeps the
+/// sticky bit but never setuid or setgid.
+#[test]
+fn cp_up_keeps_the_box_directory_mode_and_drops_setuid_setgid_sticky() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    launch_detached(&user, &proxy(&cloud), &["--name", "up"]);
+    let up = user.home.join("up");
+    write(&up.join("suid"), b"#!/bin/sh\n", 0o4755);
+    write(&up.join("plain"), b"p\n", 0o640);
+    write(&up.join("sticky/inner"), b"i\n", 0o644);
+    std::fs::set_permissions(up.join("sticky"), std::fs::Permissions::from_mode(0o1755)).unwrap();
+    std::fs::set_permissions(&up, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    for (preserve, into, sticky) in [(false, "into", 0o755), (true, "into-kept", 0o1755)] {
+        let into = user.home.join("box-side").join(into);
+        std::fs::create_dir_all(&into).unwrap();
+        std::fs::set_permissions(&into, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let source = format!("{}/.", s(&up));
+        let target = format!("up:{}", s(&into));
+        let args: Vec<&str> =
+            if preserve { vec!["-r", "-p", &source, &target] } else { vec!["-r", &source, &target] };
+        let (code, stderr) = cp_with_umask(&user, &args, 0o022);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(mode(&into), 0o750, "the box's directory keeps its mode (preserve: {preserve})");
+        assert_eq!(mode(&into.join("suid")), 0o755, "no setuid on the box (preserve: {preserve})");
+        assert_eq!(mode(&into.join("plain")), 0o640);
+        assert_eq!(mode(&into.join("sticky")), sticky, "preserve: {preserve}");
+        assert_eq!(std::fs::read(into.join("sticky/inner")).unwrap(), b"i\n");
+    }
+    user.run(&["terminate", "up"]).success();
     assert_nothing_left(&cloud);
 }
