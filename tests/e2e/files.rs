@@ -355,6 +355,18 @@ fn cp_refuses_box_names_that_climb_out_empty_nul_long_or_listed_twice() {
     }
     assert_eq!(listing(&here), ["dest"], "{stderr}");
     assert_eq!(listing(&dest.join("names")), ["ok.txt"], "only the good entry: {stderr}");
+
+    // A file that turns out a directory when opened, and the other way round: each fails on its
+    // own line, nothing lands outside.
+    let (code, stderr) = cp_with_umask(&user, &["-r", "hostile:/evil/flip", s(&dest)], 0o022);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("hostile:/evil/flip/flip:") && stderr.contains("hostile:/evil/flip/flop:"),
+        "{stderr}"
+    );
+    assert_eq!(listing(&here), ["dest"], "{stderr}");
+    assert_eq!(std::fs::read(dest.join("flip/ok.txt")).unwrap(), b"ok\n");
+    assert!(!dest.join("flip/flip").exists(), "{stderr}");
     user.run(&["terminate", "hostile"]).success();
     assert_nothing_left(&cloud);
 }

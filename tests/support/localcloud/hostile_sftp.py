@@ -19,6 +19,8 @@ that joins a hostile name onto a directory gets that entry's bytes back.
     /evil/modes/    (1777) suid (4755), sgid (2755), world (0666), sticky/ (1777) inner (0644)
     /evil/link/     etc -> /etc (a directory: passwd)
     /evil/plain/    f.txt, sub/x.txt
+    /evil/flip/     ok.txt, flip (listed as a file, a directory when opened), flop (listed as a
+                    directory, a file when opened)
     /etc/           passwd
 """
 
@@ -45,6 +47,11 @@ def fails(message):
     return ("x", 0o644, message)
 
 
+def lie(listed, real):
+    """Listed (READDIR, LSTAT) as ``listed``; STAT, OPEN and OPENDIR find ``real``."""
+    return ("lie", listed, real)
+
+
 ETC = d(0o755, ("passwd", f(0o644, b"box-root:x:0:0\n")))
 TREE = d(0o755,
     ("etc", ETC),
@@ -62,6 +69,9 @@ TREE = d(0o755,
         ("link", d(0o755, ("etc", ("l", ETC)))),
         ("plain", d(0o755, ("f.txt", f(0o644, b"from box\n")),
                     ("sub", d(0o755, ("x.txt", f(0o644, b"from box\n")))))),
+        ("flip", d(0o755, ("ok.txt", f(0o644, b"ok\n")),
+                   ("flip", lie(f(0o644), d(0o755, ("in", f(0o644))))),
+                   ("flop", lie(d(0o755), f(0o644))))),
     )),
 )
 
@@ -71,7 +81,7 @@ def key(path):
 
 
 def follow(node):
-    return node[1] if node[0] == "l" else node
+    return node[1] if node[0] == "l" else node[2] if node[0] == "lie" else node
 
 
 def index(node, path, out):
@@ -87,6 +97,8 @@ NODES = index(TREE, "/", {})
 
 def attrs(node):
     kind = node[0]
+    if kind == "lie":
+        return attrs(node[1])
     if kind == "l":
         return struct.pack(">IQI", 0x5, 0, 0o120777)
     size = len(node[2]) if kind == "f" else 4096 if kind == "d" else 5
