@@ -289,19 +289,10 @@ impl<S: End, D: End> Copy<'_, S, D> {
                 continue;
             }
             if entry.meta.dir {
-                match self.to.mkdir(&to, follow).await {
-                    Ok(Some(created)) => {
-                        let mode = new_mode(entry.meta.mode, self.preserve, created);
-                        if mode != created {
-                            made.push((to, mode));
-                        }
-                    }
-                    // There already: its mode is its owner's business.
+                match self.dir(&to, entry.meta.mode, follow).await {
+                    Ok(Some(mode)) => made.push((to, mode)),
                     Ok(None) => {}
-                    Err(e) => {
-                        self.fail_to(&to, e);
-                        failed_dirs.push(&entry.rel);
-                    }
+                    Err(()) => failed_dirs.push(&entry.rel),
                 }
             } else if self.file(&from, &to, entry.meta, follow).await {
                 self.outcome.files += 1;
@@ -311,6 +302,22 @@ impl<S: End, D: End> Copy<'_, S, D> {
         for (dir, mode) in made.into_iter().rev() {
             if let Err(e) = self.to.set_mode(&dir, mode).await {
                 self.fail_to(&dir, e);
+            }
+        }
+    }
+
+    /// Makes one directory; `Some(mode)` when the mode it must end with differs from the one it
+    /// got. One that was there already keeps its mode: it is its owner's business.
+    async fn dir(&mut self, to: &str, mode: u32, follow: bool) -> Result<Option<u32>, ()> {
+        match self.to.mkdir(to, follow).await {
+            Ok(Some(created)) => {
+                let mode = new_mode(mode, self.preserve, created);
+                Ok((mode != created).then_some(mode))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.fail_to(to, e);
+                Err(())
             }
         }
     }
