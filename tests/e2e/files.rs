@@ -345,16 +345,18 @@ fn cp_refuses_box_names_that_climb_out_empty_nul_long_or_listed_twice() {
     }
 
     // `.` and `..` listed with file attributes are skipped (every server lists them); an empty
-    // name, a NUL, 300 bytes and a name listed twice are refused, each on its own line.
+    // name, a NUL, 300 bytes, a name listed twice and `a/b` are refused, each on its own line.
     let dest = here.join("dest");
     std::fs::create_dir_all(&dest).unwrap();
     let (code, stderr) = cp_with_umask(&user, &["-r", "hostile:/evil/names", s(&dest)], 0o022);
     assert_eq!(code, 1, "{stderr}");
-    for says in ["\"\"", "\"nul\\x00.txt\"", "longer than 255 bytes", "\"twice\"", "listed twice"] {
+    for says in ["\"\"", "\"nul\\x00.txt\"", "longer than 255 bytes", "\"twice\"", "listed twice", "\"a/b\""]
+    {
         assert!(stderr.contains(says), "{says}: {stderr}");
     }
     assert_eq!(listing(&here), ["dest"], "{stderr}");
-    assert_eq!(listing(&dest.join("names")), ["ok.txt"], "only the good entry: {stderr}");
+    assert_eq!(listing(&dest.join("names")), ["a", "ok.txt"], "only the good entries: {stderr}");
+    assert!(listing(&dest.join("names/a")).is_empty(), "nothing smuggled into a/: {stderr}");
 
     // A file that turns out a directory when opened, and the other way round: each fails on its
     // own line, nothing lands outside.

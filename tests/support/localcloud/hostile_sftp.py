@@ -13,7 +13,8 @@ that joins a hostile name onto a directory gets that entry's bytes back.
 
     /evil/dotdot/   ok.txt, ../escape-dotdot.txt
     /evil/slash/    ok.txt, x/, x/../../escape-slash.txt
-    /evil/names/    ok.txt, ., .., "", nul<NUL>.txt, x*300, twice (a file, then a directory)
+    /evil/names/    ok.txt, ., .., "", nul<NUL>.txt, x*300, twice (a file, then a directory),
+                    a/ (empty) and a/b (a file smuggled into it)
     /evil/esc/      ok.txt, <ESC>]0;pwned<BEL><ESC>[31mred.txt (opening it fails with an
                     escape sequence in the message)
     /evil/modes/    (1777) suid (4755), sgid (2755), world (0666), sticky/ (1777) inner (0644)
@@ -62,7 +63,7 @@ TREE = d(0o755,
                     ("x/../../escape-slash.txt", f(0o644, b"escaped\n")))),
         ("names", d(0o755, (".", f(0o644)), ("..", f(0o644)), ("", f(0o644)),
                     ("nul\0.txt", f(0o644)), ("x" * 300, f(0o644)), ("ok.txt", f(0o644, b"ok\n")),
-                    ("twice", f(0o644)), ("twice", d(0o755)))),
+                    ("twice", f(0o644)), ("twice", d(0o755)), ("a", d(0o755)), ("a/b", f(0o644)))),
         ("esc", d(0o755, ("ok.txt", f(0o644, b"ok\n")), (ESC_NAME, fails(ESC_FAILURE)))),
         ("modes", d(0o1777, ("suid", f(0o4755, b"#!/bin/sh\n")), ("sgid", f(0o2755, b"#!/bin/sh\n")),
                     ("world", f(0o666, b"w\n")), ("sticky", d(0o1777, ("inner", f(0o644, b"i\n")))))),
