@@ -401,6 +401,10 @@ pub struct CpArgs {
     /// Copy directories with everything in them.
     #[arg(short = 'r', long, visible_short_alias = 'R')]
     pub recursive: bool,
+    /// Keep the source's modes (sticky bit included, umask not applied), as `scp -p`; setuid
+    /// and setgid are never copied. Without it, new files get the source's mode less the umask.
+    #[arg(short = 'p', long)]
+    pub preserve: bool,
     /// How to reach the box.
     #[arg(long, value_enum, value_name = "MODE")]
     pub connect: Option<ConnectMode>,

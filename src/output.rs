@@ -131,6 +131,101 @@ pub fn error_line(text: &str) {
     Stream::Stderr.line(&format!("error: {text}"));
 }
 
+/// Text that came from a box, shown on one line: a file name, a message of its SFTP server.
+/// Every control character is shown escaped ([`box_log`] keeps line breaks and tabs).
+pub fn box_text(text: &str) -> String {
+    escape(text, false)
+}
+
+/// Lines of text from a box (its setup log): as [`box_text`], but `\n` and `\t` stay.
+pub fn box_log(text: &str) -> String {
+    escape(text, true)
+}
+
+/// A name the box gave, quoted: as [`box_text`], with `\` and `"` escaped too so the quotes
+/// cannot be faked; past 100 characters it is cut (`…`).
+pub fn box_name(name: &str) -> String {
+    let mut shown: String = name.chars().take(100).collect();
+    if shown.len() < name.len() {
+        shown.push('…');
+    }
+    format!("\"{}\"", escape(&shown.replace('\\', "\\\\").replace('"', "\\\""), false))
+}
+
+/// A box is untrusted: what it sends must not drive the terminal of whoever reads our output.
+/// C0 controls (but `\n` and `\t` in `lines`) and DEL become `\xNN`; C1 controls and the characters that reorder or break lines
+/// (bidirectional overrides, U+2028/U+2029) become `\u{NNNN}`. An escape sequence is thereby
+/// shown as text (`\x1b[2J`) instead of clearing the screen.
+fn escape(text: &str, lines: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' if lines => out.push(c),
+            '\0'..='\x1f' | '\x7f' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            '\u{80}'..='\u{9f}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}' => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// [`box_log`] over a byte stream that arrives in chunks (a setup log followed live): a UTF-8
+/// character cut between chunks waits for its rest; bytes that are not UTF-8 show as `\xNN`.
+#[derive(Debug, Default)]
+pub struct BoxLog {
+    pending: Vec<u8>,
+}
+
+impl BoxLog {
+    /// The escaped text of everything complete so far.
+    pub fn feed(&mut self, chunk: &[u8]) -> String {
+        self.pending.extend_from_slice(chunk);
+        let (text, kept) = escape_bytes(&self.pending, false);
+        let done = self.pending.len() - kept;
+        self.pending.drain(..done);
+        text
+    }
+
+    /// Whatever was left (a cut character at the very end), escaped.
+    pub fn finish(&mut self) -> String {
+        let (text, _) = escape_bytes(&std::mem::take(&mut self.pending), true);
+        text
+    }
+}
+
+/// Escapes `bytes` as [`box_log`]; returns the text and how many bytes at the end were kept
+/// back as the start of a character still to come (none when `last`).
+fn escape_bytes(mut bytes: &[u8], last: bool) -> (String, usize) {
+    let mut out = String::new();
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => {
+                out.push_str(&box_log(text));
+                return (out, 0);
+            }
+            Err(e) => {
+                let (good, bad) = bytes.split_at(e.valid_up_to());
+                out.push_str(&box_log(std::str::from_utf8(good).unwrap_or_default()));
+                let invalid = match e.error_len() {
+                    Some(n) => n,
+                    None if !last => return (out, bad.len()),
+                    None => bad.len(),
+                };
+                for byte in &bad[..invalid] {
+                    out.push_str(&format!("\\x{byte:02x}"));
+                }
+                bytes = &bad[invalid..];
+            }
+        }
+    }
+}
+
 /// Gates every line the program prints.
 #[derive(Debug, Clone)]
 pub struct Printer {
@@ -348,6 +443,34 @@ mod tests {
     fn table_aligns_columns() {
         let t = table(&["A", "LONG"], &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]]);
         assert_eq!(t, "A    LONG\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn box_text_shows_control_characters_escaped() {
+        assert_eq!(box_text("a\x1b]0;pwned\x07b\x1b[31m"), "a\\x1b]0;pwned\\x07b\\x1b[31m");
+        assert_eq!(box_text("nul\0 del\x7f c1\u{9b}2J"), "nul\\x00 del\\x7f c1\\u{009b}2J");
+        assert_eq!(box_text("tab\there\nline\r"), "tab\\x09here\\x0aline\\x0d");
+        assert_eq!(box_text("bidi\u{202e}txt.exe é ☃"), "bidi\\u{202e}txt.exe é ☃");
+        assert_eq!(box_log("one\n\ttwo\r\x1b[2J\n"), "one\n\ttwo\\x0d\\x1b[2J\n");
+        assert_eq!(box_name("../x"), "\"../x\"");
+        assert_eq!(box_name("a\"b\\c\x1b"), "\"a\\\"b\\\\c\\x1b\"");
+        assert_eq!(box_name(""), "\"\"");
+        assert_eq!(box_name(&"x".repeat(300)), format!("\"{}…\"", "x".repeat(100)));
+    }
+
+    #[test]
+    fn box_log_escapes_a_stream_cut_anywhere() {
+        let text = "é\x1b[31m☃\n".as_bytes();
+        for cut in 0..text.len() {
+            let mut log = BoxLog::default();
+            let mut out = log.feed(&text[..cut]);
+            out.push_str(&log.feed(&text[cut..]));
+            out.push_str(&log.finish());
+            assert_eq!(out, "é\\x1b[31m☃\n", "cut at {cut}");
+        }
+        let mut log = BoxLog::default();
+        assert_eq!(log.feed(b"a\xff\xc2\x9bb\xe2\x98"), "a\\xff\\u{009b}b");
+        assert_eq!(log.finish(), "\\xe2\\x98");
     }
 
     #[test]

@@ -42,11 +42,11 @@ pub async fn run(ctx: &Context, args: &CpArgs) -> Result<ExitStatus> {
         let outcome = match &transfer {
             Transfer::Upload { sources, dest, .. } => {
                 let bar = ctx.printer.transfer_bar(format!("{label}:{dest}"));
-                files::upload(&remote, sources, dest, args.recursive, bar).await
+                files::upload(&remote, sources, dest, args.recursive, args.preserve, bar).await
             }
             Transfer::Download { sources, dest, .. } => {
                 let bar = ctx.printer.transfer_bar(dest.display().to_string());
-                files::download(&remote, sources, dest, args.recursive, bar).await
+                files::download(&remote, sources, dest, args.recursive, args.preserve, bar).await
             }
         };
         let _ = sftp.close().await;
@@ -133,7 +133,8 @@ pub(super) async fn upload_before(
         for upload in uploads {
             let bar = ctx.printer.transfer_bar(format!("{}:{}", record.id, upload.remote));
             let done =
-                files::upload(&remote, std::slice::from_ref(&upload.local), &upload.remote, true, bar).await;
+                files::upload(&remote, std::slice::from_ref(&upload.local), &upload.remote, true, false, bar)
+                    .await;
             total.files += done.files;
             total.bytes += done.bytes;
             total.failures.extend(done.failures);

@@ -105,7 +105,8 @@ async fn tail(session: &ssh::Session) -> String {
         Ok(_) => "(the log is empty or missing)".to_string(),
         Err(e) => format!("(cannot read the log: {e})"),
     };
-    text.trim_end().lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    // Box text: its escape sequences are shown, not run.
+    crate::output::box_log(text.trim_end()).lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
 }
 
 #[cfg(test)]

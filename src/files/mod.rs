@@ -4,8 +4,11 @@
 //! [`spec`] reads what the user typed (`ID:PATH` or a local path) into one direction; [`copy`]
 //! walks the source, resolves the target as `cp`/`scp` do (into an existing directory, else to
 //! that name), and streams each file in fixed-size chunks, so memory stays flat whatever the
-//! size. File and directory modes are kept exactly. A file that fails is reported and the rest
-//! carry on; the caller turns any failure into a non-zero exit.
+//! size. What the box lists is untrusted: hostile names are refused, nothing is written through a
+//! symlink below the destination, and modes are the source's less the umask, without setuid,
+//! setgid or sticky bits (`--preserve`: kept, but for setuid and setgid); see [`copy`]. A file
+//! that fails is reported and the rest carry on; the caller turns any failure into a non-zero
+//! exit.
 
 mod copy;
 mod fs;
@@ -48,11 +51,12 @@ pub async fn upload(
     sources: &[PathBuf],
     dest: &str,
     recursive: bool,
+    preserve: bool,
     bar: Option<ProgressBar>,
 ) -> Outcome {
     let sources: Vec<String> = sources.iter().map(|p| p.to_string_lossy().into_owned()).collect();
     let to = Remote { sftp: remote.sftp, label: remote.label, user: remote.user, lasts: remote.lasts };
-    copy::copy_all(&Local, &to, &sources, dest, recursive, bar).await
+    copy::copy_all(&Local, &to, &sources, dest, recursive, preserve, bar).await
 }
 
 /// Copies `sources` on the box to local `dest`.
@@ -61,8 +65,9 @@ pub async fn download(
     sources: &[String],
     dest: &std::path::Path,
     recursive: bool,
+    preserve: bool,
     bar: Option<ProgressBar>,
 ) -> Outcome {
     let from = Remote { sftp: remote.sftp, label: remote.label, user: remote.user, lasts: remote.lasts };
-    copy::copy_all(&from, &Local, sources, &dest.to_string_lossy(), recursive, bar).await
+    copy::copy_all(&from, &Local, sources, &dest.to_string_lossy(), recursive, preserve, bar).await
 }

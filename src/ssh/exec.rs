@@ -13,7 +13,7 @@ use anyhow::Context;
 use russh::client::Msg;
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 
-use crate::output::{Stream, is_reader_gone};
+use crate::output::{BoxLog, Stream, is_reader_gone};
 
 use super::stdin::StdinPump;
 use super::{RemoteExit, Session, shell_quote};
@@ -25,7 +25,9 @@ pub enum ExecIo<'a> {
     Inherit,
     /// Send `stdin` followed by EOF; collect stdout and stderr into `output`.
     Capture { stdin: Vec<u8>, output: &'a mut Captured },
-    /// No stdin; both remote streams to our stderr (output that is progress, not a result).
+    /// No stdin; both remote streams to our stderr (output that is progress, not a result), as
+    /// box text: control characters shown escaped ([`crate::output::box_log`]), as this is a
+    /// log, not a terminal session.
     Stderr,
 }
 
@@ -70,7 +72,13 @@ impl Session {
                 let input = async {
                     let _ = writer.eof().await;
                 };
-                pump(&mut reader, &writer, input, &mut Sink::Stderr).await
+                let mut sink = Sink::Stderr([BoxLog::default(), BoxLog::default()]);
+                let exit = pump(&mut reader, &writer, input, &mut sink).await;
+                if let Sink::Stderr(logs) = &mut sink {
+                    let rest: String = logs.iter_mut().map(BoxLog::finish).collect();
+                    let _ = write_now(true, rest.as_bytes());
+                }
+                exit
             }
         }
     }
@@ -79,7 +87,8 @@ impl Session {
 enum Sink<'a> {
     Inherit,
     Capture(&'a mut Captured),
-    Stderr,
+    /// Box text on our stderr: one escaper per remote stream (stdout, stderr).
+    Stderr([BoxLog; 2]),
 }
 
 impl Sink<'_> {
@@ -87,7 +96,7 @@ impl Sink<'_> {
         match self {
             Sink::Inherit => write_now(to_stderr, data),
             // Progress only: a closed stderr drops it, the remote side carries on.
-            Sink::Stderr => match write_now(true, data) {
+            Sink::Stderr(logs) => match write_now(true, logs[usize::from(to_stderr)].feed(data).as_bytes()) {
                 Err(e) if is_reader_gone(&e) => Ok(()),
                 other => other,
             },

@@ -183,7 +183,8 @@ fn signal_name(sig: &russh::Sig) -> String {
         Sig::SEGV => "SEGV",
         Sig::TERM => "TERM",
         Sig::USR1 => "USR1",
-        Sig::Custom(name) => name.as_str(),
+        // The box names it: shown escaped.
+        Sig::Custom(name) => return crate::output::box_text(name),
     }
     .to_string()
 }

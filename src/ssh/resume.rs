@@ -115,7 +115,9 @@ async fn hello(tunnel: &mut Tunnel, token: &[u8; 16], have: u64) -> Result<Welco
             let length = tunnel.read_u16().await?;
             let mut reason = vec![0u8; length as usize];
             tunnel.read_exact(&mut reason).await?;
-            return Ok(Some(Welcome::Refused(String::from_utf8_lossy(&reason).into_owned())));
+            // Box text, shown in messages: escaped.
+            let reason = crate::output::box_text(&String::from_utf8_lossy(&reason));
+            return Ok(Some(Welcome::Refused(reason)));
         }
         let theirs = tunnel.read_u64().await?;
         match head[4] {

@@ -1,6 +1,8 @@
 //! Files to and from the box: `cp` both ways (files, `-r` trees, modes kept, byte for byte),
 //! the errors a user meets (missing path, both sides local or remote, a directory without -r),
-//! `launch --upload` before the command runs, and a closed stdout. The box simulator's sshd runs
+//! `launch --upload` before the command runs, and a closed stdout; and a box as untrusted input
+//! (issue #31, `docs/threat-model/cp.md`): a hostile SFTP server's names, modes, links and
+//! escape sequences. The box simulator's sshd runs
 //! on this machine, so "remote" paths here are absolute paths in the test's own temp HOME, and
 //! the box's home is the simulator's per-box home (its `$HOME`).
 
@@ -284,4 +286,209 @@ fn launch_upload_puts_files_on_the_box_before_the_command_runs() {
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(run.stderr.contains("/no/such/file"), "{}", run.stderr);
     assert!(cloud.actions().is_empty(), "no AWS call: {:?}", cloud.actions());
+}
+
+// ---- A box is untrusted input (issue #31): its SFTP server is boxsim's hostile_sftp.py, which
+// lists names that climb out, setuid modes, a symlink to /etc and escape sequences.
+
+/// A detached box whose SFTP server lies (box-config `sftp: hostile`), named `hostile`.
+fn hostile_box(cloud: &LocalCloud, user: &User) {
+    cloud.control("PUT", "box-config", Some(serde_json::json!({ "sftp": "hostile" })));
+    launch_detached(user, &proxy(cloud), &["--name", "hostile"]);
+}
+
+/// `cp ARGS` with the umask `mask`: exit code and stderr.
+fn cp_with_umask(user: &User, args: &[&str], mask: libc::mode_t) -> (i32, String) {
+    use std::os::unix::process::CommandExt;
+    let mut command = user.command(&[&["cp"][..], args].concat());
+    // SAFETY: umask is async-signal-safe and touches nothing but the child's own state.
+    unsafe {
+        command.pre_exec(move || {
+            libc::umask(mask);
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn errors(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.starts_with("error:")).collect()
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn cp_refuses_box_names_that_climb_out_empty_nul_long_or_listed_twice() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    hostile_box(&cloud, &user);
+    let here = user.home.join("dl");
+    for (source, bad) in
+        [("/evil/dotdot/.", "\"../escape-dotdot.txt\""), ("/evil/slash/.", "\"x/../../escape-slash.txt\"")]
+    {
+        let dest = here.join("dest");
+        std::fs::create_dir_all(&dest).unwrap();
+        let (code, stderr) = cp_with_umask(&user, &["-r", &format!("hostile:{source}"), s(&dest)], 0o022);
+        assert_eq!(code, 1, "{stderr}");
+        let lines = errors(&stderr);
+        assert_eq!(lines.len(), 1, "one error line: {stderr}");
+        assert!(lines[0].contains(bad) && lines[0].contains("refused"), "names the entry: {stderr}");
+        assert_eq!(listing(&here), ["dest"], "nothing written outside the destination: {stderr}");
+        assert_eq!(std::fs::read(dest.join("ok.txt")).unwrap(), b"ok\n", "the good entries arrive");
+        std::fs::remove_dir_all(&dest).unwrap();
+    }
+
+    // `.` and `..` listed with file attributes are skipped (every server lists them); an empty
+    // name, a NUL, 300 bytes, a name listed twice and `a/b` are refused, each on its own line.
+    let dest = here.join("dest");
+    std::fs::create_dir_all(&dest).unwrap();
+    let (code, stderr) = cp_with_umask(&user, &["-r", "hostile:/evil/names", s(&dest)], 0o022);
+    assert_eq!(code, 1, "{stderr}");
+    for says in ["\"\"", "\"nul\\x00.txt\"", "longer than 255 bytes", "\"twice\"", "listed twice", "\"a/b\""]
+    {
+        assert!(stderr.contains(says), "{says}: {stderr}");
+    }
+    assert_eq!(listing(&here), ["dest"], "{stderr}");
+    assert_eq!(listing(&dest.join("names")), ["a", "ok.txt"], "only the good entries: {stderr}");
+    assert!(listing(&dest.join("names/a")).is_empty(), "nothing smuggled into a/: {stderr}");
+
+    // A file that turns out a directory when opened, and the other way round: each fails on its
+    // own line, nothing lands outside.
+    let (code, stderr) = cp_with_umask(&user, &["-r", "hostile:/evil/flip", s(&dest)], 0o022);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("hostile:/evil/flip/flip:") && stderr.contains("hostile:/evil/flip/flop:"),
+        "{stderr}"
+    );
+    assert_eq!(listing(&here), ["dest"], "{stderr}");
+    assert_eq!(std::fs::read(dest.join("flip/ok.txt")).unwrap(), b"ok\n");
+    assert!(!dest.join("flip/flip").exists(), "{stderr}");
+    user.run(&["terminate", "hostile"]).success();
+    assert_nothing_left(&cloud);
+}
+
+#[test]
+fn cp_keeps_the_destination_mode_applies_the_umask_and_drops_setuid_setgid_sticky() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    hostile_box(&cloud, &user);
+    let dest = user.home.join("modes");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let (code, stderr) = cp_with_umask(&user, &["-r", "hostile:/evil/modes/.", s(&dest)], 0o027);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(mode(&dest), 0o750, "the existing destination keeps its mode (the box's is 1777)");
+    for (name, want) in
+        [("suid", 0o750), ("sgid", 0o750), ("world", 0o640), ("sticky", 0o750), ("sticky/inner", 0o640)]
+    {
+        assert_eq!(mode(&dest.join(name)), want, "{name}: umask 027, no setuid/setgid/sticky");
+    }
+    let one = user.home.join("one-suid");
+    let (code, stderr) = cp_with_umask(&user, &["hostile:/evil/modes/suid", s(&one)], 0o022);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(mode(&one), 0o755, "a single file too");
+
+    // --preserve keeps the box's modes (the sticky bit, no umask) but never setuid or setgid.
+    let kept = user.home.join("kept");
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, stderr) =
+        cp_with_umask(&user, &["-r", "--preserve", "hostile:/evil/modes/.", s(&kept)], 0o077);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(mode(&kept), 0o700, "even with --preserve");
+    for (name, want) in
+        [("suid", 0o755), ("sgid", 0o755), ("world", 0o666), ("sticky", 0o1777), ("sticky/inner", 0o644)]
+    {
+        assert_eq!(mode(&kept.join(name)), want, "{name} with --preserve");
+    }
+    user.run(&["terminate", "hostile"]).success();
+    assert_nothing_left(&cloud);
+}
+
+#[test]
+fn cp_never_writes_through_a_symlink_in_the_destination() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    hostile_box(&cloud, &user);
+    let outside = user.home.join("outside");
+    write(&outside.join("keep.txt"), b"mine\n", 0o644);
+    let dest = user.home.join("dest");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("sub")).unwrap();
+    std::os::unix::fs::symlink(outside.join("keep.txt"), dest.join("f.txt")).unwrap();
+    let (code, stderr) = cp_with_umask(&user, &["-r", "hostile:/evil/plain/.", s(&dest)], 0o022);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(errors(&stderr).len(), 3, "f.txt, sub, and the summary: {stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+    assert_eq!(std::fs::read(outside.join("keep.txt")).unwrap(), b"mine\n", "not written through");
+    assert_eq!(listing(&outside), ["keep.txt"], "nothing made through the link: {stderr}");
+    assert!(std::fs::symlink_metadata(dest.join("sub")).unwrap().file_type().is_symlink());
+
+    // The box's own symlink (etc -> /etc) is followed on the box: a real directory arrives here.
+    let copy = user.home.join("linked");
+    std::fs::create_dir_all(&copy).unwrap();
+    let (code, stderr) = cp_with_umask(&user, &["-r", "hostile:/evil/link", s(&copy)], 0o022);
+    assert_eq!(code, 0, "{stderr}");
+    let etc = copy.join("link/etc");
+    assert!(std::fs::symlink_metadata(&etc).unwrap().is_dir(), "a directory, not a link");
+    assert_eq!(std::fs::read(etc.join("passwd")).unwrap(), b"box-root:x:0:0\n");
+    user.run(&["terminate", "hostile"]).success();
+    assert_nothing_left(&cloud);
+}
+
+#[test]
+fn cp_shows_box_names_and_messages_with_their_escape_sequences_escaped() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    hostile_box(&cloud, &user);
+    let dest = user.home.join("esc");
+    std::fs::create_dir_all(&dest).unwrap();
+    let (code, stderr) = cp_with_umask(&user, &["-r", "hostile:/evil/esc", s(&dest)], 0o022);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!stderr.contains(['\x1b', '\x07']), "no raw ESC or BEL reaches the terminal: {stderr:?}");
+    assert!(stderr.contains("\\x1b]0;pwned\\x07\\x1b[31mred.txt"), "the name, escaped: {stderr}");
+    assert!(stderr.contains("\\x1b[2J"), "the box's message, escaped: {stderr}");
+    assert_eq!(std::fs::read(dest.join("esc/ok.txt")).unwrap(), b"ok\n");
+    user.run(&["terminate", "hostile"]).success();
+    assert_nothing_left(&cloud);
+}
+
+/// Up to the box, the same rules: the box's existing directory keeps its mode, setuid/setgid/
+/// sticky are not copied (the box's SFTP server applies its own umask), `--preserve` keeps the
+/// sticky bit but never setuid or setgid.
+#[test]
+fn cp_up_keeps_the_box_directory_mode_and_drops_setuid_setgid_sticky() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    launch_detached(&user, &proxy(&cloud), &["--name", "up"]);
+    let up = user.home.join("up");
+    write(&up.join("suid"), b"#!/bin/sh\n", 0o4755);
+    write(&up.join("plain"), b"p\n", 0o640);
+    write(&up.join("sticky/inner"), b"i\n", 0o644);
+    std::fs::set_permissions(up.join("sticky"), std::fs::Permissions::from_mode(0o1755)).unwrap();
+    std::fs::set_permissions(&up, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    for (preserve, into, sticky) in [(false, "into", 0o755), (true, "into-kept", 0o1755)] {
+        let into = user.home.join("box-side").join(into);
+        std::fs::create_dir_all(&into).unwrap();
+        std::fs::set_permissions(&into, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let source = format!("{}/.", s(&up));
+        let target = format!("up:{}", s(&into));
+        let args: Vec<&str> =
+            if preserve { vec!["-r", "-p", &source, &target] } else { vec!["-r", &source, &target] };
+        let (code, stderr) = cp_with_umask(&user, &args, 0o022);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(mode(&into), 0o750, "the box's directory keeps its mode (preserve: {preserve})");
+        assert_eq!(mode(&into.join("suid")), 0o755, "no setuid on the box (preserve: {preserve})");
+        assert_eq!(mode(&into.join("plain")), 0o640);
+        assert_eq!(mode(&into.join("sticky")), sticky, "preserve: {preserve}");
+        assert_eq!(std::fs::read(into.join("sticky/inner")).unwrap(), b"i\n");
+    }
+    user.run(&["terminate", "up"]).success();
+    assert_nothing_left(&cloud);
 }

@@ -119,6 +119,30 @@ fn a_failing_setup_gives_its_status_and_log_tail_and_the_box_goes_unless_kept() 
 }
 
 /// Random letters: gzip gains little on them.
+/// A box is untrusted (issue #31): its setup log may hold escape sequences (set the terminal's
+/// title, clear the screen); launch shows them escaped, both as the log streams and in the
+/// failure's tail.
+#[test]
+fn setup_log_lines_from_the_box_show_their_escape_sequences_escaped() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let script = "printf 'title \\033]0;pwned\\007 red \\033[31mline\\n'\nprintf 'wipe \\033[2J\\233c \\302\\233c\\n' >&2\nexit 4\n";
+    let run = user.run(&attached_args(&proxy, &["--setup-script", script, "--", "true"]));
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(!run.stderr.contains(['\x1b', '\x07', '\u{9b}']), "no raw ESC, BEL or CSI: {:?}", run.stderr);
+    let streamed = run.stderr.find("title \\x1b]0;pwned\\x07 red \\x1b[31mline\n").expect(&run.stderr);
+    let error = run.stderr.find("error: setup failed on the box with exit status 4").expect(&run.stderr);
+    assert!(streamed < error, "{}", run.stderr);
+    assert!(run.stderr[..error].contains("wipe \\x1b[2J\\x9bc \\u{009b}c\n"), "{}", run.stderr);
+    assert!(
+        run.stderr[error..].contains("\n  title \\x1b]0;pwned\\x07 red \\x1b[31mline\n"),
+        "the tail: {}",
+        run.stderr
+    );
+    assert_nothing_left(&cloud);
+}
+
 fn incompressible(len: usize) -> String {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     (0..len)

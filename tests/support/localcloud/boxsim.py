@@ -57,7 +57,12 @@ Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box`
                                                "watchdog": true, "resume_relay": true}  (false: boxes
                                                boot without it, as if its unit failed or the image
                                                had no python3)
-                                               (GET adds ssh_port: the direct port). With
+                                               (GET adds ssh_port: the direct port).
+                                               "sftp": "hostile" boots boxes whose sshd's
+                                               ``Subsystem sftp`` is hostile_sftp.py (a server
+                                               that lists ``../escape``, setuid modes, escape
+                                               sequences: see that file); "internal" (the
+                                               default) is OpenSSH's internal-sftp. With
                                                drop_syns_while_booting, a booting box's public
                                                address silently drops SYNs (a full accept queue),
                                                like a real box before its network is up.
@@ -568,6 +573,8 @@ class BoxSim:
         self.watchdog = True
         # False: boxes boot without their resume relay (nothing answers on port 2022).
         self.resume_relay = True
+        # "hostile": boxes boot with hostile_sftp.py as their SFTP server.
+        self.sftp = "internal"
         self.real_vm = None
         self.vm_kernel_args = ""
         if os.environ.get("BOXSIM_REAL_VM"):
@@ -620,6 +627,7 @@ class BoxSim:
             self.drop_syns_while_booting = False
             self.watchdog = True
             self.resume_relay = True
+            self.sftp = "internal"
         for box in boxes:
             self._stop_box(box, None)
 
@@ -867,7 +875,7 @@ class BoxSim:
             direct = f"{box.public_ip}:{self.direct_port}" if box.public_ip else None
             private = f"{box.private_alias}:{self.direct_port}" if box.private_alias else None
             with open(conf, "w") as f:
-                f.write(_sshd_config(d, port, box.iid, direct or private, box.resume_port))
+                f.write(_sshd_config(d, port, box.iid, direct or private, box.resume_port, self.sftp))
             # The box's user starts with an empty home, like on a fresh instance: this machine's
             # own ~/.bashrc (pyenv init and its rehash lock) has no business in a box's login.
             os.makedirs(os.path.join(d, "home"), mode=0o700, exist_ok=True)
@@ -1200,8 +1208,12 @@ class BoxSim:
                 self.watchdog = bool(data["watchdog"])
             if method in ("PUT", "POST") and "resume_relay" in data:
                 self.resume_relay = bool(data["resume_relay"])
+            if method in ("PUT", "POST") and "sftp" in data:
+                if data["sftp"] not in ("internal", "hostile"):
+                    return 400, {"error": "sftp: internal or hostile"}
+                self.sftp = data["sftp"]
             return 200, {"boot_seconds": self.boot_seconds, "ssh_port": self.direct_port,
-                         "watchdog": self.watchdog, "resume_relay": self.resume_relay,
+                         "watchdog": self.watchdog, "resume_relay": self.resume_relay, "sftp": self.sftp,
                          "drop_syns_while_booting": self.drop_syns_while_booting,
                          "real_vm": self.real_vm, "vm_kernel_args": self.vm_kernel_args}
         if path == "/_localcloud/box-reset" and method == "POST":
@@ -1307,7 +1319,7 @@ def _sshd_version():
     return _SSHD_VERSION
 
 
-def _sshd_config(d, port, iid, direct=None, resume_port=None):
+def _sshd_config(d, port, iid, direct=None, resume_port=None, sftp="internal"):
     # The box's home is {d}/home (HOME below): SFTP starts there too, as it would in the login
     # user's home on a real box.
     # OpenSSH >= 9.8 penalises sources whose connections fail or close early; every
@@ -1319,6 +1331,10 @@ def _sshd_config(d, port, iid, direct=None, resume_port=None):
     # real box: 127.0.0.1:2022 and /usr/local/lib/ephemeral-admin/resume.py).
     resume = (f" EA_RESUME_ADDRESS=127.0.0.1:{resume_port} EA_RESUME_SCRIPT={d}/resume.py"
               if resume_port else "")
+    subsystem = f"internal-sftp -d {d}/home"
+    if sftp == "hostile":
+        here = os.path.dirname(os.path.abspath(__file__))
+        subsystem = f"{sys.executable} -S {os.path.join(here, 'hostile_sftp.py')}"
     return extra + f"""# boxsim: one box's sshd
 ListenAddress 127.0.0.1:{port}
 HostKey {d}/ssh_host_ed25519_key
@@ -1332,7 +1348,7 @@ StrictModes no
 PidFile {d}/sshd.daemon.pid
 AllowTcpForwarding yes
 PrintMotd no
-Subsystem sftp internal-sftp -d {d}/home
+Subsystem sftp {subsystem}
 LogLevel VERBOSE
 SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup{resume}
 """
