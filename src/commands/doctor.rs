@@ -216,11 +216,17 @@ async fn check_image(ctx: &Context, aws: &Aws) -> (Check, Option<String>) {
 /// EC2 `DryRun` probes: AWS answers `DryRunOperation` when the call would be allowed and
 /// `UnauthorizedOperation` when it would not, without doing anything. The policy scopes these
 /// calls to the tool's tagged resources, so each probe looks like the real call: RunInstances
-/// carries the tool's tags, and terminate and authorize are tried on a resource of the tool (not
-/// probed while there is none: a made-up id has no tags, and the policy rightly refuses it).
+/// carries the tool's tags and the caller's owner-id, and terminate and authorize are tried on a
+/// resource of the caller's own (not probed while there is none: a made-up id has no tags, and
+/// the policy rightly refuses it, as it refuses a teammate's).
 async fn check_permissions(ctx: &Context, aws: &Aws, image: Option<&str>) -> Vec<Check> {
     let instance_type = InstanceType::from(ctx.settings.instance_types[0].as_str());
-    let ours = tags::shared_resource_tags();
+    let caller = identity::whoami(aws).await.ok();
+    let mut ours = tags::shared_resource_tags();
+    ours.extend(caller.as_ref().map(|c| (tags::OWNER_ID.to_string(), c.user_id.clone())));
+    let mine = |owner_id: Option<&str>, owner: Option<&str>| {
+        caller.as_ref().is_some_and(|c| owner_id.is_some() && c.may_change(owner_id, owner))
+    };
     let run = aws
         .ec2
         .run_instances()
@@ -233,10 +239,17 @@ async fn check_permissions(ctx: &Context, aws: &Aws, image: Option<&str>) -> Vec
         .tag_specifications(network::tag_spec(ResourceType::Volume, &ours))
         .send();
     let (group, own_instance) = tokio::join!(
-        async { network::own_groups(aws).await.map(|groups| groups.into_iter().next().map(|g| g.id)) },
+        async {
+            network::own_groups(aws).await.map(|groups| {
+                groups.into_iter().find(|g| mine(g.owner_id.as_deref(), g.owner.as_deref())).map(|g| g.id)
+            })
+        },
         instances::find(aws, instances::Query::default())
     );
-    let own_instance = own_instance.ok().and_then(|found| found.into_iter().next()).map(|i| i.instance_id);
+    let own_instance = own_instance
+        .ok()
+        .and_then(|found| found.into_iter().find(|i| mine(i.owner_id.as_deref(), i.owner.as_deref())))
+        .map(|i| i.instance_id);
     let terminate = async {
         let id = own_instance?;
         Some(aws.ec2.terminate_instances().dry_run(true).instance_ids(id).send().await)

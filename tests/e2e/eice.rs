@@ -45,6 +45,8 @@ fn launch_detached(user: &User) -> Value {
 
 /// `cleanup --purge` removes the endpoint and its group; then nothing at all is left.
 fn purge_and_check(cloud: &LocalCloud, user: &User) {
+    // Purging the standing parts is an account admin's: the daily and the bootstrap policy.
+    cloud.enforce(&crate::support::cloud::admin_policy());
     let run = user.run(&["cleanup", "--purge", "--output", "json"]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     let purged = run.json()["purged"].to_string();

@@ -108,7 +108,8 @@ fn doctor_passes_against_the_local_cloud_and_names_the_caller() {
             "permission:RunInstances",
             "permission:TerminateInstances",
             "permission:AuthorizeSecurityGroupIngress",
-            "eice"
+            "eice",
+            "roles"
         ]
     );
     assert_eq!(report["checks"][0]["detail"], "arn:aws:sts::123456789012:user/moto");

@@ -117,6 +117,7 @@ fn detached_launch_creates_exactly_a_locked_down_tagged_spot_box() {
         "AutoManaged": "true",
         "ephemeral-admin:session": session,
         "ephemeral-admin:owner": "arn:aws:sts::123456789012:user/moto",
+        "ephemeral-admin:owner-id": "AIDAMOTOUSER0000000001",
         "ephemeral-admin:expires-at": out["expires_at"],
         "ephemeral-admin:mode": "kept",
         "CostCenter": "ops",

@@ -58,6 +58,8 @@ impl LocalCloud {
         // `ephemeral-admin policy` prints: the local cloud answers anything else with AWS's denial.
         cloud.bootstrap();
         cloud.enforce(&printed_policy());
+        // The account's setup is not the test's: its calls start from here.
+        cloud.clear_log();
         cloud
     }
 
