@@ -1544,11 +1544,10 @@ class MotoFixes:
 
 
     def _fix_get_caller_identity(self, req: AwsRequest, environ: dict) -> Resp:
-        """The tests' principals (PRINCIPALS) are who they sign as; moto answers one default
-        user for any key it did not issue."""
-        who = PRINCIPALS.get(req.access_key or "")
-        if who is None:
-            return self._call_moto(environ)
+        """Who signs with the key, as policy evaluation sees them (`_principal`): the tests'
+        PRINCIPALS, a role session moto's STS issued, else the default user. (moto answers one
+        default user, with an access key id for its user id, for any key it did not issue.)"""
+        who = self._principal(req.access_key or "")
         body = (f'<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
                 f'<GetCallerIdentityResult><Arn>{who.arn}</Arn><UserId>{who.userid}</UserId>'
                 f'<Account>{ACCOUNT_ID}</Account></GetCallerIdentityResult>'
