@@ -49,14 +49,21 @@ impl Route {
 }
 
 /// The SSM preset: OpenSSH's usual Session Manager proxy, for users with the plugin installed.
+/// A template for [`ssh::expand_proxy_command`] (or OpenSSH): the region and profile are data,
+/// quoted, never shell text.
 pub fn ssm_proxy_command(region: &str, profile: Option<&str>) -> String {
-    let mut command = format!(
-        "aws ssm start-session --target %i --document-name AWS-StartSSHSession --parameters portNumber=%p --region {region}"
-    );
+    use ssh::ProxyWord::{Data, Token};
+    let mut words = vec![
+        Token(
+            "aws ssm start-session --target %i --document-name AWS-StartSSHSession --parameters portNumber=%p",
+        ),
+        Token("--region"),
+        Data(region),
+    ];
     if let Some(profile) = profile {
-        command.push_str(&format!(" --profile {profile}"));
+        words.extend([Token("--profile"), Data(profile)]);
     }
-    command
+    ssh::proxy_template(&words)
 }
 
 /// Builds the SSH options for a session from its record and local key file.

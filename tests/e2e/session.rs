@@ -527,3 +527,35 @@ fn connect_pipes_megabytes_through_a_proxy_command_both_ways() {
     assert!(result.stdout == data, "byte for byte");
     user.run(&["terminate", session]).success();
 }
+
+/// Issue #31: an AWS profile name is data, never shell text. A hostile `--profile` or
+/// `AWS_PROFILE` is refused (exit 2, one line) before `ssh-config` prints a ProxyCommand or the
+/// SSM route starts one, so the command it smuggles in never runs. (Before the fix, `ssh-config`
+/// printed it into the ProxyCommand unquoted and `connect --connect ssm` ran it through `sh -c`.)
+#[test]
+fn a_hostile_aws_profile_runs_nothing_on_the_ssm_route_or_in_ssh_config() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let out = user.run(&["launch", "--connect", "ssm", "--detach", "--output", "json"]).success().json();
+    let session = out["session_id"].as_str().unwrap();
+    let marker = user.home.join("profile-ran");
+    let hostile = format!("x;touch${{IFS}}{};#", marker.display());
+    let runs = [
+        user.run(&["ssh-config", session, "--profile", &hostile]),
+        user.env("AWS_PROFILE", &hostile).run(&["ssh-config", session]),
+        user.run(&["connect", session, "--connect", "ssm", "--profile", &hostile, "--", "true"]),
+        user.env("AWS_PROFILE", &hostile).run(&["connect", session, "--connect", "ssm", "--", "true"]),
+    ];
+    for run in runs {
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert!(run.stdout.is_empty(), "{}", run.stdout);
+        assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+        assert!(run.stderr.contains("invalid AWS profile"), "{}", run.stderr);
+    }
+    assert!(!marker.exists(), "the profile's command ran");
+    // The SSM route's ProxyCommand still names an ordinary profile as one word.
+    let config = user.run(&["ssh-config", session]).success().stdout;
+    assert!(config.contains("ProxyCommand aws ssm start-session --target i-"), "{config}");
+    user.run(&["terminate", session]).success();
+    assert_nothing_left(&cloud);
+}
