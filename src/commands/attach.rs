@@ -182,6 +182,17 @@ pub async fn open(ctx: &Context, options: &ConnectOptions, signals: &Signals) ->
     Ok(session)
 }
 
+/// `--record FILE` that cannot take a recording (a symbolic link, a directory, no such
+/// directory) is bad input, refused before any AWS call.
+pub fn check_record(path: Option<&std::path::Path>) -> Result<()> {
+    if let Some(path) = path
+        && let Err(why) = ssh::record::check_path(path)
+    {
+        return Err(crate::error::UsageError::new(format!("--record {}: {why}", path.display())).into());
+    }
+    Ok(())
+}
+
 /// Binds the `-L` and `-D` listeners before any AWS call: a port that is taken is bad input.
 pub async fn bind_forwards(ctx: &Context) -> Result<Listeners> {
     Listeners::bind(&ctx.settings.forwarding.forwards)
@@ -248,7 +259,11 @@ pub async fn work(session: &ssh::Session, work: Work<'_>, signals: &Signals) -> 
             return Ok(RemoteExit::Lost);
         }
         if !command.is_empty() {
-            return session.exec(command, ExecIo::Inherit).await;
+            let io = match &record {
+                Some(path) => ExecIo::InheritRecorded(path),
+                None => ExecIo::Inherit,
+            };
+            return session.exec(command, io).await;
         }
         let term =
             std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "xterm-256color".into());

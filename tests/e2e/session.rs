@@ -559,3 +559,49 @@ fn a_hostile_aws_profile_runs_nothing_on_the_ssm_route_or_in_ssh_config() {
     user.run(&["terminate", session]).success();
     assert_nothing_left(&cloud);
 }
+
+/// Issue #31: `--record FILE -- CMD` records the command's output as an asciicast (it wrote
+/// nothing and said nothing before), and a recording is the user's alone: 0600, an existing
+/// 0644 file narrowed and overwritten, a symbolic link refused before the command runs.
+#[test]
+fn record_with_a_command_writes_a_private_asciicast_of_its_output() {
+    use std::os::unix::fs::PermissionsExt;
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let cast = user.home.join("command.cast");
+    std::fs::write(&cast, "an older recording").unwrap();
+    std::fs::set_permissions(&cast, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let command = ["sh", "-c", "echo out; echo err >&2; exit 3"];
+    let run = user
+        .run(&attached_args(&proxy, &[&["--record", cast.to_str().unwrap(), "--"][..], &command].concat()));
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.stdout, "out\n", "the output still goes where it did");
+    assert_eq!(std::fs::metadata(&cast).unwrap().permissions().mode() & 0o7777, 0o600);
+    let text = std::fs::read_to_string(&cast).unwrap();
+    let mut lines = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap());
+    let header = lines.next().unwrap();
+    assert_eq!(
+        (header["version"].as_u64(), header["command"].as_str()),
+        (Some(2), Some("sh -c 'echo out; echo err >&2; exit 3'"))
+    );
+    let shown: String = lines.filter(|e| e[1] == "o").map(|e| e[2].as_str().unwrap().to_string()).collect();
+    assert!(shown.contains("out\r\n") && shown.contains("err\r\n"), "{shown:?}");
+    assert_nothing_left(&cloud);
+
+    // A link is not followed: refused as bad input before anything is launched.
+    let target = user.home.join("target");
+    std::fs::write(&target, "keep").unwrap();
+    let link = user.home.join("link.cast");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let marker = user.home.join("command-ran");
+    let touch = format!("touch {}", marker.display());
+    let run =
+        user.run(&attached_args(&proxy, &["--record", link.to_str().unwrap(), "--", "sh", "-c", &touch]));
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("--record") && run.stderr.contains("symbolic link"), "{}", run.stderr);
+    assert_eq!(cloud.count("RunInstances"), 1, "nothing launched for it");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    assert!(!marker.exists(), "the command ran");
+    assert_nothing_left(&cloud);
+}
