@@ -84,6 +84,7 @@ fn openssh_reads(config: &str) -> Vec<(String, String)> {
     let file = std::env::temp_dir().join(format!("ea-quote-props-{}.cfg", std::process::id()));
     std::fs::write(&file, config).unwrap();
     let out = Command::new("ssh").arg("-G").arg("-F").arg(&file).arg("x").output().unwrap();
+    let _ = std::fs::remove_file(&file);
     assert!(out.status.success(), "ssh -G refused:\n{config}\n{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     text.lines().filter_map(|l| l.split_once(' ').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
@@ -113,7 +114,8 @@ fn ssm_words(iid: &str, port: u16, region: &str, profile: &str) -> Vec<String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    // No regression files: a run leaves nothing in the checkout (scripts/test checks).
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// A remote command line (`connect ID -- CMD`, the setup follower): the box's shell splits it
     /// back into the argv.
