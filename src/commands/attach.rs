@@ -183,14 +183,18 @@ pub async fn open(ctx: &Context, options: &ConnectOptions, signals: &Signals) ->
 }
 
 /// `--record FILE` that cannot take a recording (a symbolic link, a directory, no such
-/// directory) is bad input, refused before any AWS call.
-pub fn check_record(path: Option<&std::path::Path>) -> Result<()> {
-    if let Some(path) = path
-        && let Err(why) = ssh::record::check_path(path)
-    {
-        return Err(crate::error::UsageError::new(format!("--record {}: {why}", path.display())).into());
-    }
-    Ok(())
+/// directory), or with `-N` (no shell or command to record), is bad input, refused before any
+/// AWS call.
+pub fn check_record(ctx: &Context, path: Option<&std::path::Path>) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let why = match ssh::record::check_path(path) {
+        Err(why) => why,
+        Ok(()) if ctx.settings.forwarding.no_command => {
+            "-N runs no shell or command, so there is nothing to record: drop one of them".to_string()
+        }
+        Ok(()) => return Ok(()),
+    };
+    Err(crate::error::UsageError::new(format!("--record {}: {why}", path.display())).into())
 }
 
 /// Binds the `-L` and `-D` listeners before any AWS call: a port that is taken is bad input.

@@ -53,7 +53,7 @@ pub(super) async fn running_session(ctx: &Context, id: &str) -> Result<(Store, S
 
 pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
     // Local ports first: one that is taken fails before anything else.
-    attach::check_record(args.record.as_deref())?;
+    attach::check_record(ctx, args.record.as_deref())?;
     let listeners = attach::bind_forwards(ctx).await?;
     let id = &super::resolve_session(ctx, &args.session.id).await?;
     let (store, mut record) = running_session(ctx, id).await?;

@@ -603,5 +603,12 @@ fn record_with_a_command_writes_a_private_asciicast_of_its_output() {
     assert_eq!(cloud.count("RunInstances"), 1, "nothing launched for it");
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
     assert!(!marker.exists(), "the command ran");
+    // Nothing to record (--detach, -N) is said, not ignored: exit 2, nothing launched.
+    for extra in ["--detach", "-N"] {
+        let run = user.run(&attached_args(&proxy, &["--record", cast.to_str().unwrap(), extra]));
+        assert_eq!(run.code, 2, "{extra}: {}", run.stderr);
+        assert!(run.stderr.contains("--record"), "{extra}: {}", run.stderr);
+    }
+    assert_eq!(cloud.count("RunInstances"), 1, "nothing launched for them");
     assert_nothing_left(&cloud);
 }
