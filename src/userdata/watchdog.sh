@@ -85,6 +85,7 @@ sessions() {
 		}'
 }
 
+command -v ps >/dev/null 2>&1 || log "error ps not found (procps): no SSH session can be seen"
 mkdir -p "$EA_STATE_DIR"
 body=$EA_STATE_DIR/imds.out
 tok=
