@@ -233,8 +233,8 @@ pub struct LaunchArgs {
     /// Attach to (or create) a tmux session on the box.
     #[arg(long)]
     pub tmux: bool,
-    /// Record the session as an asciicast v2 file.
-    #[arg(long, value_name = "FILE")]
+    /// Record the shell, or the command's output, as an asciicast v2 file (0600).
+    #[arg(long, value_name = "FILE", conflicts_with = "detach")]
     pub record: Option<PathBuf>,
     /// Print the time each launch phase took.
     #[arg(long)]
@@ -380,7 +380,7 @@ pub struct ConnectArgs {
     /// Attach to (or create) a tmux session on the box.
     #[arg(long)]
     pub tmux: bool,
-    /// Record the session as an asciicast v2 file.
+    /// Record the shell, or the command's output, as an asciicast v2 file (0600).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
     #[command(flatten)]

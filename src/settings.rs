@@ -488,7 +488,26 @@ fn aws_settings(
     if let Some((region, source)) = &region {
         validate_region(region, source)?;
     }
+    // The SDK reads AWS_PROFILE / AWS_REGION when the tool's own settings name none; they end up
+    // in proxy commands and records just the same, so they are checked the same.
+    if region.is_none() {
+        for var in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
+            if let Some(value) = r.env.var(var).filter(|v| !v.is_empty()) {
+                validate_region(&value, &Source::Env(var.into()))?;
+            }
+        }
+    }
     let profile = r.string("profile", g.profile.clone(), "--profile", file.profile.take())?;
+    match &profile {
+        Some((name, source)) => validate_profile(name, source)?,
+        None => {
+            for var in ["AWS_PROFILE", "AWS_DEFAULT_PROFILE"] {
+                if let Some(value) = r.env.var(var).filter(|v| !v.is_empty()) {
+                    validate_profile(&value, &Source::Env(var.into()))?;
+                }
+            }
+        }
+    }
     let endpoint_url =
         match r.string("endpoint_url", g.endpoint_url.clone(), "--endpoint-url", file.endpoint_url.take())? {
             Some(found) => Some(found),
@@ -1188,6 +1207,28 @@ fn validate_region(region: &str, source: &Source) -> Result<(), UsageError> {
             "invalid region {region:?} ({source}): expected a region like us-east-1"
         )))
     }
+}
+
+/// An AWS profile name as the AWS CLI takes it from a `[profile NAME]` section: letters, digits
+/// and `-_.@+=,/:`; never whitespace, a control character or shell syntax (it is passed on to
+/// the `aws` CLI in proxy commands).
+fn validate_profile(profile: &str, source: &Source) -> Result<(), UsageError> {
+    let ok = !profile.is_empty()
+        && profile.len() <= 128
+        && profile.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@+=,/:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(UsageError::new(format!(
+            "invalid AWS profile {profile:?} ({source}): a profile name is letters, digits and - _ . @ + = , / : (the NAME of a [profile NAME] section in ~/.aws/config)"
+        )))
+    }
+}
+
+/// Checks a region the SDK found by itself (in the profile's config), like the settings' own.
+pub fn check_region(region: &str) -> Result<(), UsageError> {
+    let path = PathBuf::from("~/.aws/config (the profile's region)");
+    validate_region(region, &Source::File { path, line: None })
 }
 
 fn validate_url(url: &str, source: &Source) -> Result<(), UsageError> {

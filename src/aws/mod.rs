@@ -62,6 +62,7 @@ impl Aws {
         let region = config.region().map(|r| r.to_string()).ok_or_else(|| {
             UsageError::new("no AWS region: pass --region, set `region` in the config, or export AWS_REGION")
         })?;
+        crate::settings::check_region(&region)?;
         let _ = ENDPOINT.set(match &settings.endpoint_url {
             Some(url) => url.clone(),
             None => format!("AWS in {region}"),

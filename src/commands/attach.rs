@@ -49,14 +49,21 @@ impl Route {
 }
 
 /// The SSM preset: OpenSSH's usual Session Manager proxy, for users with the plugin installed.
+/// A template for [`ssh::expand_proxy_command`] (or OpenSSH): the region and profile are data,
+/// quoted, never shell text.
 pub fn ssm_proxy_command(region: &str, profile: Option<&str>) -> String {
-    let mut command = format!(
-        "aws ssm start-session --target %i --document-name AWS-StartSSHSession --parameters portNumber=%p --region {region}"
-    );
+    use ssh::ProxyWord::{Data, Token};
+    let mut words = vec![
+        Token(
+            "aws ssm start-session --target %i --document-name AWS-StartSSHSession --parameters portNumber=%p",
+        ),
+        Token("--region"),
+        Data(region),
+    ];
     if let Some(profile) = profile {
-        command.push_str(&format!(" --profile {profile}"));
+        words.extend([Token("--profile"), Data(profile)]);
     }
-    command
+    ssh::proxy_template(&words)
 }
 
 /// Builds the SSH options for a session from its record and local key file.
@@ -175,6 +182,21 @@ pub async fn open(ctx: &Context, options: &ConnectOptions, signals: &Signals) ->
     Ok(session)
 }
 
+/// `--record FILE` that cannot take a recording (a symbolic link, a directory, no such
+/// directory), or with `-N` (no shell or command to record), is bad input, refused before any
+/// AWS call.
+pub fn check_record(ctx: &Context, path: Option<&std::path::Path>) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let why = match ssh::record::check_path(path) {
+        Err(why) => why,
+        Ok(()) if ctx.settings.forwarding.no_command => {
+            "-N runs no shell or command, so there is nothing to record: drop one of them".to_string()
+        }
+        Ok(()) => return Ok(()),
+    };
+    Err(crate::error::UsageError::new(format!("--record {}: {why}", path.display())).into())
+}
+
 /// Binds the `-L` and `-D` listeners before any AWS call: a port that is taken is bad input.
 pub async fn bind_forwards(ctx: &Context) -> Result<Listeners> {
     Listeners::bind(&ctx.settings.forwarding.forwards)
@@ -241,7 +263,11 @@ pub async fn work(session: &ssh::Session, work: Work<'_>, signals: &Signals) -> 
             return Ok(RemoteExit::Lost);
         }
         if !command.is_empty() {
-            return session.exec(command, ExecIo::Inherit).await;
+            let io = match &record {
+                Some(path) => ExecIo::InheritRecorded(path),
+                None => ExecIo::Inherit,
+            };
+            return session.exec(command, io).await;
         }
         let term =
             std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "xterm-256color".into());

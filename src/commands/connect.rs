@@ -53,6 +53,7 @@ pub(super) async fn running_session(ctx: &Context, id: &str) -> Result<(Store, S
 
 pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
     // Local ports first: one that is taken fails before anything else.
+    attach::check_record(ctx, args.record.as_deref())?;
     let listeners = attach::bind_forwards(ctx).await?;
     let id = &super::resolve_session(ctx, &args.session.id).await?;
     let (store, mut record) = running_session(ctx, id).await?;
@@ -158,8 +159,9 @@ fn proxy_command(ctx: &Context, record: &SessionRecord) -> Result<String> {
         words.extend(["--profile".into(), profile.clone()]);
     }
     words.extend(["-q".into(), "proxy".into(), record.id.clone()]);
-    // OpenSSH runs it through the shell and expands %-tokens in it: quote, and double any %.
-    Ok(crate::ssh::shell_quote(&words).replace('%', "%%"))
+    // OpenSSH runs it through the shell and expands %-tokens in it: quoted, every % doubled.
+    let words: Vec<crate::ssh::ProxyWord> = words.iter().map(|w| crate::ssh::ProxyWord::Data(w)).collect();
+    Ok(crate::ssh::proxy_template(&words))
 }
 
 /// `proxy ID`: the box's sshd on stdin and stdout, by the route `connect` takes (an eice box
@@ -200,29 +202,34 @@ pub async fn ssh_config(ctx: &Context, id: &str, install: bool) -> Result<ExitSt
         _ => record.public_ip.clone().or(record.private_ip.clone()),
     };
     let mut lines = vec![
-        format!("Host {alias}"),
-        format!("    HostName {}", address.as_deref().unwrap_or(instance_id)),
-        format!("    User {}", record.user),
+        format!("Host {}", config_file::config_arg("the host alias", &alias)?),
+        format!(
+            "    HostName {}",
+            config_file::config_arg("the address", address.as_deref().unwrap_or(instance_id))?
+        ),
+        format!("    User {}", config_file::config_arg("the user", &record.user)?),
         format!("    Port {}", ctx.settings.ssh_port),
-        format!("    IdentityFile {}", store.key_path(id).display()),
+        format!("    IdentityFile {}", config_file::config_path("the key file", &store.key_path(id))?),
         "    IdentitiesOnly yes".to_string(),
-        format!("    HostKeyAlias {alias}"),
-        format!("    UserKnownHostsFile {}", known_hosts.display()),
+        format!("    HostKeyAlias {}", config_file::config_arg("the host alias", &alias)?),
+        format!("    UserKnownHostsFile {}", config_file::config_path("the known_hosts file", &known_hosts)?),
         "    StrictHostKeyChecking yes".to_string(),
     ];
     // OpenSSH expands %h, %p and %r itself; %i is ours.
     let proxy = match route.mode {
-        ConnectMode::Ssm => Some(
-            attach::ssm_proxy_command(&record.region, ctx.settings.aws.profile.as_deref())
-                .replace("%i", instance_id),
-        ),
-        ConnectMode::ProxyCommand => route.proxy_command.as_ref().map(|t| t.replace("%i", instance_id)),
+        ConnectMode::Ssm => Some(crate::ssh::expand_instance_token(
+            &attach::ssm_proxy_command(&record.region, ctx.settings.aws.profile.as_deref()),
+            instance_id,
+        )),
+        ConnectMode::ProxyCommand => {
+            route.proxy_command.as_ref().map(|t| crate::ssh::expand_instance_token(t, instance_id))
+        }
         // OpenSSH has no WebSocket: this binary opens the tunnel, through the box's resume relay.
         ConnectMode::Eice => Some(proxy_command(ctx, &record)?),
         _ => None,
     };
     if let Some(command) = proxy {
-        lines.push(format!("    ProxyCommand {command}"));
+        lines.push(format!("    ProxyCommand {}", config_file::config_command(&command)?));
     }
     let config = lines.join("\n") + "\n";
     let installed = if install { Some(install_block(ctx, &store, &record, &alias, &config)?) } else { None };

@@ -72,6 +72,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let signals = Signals::install().context("listening for Ctrl-C")?;
     // User-data AWS would refuse is bad input: refused before any AWS call.
     check_user_data(&ctx.settings, args)?;
+    attach::check_record(ctx, args.record.as_deref())?;
     let uploads = args.upload.iter().map(|u| Upload::parse(u)).collect::<Result<Vec<_>, _>>()?;
     for cidr in &ctx.settings.allow_cidrs {
         let whom = if cidr.prefix_len() == 0 {
@@ -101,7 +102,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     ));
     if args.detach && has_setup(&ctx.settings) {
         ctx.printer.status(format!(
-            "the setup runs on the box now; `ephemeral-admin connect {} -- cat {}/setup.log` shows how far it got",
+            "the setup runs on the box now; `ephemeral-admin connect {} -- sudo cat {}/setup.log` shows how far it got (the log is root's)",
             record.id,
             userdata::SETUP_DIR
         ));

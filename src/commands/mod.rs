@@ -1,6 +1,6 @@
 //! One module per subcommand, each a thin script over the modules that do the work.
 
-mod attach;
+pub(crate) mod attach;
 mod cleanup;
 mod completions;
 mod connect;

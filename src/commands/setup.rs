@@ -4,7 +4,9 @@
 //! writes `setup.status` when done. Over the pinned SSH connection, the launch follows that log
 //! to our stderr until the status file appears (GNU `tail --pid` makes a last read after the
 //! status watcher ends, so no line is lost), and takes the status as the waiter's exit status.
-//! A failure is one line with the status, then the log's last lines.
+//! A failure is one line with the status, then the log's last lines. The log is root's (0600):
+//! the login user reads it with `sudo -n` (passwordless on the cloud images) unless it can read
+//! it itself (root, or the box simulator, where the runner runs as the login user).
 
 use anyhow::{Context as _, Result};
 
@@ -46,7 +48,9 @@ until [ -e "$d/setup.log" ] || [ -e "$d/setup.status" ]; do
   sleep 0.5
 done
 (while [ ! -e "$d/setup.status" ]; do sleep 0.2; done) & w=$!
-tail -n +1 -s 0.2 --pid="$w" -f "$d/setup.log"
+r=; [ -r "$d/setup.log" ] || r="sudo -n"
+$r tail -n +1 -s 0.2 --pid="$w" -f "$d/setup.log" ||
+  echo "ephemeral-admin: cannot read $d/setup.log (root's, and sudo -n refused): waiting for the status only" >&2
 wait "$w"
 exit "$(cat "$d/setup.status")""#
     )
@@ -96,7 +100,10 @@ fn log_path() -> String {
 
 /// The log's last lines, indented; what went wrong reading them if they cannot be read.
 async fn tail(session: &ssh::Session) -> String {
-    let command = format!("tail -n {TAIL_LINES} \"{}/setup.log\"", dir());
+    let command = format!(
+        r#"l="{}/setup.log"; if [ -r "$l" ]; then tail -n {TAIL_LINES} "$l"; else sudo -n tail -n {TAIL_LINES} "$l"; fi"#,
+        dir()
+    );
     let argv = ["sh".to_string(), "-c".to_string(), command];
     let mut out = Captured::default();
     let read = session.exec(&argv, ExecIo::Capture { stdin: Vec::new(), output: &mut out }).await;

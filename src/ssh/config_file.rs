@@ -120,6 +120,69 @@ fn include_from_user_config(ssh_dir: &Path) -> Result<(bool, Option<PathBuf>)> {
     Ok((true, backup))
 }
 
+/// One argument of an ssh-config directive (`User`, `HostName`, `HostKeyAlias`), written so that
+/// OpenSSH's config tokenizer reads back exactly `value`: plain text as it is, anything else in
+/// double quotes with `\\` and `"` escaped. A control character (a newline would start a
+/// directive of its own) or an empty value cannot be written at all.
+pub fn config_arg(what: &str, value: &str) -> Result<String> {
+    no_control(what, value)?;
+    anyhow::ensure!(!value.is_empty(), "{what} is empty, and an ssh-config line needs a value");
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:@+,%".contains(c);
+    if !value.is_empty() && value.chars().all(plain) {
+        return Ok(value.to_string());
+    }
+    Ok(format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\"")))
+}
+
+/// A file path for `IdentityFile` or `UserKnownHostsFile`, which OpenSSH also expands `%`-tokens
+/// and `${VAR}` in: `%` is doubled; `${` cannot be escaped there, so such a path is refused.
+pub fn config_path(what: &str, path: &Path) -> Result<String> {
+    let text = path.to_str().with_context(|| format!("{what} {} is not UTF-8", path.display()))?;
+    anyhow::ensure!(
+        !text.contains("${"),
+        "{what} {text} holds \"${{\", which OpenSSH would expand in an ssh-config line: set a state directory without it"
+    );
+    config_arg(what, &text.replace('%', "%%"))
+}
+
+/// A `ProxyCommand` value: OpenSSH runs the rest of the line with the user's shell (so the
+/// command's own quoting is the shell's), but first splits it with its config tokenizer and
+/// refuses the line when that finds an unclosed quote; and a control character would end it.
+pub fn config_command(command: &str) -> Result<String> {
+    no_control("the proxy command", command)?;
+    anyhow::ensure!(
+        quotes_balanced(command),
+        "the proxy command {command:?} has quotes that OpenSSH's config parser reads as unclosed: write it without a backslash before a quote"
+    );
+    Ok(command.to_string())
+}
+
+fn no_control(what: &str, value: &str) -> Result<()> {
+    anyhow::ensure!(
+        !value.chars().any(char::is_control),
+        "{what} {value:?} holds a control character (a newline, a tab...), which an ssh-config line cannot carry"
+    );
+    Ok(())
+}
+
+/// OpenSSH's `argv_split` quote rules: `'` and `"` open and close quotes; a backslash escapes a
+/// quote, a backslash, or (outside quotes) a space. Answers whether every quote is closed.
+fn quotes_balanced(line: &str) -> bool {
+    let mut quote = None;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quote) {
+            ('\\', _) if matches!(chars.peek(), Some('\'' | '"' | '\\')) => {
+                chars.next();
+            }
+            ('\'' | '"', None) => quote = Some(c),
+            (c, Some(q)) if c == q => quote = None,
+            _ => {}
+        }
+    }
+    quote.is_none()
+}
+
 /// The file as a list of the tool's session blocks and whatever else is in it, in order.
 #[derive(Debug, Clone, PartialEq)]
 enum Block {

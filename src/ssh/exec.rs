@@ -1,6 +1,7 @@
 //! Running one command on the box without a PTY (`connect ID -- cmd …`): the argv is
 //! shell-quoted into one command line, remote stdout and stderr stream to local stdout and stderr
-//! as they arrive, and local stdin is forwarded until EOF.
+//! as they arrive, and local stdin is forwarded until EOF. With `--record`, that output is also
+//! written to an asciicast recording (both streams, as a terminal would have shown them).
 //!
 //! Reading the channel and writing to it run as two concurrent futures: a writer waiting for the
 //! remote window must never stop us draining output, or a command like `cat` that echoes its
@@ -15,6 +16,7 @@ use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 
 use crate::output::{BoxLog, Stream, is_reader_gone};
 
+use super::record::{Header, Recorder};
 use super::stdin::StdinPump;
 use super::{RemoteExit, Session, shell_quote};
 
@@ -29,6 +31,8 @@ pub enum ExecIo<'a> {
     /// box text: control characters shown escaped ([`crate::output::box_log`]), as this is a
     /// log, not a terminal session.
     Stderr,
+    /// Like [`ExecIo::Inherit`], and the output is recorded to this asciicast file too.
+    InheritRecorded(&'a std::path::Path),
 }
 
 /// What an [`ExecIo::Capture`] run printed.
@@ -47,6 +51,11 @@ impl Session {
     /// its own status first.
     pub async fn exec(&self, argv: &[String], io: ExecIo<'_>) -> anyhow::Result<RemoteExit> {
         anyhow::ensure!(!argv.is_empty(), "no remote command given");
+        // The recording file first: one that cannot be written stops us before the command runs.
+        let recorder = match &io {
+            ExecIo::InheritRecorded(path) => Some(command_recorder(path, &shell_quote(argv))?),
+            _ => None,
+        };
         let channel =
             self.handle.channel_open_session().await.context("cannot open an SSH channel on the box")?;
         self.request_agent(&channel).await;
@@ -59,6 +68,16 @@ impl Session {
             ExecIo::Inherit => {
                 let mut sink = Sink::Inherit;
                 pump(&mut reader, &writer, forward_stdin(&writer), &mut sink).await
+            }
+            ExecIo::InheritRecorded(_) => {
+                let mut sink = Sink::Recorded(recorder);
+                let exit = pump(&mut reader, &writer, forward_stdin(&writer), &mut sink).await;
+                if let Sink::Recorded(Some(recorder)) = sink
+                    && let Err(e) = recorder.finish()
+                {
+                    tracing::warn!("the recording may be incomplete: {e}");
+                }
+                exit
             }
             ExecIo::Capture { stdin, output } => {
                 let input = async {
@@ -89,6 +108,41 @@ enum Sink<'a> {
     Capture(&'a mut Captured),
     /// Box text on our stderr: one escaper per remote stream (stdout, stderr).
     Stderr([BoxLog; 2]),
+    /// Inherit, and into the recording while it can be written.
+    Recorded(Option<FileRecorder>),
+}
+
+type FileRecorder = Recorder<std::io::BufWriter<std::fs::File>>;
+
+/// The recording of a command run without a PTY: the local terminal's size, the command line.
+fn command_recorder(path: &std::path::Path, command: &str) -> anyhow::Result<FileRecorder> {
+    let (width, height) = super::shell::terminal_size();
+    let term =
+        std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "xterm-256color".into());
+    let header = Header {
+        width,
+        height,
+        timestamp: super::record::unix_now(),
+        command: Some(command),
+        term: &term,
+        shell: None,
+    };
+    Recorder::create(path, &header)
+}
+
+/// Output without a PTY has bare `\n` line ends, which a terminal (and an asciicast player)
+/// shows as a staircase: each gets the `\r` a PTY would have added.
+fn with_carriage_returns(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 16);
+    let mut last = 0u8;
+    for &b in data {
+        if b == b'\n' && last != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        last = b;
+    }
+    out
 }
 
 impl Sink<'_> {
@@ -100,6 +154,16 @@ impl Sink<'_> {
                 Err(e) if is_reader_gone(&e) => Ok(()),
                 other => other,
             },
+            Sink::Recorded(recorder) => {
+                let shown = write_now(to_stderr, data);
+                if let Some(rec) = recorder
+                    && let Err(e) = rec.output(&with_carriage_returns(data))
+                {
+                    tracing::warn!("stopped recording the command: {e}");
+                    *recorder = None;
+                }
+                shown
+            }
             Sink::Capture(captured) => {
                 let out = if to_stderr { &mut captured.stderr } else { &mut captured.stdout };
                 out.extend_from_slice(data);

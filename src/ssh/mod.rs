@@ -13,6 +13,8 @@ mod exec;
 pub mod forward;
 mod pipe;
 mod quote;
+#[cfg(test)]
+mod quote_props;
 pub mod record;
 pub mod resume;
 mod sftp;
@@ -26,7 +28,9 @@ use russh::client;
 pub use connect::{connect, stream_to_sshd};
 pub use exec::{Captured, ExecIo};
 pub use pipe::pipe_stdio;
-pub use quote::{expand_proxy_command, shell_quote};
+pub use quote::{
+    ProxyWord, expand_instance_token, expand_proxy_command, proxy_template, proxy_word, shell_quote,
+};
 pub use shell::ShellOptions;
 
 /// How to reach the box.

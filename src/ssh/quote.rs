@@ -1,6 +1,8 @@
 //! Text plumbing for SSH command lines: POSIX shell quoting of an argv (SSH carries one command
 //! string, which the remote login shell re-splits) and OpenSSH-style `%` expansion of a
-//! ProxyCommand template.
+//! ProxyCommand template. This is the one place a string from data (a flag, a setting, a record)
+//! becomes shell text: every command line the tool hands to `sh -c`, to the box's login shell or
+//! to an ssh-config `ProxyCommand` is built from these functions.
 
 use std::borrow::Cow;
 
@@ -22,33 +24,78 @@ fn quote_word(word: &str) -> Cow<'_, str> {
     }
 }
 
+/// One word of a ProxyCommand template: shell-quoted like [`shell_quote`], with every `%` doubled so
+/// that neither OpenSSH nor [`expand_proxy_command`] takes it for a `%`-token.
+pub fn proxy_word(word: &str) -> String {
+    quote_word(word).replace('%', "%%")
+}
+
+/// A ProxyCommand template from `words`: data words quoted by [`proxy_word`], [`ProxyWord::Token`]s
+/// (like `%i`, or `portNumber=%p`) kept as they are for the expansion.
+pub fn proxy_template(words: &[ProxyWord<'_>]) -> String {
+    let quoted: Vec<String> = words
+        .iter()
+        .map(|w| match w {
+            ProxyWord::Data(text) => proxy_word(text),
+            ProxyWord::Token(text) => (*text).to_string(),
+        })
+        .collect();
+    quoted.join(" ")
+}
+
+/// A word of a [`proxy_template`].
+pub enum ProxyWord<'a> {
+    /// Text from data: quoted, `%` doubled.
+    Data(&'a str),
+    /// The template's own text with `%`-tokens (a constant of the program, never data).
+    Token(&'static str),
+}
+
 /// Expands an OpenSSH-style ProxyCommand template: `%h` host, `%p` port, `%i` instance id, `%r`
-/// remote user, `%%` a literal `%`. Values are inserted as they are (like OpenSSH does); any other
-/// `%x`, and a trailing `%`, are left untouched.
+/// remote user, `%%` a literal `%`. Each value is inserted shell-quoted (a plain value, like an
+/// address or an instance id, is unchanged), so no value can add shell syntax to the command;
+/// any other `%x`, and a trailing `%`, are left untouched.
 pub fn expand_proxy_command(template: &str, host: &str, port: u16, instance_id: &str, user: &str) -> String {
+    expand(template, |token| match token {
+        'h' => Some(quote_word(host).into_owned()),
+        'p' => Some(port.to_string()),
+        'i' => Some(quote_word(instance_id).into_owned()),
+        'r' => Some(quote_word(user).into_owned()),
+        '%' => Some("%".to_string()),
+        _ => None,
+    })
+}
+
+/// Expands only `%i` (the instance id, which OpenSSH does not know), for a template OpenSSH
+/// expands the rest of: the id goes in as a [`proxy_word`], and every other `%x` (`%%` included)
+/// stays for OpenSSH.
+pub fn expand_instance_token(template: &str, instance_id: &str) -> String {
+    expand(template, |token| match token {
+        'i' => Some(proxy_word(instance_id)),
+        _ => None,
+    })
+}
+
+/// One left-to-right pass over `template`: `%x` becomes `value(x)`, or stays as it is when that
+/// is `None`; a trailing `%` stays.
+fn expand(template: &str, value: impl Fn(char) -> Option<String>) -> String {
     let mut out = String::with_capacity(template.len() + 32);
-    let mut chars = template.chars().peekable();
+    let mut chars = template.chars();
     while let Some(c) = chars.next() {
         if c != '%' {
             out.push(c);
             continue;
         }
-        match chars.peek().copied() {
-            Some('h') => out.push_str(host),
-            Some('p') => out.push_str(&port.to_string()),
-            Some('i') => out.push_str(instance_id),
-            Some('r') => out.push_str(user),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => {
-                out.push('%');
-                continue;
-            }
+        match chars.next() {
+            Some(token) => match value(token) {
+                Some(text) => out.push_str(&text),
+                None => {
+                    out.push('%');
+                    out.push(token);
+                }
+            },
+            None => out.push('%'),
         }
-        chars.next();
     }
     out
 }

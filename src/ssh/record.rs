@@ -2,6 +2,10 @@
 //! array per event: `[seconds, "o", text]` for terminal output and `[seconds, "r", "WxH"]` for a
 //! resize. Output arrives in arbitrary byte chunks, so a UTF-8 sequence cut at a chunk edge is
 //! held back until the next chunk completes it; bytes that can never be UTF-8 become U+FFFD.
+//!
+//! A recording holds whatever was typed and shown (passwords echoed, secrets printed), so its
+//! file is the user's alone: created 0600, an existing file narrowed to at most 0600 (never
+//! widened), and a symbolic link or anything but a regular file refused rather than followed.
 
 use std::io::Write;
 use std::path::Path;
@@ -33,13 +37,58 @@ pub struct Recorder<W: Write> {
 }
 
 impl Recorder<std::io::BufWriter<std::fs::File>> {
-    /// Creates (or truncates) `path` and writes the header.
+    /// Creates (or truncates) `path`, private to the user (see the module), and writes the header.
     pub fn create(path: &Path, header: &Header<'_>) -> anyhow::Result<Self> {
-        let file = std::fs::File::create(path)
+        let file = open_private(path)
             .with_context(|| format!("cannot create the recording file {}", path.display()))?;
         Recorder::new(std::io::BufWriter::new(file), header)
             .with_context(|| format!("cannot write the recording file {}", path.display()))
     }
+}
+
+/// Whether `path` can take a recording, asked before anything is launched: nothing there yet
+/// (in a directory that exists), or a regular file. The reason when not.
+pub fn check_path(path: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err("it is a symbolic link: name a plain file".into()),
+        Ok(meta) if !meta.is_file() => Err("it is not a regular file: name a plain file".into()),
+        Ok(_) => Ok(()),
+        Err(_) => match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(dir) if !dir.is_dir() => Err(format!("there is no directory {}", dir.display())),
+            _ => Ok(()),
+        },
+    }
+}
+
+/// Opens `path` for writing from its start, mode 0600 at most: a new file is created 0600 (no
+/// moment with a wider mode); an existing regular file is narrowed before it is truncated. A
+/// symbolic link, a directory, a FIFO or a device is refused (O_NOFOLLOW guards the race too).
+fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let refuse = |why: &str| std::io::Error::other(format!("it is {why}: name a plain file"));
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => return Err(refuse("a symbolic link")),
+        Ok(meta) if !meta.is_file() => return Err(refuse("not a regular file")),
+        _ => {}
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| if e.raw_os_error() == Some(libc::ELOOP) { refuse("a symbolic link") } else { e })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file"));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & !0o600 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o600))?;
+    }
+    file.set_len(0)?;
+    Ok(file)
 }
 
 impl<W: Write> Recorder<W> {
@@ -144,6 +193,36 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recording_file_is_private_never_widened_and_never_a_followed_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ea-record-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let fresh = dir.join("new.cast");
+        Recorder::create(&fresh, &header()).unwrap();
+        assert_eq!(mode(&fresh), 0o600);
+        let open = dir.join("open.cast");
+        std::fs::write(&open, "old secrets").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Recorder::create(&open, &header()).unwrap();
+        assert_eq!(mode(&open), 0o600, "narrowed");
+        assert!(!std::fs::read_to_string(&open).unwrap().contains("old secrets"), "truncated");
+        let narrow = dir.join("narrow.cast");
+        std::fs::write(&narrow, "").unwrap();
+        std::fs::set_permissions(&narrow, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let _ = Recorder::create(&narrow, &header());
+        assert_eq!(mode(&narrow), 0o400, "never widened");
+        let target = dir.join("target");
+        std::fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("link.cast")).unwrap();
+        let err = Recorder::create(&dir.join("link.cast"), &header()).err().expect("a link is refused");
+        assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn header() -> Header<'static> {
         Header {

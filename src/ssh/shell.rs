@@ -246,7 +246,7 @@ fn is_terminal(fd: libc::c_int) -> bool {
 }
 
 /// Our terminal's size in columns and rows; 80x24 when there is no terminal to ask.
-fn terminal_size() -> (u16, u16) {
+pub(super) fn terminal_size() -> (u16, u16) {
     match crossterm::terminal::size() {
         Ok((cols, rows)) if cols > 0 && rows > 0 => (cols, rows),
         _ => (80, 24),

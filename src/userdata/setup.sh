@@ -2,9 +2,11 @@
 # ephemeral-admin-setup SCRIPT|- [PACKAGE...]
 #
 # Run once by cloud-init (runcmd, as root): installs the session's packages, then runs its setup
-# script, both logging to $EA_SETUP_DIR/setup.log (default /var/log/ephemeral-admin, readable by
-# the login user). When done it writes the exit status to setup.status next to the log: the
-# launch, connected over SSH, follows the log until that file appears. POSIX sh.
+# script, both logging to $EA_SETUP_DIR/setup.log (default /var/log/ephemeral-admin). The log is
+# 0600, root's: a setup script may print secrets, and any other account on the box is not meant
+# to read them; the login user reads it with sudo. When done it writes the exit status to
+# setup.status next to the log (a number, world-readable): the launch, connected over SSH,
+# follows the log until that file appears. POSIX sh.
 
 dir=${EA_SETUP_DIR:-/var/log/ephemeral-admin}
 script=$1
@@ -13,8 +15,8 @@ mkdir -p "$dir" && chmod 755 "$dir"
 log=$dir/setup.log
 status=$dir/setup.status
 rm -f "$status"
-: >"$log"
-chmod 644 "$log"
+(umask 077 && : >"$log")
+chmod 600 "$log"
 
 install_packages() {
     [ "$#" -gt 0 ] || return 0

@@ -1,11 +1,14 @@
 #!/bin/sh
 # ephemeral-admin-watchdog: powers the box off when SSH is idle, when nobody
 # ever connected, or at the deadline (tag via IMDSv2, else the baked one).
+# Activity is an authenticated SSH session of the box's own sshd, never a mere
+# TCP connection: a socket to port 22 (from anywhere, loopback included) that
+# has not logged in keeps nothing up.
 # Every EA_* is overridable from the environment (watchdog.env).
 : "${EA_IMDS_URL:=http://169.254.169.254}"
 : "${EA_IMDS_TIMEOUT:=2}"
-: "${EA_SSH_PORT:=22}"
-: "${EA_SSH_EXTRA:=}" # one more local IPv4 ADDR:PORT whose connections count (box simulator)
+: "${EA_SSHD_PID:=}"                   # the box's sshd (listener) pid, else:
+: "${EA_SSHD_PIDFILE:=/run/sshd.pid}" # its pid file, else the unit's MainPID
 : "${EA_POWEROFF_CMD:=systemctl poweroff}"
 : "${EA_WALL_CMD:=wall}" # run as: $EA_WALL_CMD "message" (one argument)
 : "${EA_INTERVAL:=5}"
@@ -16,7 +19,6 @@
 : "${EA_EXPIRES_TAG:=ephemeral-admin:expires-at}"
 : "${EA_WARN_BEFORE:=600 60}"
 : "${EA_STATE_DIR:=/run/ephemeral-admin}"
-: "${EA_PROC_NET:=/proc/net}"
 : "${EA_NOW_CMD:=date +%s}"
 
 log() { echo "ephemeral-admin-watchdog: $*"; }
@@ -49,20 +51,43 @@ imds() {
 	[ "$code" = 200 ]
 }
 
-# Established TCP connections whose local port is EA_SSH_PORT, or whose local
-# address is EA_SSH_EXTRA.
-conns() {
-	cat "$EA_PROC_NET/tcp" "$EA_PROC_NET/tcp6" 2>/dev/null | awk -v p="$hexport" -v x="$hexextra" '
-		$4 == "01" { n = split($2, a, ":"); if (a[n] == p || $2 == x) c++ }
-		END { print c + 0 }'
+# The box's sshd listener: EA_SSHD_PID, its pid file, or ssh(d).service's
+# MainPID; nothing when none is running.
+sshd_pid() {
+	p=$EA_SSHD_PID
+	[ -n "$p" ] || p=$(cat "$EA_SSHD_PIDFILE" 2>/dev/null)
+	if ! isnum "$p" || [ ! -d "/proc/$p" ]; then
+		p=$(systemctl show -p MainPID --value ssh.service sshd.service 2>/dev/null |
+			awk '$1 > 0 { print $1; exit }')
+	fi
+	isnum "$p" && [ -d "/proc/$p" ] && echo "$p"
 }
 
+# Authenticated SSH sessions: sshd's per-connection processes past login,
+# titled "sshd: USER" (no session channel yet, e.g. ssh -N), "sshd: USER@notty"
+# or "sshd: USER@pts/N" ("sshd-session: ..." from OpenSSH 9.8 on), each a
+# child or grandchild (privilege separation) of the box's sshd listener. A
+# connection still authenticating is "[accepted]", "USER [priv]", "[net]" or
+# "[preauth]" and does not count; nor does a process of a session (deeper down)
+# that renames itself. With no listener known (sshd run per connection), a
+# session process counts when its parent is sshd's.
+sessions() {
+	ps -e -o pid= -o ppid= -o args= 2>/dev/null | awk -v m="$(sshd_pid)" '
+		{ up[$1] = $2; t = $0; sub(/^ *[0-9]+ +[0-9]+ +/, "", t); title[$1] = t
+		  if (t ~ /^sshd(-session)?: [^ [][^ ]*$/) s[$1] = 1 }
+		END {
+			for (p in s) {
+				q = up[p]
+				if (m != "" && (q == m || up[q] == m)) c++
+				else if (m == "" && title[q] ~ /^(sshd|\/usr\/sbin\/sshd)/) c++
+			}
+			print c + 0
+		}'
+}
+
+command -v ps >/dev/null 2>&1 || log "error ps not found (procps): no SSH session can be seen"
 mkdir -p "$EA_STATE_DIR"
 body=$EA_STATE_DIR/imds.out
-hexport=$(printf '%04X' "$EA_SSH_PORT")
-# /proc/net/tcp spells 127.1.2.3:22 as 0302017F:0016; "-" never matches.
-hexextra=$(echo "$EA_SSH_EXTRA" | awk -F'[.:]' 'NF == 5 { printf "%02X%02X%02X%02X:%04X", $4, $3, $2, $1, $5; ok = 1 }
-	END { if (!ok) print "-" }')
 tok=
 # The start time and "a connection was seen" survive a restart of the unit.
 [ -s "$EA_STATE_DIR/started" ] || now >"$EA_STATE_DIR/started"
@@ -83,7 +108,7 @@ warned=
 idle_since=
 ncon=-1
 spot=
-log "start port=$EA_SSH_PORT${EA_SSH_EXTRA:+ extra=$EA_SSH_EXTRA} interval=${EA_INTERVAL}s idle_grace=${EA_IDLE_GRACE}s boot_grace=${EA_BOOT_GRACE}s cap=${EA_CAP:-none} baked_deadline=$EA_DEADLINE"
+log "start sshd=$(sshd_pid || echo unknown) interval=${EA_INTERVAL}s idle_grace=${EA_IDLE_GRACE}s boot_grace=${EA_BOOT_GRACE}s cap=${EA_CAP:-none} baked_deadline=$EA_DEADLINE"
 
 while :; do
 	t=$(now)
@@ -135,7 +160,7 @@ while :; do
 	fi
 
 	# SSH idleness (-gt: whole seconds, so never earlier than the grace).
-	n=$(conns)
+	n=$(sessions)
 	if [ "$n" != "$ncon" ]; then
 		log "ssh connections=$n"
 		ncon=$n

@@ -120,8 +120,8 @@ fn a_box_nobody_connects_to_powers_off_after_the_boot_grace() {
     assert_eq!(info["poweroff_reason"], "never-connected", "{info:#}");
 }
 
-/// The simulated boxes share this machine's network stack, so the watchdog counts connections on
-/// the box's own port and, through `EA_SSH_EXTRA`, on its public address at port 22.
+/// The watchdog counts the sessions of the box's own sshd, whichever address they came in on:
+/// here, its public address at port 22.
 #[test]
 fn a_connection_to_the_public_ip_counts_as_activity_too() {
     let cloud = LocalCloud::start();
@@ -149,7 +149,7 @@ fn an_open_session_keeps_the_box_and_closing_it_ends_the_box_one_grace_later() {
     let user = quick_user(&cloud, "boot_grace = \"60s\"\nidle_grace = \"3s\"\nkept_idle_grace = \"3s\"\n");
     let (session, instance) = launch(&user, &[]);
     let port = wait_box_up(&cloud, &instance);
-    // A non-interactive connection with no PTY still counts (the watchdog counts TCP connections).
+    // A non-interactive session with no PTY still counts (an authenticated session is activity).
     let tunnel = Kill(ssh(&user, &session, port, &["-N"]).stdin(Stdio::null()).spawn().unwrap());
     std::thread::sleep(Duration::from_secs(9));
     assert_eq!(instance_state(&cloud, &instance), "running", "three idle graces with a session open");
@@ -162,6 +162,56 @@ fn an_open_session_keeps_the_box_and_closing_it_ends_the_box_one_grace_later() {
     let info = box_info(&cloud, &instance);
     assert_eq!(info["poweroff_reason"], "idle", "{info:#}");
     assert!(log_lines(&info, "wall").iter().any(|l| l.contains("powering off")), "users were warned");
+}
+
+/// Issue #31: a TCP connection to sshd that never logs in (here one reconnecting every second
+/// from this machine, as a non-root process on the box could over loopback) is not activity: the
+/// box still powers off one idle grace after the last authenticated session ends, while a logged-in
+/// session does keep it up. (Before the fix the watchdog counted sockets, and this box stayed up.)
+#[test]
+fn an_unauthenticated_connection_to_sshd_does_not_keep_the_box_up() {
+    let cloud = LocalCloud::start();
+    let user = quick_user(&cloud, "boot_grace = \"60s\"\nidle_grace = \"3s\"\nkept_idle_grace = \"3s\"\n");
+    let (session, instance) = launch(&user, &[]);
+    let port = wait_box_up(&cloud, &instance);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let raw = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Held open a second, never a byte sent: sshd waits for a banner that never comes.
+                let held = std::net::TcpStream::connect(("127.0.0.1", port));
+                std::thread::sleep(Duration::from_secs(1));
+                drop(held);
+            }
+        })
+    };
+    let tunnel = Kill(ssh(&user, &session, port, &["-N"]).stdin(Stdio::null()).spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(instance_state(&cloud, &instance), "running", "two idle graces with a session open");
+    let info = box_info(&cloud, &instance);
+    let counts: Vec<String> =
+        log_lines(&info, "watchdog_log").into_iter().filter(|l| l.contains("ssh connections=")).collect();
+    // Only the logged-in session counts, never the raw socket beside it (which made 2 before).
+    assert_eq!(
+        counts.last().map(String::as_str),
+        Some("ephemeral-admin-watchdog: ssh connections=1"),
+        "{counts:#?}"
+    );
+    drop(tunnel);
+    let closed = Instant::now();
+    let took = wait_terminated(&cloud, &instance, Duration::from_secs(20));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    raw.join().unwrap();
+    assert!(closed.elapsed() >= Duration::from_secs(3), "not before the grace: {took:?}");
+    let info = box_info(&cloud, &instance);
+    assert_eq!(info["poweroff_reason"], "idle", "{info:#}");
+    let counts: Vec<String> =
+        log_lines(&info, "watchdog_log").into_iter().filter(|l| l.contains("ssh connections=")).collect();
+    assert!(
+        counts.iter().all(|l| !l.ends_with("connections=2")),
+        "the raw socket never counted: {counts:#?}"
+    );
 }
 
 #[test]

@@ -170,6 +170,7 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         echo cap=$(sudo systemctl is-active ephemeral-admin-cap.timer); \
         echo host_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$'); \
         echo marker=$(cat /tmp/ea-setup-marker); \
+        echo setup_log=$(sudo stat -c '%a %U' /var/log/ephemeral-admin/setup.log); \
         echo to-stderr >&2; exit 7";
     let setup = "echo setup-ran-as-$(id -un); echo made > /tmp/ea-setup-marker";
     let child = user
@@ -219,6 +220,8 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         "cap=active\n",
         "host_keys=1\n",
         "marker=made\n",
+        // Root's alone (issue #31); the launch still streamed it, through sudo -n.
+        "setup_log=600 root\n",
     ] {
         assert!(stdout.contains(expected), "{expected:?} in\n{stdout}\nstderr:\n{stderr}");
     }

@@ -527,3 +527,88 @@ fn connect_pipes_megabytes_through_a_proxy_command_both_ways() {
     assert!(result.stdout == data, "byte for byte");
     user.run(&["terminate", session]).success();
 }
+
+/// Issue #31: an AWS profile name is data, never shell text. A hostile `--profile` or
+/// `AWS_PROFILE` is refused (exit 2, one line) before `ssh-config` prints a ProxyCommand or the
+/// SSM route starts one, so the command it smuggles in never runs. (Before the fix, `ssh-config`
+/// printed it into the ProxyCommand unquoted and `connect --connect ssm` ran it through `sh -c`.)
+#[test]
+fn a_hostile_aws_profile_runs_nothing_on_the_ssm_route_or_in_ssh_config() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let out = user.run(&["launch", "--connect", "ssm", "--detach", "--output", "json"]).success().json();
+    let session = out["session_id"].as_str().unwrap();
+    let marker = user.home.join("profile-ran");
+    let hostile = format!("x;touch${{IFS}}{};#", marker.display());
+    let runs = [
+        user.run(&["ssh-config", session, "--profile", &hostile]),
+        user.env("AWS_PROFILE", &hostile).run(&["ssh-config", session]),
+        user.run(&["connect", session, "--connect", "ssm", "--profile", &hostile, "--", "true"]),
+        user.env("AWS_PROFILE", &hostile).run(&["connect", session, "--connect", "ssm", "--", "true"]),
+    ];
+    for run in runs {
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert!(run.stdout.is_empty(), "{}", run.stdout);
+        assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+        assert!(run.stderr.contains("invalid AWS profile"), "{}", run.stderr);
+    }
+    assert!(!marker.exists(), "the profile's command ran");
+    // The SSM route's ProxyCommand still names an ordinary profile as one word.
+    let config = user.run(&["ssh-config", session]).success().stdout;
+    assert!(config.contains("ProxyCommand aws ssm start-session --target i-"), "{config}");
+    user.run(&["terminate", session]).success();
+    assert_nothing_left(&cloud);
+}
+
+/// Issue #31: `--record FILE -- CMD` records the command's output as an asciicast (it wrote
+/// nothing and said nothing before), and a recording is the user's alone: 0600, an existing
+/// 0644 file narrowed and overwritten, a symbolic link refused before the command runs.
+#[test]
+fn record_with_a_command_writes_a_private_asciicast_of_its_output() {
+    use std::os::unix::fs::PermissionsExt;
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let cast = user.home.join("command.cast");
+    std::fs::write(&cast, "an older recording").unwrap();
+    std::fs::set_permissions(&cast, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let command = ["sh", "-c", "echo out; echo err >&2; exit 3"];
+    let run = user
+        .run(&attached_args(&proxy, &[&["--record", cast.to_str().unwrap(), "--"][..], &command].concat()));
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.stdout, "out\n", "the output still goes where it did");
+    assert_eq!(std::fs::metadata(&cast).unwrap().permissions().mode() & 0o7777, 0o600);
+    let text = std::fs::read_to_string(&cast).unwrap();
+    let mut lines = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap());
+    let header = lines.next().unwrap();
+    assert_eq!(
+        (header["version"].as_u64(), header["command"].as_str()),
+        (Some(2), Some("sh -c 'echo out; echo err >&2; exit 3'"))
+    );
+    let shown: String = lines.filter(|e| e[1] == "o").map(|e| e[2].as_str().unwrap().to_string()).collect();
+    assert!(shown.contains("out\r\n") && shown.contains("err\r\n"), "{shown:?}");
+    assert_nothing_left(&cloud);
+
+    // A link is not followed: refused as bad input before anything is launched.
+    let target = user.home.join("target");
+    std::fs::write(&target, "keep").unwrap();
+    let link = user.home.join("link.cast");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let marker = user.home.join("command-ran");
+    let touch = format!("touch {}", marker.display());
+    let run =
+        user.run(&attached_args(&proxy, &["--record", link.to_str().unwrap(), "--", "sh", "-c", &touch]));
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("--record") && run.stderr.contains("symbolic link"), "{}", run.stderr);
+    assert_eq!(cloud.count("RunInstances"), 1, "nothing launched for it");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    assert!(!marker.exists(), "the command ran");
+    // Nothing to record (--detach, -N) is said, not ignored: exit 2, nothing launched.
+    for extra in ["--detach", "-N"] {
+        let run = user.run(&attached_args(&proxy, &["--record", cast.to_str().unwrap(), extra]));
+        assert_eq!(run.code, 2, "{extra}: {}", run.stderr);
+        assert!(run.stderr.contains("--record"), "{extra}: {}", run.stderr);
+    }
+    assert_eq!(cloud.count("RunInstances"), 1, "nothing launched for them");
+    assert_nothing_left(&cloud);
+}

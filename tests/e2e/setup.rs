@@ -240,3 +240,23 @@ fn profile_name_picks_a_bundle_of_settings_and_an_unknown_one_lists_the_defined(
     assert!(run.stderr.contains("nothing-here.sh") && run.stderr.contains("config.toml:2"), "{}", run.stderr);
     assert_nothing_left(&cloud);
 }
+
+/// Issue #31: the setup log holds whatever the packages and the script printed, so on the box
+/// it is 0600 (root's there; in the simulator the runner runs as the login user), and the
+/// launch still follows it to the end.
+#[test]
+fn the_setup_log_is_private_on_the_box_and_still_followed() {
+    let cloud = LocalCloud::start();
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    let script = write_script(&user, "prep.sh", "echo 'setup: a line only root may read'\n");
+    let run =
+        user.run(&attached_args(&proxy, &["--keep", "--setup", script.to_str().unwrap(), "--", "true"]));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("setup: a line only root may read"), "followed: {}", run.stderr);
+    let stat = "stat -c %a \"$EA_SETUP_DIR/setup.log\"";
+    let run = user.run(&["connect", "last", "--proxy-command", &proxy, "--", "sh", "-c", stat]);
+    assert_eq!(run.success().stdout, "600\n");
+    user.run(&["terminate", "last"]).success();
+    assert_nothing_left(&cloud);
+}

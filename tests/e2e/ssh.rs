@@ -614,7 +614,11 @@ fn shell_in_a_pty_sizes_resizes_records_and_restores_the_terminal() {
     assert_eq!(child_result(&target), "Ok(Status(3))");
     assert!(pty.is_cooked(), "the terminal was left raw");
 
-    let cast = std::fs::read_to_string(target.sshd.dir.join("session.cast")).unwrap();
+    let cast_path = target.sshd.dir.join("session.cast");
+    // What was typed and shown is the user's alone (issue #31).
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cast_path).unwrap().permissions());
+    assert_eq!(mode & 0o7777, 0o600, "the recording is private");
+    let cast = std::fs::read_to_string(&cast_path).unwrap();
     let lines: Vec<serde_json::Value> = cast.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(
         (lines[0]["version"].as_u64(), lines[0]["width"].as_u64(), lines[0]["height"].as_u64()),

@@ -11,7 +11,8 @@ simulated box:
   (``box_ssh_port`` in the READY line and box-config). It uses the host key and
   authorized keys from the user-data (``ssh_keys`` / ``ssh_authorized_keys``);
 * the real watchdog script and its env file are taken from ``write_files`` and run
-  with ``sh`` the way the systemd unit would run it, talking to a fake IMDSv2;
+  with ``sh`` the way the systemd unit would run it, talking to a fake IMDSv2, with
+  ``EA_SSHD_PIDFILE`` naming this box's ``sshd.pid`` (it counts the sessions under that sshd);
   its power-off POSTs back to localcloud, which terminates the instance in moto;
 * the resume relay (``src/userdata/resume.py``, what lets an EICE client resume its SSH byte
   stream over a new tunnel) runs when ``write_files`` carry its unit
@@ -949,8 +950,8 @@ class BoxSim:
         env.update(_parse_env_file(files.get(env_path, b"").decode(errors="replace")))
         env.update({
             "EA_IMDS_URL": f"{self.imds_base}/{box.iid}",
-            "EA_SSH_PORT": str(box.ssh_port),
-            "EA_SSH_EXTRA": box.direct or box.private_direct or "",
+            # Many boxes share this machine: only sessions under this box's own sshd count.
+            "EA_SSHD_PIDFILE": os.path.join(box.dir, "sshd.pid"),
             "EA_POWEROFF_CMD": "curl -fsS -o /dev/null -m 10 -X POST -H 'Content-Type: application/json' -d '{}' "
                                + shlex.quote(f"{base}/_localcloud/box/{box.iid}/poweroff"),
             "EA_WALL_CMD": shlex.quote(sys.executable) + " " + shlex.quote(wall),
