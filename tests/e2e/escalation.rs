@@ -25,7 +25,7 @@ fn a_daily_user_cannot_write_a_role_or_pass_one_the_tool_did_not_make() {
     let cloud = LocalCloud::start();
     cloud.enforce_narrower(&printed(&[]));
     // An admin role with a profile of the same name, as an administrator might have.
-    cloud.as_admin_iam(&format!(
+    cloud.admin_ec2(&format!(
         "iam.create_role(RoleName='AdminWorkRole', AssumeRolePolicyDocument=json.dumps({{'Version': '2012-10-17', 'Statement': [{{'Effect': 'Allow', 'Principal': {{'Service': 'ec2.amazonaws.com'}}, 'Action': 'sts:AssumeRole'}}]}}))\n\
          iam.put_role_policy(RoleName='AdminWorkRole', PolicyName='admin', PolicyDocument='{ADMIN}')\n\
          iam.create_instance_profile(InstanceProfileName='AdminWorkRole')\n\
@@ -118,7 +118,7 @@ fn the_bootstrap_policy_writes_roles_only_under_the_boundary_and_never_widens_it
     );
     // A role an older version made without the boundary takes no policy until `setup roles`
     // puts it under the boundary.
-    cloud.as_admin_iam(&format!("iam.delete_role_permissions_boundary(RoleName='{SSM_ROLE}')"));
+    cloud.admin_ec2(&format!("iam.delete_role_permissions_boundary(RoleName='{SSM_ROLE}')"));
     let out = cloud.as_cli_user(&format!(
         "attempt(iam.put_role_policy, RoleName='{SSM_ROLE}', PolicyName='x', PolicyDocument='{ADMIN}')"
     ));

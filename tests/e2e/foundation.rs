@@ -134,7 +134,7 @@ fn doctor_passes_against_the_local_cloud_and_names_the_caller() {
     // Text output is a table with a status per check.
     let text = user.run(&["doctor"]).success().stdout;
     assert!(text.starts_with("CHECK"), "{text}");
-    assert_eq!(text.matches("  OK  ").count(), 9, "{text}");
+    assert_eq!(text.matches("  OK  ").count(), 10, "{text}");
 }
 
 #[test]

@@ -187,26 +187,17 @@ impl LocalCloud {
     /// Runs `code` with `ec2` bound to a boto3 EC2 client of an administrator (another key, so
     /// the printed policy does not apply), as someone working by hand in the console would.
     /// Returns what the code printed.
+    /// (`iam` is bound too.)
     pub fn admin_ec2(&self, code: &str) -> String {
         let script = format!(
             "import boto3, json, sys\n\
-             ec2 = boto3.client('ec2', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
-                                aws_access_key_id='other', aws_secret_access_key='other')\n{code}\n"
+             kw = dict(endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                       aws_access_key_id='other', aws_secret_access_key='other')\n\
+             ec2, iam = boto3.client('ec2', **kw), boto3.client('iam', **kw)\n{code}\n"
         );
         let out = Command::new(python()).args(["-c", &script, &self.url]).output().expect("run boto3");
         assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// Runs boto3 `code` with an `iam` client as an administrator (the policy does not apply).
-    pub fn as_admin_iam(&self, code: &str) {
-        let script = format!(
-            "import boto3, json, sys\n\
-             iam = boto3.client('iam', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
-                                aws_access_key_id='other', aws_secret_access_key='other')\n{code}\n"
-        );
-        let out = Command::new(python()).args(["-c", &script, &self.url]).output().expect("run boto3");
-        assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Runs boto3 `code` signed with the CLI's access key (so under the enforced policy), with

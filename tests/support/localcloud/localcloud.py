@@ -1550,7 +1550,7 @@ class MotoFixes:
         who = self._principal(req.access_key or "")
         body = (f'<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
                 f'<GetCallerIdentityResult><Arn>{who.arn}</Arn><UserId>{who.userid}</UserId>'
-                f'<Account>{ACCOUNT_ID}</Account></GetCallerIdentityResult>'
+                f'<Account>{who.arn.split(":")[4] or ACCOUNT_ID}</Account></GetCallerIdentityResult>'
                 f'<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>'
                 f'</GetCallerIdentityResponse>').encode()
         return Resp(200, [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))], body)
