@@ -85,7 +85,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     }
     // Local ports first: one that is taken fails before anything is made.
     let mut listeners = Some(attach::bind_forwards(ctx).await?);
-    let (aws, store, record, mut result) = provision(ctx, args, &signals).await?;
+    let (aws, store, mut record, mut result) = provision(ctx, args, &signals).await?;
     let instance_id = record.instance_id.clone().context("the launch recorded no instance id")?;
     let log = logs::Writer::spawn(&aws, &instance_id);
     log.send(format!(
@@ -107,7 +107,21 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         ));
     }
     if args.detach {
-        let uploaded = detached_upload(ctx, &store, &record, &uploads, &signals).await;
+        // The first connection gives the box its own host key (`super::hostkey`): a detached box
+        // is not left on the user-data's. A box that cannot be reached or rotated is undone.
+        let ready = first_connection(ctx, &store, &mut record, &signals).await;
+        let session = match ready {
+            Ok(session) => session,
+            Err(e) => {
+                for failure in log.finish().await {
+                    ctx.printer.warn(failure);
+                }
+                return Err(undo_detached(ctx, &aws, &store, &record, e).await);
+            }
+        };
+        result.session.host_key_fingerprint = Some(record.host_key_fingerprint.clone());
+        let uploaded = super::cp::upload_before(ctx, &session, &record, &uploads, &signals).await;
+        session.close().await;
         for failure in log.finish().await {
             ctx.printer.warn(failure);
         }
@@ -126,9 +140,8 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let mut attached = false;
     let outcome = async {
         let route = Route::resolve(ctx, &record, None, None);
-        let options = attach::connect_options(ctx, &store, &record, &route).await?;
         crash::point("connecting");
-        let mut session = attach::open(ctx, &options, &signals).await?;
+        let (options, mut session) = super::hostkey::open(ctx, &store, &mut record, &route, &signals).await?;
         attached = true;
         result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         if has_setup(&ctx.settings) {
@@ -266,23 +279,38 @@ fn check_user_data(s: &crate::settings::Settings, args: &LaunchArgs) -> Result<(
     })
 }
 
-/// `launch --detach --upload`: connects once to copy, then leaves the box to the user.
-async fn detached_upload(
+/// `launch --detach`: the first connection (which rotates the host key), kept for the uploads.
+async fn first_connection(
     ctx: &Context,
     store: &Store,
-    record: &SessionRecord,
-    uploads: &[Upload],
+    record: &mut SessionRecord,
     signals: &Signals,
-) -> Result<()> {
-    if uploads.is_empty() {
-        return Ok(());
-    }
+) -> Result<crate::ssh::Session> {
     let route = Route::resolve(ctx, record, None, None);
-    let options = attach::connect_options(ctx, store, record, &route).await?;
-    let session = attach::open(ctx, &options, signals).await?;
-    let uploaded = super::cp::upload_before(ctx, &session, record, uploads, signals).await;
-    session.close().await;
-    uploaded
+    crash::point("connecting");
+    let (_, session) = super::hostkey::open(ctx, store, record, &route, signals).await?;
+    Ok(session)
+}
+
+/// A detached box that could not be reached or given its own host key goes, then the error is
+/// reported.
+async fn undo_detached(
+    ctx: &Context,
+    aws: &crate::aws::Aws,
+    store: &Store,
+    record: &SessionRecord,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    let resources =
+        SessionResources::from_record(&store.load(&record.id).ok().flatten().unwrap_or(record.clone()));
+    let reason = if error.is::<Interrupted>() { ended_by::INTERRUPTED } else { ended_by::LAUNCH_FAILED };
+    let report = teardown::teardown(aws, store, &resources, reason, &SystemClock).await;
+    if report.is_clean() {
+        ctx.printer.status(report.summary());
+    } else {
+        ctx.printer.warn(report.summary());
+    }
+    error
 }
 
 fn timings_line(timings: &[(String, u64)]) -> String {
@@ -473,6 +501,7 @@ fn first_record(
         pid_start: lifecycle::process_start(pid),
         host_key_public: keys.host.public_openssh.clone(),
         host_key_fingerprint: keys.host.fingerprint.clone(),
+        host_key_state: Some(crate::session::store::HostKeyState::UserData),
         client_key_public: keys.client.public_openssh.clone(),
         connect: Some(s.connect.as_str().to_string()),
         proxy_command: s.proxy_command.clone(),

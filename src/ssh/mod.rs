@@ -63,6 +63,9 @@ pub struct ConnectOptions {
     /// The pinned host key: any other key aborts at once with [`SshError::HostKeyMismatch`] (no
     /// retry, no known_hosts, no TOFU).
     pub host_key: russh::keys::PublicKey,
+    /// A second key accepted as well, only while the session's host-key rotation is unfinished
+    /// (`crate::commands::hostkey`): the box may offer the user-data key or the one it made.
+    pub also_accept: Option<russh::keys::PublicKey>,
     /// Overall readiness deadline (3 min in the product; tests use seconds).
     pub connect_timeout: Duration,
     /// Keepalive interval (~15 s); zero turns keepalives off.
@@ -200,6 +203,8 @@ pub struct Session {
     tunnel: Option<eice::Ending>,
     /// The box's resume relay did not answer, so the session went straight to sshd.
     relay_skipped: bool,
+    /// The host key the box presented (one of the pinned ones).
+    host_key: russh::keys::PublicKey,
 }
 
 impl Session {
@@ -213,6 +218,12 @@ impl Session {
     /// (it then ends with its tunnel).
     pub fn relay_skipped(&self) -> bool {
         self.relay_skipped
+    }
+
+    /// The host key the box presented on this connection (the pinned one, or during an unfinished
+    /// rotation either of the two accepted).
+    pub fn host_key(&self) -> &russh::keys::PublicKey {
+        &self.host_key
     }
 
     /// Says goodbye to sshd and waits (briefly) for the connection to wind down.

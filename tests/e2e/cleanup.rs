@@ -20,6 +20,8 @@ const CRASH_POINTS: &[&str] = &[
     "alarm",
     "schedule",
     "connecting",
+    "host-key-made",
+    "host-key-switched",
 ];
 
 fn key_files(user: &User) -> Vec<std::path::PathBuf> {

@@ -12,6 +12,7 @@ mod eice;
 mod files;
 mod forward;
 mod foundation;
+mod hostkey;
 mod kept;
 mod launch;
 mod lifecycle;

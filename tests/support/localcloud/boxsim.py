@@ -22,6 +22,12 @@ simulated box:
   The box's sshd sets EA_RESUME_ADDRESS and EA_RESUME_SCRIPT for its sessions, so the client's
   exec of ``resume.py --attach`` (through an outer SSH connection, as on a real box, where the
   relay listens on the box's own 127.0.0.1:2022) reaches this box's relay;
+* the host-key rotation (``src/userdata/hostkey.sh``, which the client runs as root over its
+  first connection: the box makes its own host key and sshd switches to it): the box's sshd
+  sets EA_HOSTKEY_SCRIPT (the box's copy of the script, run with sh: boxes have no sudo, and
+  everything of a box runs as this machine's user, standing in for root), EA_SSH_DIR (the box
+  dir, where its sshd's HostKey is) and EA_SSHD_PIDFILE (reload = SIGHUP to the box's sshd,
+  which re-executes itself with the new key; connections already open stay up);
 * user-data may be gzip'd, as cloud-init accepts it;
 * a ``runcmd`` entry that runs a written file (the CLI's setup runner) runs as cloud-init would,
   with stub ``apt-get``/``dnf``/``yum`` that record package installs (see ``_start_setup``).
@@ -1319,6 +1325,12 @@ def _sshd_config(d, port, iid, direct=None, resume_port=None):
     # real box: 127.0.0.1:2022 and /usr/local/lib/ephemeral-admin/resume.py).
     resume = (f" EA_RESUME_ADDRESS=127.0.0.1:{resume_port} EA_RESUME_SCRIPT={d}/resume.py"
               if resume_port else "")
+    # The host-key rotation the client runs over its first connection (on a real box as root via
+    # sudo, on /etc/ssh and sshd's unit): here this box's copy of the script, on this box's key
+    # file (HostKey below), a SIGHUP to this box's sshd (it re-executes itself with the new key;
+    # open connections stay). The box's processes all run as this machine's user, as its root.
+    hostkey = (f"EA_HOSTKEY_SCRIPT={d}/files/usr/local/sbin/ephemeral-admin-hostkey"
+               f" EA_SSH_DIR={d} EA_SSHD_PIDFILE={d}/sshd.pid")
     return extra + f"""# boxsim: one box's sshd
 ListenAddress 127.0.0.1:{port}
 HostKey {d}/ssh_host_ed25519_key
@@ -1334,7 +1346,7 @@ AllowTcpForwarding yes
 PrintMotd no
 Subsystem sftp internal-sftp -d {d}/home
 LogLevel VERBOSE
-SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup{resume}
+SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup{resume} {hostkey}
 """
 
 
