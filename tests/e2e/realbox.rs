@@ -170,6 +170,12 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         echo cap=$(sudo systemctl is-active ephemeral-admin-cap.timer); \
         echo host_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$'); \
         echo marker=$(cat /tmp/ea-setup-marker); \
+        h='X-aws-ec2-metadata-token-ttl-seconds: 60'; u=http://169.254.169.254/latest; \
+        echo imds_user=$(curl -s -o /dev/null -m 5 -w '%{http_code}' $u/user-data); \
+        echo imds_user_token=$(curl -s -o /dev/null -m 5 -w '%{http_code}' -X PUT -H \"$h\" $u/api/token); \
+        t=$(sudo curl -s -m 5 -X PUT -H \"$h\" $u/api/token); \
+        echo imds_root=$(sudo curl -s -m 5 -H \"X-aws-ec2-metadata-token: $t\" $u/user-data | head -n 1); \
+        echo scanned=$(ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | cut -d' ' -f2,3); \
         echo to-stderr >&2; exit 7";
     let setup = "echo setup-ran-as-$(id -un); echo made > /tmp/ea-setup-marker";
     let child = user
@@ -198,9 +204,17 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
     let (ip, port) = direct(&info);
     let sessions: Vec<_> = std::fs::read_dir(user.state_dir().join("sessions")).unwrap().flatten().collect();
     let session = sessions[0].file_name().to_string_lossy().into_owned();
+    // The launch's first connection gives the box its own host key: wait for the record to say so.
+    wait_until("the host-key rotation", BOOT + Duration::from_secs(120), || {
+        let text = std::fs::read_to_string(session_dir(&user, &session).join("session.toml")).unwrap();
+        text.contains("host_key_state = \"box\"")
+    });
     let pinned = pinned_key(&user, &session);
+    let user_data =
+        std::fs::read_to_string(PathBuf::from(info["dir"].as_str().unwrap()).join("user-data")).unwrap();
+    assert!(!user_data.contains(&pinned), "the pinned key is the box's own, not the user-data's");
     let offered = keyscan(&ip, port);
-    assert_eq!(offered, vec![pinned], "sshd offers the pinned host key and no other");
+    assert_eq!(offered, vec![pinned.clone()], "sshd offers the pinned (rotated) host key and no other");
 
     let out = wait_output(child, BOOT + Duration::from_secs(180));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -219,6 +233,11 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         "cap=active\n",
         "host_keys=1\n",
         "marker=made\n",
+        // The IMDS is fenced off for the (non-root) login user, not for root.
+        "imds_user=000\n",
+        "imds_user_token=000\n",
+        "imds_root=#cloud-config\n",
+        &format!("scanned={pinned}\n"),
     ] {
         assert!(stdout.contains(expected), "{expected:?} in\n{stdout}\nstderr:\n{stderr}");
     }
