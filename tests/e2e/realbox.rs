@@ -175,7 +175,7 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         echo imds_user_token=$(curl -s -o /dev/null -m 5 -w '%{http_code}' -X PUT -H \"$h\" $u/api/token); \
         t=$(sudo curl -s -m 5 -X PUT -H \"$h\" $u/api/token); \
         echo imds_root=$(sudo curl -s -m 5 -H \"X-aws-ec2-metadata-token: $t\" $u/user-data | head -n 1); \
-        echo scanned=$(ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | cut -d' ' -f2,3); \
+        echo scanned=$(ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | grep -v '^#' | cut -d' ' -f2,3); \
         echo to-stderr >&2; exit 7";
     let setup = "echo setup-ran-as-$(id -un); echo made > /tmp/ea-setup-marker";
     let child = user
