@@ -1,6 +1,5 @@
 #!/bin/sh
-# ephemeral-admin-hostkey new | switch KEY (as root; see src/commands/hostkey.rs): `new` makes
-# the box's own host key (again: the same one), prints its public half; `switch` makes it sshd's.
+# ephemeral-admin-hostkey new | switch KEY: the box's own host key (src/commands/hostkey.rs)
 set -eu
 umask 077
 dir=${EA_SSH_DIR:-/etc/ssh}
@@ -17,6 +16,14 @@ reload_sshd() {
     else
         systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service
     fi
+    command -v ssh-keyscan >/dev/null || { sleep 2; return 0; }
+    for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do
+        ssh-keyscan -T 1 -t ed25519 -p "${EA_SSH_PORT:-22}" 127.0.0.1 2>/dev/null |
+            grep -qF "$want" && return 0
+        sleep 1
+    done
+    echo "ephemeral-admin-hostkey: sshd does not offer the new key" >&2
+    exit 4
 }
 
 case ${1:-} in

@@ -33,8 +33,14 @@ pub const SSHD_DROPIN_PATH: &str = "/etc/ssh/sshd_config.d/00-ephemeral-admin.co
 pub const SSHD_DROPIN: &str = "# ephemeral-admin: keys only; notice a client that vanished without closing its connection.\n\
     PasswordAuthentication no\nKbdInteractiveAuthentication no\nClientAliveInterval 10\nClientAliveCountMax 3\n";
 
-/// The box's host-key rotation (POSIX sh, linted by shellcheck in CI): run as root over the
-/// first pinned connection, it makes the box's own host key and has sshd use it.
+/// The box's host-key rotation (POSIX sh, linted by shellcheck in CI), run as root over the
+/// first pinned connection (`crate::commands::hostkey`). `new` makes a fresh Ed25519 key beside
+/// sshd's (run again: the same key) and prints its public half; the private half never leaves the
+/// box. `switch KEY` renames that key over sshd's (the user-data key's file is gone), reloads sshd
+/// (it re-executes itself on SIGHUP; open connections stay), waits up to 15 s until sshd serves
+/// the new key, and prints `switched`; run again with the same key it only reloads. Each step can
+/// be cut off and run again. `EA_SSH_DIR`, `EA_SSHD_PIDFILE` and `EA_SSH_PORT` move it for the
+/// box simulator (a real box sets none; sudo would not pass them anyway).
 pub const HOSTKEY_SCRIPT: &str = include_str!("hostkey.sh");
 pub const HOSTKEY_PATH: &str = "/usr/local/sbin/ephemeral-admin-hostkey";
 /// What the client runs it with (`sh -c HOSTKEY_RUN hostkey ARGS...`): as root, through `sudo -n`
@@ -241,10 +247,7 @@ fn bootcmd_imds_fence(out: &mut String) {
         let rule = format!("pref 90 to {address} uidrange 1-4294967294 prohibit");
         let _ = writeln!(out, "    ip {family} rule del {rule} 2>/dev/null");
         let _ = writeln!(out, "    ip {family} rule add {rule} ||");
-        let _ = writeln!(
-            out,
-            "      echo 'ephemeral-admin: could not fence {address} off for non-root users' >/dev/console"
-        );
+        let _ = writeln!(out, "      echo 'ephemeral-admin: no IMDS fence for {address}' >/dev/console");
     }
     out.push_str("    true\n");
 }

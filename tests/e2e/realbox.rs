@@ -264,8 +264,10 @@ fn an_eice_box_resumes_across_tunnels_and_a_vanished_laptop_still_powers_it_off_
     let cloud = LocalCloud::start_real_vm();
     let user = user(
         &cloud,
-        // Detached, so a kept session: kept_idle_grace is its idle grace.
-        "kept_idle_grace = \"10s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
+        // Detached, so a kept session: kept_idle_grace is its idle grace. It runs from the end of
+        // the launch's own connection (the host-key rotation) until the `connect` below is in:
+        // room for a TCG guest to take a new tunnel and two SSH handshakes.
+        "kept_idle_grace = \"20s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
     );
     let ws = cloud.control("GET", "eice", None)["ws_url"].as_str().unwrap().to_string();
     let user = user.env("EPHEMERAL_ADMIN_EICE_ENDPOINT_URL", &ws);
@@ -327,14 +329,14 @@ fn an_eice_box_resumes_across_tunnels_and_a_vanished_laptop_still_powers_it_off_
     signal(client.id(), "STOP");
     let vanished = Instant::now();
     // sshd: 10 s x 3 probes (~40 s) for the tunnel's outer connection, as many again for the
-    // relay's; then the 10 s grace; then a TCG poweroff.
-    wait_terminated(&cloud, &instance, Duration::from_secs(40 + 40 + 10 + 150));
+    // relay's; then the 20 s grace; then a TCG poweroff.
+    wait_terminated(&cloud, &instance, Duration::from_secs(40 + 40 + 20 + 150));
     let gone = vanished.elapsed();
     signal(client.id(), "KILL");
     let _ = client.wait();
     let info = box_info(&cloud, &instance);
     assert_eq!(info["poweroff_reason"], "idle", "{:#}", info["watchdog_log"]);
-    assert!(gone >= Duration::from_secs(10), "not before the idle grace: {gone:?}");
+    assert!(gone >= Duration::from_secs(20), "not before the idle grace: {gone:?}");
     let log = lines(&info, "watchdog_log");
     let seen = log.iter().position(|l| connected(l)).unwrap();
     assert!(log[seen..].iter().any(|l| l.contains("ssh connections=0")), "{log:#?}");

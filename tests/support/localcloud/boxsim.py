@@ -26,8 +26,9 @@ simulated box:
   first connection: the box makes its own host key and sshd switches to it): the box's sshd
   sets EA_HOSTKEY_SCRIPT (the box's copy of the script, run with sh: boxes have no sudo, and
   everything of a box runs as this machine's user, standing in for root), EA_SSH_DIR (the box
-  dir, where its sshd's HostKey is) and EA_SSHD_PIDFILE (reload = SIGHUP to the box's sshd,
-  which re-executes itself with the new key; connections already open stay up);
+  dir, where its sshd's HostKey is), EA_SSHD_PIDFILE (reload = SIGHUP to the box's sshd,
+  which re-executes itself with the new key; connections already open stay up) and EA_SSH_PORT
+  (where the script waits for sshd to offer the new key);
 * user-data may be gzip'd, as cloud-init accepts it;
 * a ``runcmd`` entry that runs a written file (the CLI's setup runner) runs as cloud-init would,
   with stub ``apt-get``/``dnf``/``yum`` that record package installs (see ``_start_setup``).
@@ -1330,7 +1331,7 @@ def _sshd_config(d, port, iid, direct=None, resume_port=None):
     # file (HostKey below), a SIGHUP to this box's sshd (it re-executes itself with the new key;
     # open connections stay). The box's processes all run as this machine's user, as its root.
     hostkey = (f"EA_HOSTKEY_SCRIPT={d}/files/usr/local/sbin/ephemeral-admin-hostkey"
-               f" EA_SSH_DIR={d} EA_SSHD_PIDFILE={d}/sshd.pid")
+               f" EA_SSH_DIR={d} EA_SSHD_PIDFILE={d}/sshd.pid EA_SSH_PORT={port}")
     return extra + f"""# boxsim: one box's sshd
 ListenAddress 127.0.0.1:{port}
 HostKey {d}/ssh_host_ed25519_key
