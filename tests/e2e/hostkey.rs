@@ -148,3 +148,25 @@ fn a_launch_killed_during_the_host_key_rotation_is_finished_by_the_next_connect(
         user.run(&["terminate", &session]).success();
     }
 }
+
+/// A box that cannot make its own host key (here: no passwordless sudo) is not used on the
+/// user-data's: the launch fails, says why, and removes everything; attached or detached.
+#[test]
+fn a_box_that_refuses_the_rotation_fails_the_launch_and_is_removed() {
+    let cloud = LocalCloud::start();
+    cloud.control("PUT", "box-config", Some(serde_json::json!({ "hostkey_rotation": false })));
+    let user = User::new(&cloud);
+    let proxy = proxy(&cloud);
+    for extra in [&["--detach"][..], &["--", "echo", "never"][..]] {
+        let run = user.run(&crate::session::attached_args(&proxy, extra));
+        assert_eq!(run.code, 1, "{extra:?}: {}", run.stderr);
+        assert!(!run.stdout.contains("never"), "{extra:?}: {}", run.stdout);
+        assert!(
+            run.stderr.contains("the box could not make its own host key")
+                && run.stderr.contains("sudo: a password is required"),
+            "{extra:?}: {}",
+            run.stderr
+        );
+        crate::session::assert_nothing_left(&cloud);
+    }
+}

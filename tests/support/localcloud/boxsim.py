@@ -68,6 +68,9 @@ Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box`
                                                drop_syns_while_booting, a booting box's public
                                                address silently drops SYNs (a full accept queue),
                                                like a real box before its network is up.
+                                               "hostkey_rotation": false: boxes booted while it
+                                               is off refuse the host-key rotation as a box
+                                               without passwordless sudo does.
     POST /_localcloud/box-reset                stop every box, forget them (= boxsim.reset())
 
 summary = {instance_id, region, account_id, state, ssh_port, public_ip, direct, private_ip,
@@ -575,6 +578,8 @@ class BoxSim:
         self.watchdog = True
         # False: boxes boot without their resume relay (nothing answers on port 2022).
         self.resume_relay = True
+        # False: boxes refuse the host-key rotation (a custom image without passwordless sudo).
+        self.hostkey_rotation = True
         self.real_vm = None
         self.vm_kernel_args = ""
         if os.environ.get("BOXSIM_REAL_VM"):
@@ -627,6 +632,7 @@ class BoxSim:
             self.drop_syns_while_booting = False
             self.watchdog = True
             self.resume_relay = True
+            self.hostkey_rotation = True
         for box in boxes:
             self._stop_box(box, None)
 
@@ -866,6 +872,10 @@ class BoxSim:
                 f.write(keys["ed25519_public"].strip() + "\n")
         with open(os.path.join(d, "authorized_keys"), "w") as f:
             f.write("".join(str(k).strip() + "\n" for k in authorized))
+        if not self.hostkey_rotation:
+            # What the client's `sudo -n` gets on an image without passwordless sudo.
+            with open(os.path.join(d, "refused"), "w") as f:
+                f.write('echo "sudo: a password is required" >&2\nexit 1\n')
 
         last_err = "sshd did not start"
         for _attempt in range(3):
@@ -874,7 +884,8 @@ class BoxSim:
             direct = f"{box.public_ip}:{self.direct_port}" if box.public_ip else None
             private = f"{box.private_alias}:{self.direct_port}" if box.private_alias else None
             with open(conf, "w") as f:
-                f.write(_sshd_config(d, port, box.iid, direct or private, box.resume_port))
+                f.write(_sshd_config(d, port, box.iid, direct or private, box.resume_port,
+                                     self.hostkey_rotation))
             # The box's user starts with an empty home, like on a fresh instance: this machine's
             # own ~/.bashrc (pyenv init and its rehash lock) has no business in a box's login.
             os.makedirs(os.path.join(d, "home"), mode=0o700, exist_ok=True)
@@ -1207,8 +1218,11 @@ class BoxSim:
                 self.watchdog = bool(data["watchdog"])
             if method in ("PUT", "POST") and "resume_relay" in data:
                 self.resume_relay = bool(data["resume_relay"])
+            if method in ("PUT", "POST") and "hostkey_rotation" in data:
+                self.hostkey_rotation = bool(data["hostkey_rotation"])
             return 200, {"boot_seconds": self.boot_seconds, "ssh_port": self.direct_port,
                          "watchdog": self.watchdog, "resume_relay": self.resume_relay,
+                         "hostkey_rotation": self.hostkey_rotation,
                          "drop_syns_while_booting": self.drop_syns_while_booting,
                          "real_vm": self.real_vm, "vm_kernel_args": self.vm_kernel_args}
         if path == "/_localcloud/box-reset" and method == "POST":
@@ -1314,7 +1328,7 @@ def _sshd_version():
     return _SSHD_VERSION
 
 
-def _sshd_config(d, port, iid, direct=None, resume_port=None):
+def _sshd_config(d, port, iid, direct=None, resume_port=None, hostkey_rotation=True):
     # The box's home is {d}/home (HOME below): SFTP starts there too, as it would in the login
     # user's home on a real box.
     # OpenSSH >= 9.8 penalises sources whose connections fail or close early; every
@@ -1330,7 +1344,8 @@ def _sshd_config(d, port, iid, direct=None, resume_port=None):
     # sudo, on /etc/ssh and sshd's unit): here this box's copy of the script, on this box's key
     # file (HostKey below), a SIGHUP to this box's sshd (it re-executes itself with the new key;
     # open connections stay). The box's processes all run as this machine's user, as its root.
-    hostkey = (f"EA_HOSTKEY_SCRIPT={d}/files/usr/local/sbin/ephemeral-admin-hostkey"
+    script = f"{d}/files/usr/local/sbin/ephemeral-admin-hostkey" if hostkey_rotation else f"{d}/refused"
+    hostkey = (f"EA_HOSTKEY_SCRIPT={script}"
                f" EA_SSH_DIR={d} EA_SSHD_PIDFILE={d}/sshd.pid EA_SSH_PORT={port}")
     return extra + f"""# boxsim: one box's sshd
 ListenAddress 127.0.0.1:{port}
