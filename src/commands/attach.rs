@@ -126,6 +126,7 @@ pub async fn connect_options(
         client_key,
         host_key,
         also_accept,
+        repinned: Default::default(),
         connect_timeout: ctx.settings.connect_timeout,
         keepalive_interval: KEEPALIVE_INTERVAL,
         keepalive_max: KEEPALIVE_MAX,

@@ -153,6 +153,9 @@ fn pin(
     pinned(record);
     options.host_key = key.clone();
     options.also_accept = None;
+    // An EICE resume of this very connection dials a new tunnel with the options it was made
+    // with: from now on it pins the box's own key too.
+    *options.repinned.lock().expect("repinned key") = Some(key.clone());
     Ok(())
 }
 

@@ -428,7 +428,11 @@ pub(crate) struct Pinned {
 
 impl Pinned {
     fn new(opts: &ConnectOptions, inbound: Arc<super::forward::Inbound>) -> Pinned {
-        let expected = std::iter::once(&opts.host_key).chain(&opts.also_accept).cloned().collect();
+        let repinned = opts.repinned.lock().expect("repinned key").clone();
+        let expected = match repinned {
+            Some(key) => vec![key],
+            None => std::iter::once(&opts.host_key).chain(&opts.also_accept).cloned().collect(),
+        };
         Pinned { expected, presented: Arc::default(), inbound }
     }
 }

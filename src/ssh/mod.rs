@@ -66,6 +66,10 @@ pub struct ConnectOptions {
     /// A second key accepted as well, only while the session's host-key rotation is unfinished
     /// (`crate::commands::hostkey`): the box may offer the user-data key or the one it made.
     pub also_accept: Option<russh::keys::PublicKey>,
+    /// Set once the box's host key is rotated over a connection made with these options: from
+    /// then on every handshake made with them (or a clone), an EICE resume's new tunnel
+    /// included, pins that key alone.
+    pub repinned: Repinned,
     /// Overall readiness deadline (3 min in the product; tests use seconds).
     pub connect_timeout: Duration,
     /// Keepalive interval (~15 s); zero turns keepalives off.
@@ -73,6 +77,9 @@ pub struct ConnectOptions {
     /// How many unanswered keepalives end the session.
     pub keepalive_max: usize,
 }
+
+/// The key a rotation pinned, shared by a connection's options and their clones.
+pub type Repinned = std::sync::Arc<std::sync::Mutex<Option<russh::keys::PublicKey>>>;
 
 /// Why [`connect`] gave up. Every message is one actionable line.
 #[derive(Debug, thiserror::Error)]
