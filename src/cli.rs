@@ -224,7 +224,8 @@ pub struct LaunchArgs {
     /// Run SSH over this command's stdin/stdout (%h host, %p port, %i instance id, %r user).
     #[arg(long, value_name = "CMD")]
     pub proxy_command: Option<String>,
-    /// Provision and print the session, open no shell, keep the box.
+    /// Provision the box, connect once (it gets a host key of its own), print the session, open
+    /// no shell, keep the box.
     #[arg(long)]
     pub detach: bool,
     /// Leave the box running after the shell ends (its watchdog still ends it).

@@ -3,7 +3,9 @@
 //! cut or `kill -9` would. A debugging aid for testing `cleanup`; inert otherwise.
 //!
 //! Steps: `security-group`, `prepare`, `rule`, `run-instances`, `alarm`,
-//! `schedule`, `connecting`.
+//! `schedule`, `connecting`, then at the first connection's host-key rotation (`commands::hostkey`)
+//! `host-key-made` (the record says rotating) and `host-key-switched` (the box's sshd uses its
+//! own key; the record does not know yet).
 
 pub const VARIABLE: &str = "EPHEMERAL_ADMIN_ABORT_AFTER";
 

@@ -261,6 +261,8 @@ class Harness:
         }
         if self.cloud.box_ssh_port != 22:
             self.env["EPHEMERAL_ADMIN_SSH_PORT"] = str(self.cloud.box_ssh_port)
+        # The account's standing IAM, made once by an admin (a launch only reads it).
+        self.run(["setup", "roles", "-q"], timeout=120)
         return self.cloud
 
     @property

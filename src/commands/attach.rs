@@ -84,6 +84,13 @@ pub async fn connect_options(
     let client_key =
         russh::keys::PrivateKey::from_openssh(&key_text).context("the session's private key is damaged")?;
     let host_key = crate::keys::parse_public(&record.host_key_public)?;
+    // An unfinished rotation (`super::hostkey`): the box may offer the key it made instead.
+    let also_accept = match (record.host_key_state, &record.host_key_next) {
+        (Some(crate::session::store::HostKeyState::Rotating), Some(next)) => {
+            Some(crate::keys::parse_public(next)?)
+        }
+        _ => None,
+    };
     let instance_id = record.instance_id.as_deref().with_context(|| {
         format!("session {} has no instance id: `ephemeral-admin cleanup {}`", record.id, record.id)
     })?;
@@ -125,6 +132,8 @@ pub async fn connect_options(
         user: record.user.clone(),
         client_key,
         host_key,
+        also_accept,
+        repinned: Default::default(),
         connect_timeout: ctx.settings.connect_timeout,
         keepalive_interval: KEEPALIVE_INTERVAL,
         keepalive_max: KEEPALIVE_MAX,

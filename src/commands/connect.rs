@@ -68,8 +68,7 @@ pub async fn connect(ctx: &Context, args: &ConnectArgs) -> Result<ExitStatus> {
 
     let signals = Signals::install().context("listening for Ctrl-C")?;
     let route = Route::resolve(ctx, &record, args.connect, args.proxy_command.as_deref());
-    let options = attach::connect_options(ctx, &store, &record, &route).await?;
-    let mut session = attach::open(ctx, &options, &signals).await?;
+    let (options, mut session) = super::hostkey::open(ctx, &store, &mut record, &route, &signals).await?;
     let instance_id = record.instance_id.as_deref().context("the session record has no instance id")?;
     let log = crate::aws::logs::Writer::spawn(&ctx.aws().await?, instance_id);
     log.send(format!("connect session={id} via={}", options.transport));
@@ -191,8 +190,10 @@ pub async fn proxy(ctx: &Context, id: &str) -> Result<ExitStatus> {
 }
 
 pub async fn ssh_config(ctx: &Context, id: &str, install: bool) -> Result<ExitStatus> {
-    let (store, record) = running_session(ctx, id).await?;
+    let (store, mut record) = running_session(ctx, id).await?;
     let route = Route::resolve(ctx, &record, None, None);
+    // The known-hosts line pins the box's own key: an unfinished rotation is finished first.
+    super::hostkey::ensure_rotated(ctx, &store, &mut record, &route).await?;
     let instance_id = record.instance_id.as_deref().context("the session record has no instance id")?;
     let alias = host_alias(&record);
     let known_hosts = store.dir(id).join("known_hosts");

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use super::Context;
-use super::attach::{self, Route};
+use super::attach::Route;
 use crate::cli::CpArgs;
 use crate::error::{ExitStatus, Interrupted, UsageError};
 use crate::files::{self, BoxEnd, Direction, Outcome, Transfer};
@@ -29,11 +29,10 @@ pub async fn run(ctx: &Context, args: &CpArgs) -> Result<ExitStatus> {
         check_local_sources(sources, args.recursive)?;
     }
     let id = super::resolve_session(ctx, transfer.session()).await?;
-    let (store, record) = super::connect::running_session(ctx, &id).await?;
+    let (store, mut record) = super::connect::running_session(ctx, &id).await?;
     let signals = Signals::install().context("listening for Ctrl-C")?;
     let route = Route::resolve(ctx, &record, args.connect, args.proxy_command.as_deref());
-    let options = attach::connect_options(ctx, &store, &record, &route).await?;
-    let session = attach::open(ctx, &options, &signals).await?;
+    let (_, session) = super::hostkey::open(ctx, &store, &mut record, &route, &signals).await?;
     let started = Instant::now();
     let label = transfer.session().to_string();
     let copying = async {

@@ -86,7 +86,7 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     }
     // Local ports first: one that is taken fails before anything is made.
     let mut listeners = Some(attach::bind_forwards(ctx).await?);
-    let (aws, store, record, mut result) = provision(ctx, args, &signals).await?;
+    let (aws, store, mut record, mut result) = provision(ctx, args, &signals).await?;
     let instance_id = record.instance_id.clone().context("the launch recorded no instance id")?;
     let log = logs::Writer::spawn(&aws, &instance_id);
     log.send(format!(
@@ -108,7 +108,21 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
         ));
     }
     if args.detach {
-        let uploaded = detached_upload(ctx, &store, &record, &uploads, &signals).await;
+        // The first connection gives the box its own host key (`super::hostkey`): a detached box
+        // is not left on the user-data's. A box that cannot be reached or rotated is undone.
+        let ready = first_connection(ctx, &store, &mut record, &signals).await;
+        let session = match ready {
+            Ok(session) => session,
+            Err(e) => {
+                for failure in log.finish().await {
+                    ctx.printer.warn(failure);
+                }
+                return Err(undo_detached(ctx, &aws, &store, &record, e).await);
+            }
+        };
+        result.session.host_key_fingerprint = Some(record.host_key_fingerprint.clone());
+        let uploaded = super::cp::upload_before(ctx, &session, &record, &uploads, &signals).await;
+        session.close().await;
         for failure in log.finish().await {
             ctx.printer.warn(failure);
         }
@@ -127,9 +141,8 @@ pub async fn run(ctx: &Context, args: &LaunchArgs) -> Result<ExitStatus> {
     let mut attached = false;
     let outcome = async {
         let route = Route::resolve(ctx, &record, None, None);
-        let options = attach::connect_options(ctx, &store, &record, &route).await?;
         crash::point("connecting");
-        let mut session = attach::open(ctx, &options, &signals).await?;
+        let (options, mut session) = super::hostkey::open(ctx, &store, &mut record, &route, &signals).await?;
         attached = true;
         result.timings_ms.push(("ssh".into(), result.started.elapsed().as_millis() as u64));
         if has_setup(&ctx.settings) {
@@ -267,23 +280,38 @@ fn check_user_data(s: &crate::settings::Settings, args: &LaunchArgs) -> Result<(
     })
 }
 
-/// `launch --detach --upload`: connects once to copy, then leaves the box to the user.
-async fn detached_upload(
+/// `launch --detach`: the first connection (which rotates the host key), kept for the uploads.
+async fn first_connection(
     ctx: &Context,
     store: &Store,
-    record: &SessionRecord,
-    uploads: &[Upload],
+    record: &mut SessionRecord,
     signals: &Signals,
-) -> Result<()> {
-    if uploads.is_empty() {
-        return Ok(());
-    }
+) -> Result<crate::ssh::Session> {
     let route = Route::resolve(ctx, record, None, None);
-    let options = attach::connect_options(ctx, store, record, &route).await?;
-    let session = attach::open(ctx, &options, signals).await?;
-    let uploaded = super::cp::upload_before(ctx, &session, record, uploads, signals).await;
-    session.close().await;
-    uploaded
+    crash::point("connecting");
+    let (_, session) = super::hostkey::open(ctx, store, record, &route, signals).await?;
+    Ok(session)
+}
+
+/// A detached box that could not be reached or given its own host key goes, then the error is
+/// reported.
+async fn undo_detached(
+    ctx: &Context,
+    aws: &crate::aws::Aws,
+    store: &Store,
+    record: &SessionRecord,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    let resources =
+        SessionResources::from_record(&store.load(&record.id).ok().flatten().unwrap_or(record.clone()));
+    let reason = if error.is::<Interrupted>() { ended_by::INTERRUPTED } else { ended_by::LAUNCH_FAILED };
+    let report = teardown::teardown(aws, store, &resources, reason, &SystemClock).await;
+    if report.is_clean() {
+        ctx.printer.status(report.summary());
+    } else {
+        ctx.printer.warn(report.summary());
+    }
+    error
 }
 
 fn timings_line(timings: &[(String, u64)]) -> String {
@@ -338,14 +366,13 @@ async fn provision(
     let kept = args.detach || args.keep || s.tmux;
     let need_ingress = needs_caller_ingress(s.connect);
     mark("settings", &mut timings);
-    // A taken name, a missing instance profile or missing standing roles are bad input: refused
-    // before anything exists.
-    let Preflight { own_profile, standing } = preflight(ctx, &aws).await?;
+    // A taken name or a missing instance profile is bad input: refused before anything exists
+    // (missing standing roles too, in `prepare`, before its one creation).
+    let own_profile = preflight(ctx, &aws).await?;
 
     let expires_at = session::rfc3339(expires);
-    let Prepared { caller, group, net, endpoint, my_ip, profile, keys, image, prices } =
-        prepare(ctx, &aws, &session_id, &expires_at, kept, own_profile.or(standing.ssm_profile.clone()))
-            .await?;
+    let Prepared { caller, group, net, endpoint, my_ip, profile, keys, image, prices, standing } =
+        prepare(ctx, &aws, &session_id, &expires_at, kept, own_profile).await?;
     mark("prepare", &mut timings);
 
     let session_tags = tags::session_tags(
@@ -482,6 +509,7 @@ fn first_record(
         pid_start: lifecycle::process_start(pid),
         host_key_public: keys.host.public_openssh.clone(),
         host_key_fingerprint: keys.host.fingerprint.clone(),
+        host_key_state: Some(crate::session::store::HostKeyState::UserData),
         client_key_public: keys.client.public_openssh.clone(),
         connect: Some(s.connect.as_str().to_string()),
         proxy_command: s.proxy_command.clone(),
@@ -758,6 +786,8 @@ struct Prepared {
     my_ip: Option<IpNet>,
     /// None for a box reached by SSH: it gets no role, so IMDS holds no credentials.
     profile: Option<iam::InstanceProfile>,
+    /// The standing IAM the launch uses (`setup roles`'s).
+    standing: iam::Standing,
     keys: SessionKeys,
     image: ami::Image,
     prices: Vec<spot::SpotPrice>,
@@ -772,7 +802,7 @@ async fn prepare(
     session_id: &str,
     expires_at: &str,
     kept: bool,
-    profile: Option<iam::InstanceProfile>,
+    own_profile: Option<iam::InstanceProfile>,
 ) -> Result<Prepared> {
     let s = &ctx.settings;
     let need_ingress = needs_caller_ingress(s.connect);
@@ -813,13 +843,16 @@ async fn prepare(
             // Who we are and where the box goes, then the session's own security group in that
             // VPC, tagged as the session's.
             async {
-                let (caller, net) = tokio::try_join!(
+                // The standing roles are read beside them (a launch never makes IAM): one missing
+                // is bad input, refused before anything is made.
+                let (caller, net, standing) = tokio::try_join!(
                     async { identity::me(aws, s.owner.as_deref()).await.map_err(anyhow::Error::from) },
                     async {
                         vpc::resolve(aws, s.subnet.as_deref(), &s.security_groups, s.connect)
                             .await
                             .map_err(anyhow::Error::from)
                     },
+                    standing_parts(ctx, aws),
                 )?;
                 let endpoint = eice_endpoint(aws, s.connect, &net).await?;
                 network_tx.send_replace(Some(net.clone()));
@@ -847,7 +880,7 @@ async fn prepare(
                 };
                 let group = tokio::spawn(create).await.context("creating the session's group")??;
                 crash::point("security-group");
-                anyhow::Ok((caller, group, net, endpoint))
+                anyhow::Ok((caller, group, net, endpoint, standing))
             },
             detect_ip,
             keys,
@@ -875,7 +908,7 @@ async fn prepare(
         super::cleanup::quick_sweep(ctx, aws).await
     };
     let (prepared, swept) = tokio::join!(prepare, housekeeping);
-    let ((caller, group, net, endpoint), my_ip, keys, image, prices) = match prepared {
+    let ((caller, group, net, endpoint, standing), my_ip, keys, image, prices) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
             let made = made_group.lock().await.clone();
@@ -893,14 +926,15 @@ async fn prepare(
             swept.join(", ")
         ));
     }
-    Ok(Prepared { caller, group, net, endpoint, my_ip, profile, keys, image, prices })
+    let profile = own_profile.or(standing.ssm_profile.clone());
+    Ok(Prepared { caller, group, net, endpoint, my_ip, profile, standing, keys, image, prices })
 }
 
 /// What must hold before anything is created, checked at once: the name is not taken by one of
 /// the caller's live sessions in the region, and the instance profile asked for exists (with a
 /// role in it). Either failing is bad input (exit 2). Answers the profile to launch with, if the
 /// user named one.
-async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Preflight> {
+async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Option<iam::InstanceProfile>> {
     let s = &ctx.settings;
     let name_free = async {
         let Some(name) = s.name.as_deref() else { return anyhow::Ok(()) };
@@ -947,15 +981,8 @@ async fn preflight(ctx: &Context, aws: &crate::aws::Aws) -> Result<Preflight> {
         ));
         Ok(Some(iam::InstanceProfile { name: name.to_string(), fresh: false }))
     };
-    let ((), own_profile, standing) = tokio::try_join!(name_free, profile, standing_parts(ctx, aws))?;
-    Ok(Preflight { own_profile, standing })
-}
-
-/// What the preflight found: the user's own instance profile, if one is configured, and the
-/// tool's standing parts.
-struct Preflight {
-    own_profile: Option<iam::InstanceProfile>,
-    standing: iam::Standing,
+    let ((), profile) = tokio::try_join!(name_free, profile)?;
+    Ok(profile)
 }
 
 /// The standing parts a launch uses but never makes (a daily user may not write IAM): the

@@ -9,6 +9,7 @@ mod cp;
 mod doctor;
 mod eice;
 mod extend;
+mod hostkey;
 mod init;
 mod launch;
 mod policy;

@@ -51,8 +51,16 @@ pub struct SessionRecord {
     /// (`lifecycle::process_start`) so a recycled pid is not mistaken for it.
     pub pid: Option<u32>,
     pub pid_start: Option<u64>,
+    /// The host key every connection pins (`ssh-ed25519 AAAA… comment`) and its fingerprint.
     pub host_key_public: String,
     pub host_key_fingerprint: String,
+    /// Where that key came from (`crate::commands::hostkey`): the user-data until the first
+    /// connection has the box make its own. None: a record from before the rotation (its box
+    /// keeps the user-data key).
+    pub host_key_state: Option<HostKeyState>,
+    /// While [`HostKeyState::Rotating`]: the key the box made (it may offer either until the
+    /// rotation is finished).
+    pub host_key_next: Option<String>,
     pub client_key_public: String,
     pub security_group_id: Option<String>,
     pub ingress_rule_ids: Vec<String>,
@@ -84,6 +92,19 @@ pub struct SessionRecord {
     /// The OpenSSH config file `ssh-config --install` wrote this session's host block into;
     /// teardown and cleanup remove the block from it.
     pub ssh_config_file: Option<std::path::PathBuf>,
+}
+
+/// The rotation of a session's host key away from the one its user-data carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostKeyState {
+    /// The pinned key is the user-data's: the first connection rotates it.
+    UserData,
+    /// The box made `host_key_next` and may have switched sshd to it: the next connection accepts
+    /// either key and finishes the rotation.
+    Rotating,
+    /// The pinned key is the box's own, made on the box.
+    Box,
 }
 
 impl SessionRecord {

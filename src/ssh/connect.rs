@@ -138,7 +138,8 @@ async fn attempt(
     straight: bool,
 ) -> Result<Session, Failure> {
     let inbound = Arc::new(super::forward::Inbound::default());
-    let pinned = Pinned { expected: opts.host_key.clone(), inbound: inbound.clone() };
+    let pinned = Pinned::new(opts, inbound.clone());
+    let presented = pinned.presented.clone();
     let mut tunnel = None;
     let (handshake, proxy) = match &opts.transport {
         Transport::ProxyCommand(command) => {
@@ -161,7 +162,8 @@ async fn attempt(
     };
     let handle = handshake?;
     let relay_skipped = straight && matches!(&opts.transport, Transport::Eice(t) if t.resumable);
-    Ok(Session { handle, proxy, inbound, tunnel, relay_skipped })
+    let host_key = presented.lock().expect("presented key").clone().unwrap_or_else(|| opts.host_key.clone());
+    Ok(Session { handle, proxy, inbound, tunnel, relay_skipped, host_key })
 }
 
 /// The byte stream to the box's sshd over TCP or an EICE tunnel (through the box's resume relay
@@ -256,7 +258,7 @@ fn resumable_dial(
         Box::pin(async move {
             let Transport::Eice(target) = &opts.transport else { unreachable!("built above") };
             let tunnel = super::eice::open(target).await.map_err(eice_fault)?;
-            let pinned = Pinned { expected: opts.host_key.clone(), inbound: Arc::default() };
+            let pinned = Pinned::new(&opts, Arc::default());
             let handle = handshake(&opts, config, tunnel, pinned, &key).await.map_err(|f| match f {
                 Failure::Fatal(e) => super::resume::Fault::Fatal(e.to_string()),
                 Failure::Retry(why) | Failure::Silent(why) => super::resume::Fault::Retry(why),
@@ -415,11 +417,24 @@ fn describe(error: &russh::Error) -> String {
     }
 }
 
-/// The client handler: accepts exactly the pinned host key, and hands the channels the box
+/// The client handler: accepts exactly the pinned host key (or, during an unfinished rotation,
+/// one of the two pinned), remembers which one the box presented, and hands the channels the box
 /// opens (`-R` connections, the agent) to the session's forwarding.
 pub(crate) struct Pinned {
-    expected: PublicKey,
+    expected: Vec<PublicKey>,
+    presented: Arc<Mutex<Option<PublicKey>>>,
     inbound: Arc<super::forward::Inbound>,
+}
+
+impl Pinned {
+    fn new(opts: &ConnectOptions, inbound: Arc<super::forward::Inbound>) -> Pinned {
+        let repinned = opts.repinned.lock().expect("repinned key").clone();
+        let expected = match repinned {
+            Some(key) => vec![key],
+            None => std::iter::once(&opts.host_key).chain(&opts.also_accept).cloned().collect(),
+        };
+        Pinned { expected, presented: Arc::default(), inbound }
+    }
 }
 
 #[derive(Debug)]
@@ -439,7 +454,10 @@ impl client::Handler for Pinned {
 
     async fn check_server_key(&mut self, server: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         match server {
-            PublicKeyOrCertificate::PublicKey { key, .. } if key.key_data() == self.expected.key_data() => {
+            PublicKeyOrCertificate::PublicKey { key, .. }
+                if self.expected.iter().any(|e| e.key_data() == key.key_data()) =>
+            {
+                *self.presented.lock().expect("presented key") = Some(key.clone());
                 Ok(true)
             }
             PublicKeyOrCertificate::PublicKey { key, .. } => {

@@ -67,6 +67,13 @@ pub struct ConnectOptions {
     /// The pinned host key: any other key aborts at once with [`SshError::HostKeyMismatch`] (no
     /// retry, no known_hosts, no TOFU).
     pub host_key: russh::keys::PublicKey,
+    /// A second key accepted as well, only while the session's host-key rotation is unfinished
+    /// (`crate::commands::hostkey`): the box may offer the user-data key or the one it made.
+    pub also_accept: Option<russh::keys::PublicKey>,
+    /// Set once the box's host key is rotated over a connection made with these options: from
+    /// then on every handshake made with them (or a clone), an EICE resume's new tunnel
+    /// included, pins that key alone.
+    pub repinned: Repinned,
     /// Overall readiness deadline (3 min in the product; tests use seconds).
     pub connect_timeout: Duration,
     /// Keepalive interval (~15 s); zero turns keepalives off.
@@ -74,6 +81,9 @@ pub struct ConnectOptions {
     /// How many unanswered keepalives end the session.
     pub keepalive_max: usize,
 }
+
+/// The key a rotation pinned, shared by a connection's options and their clones.
+pub type Repinned = std::sync::Arc<std::sync::Mutex<Option<russh::keys::PublicKey>>>;
 
 /// Why [`connect`] gave up. Every message is one actionable line.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +215,8 @@ pub struct Session {
     tunnel: Option<eice::Ending>,
     /// The box's resume relay did not answer, so the session went straight to sshd.
     relay_skipped: bool,
+    /// The host key the box presented (one of the pinned ones).
+    host_key: russh::keys::PublicKey,
 }
 
 impl Session {
@@ -218,6 +230,12 @@ impl Session {
     /// (it then ends with its tunnel).
     pub fn relay_skipped(&self) -> bool {
         self.relay_skipped
+    }
+
+    /// The host key the box presented on this connection (the pinned one, or during an unfinished
+    /// rotation either of the two accepted).
+    pub fn host_key(&self) -> &russh::keys::PublicKey {
+        &self.host_key
     }
 
     /// Says goodbye to sshd and waits (briefly) for the connection to wind down.

@@ -1,12 +1,16 @@
-//! The box's user-data: a `#cloud-config` document that installs our pinned host key (and no
+//! The box's user-data: a `#cloud-config` document that fences the instance metadata service
+//! off for every user but root (first, at every boot), installs our pinned first host key (and no
 //! other), authorizes the session's client key, turns password login off, makes sshd probe its
 //! clients (a vanished laptop's half-open connection must not keep the box up), arms a boot-time
-//! poweroff at the hard cap (in case the watchdog never runs), installs and starts the
-//! watchdog that ends the box, and last runs the session's packages and setup script (see
-//! `setup.sh`: it logs to a file the launch follows over SSH).
+//! poweroff at the hard cap (in case the watchdog never runs), installs the host-key rotation
+//! script, installs and starts the watchdog that ends the box, and last runs the session's
+//! packages and setup script (see `setup.sh`: it logs to a file the launch follows over SSH).
 //!
 //! Rendered deterministically (same inputs, same bytes) so it can be snapshot-tested. The only
-//! secret in it is the host private key: no AWS credentials, no client private key.
+//! secret in it is the first host private key, which only lives until the first connection: the
+//! CLI then has the box make its own (`hostkey.sh`, `crate::commands::hostkey`). No AWS
+//! credentials, no client private key. Root on the box and anyone allowed
+//! `ec2:DescribeInstanceAttribute` can read user-data, and so the setup script.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -28,6 +32,26 @@ pub const SSHD_DROPIN_PATH: &str = "/etc/ssh/sshd_config.d/00-ephemeral-admin.co
 /// watchdog sees the box idle and its idle grace starts.
 pub const SSHD_DROPIN: &str = "# ephemeral-admin: keys only; notice a client that vanished without closing its connection.\n\
     PasswordAuthentication no\nKbdInteractiveAuthentication no\nClientAliveInterval 10\nClientAliveCountMax 3\n";
+
+/// The box's host-key rotation (POSIX sh, linted by shellcheck in CI), run as root over the
+/// first pinned connection (`crate::commands::hostkey`). `new` makes a fresh Ed25519 key beside
+/// sshd's (run again: the same key) and prints its public half; the private half never leaves the
+/// box. `switch KEY` renames that key over sshd's (the user-data key's file is gone), reloads sshd
+/// (it re-executes itself on SIGHUP; open connections stay), waits up to 15 s until sshd serves
+/// the new key, and prints `switched`; run again with the same key it only reloads. Each step can
+/// be cut off and run again. `EA_SSH_DIR`, `EA_SSHD_PIDFILE` and `EA_SSH_PORT` move it for the
+/// box simulator (a real box sets none; sudo would not pass them anyway).
+pub const HOSTKEY_SCRIPT: &str = include_str!("hostkey.sh");
+pub const HOSTKEY_PATH: &str = "/usr/local/sbin/ephemeral-admin-hostkey";
+/// What the client runs it with (`sh -c HOSTKEY_RUN hostkey ARGS...`): as root, through `sudo -n`
+/// unless the login user is root. (`EA_HOSTKEY_SCRIPT` runs another copy with sh, for the box
+/// simulator, whose boxes share one machine and have no sudo; a real box sets it nowhere.)
+pub const HOSTKEY_RUN: &str = "h=/usr/local/sbin/ephemeral-admin-hostkey; \
+    if [ -n \"${EA_HOSTKEY_SCRIPT:-}\" ]; then exec sh \"$EA_HOSTKEY_SCRIPT\" \"$@\"; \
+    elif [ \"$(id -u)\" = 0 ]; then exec \"$h\" \"$@\"; else exec sudo -n \"$h\" \"$@\"; fi";
+
+/// The instance metadata service, IPv4 and IPv6 (Nitro).
+pub const IMDS_ADDRESSES: [&str; 2] = ["169.254.169.254", "fd00:ec2::254"];
 
 /// The resume relay of `connect = "eice"` boxes (python3 stdlib, which every cloud-init image
 /// has): it holds the connection to sshd while the client moves to a new tunnel
@@ -151,6 +175,7 @@ pub fn render(config: &BoxConfig) -> String {
         out.push_str("packages: [tmux]\n");
     }
     out.push_str("bootcmd:\n");
+    bootcmd_imds_fence(&mut out);
     bootcmd_cap(&mut out, config.cap_epoch);
     out.push_str("write_files:\n");
     let env = format!(
@@ -166,6 +191,7 @@ pub fn render(config: &BoxConfig) -> String {
     write_file(&mut out, WATCHDOG_PATH, "0755", WATCHDOG_SCRIPT);
     write_file(&mut out, WATCHDOG_UNIT_PATH, "0644", WATCHDOG_UNIT);
     write_file(&mut out, SSHD_DROPIN_PATH, "0644", SSHD_DROPIN);
+    write_file(&mut out, HOSTKEY_PATH, "0700", HOSTKEY_SCRIPT);
     if config.resume_relay {
         write_file(&mut out, RESUME_PATH, "0644", RESUME_SCRIPT);
         write_file(&mut out, RESUME_UNIT_PATH, "0644", RESUME_UNIT);
@@ -205,7 +231,28 @@ pub fn render(config: &BoxConfig) -> String {
     out
 }
 
-/// Every boot, before anything else: a systemd timer powers the box off at the cap, whatever
+/// Every boot, first: the instance metadata service (the user-data with its first host key and
+/// setup script, the box role's credentials) answers root only. A policy-routing rule refuses a
+/// route to it for every other uid (`ip rule ... uidrange 1-4294967294 prohibit`: connect fails
+/// with EACCES): iproute2 and the kernel's uid routing are on every cloud image (Debian, Ubuntu,
+/// Amazon Linux), unlike nft or iptables, and no firewall reload (`nft flush ruleset`, ufw)
+/// drops it. systemd-networkd would remove rules it did not make when it restarts: told not to.
+/// The watchdog runs as root; the resume relay (a dynamic user) never asks the IMDS.
+fn bootcmd_imds_fence(out: &mut String) {
+    out.push_str("  - |\n");
+    out.push_str("    mkdir -p /etc/systemd/networkd.conf.d\n");
+    out.push_str("    printf '[Network]\\nManageForeignRoutingPolicyRules=no\\n' \\\n");
+    out.push_str("      >/etc/systemd/networkd.conf.d/ephemeral-admin-imds.conf\n");
+    for (family, address) in [("-4", IMDS_ADDRESSES[0]), ("-6", IMDS_ADDRESSES[1])] {
+        let rule = format!("pref 90 to {address} uidrange 1-4294967294 prohibit");
+        let _ = writeln!(out, "    ip {family} rule del {rule} 2>/dev/null");
+        let _ = writeln!(out, "    ip {family} rule add {rule} ||");
+        let _ = writeln!(out, "      echo 'ephemeral-admin: no IMDS fence for {address}' >/dev/console");
+    }
+    out.push_str("    true\n");
+}
+
+/// Every boot, right after the fence: a systemd timer powers the box off at the cap, whatever
 /// happens to the watchdog. In the background: bootcmd runs before sysinit.target, which the
 /// timer's start job waits for, so waiting for it here deadlocks the boot (seen on a real Debian
 /// 13 VM, `--no-block` included). OnCalendar fires at the cap itself; OnActiveSec covers a cap
@@ -372,8 +419,8 @@ mod tests {
         assert!((1..=45).contains(&noticed), "a dead client is dropped after {noticed} s");
         assert!(file(WATCHDOG_ENV_PATH).contains("EA_CAP=1795399200\n"));
         let bootcmd = doc["bootcmd"].as_sequence().unwrap();
-        assert_eq!(bootcmd.len(), 1);
-        let script = bootcmd[0].as_str().unwrap();
+        assert_eq!(bootcmd.len(), 2, "the IMDS fence, then the cap");
+        let script = bootcmd[1].as_str().unwrap();
         assert!(
             script.contains("c=1795399200; l=$((c - $(date +%s)))") && script.contains("systemctl poweroff"),
             "{script}"
@@ -442,6 +489,35 @@ mod tests {
         config.resume_relay = false;
         let text = render(&config);
         assert!(!text.contains(RESUME_PATH) && !text.contains("ephemeral-admin-resume"), "{text}");
+    }
+
+    /// First thing at every boot: no route to the IMDS (v4 and v6) for any uid but root, kept
+    /// across a networkd restart, and never failing the boot.
+    #[test]
+    fn fences_the_imds_off_for_non_root_users_first_at_every_boot() {
+        let keys = SessionKeys::generate("abcdefgh").unwrap();
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&sample(&keys)).unwrap();
+        let fence = doc["bootcmd"][0].as_str().unwrap();
+        for (family, address) in [("-4", "169.254.169.254"), ("-6", "fd00:ec2::254")] {
+            let rule = format!("ip {family} rule add pref 90 to {address} uidrange 1-4294967294 prohibit");
+            assert!(fence.contains(&rule), "{rule} in {fence}");
+            let del = format!("ip {family} rule del pref 90 to {address}");
+            assert!(fence.find(&del).unwrap() < fence.find(&rule).unwrap(), "no duplicate at a reboot");
+        }
+        assert!(fence.contains("ManageForeignRoutingPolicyRules=no"), "{fence}");
+        assert!(fence.trim_end().ends_with("true"), "a failed fence is reported, not a failed boot");
+    }
+
+    /// The rotation script arrives byte for byte, root only, and the client's command finds it.
+    #[test]
+    fn installs_the_host_key_rotation_for_root_only() {
+        let keys = SessionKeys::generate("abcdefgh").unwrap();
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&sample(&keys)).unwrap();
+        let files = doc["write_files"].as_sequence().unwrap();
+        let file = files.iter().find(|f| f["path"].as_str() == Some(HOSTKEY_PATH)).unwrap();
+        assert_eq!(file["content"].as_str().unwrap(), HOSTKEY_SCRIPT);
+        assert_eq!(file["permissions"].as_str(), Some("0700"));
+        assert!(HOSTKEY_RUN.contains(HOSTKEY_PATH) && HOSTKEY_RUN.contains("sudo -n"), "{HOSTKEY_RUN}");
     }
 
     #[test]

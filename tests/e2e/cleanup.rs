@@ -11,8 +11,17 @@ use crate::session::{assert_nothing_left, attached_args, proxy};
 use crate::support::{LocalCloud, User};
 
 /// The steps `EPHEMERAL_ADMIN_ABORT_AFTER` can kill the CLI at, in launch order.
-const CRASH_POINTS: &[&str] =
-    &["security-group", "prepare", "rule", "run-instances", "alarm", "schedule", "connecting"];
+const CRASH_POINTS: &[&str] = &[
+    "security-group",
+    "prepare",
+    "rule",
+    "run-instances",
+    "alarm",
+    "schedule",
+    "connecting",
+    "host-key-made",
+    "host-key-switched",
+];
 
 fn key_files(user: &User) -> Vec<std::path::PathBuf> {
     let Ok(dirs) = std::fs::read_dir(user.state_dir().join("sessions")) else { return Vec::new() };

@@ -127,10 +127,15 @@ fn every_session_gets_one_correct_ledger_line_and_its_metrics_and_log() {
 fn sessions_the_watchdog_ended_while_away_are_settled_on_the_next_command() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
-    user.write_config("watchdog_interval = \"1s\"\nboot_grace = \"3s\"\nidle_grace = \"60s\"\n");
+    // Each detached launch connects once (the box gets its own host key), which the watchdog may
+    // or may not see: the idle box ends either way (never connected after the boot grace, or
+    // idle after the kept idle grace), the other at its deadline, before either grace.
+    user.write_config(
+        "watchdog_interval = \"1s\"\nboot_grace = \"10s\"\nidle_grace = \"60s\"\nkept_idle_grace = \"15s\"\n",
+    );
     let proxy = proxy(&cloud);
     let idle = launch_detached(&user, &proxy, &[]);
-    let deadline = launch_detached(&user, &proxy, &["--max-runtime", "2s"]);
+    let deadline = launch_detached(&user, &proxy, &["--max-runtime", "8s"]);
     let instances = [idle["instance_id"].as_str().unwrap(), deadline["instance_id"].as_str().unwrap()];
     wait_until("the watchdogs to end both boxes", Duration::from_secs(40), || {
         let state = cloud.state();

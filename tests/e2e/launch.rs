@@ -165,12 +165,15 @@ fn detached_launch_creates_exactly_a_locked_down_tagged_spot_box() {
     assert_eq!(policy["Statement"].as_array().unwrap().len(), 1, "{policy:#}");
     assert_eq!(policy["Statement"][0]["Sid"], "SessionManagerAgent");
 
-    // The user-data installs exactly the pinned host key and the session's client key.
+    // The user-data installs a first host key and the session's client key; the first
+    // connection replaced that host key with the box's own, which the record pins.
     let user_data = box_["user_data"].as_str().unwrap();
-    assert!(user_data.starts_with("#cloud-config\n"));
+    assert!(user_data.starts_with("#cloud-config\n") && user_data.contains("  ed25519_public: ssh-ed25519 "));
     let record_path = user.state_dir().join(format!("sessions/{session}/session.toml"));
     let record: toml::Value = toml::from_str(&std::fs::read_to_string(&record_path).unwrap()).unwrap();
-    assert!(user_data.contains(record["host_key_public"].as_str().unwrap().trim()));
+    assert_eq!(record["host_key_state"].as_str(), Some("box"));
+    let pinned: Vec<&str> = record["host_key_public"].as_str().unwrap().split_whitespace().take(2).collect();
+    assert!(!user_data.contains(&pinned.join(" ")), "the pinned key is not the user-data's");
     assert!(user_data.contains(record["client_key_public"].as_str().unwrap().trim()));
     assert!(
         !user_data.contains("AWS_SECRET") && !user_data.contains("testing"),

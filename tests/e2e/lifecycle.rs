@@ -111,7 +111,12 @@ fn log_lines(info: &Value, key: &str) -> Vec<String> {
 fn a_box_nobody_connects_to_powers_off_after_the_boot_grace() {
     let cloud = LocalCloud::start();
     let user = quick_user(&cloud, "boot_grace = \"4s\"\nidle_grace = \"3s\"\nkept_idle_grace = \"3s\"\n");
-    let (_, instance) = launch(&user, &[]);
+    // Every launch connects once (the box gets its own host key then): this one is killed just
+    // before its first connection, so nobody ever connects.
+    let args = vec!["launch", "--detach", "--my-ip", "203.0.113.7", "--user", login()];
+    let out = user.command(&args).env("EPHEMERAL_ADMIN_ABORT_AFTER", "connecting").output().unwrap();
+    assert_eq!(out.status.code(), None, "killed: {}", String::from_utf8_lossy(&out.stderr));
+    let instance = cloud.state()["instances"][0]["id"].as_str().unwrap().to_string();
     wait_box_up(&cloud, &instance);
     let up = Instant::now();
     wait_terminated(&cloud, &instance, Duration::from_secs(30));

@@ -13,6 +13,7 @@ mod escalation;
 mod files;
 mod forward;
 mod foundation;
+mod hostkey;
 mod kept;
 mod launch;
 mod lifecycle;

@@ -171,6 +171,12 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         echo host_keys=$(ls /etc/ssh | grep -c '^ssh_host_.*_key$'); \
         echo marker=$(cat /tmp/ea-setup-marker); \
         echo setup_log=$(sudo stat -c '%a %U' /var/log/ephemeral-admin/setup.log); \
+        h='X-aws-ec2-metadata-token-ttl-seconds: 60'; u=http://169.254.169.254/latest; \
+        echo imds_user=$(curl -s -o /dev/null -m 5 -w '%{http_code}' $u/user-data); \
+        echo imds_user_token=$(curl -s -o /dev/null -m 5 -w '%{http_code}' -X PUT -H \"$h\" $u/api/token); \
+        t=$(sudo curl -s -m 5 -X PUT -H \"$h\" $u/api/token); \
+        echo imds_root=$(sudo curl -s -m 5 -H \"X-aws-ec2-metadata-token: $t\" $u/user-data | head -n 1); \
+        echo scanned=$(ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | grep -v '^#' | cut -d' ' -f2,3); \
         echo to-stderr >&2; exit 7";
     let setup = "echo setup-ran-as-$(id -un); echo made > /tmp/ea-setup-marker";
     let child = user
@@ -199,9 +205,17 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
     let (ip, port) = direct(&info);
     let sessions: Vec<_> = std::fs::read_dir(user.state_dir().join("sessions")).unwrap().flatten().collect();
     let session = sessions[0].file_name().to_string_lossy().into_owned();
+    // The launch's first connection gives the box its own host key: wait for the record to say so.
+    wait_until("the host-key rotation", BOOT + Duration::from_secs(120), || {
+        let text = std::fs::read_to_string(session_dir(&user, &session).join("session.toml")).unwrap();
+        text.contains("host_key_state = \"box\"")
+    });
     let pinned = pinned_key(&user, &session);
+    let user_data =
+        std::fs::read_to_string(PathBuf::from(info["dir"].as_str().unwrap()).join("user-data")).unwrap();
+    assert!(!user_data.contains(&pinned), "the pinned key is the box's own, not the user-data's");
     let offered = keyscan(&ip, port);
-    assert_eq!(offered, vec![pinned], "sshd offers the pinned host key and no other");
+    assert_eq!(offered, vec![pinned.clone()], "sshd offers the pinned (rotated) host key and no other");
 
     let out = wait_output(child, BOOT + Duration::from_secs(180));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -222,6 +236,11 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
         "marker=made\n",
         // Root's alone (issue #31); the launch still streamed it, through sudo -n.
         "setup_log=600 root\n",
+        // The IMDS is fenced off for the (non-root) login user, not for root.
+        "imds_user=000\n",
+        "imds_user_token=000\n",
+        "imds_root=#cloud-config\n",
+        &format!("scanned={pinned}\n"),
     ] {
         assert!(stdout.contains(expected), "{expected:?} in\n{stdout}\nstderr:\n{stderr}");
     }
@@ -240,16 +259,19 @@ fn launch_runs_a_command_on_a_real_box_that_offers_only_the_pinned_host_key() {
 /// across a tunnel the endpoint closes. Then a vanished laptop: its client stops answering without
 /// closing anything (frozen, so the tunnel stays up). The relay holds sshd's side, but sshd's
 /// probes go unanswered and drop it, the watchdog sees the box idle, and after the idle grace
-/// the box powers off. On the way, `extend` and a tag past the cap reach the real watchdog
-/// through the IMDS.
+/// the box powers off, although a non-root process on the box keeps an unauthenticated
+/// connection to sshd open all along (the watchdog counts logged-in sessions, not sockets). On the
+/// way, `extend` and a tag past the cap reach the real watchdog through the IMDS.
 #[test]
 #[ignore = "real-box tier (QEMU): scripts/test runs it"]
 fn an_eice_box_resumes_across_tunnels_and_a_vanished_laptop_still_powers_it_off_after_the_idle_grace() {
     let cloud = LocalCloud::start_real_vm();
     let user = user(
         &cloud,
-        // Detached, so a kept session: kept_idle_grace is its idle grace.
-        "kept_idle_grace = \"10s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
+        // Detached, so a kept session: kept_idle_grace is its idle grace. It runs from the end of
+        // the launch's own connection (the host-key rotation) until the `connect` below is in:
+        // room for a TCG guest to take a new tunnel and two SSH handshakes.
+        "kept_idle_grace = \"20s\"\nboot_grace = \"10m\"\nmax_runtime = \"30m\"\nmax_runtime_cap = \"1h\"\n",
     );
     let ws = cloud.control("GET", "eice", None)["ws_url"].as_str().unwrap().to_string();
     let user = user.env("EPHEMERAL_ADMIN_EICE_ENDPOINT_URL", &ws);
@@ -265,13 +287,18 @@ fn an_eice_box_resumes_across_tunnels_and_a_vanished_laptop_still_powers_it_off_
     // The relay on the real box, and a command that outlives a tunnel.
     // Long enough for a TCG guest to take a new tunnel's outer SSH handshake and start python.
     cloud.control("PUT", "eice", Some(json!({"tunnel_limit_seconds": 12})));
+    // A non-root process on the box holds an unauthenticated TCP connection to sshd, again and
+    // again (sshd drops it after its login grace): it must not keep the box up (issue #31).
     let script = "sudo cloud-init status --wait >/dev/null 2>&1; \
+        sudo -u nobody setsid -f python3 -c \"import socket,time;[(lambda s:(s.recv(9),s.recv(9),s.close()))(socket.create_connection(('127.0.0.1',22))) or time.sleep(1) for _ in iter(int,1)]\" </dev/null >/dev/null 2>&1; \
+        echo holders=$(pgrep -u nobody -c python3); \
         echo relay=$(systemctl is-active ephemeral-admin-resume.service); \
         pid=$(systemctl show -p MainPID --value ephemeral-admin-resume.service); \
         echo user=$(ps -o user= -p \"$pid\"); sleep 16; echo survived";
     let run = user.run(&["connect", &session, "--", "sh", "-c", script]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("relay=active\n"), "{}", run.stdout);
+    assert!(run.stdout.contains("holders=1\n"), "the non-root holder runs: {}", run.stdout);
     let relay_user = run.stdout.lines().find_map(|l| l.strip_prefix("user=")).unwrap_or_default().trim();
     assert!(
         !relay_user.is_empty() && relay_user != "root",
@@ -311,20 +338,22 @@ fn an_eice_box_resumes_across_tunnels_and_a_vanished_laptop_still_powers_it_off_
     signal(client.id(), "STOP");
     let vanished = Instant::now();
     // sshd: 10 s x 3 probes (~40 s) for the tunnel's outer connection, as many again for the
-    // relay's; then the 10 s grace; then a TCG poweroff.
-    wait_terminated(&cloud, &instance, Duration::from_secs(40 + 40 + 10 + 150));
+    // relay's; then the 20 s grace; then a TCG poweroff.
+    wait_terminated(&cloud, &instance, Duration::from_secs(40 + 40 + 20 + 150));
     let gone = vanished.elapsed();
     signal(client.id(), "KILL");
     let _ = client.wait();
     let info = box_info(&cloud, &instance);
     assert_eq!(info["poweroff_reason"], "idle", "{:#}", info["watchdog_log"]);
-    assert!(gone >= Duration::from_secs(10), "not before the idle grace: {gone:?}");
+    assert!(gone >= Duration::from_secs(20), "not before the idle grace: {gone:?}");
     let log = lines(&info, "watchdog_log");
     let seen = log.iter().position(|l| connected(l)).unwrap();
     assert!(log[seen..].iter().any(|l| l.contains("ssh connections=0")), "{log:#?}");
     let console = lines(&info, "console").join("\n");
     assert!(console.contains("Timeout, client not responding"), "sshd's probes dropped the client");
     user.run(&["terminate", &session]).success();
+    // Purging the standing parts is an account admin's (daily + bootstrap policy).
+    cloud.enforce(&crate::support::cloud::admin_policy());
     user.run(&["cleanup", "--purge", "-q"]).success();
     assert_nothing_left(&cloud);
 }
@@ -341,13 +370,15 @@ fn a_box_whose_watchdog_never_starts_powers_off_at_the_cap_whatever_the_tag_says
         "box-config",
         Some(json!({ "vm_kernel_args": "systemd.mask=ephemeral-admin-watchdog.service" })),
     );
-    let user = user(&cloud, "boot_grace = \"10m\"\nidle_grace = \"10m\"\nmax_runtime_cap = \"90s\"\n");
+    // The cap leaves room for `launch --detach`'s first connection (sshd after about 40 s under
+    // TCG, then the host-key rotation) to end before it.
+    let user = user(&cloud, "boot_grace = \"10m\"\nidle_grace = \"10m\"\nmax_runtime_cap = \"120s\"\n");
     let launched = Instant::now();
     let (_, instance) = launch_detached(&user, &["--max-runtime", "1m"]);
     cloud.retag(&instance, "ephemeral-admin:expires-at", &rfc3339_in(3600));
-    wait_terminated(&cloud, &instance, Duration::from_secs(90 + 180));
+    wait_terminated(&cloud, &instance, Duration::from_secs(120 + 180));
     let at = launched.elapsed();
-    assert!(at >= Duration::from_secs(88), "not before the cap: {at:?}");
+    assert!(at >= Duration::from_secs(118), "not before the cap: {at:?}");
     let info = box_info(&cloud, &instance);
     assert_eq!(info["poweroff_reason"], "cap-fallback", "{:#}", info["notes"]);
     assert!(lines(&info, "watchdog_log").is_empty(), "the watchdog never ran");

@@ -39,6 +39,10 @@ impl User {
     pub fn new(cloud: &LocalCloud) -> User {
         let mut user = User::offline();
         user.endpoint = Some(cloud.url.clone());
+        // Every launch connects to its box (even `--detach`: the first connection gives the box
+        // its own host key), and the box simulator's sshd logs in this machine's users: this one
+        // unless a test says `--user`.
+        let user = user.env("EPHEMERAL_ADMIN_USER", crate::lifecycle::login());
         // Boxes are dialled at their public IP; only a port other than 22 needs saying.
         match cloud.box_ssh_port {
             Some(port) if port != 22 => user.env("EPHEMERAL_ADMIN_SSH_PORT", &port.to_string()),

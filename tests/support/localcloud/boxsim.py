@@ -23,6 +23,13 @@ simulated box:
   The box's sshd sets EA_RESUME_ADDRESS and EA_RESUME_SCRIPT for its sessions, so the client's
   exec of ``resume.py --attach`` (through an outer SSH connection, as on a real box, where the
   relay listens on the box's own 127.0.0.1:2022) reaches this box's relay;
+* the host-key rotation (``src/userdata/hostkey.sh``, which the client runs as root over its
+  first connection: the box makes its own host key and sshd switches to it): the box's sshd
+  sets EA_HOSTKEY_SCRIPT (the box's copy of the script, run with sh: boxes have no sudo, and
+  everything of a box runs as this machine's user, standing in for root), EA_SSH_DIR (the box
+  dir, where its sshd's HostKey is), EA_SSHD_PIDFILE (reload = SIGHUP to the box's sshd,
+  which re-executes itself with the new key; connections already open stay up) and EA_SSH_PORT
+  (where the script waits for sshd to offer the new key);
 * user-data may be gzip'd, as cloud-init accepts it;
 * a ``runcmd`` entry that runs a written file (the CLI's setup runner) runs as cloud-init would,
   with stub ``apt-get``/``dnf``/``yum`` that record package installs (see ``_start_setup``).
@@ -67,6 +74,9 @@ Control routes (JSON; registered for GET, POST and PUT under ``/_localcloud/box`
                                                drop_syns_while_booting, a booting box's public
                                                address silently drops SYNs (a full accept queue),
                                                like a real box before its network is up.
+                                               "hostkey_rotation": false: boxes booted while it
+                                               is off refuse the host-key rotation as a box
+                                               without passwordless sudo does.
     POST /_localcloud/box-reset                stop every box, forget them (= boxsim.reset())
 
 summary = {instance_id, region, account_id, state, ssh_port, public_ip, direct, private_ip,
@@ -576,6 +586,8 @@ class BoxSim:
         self.resume_relay = True
         # "hostile": boxes boot with hostile_sftp.py as their SFTP server.
         self.sftp = "internal"
+        # False: boxes refuse the host-key rotation (a custom image without passwordless sudo).
+        self.hostkey_rotation = True
         self.real_vm = None
         self.vm_kernel_args = ""
         if os.environ.get("BOXSIM_REAL_VM"):
@@ -629,6 +641,7 @@ class BoxSim:
             self.watchdog = True
             self.resume_relay = True
             self.sftp = "internal"
+            self.hostkey_rotation = True
         for box in boxes:
             self._stop_box(box, None)
 
@@ -868,6 +881,10 @@ class BoxSim:
                 f.write(keys["ed25519_public"].strip() + "\n")
         with open(os.path.join(d, "authorized_keys"), "w") as f:
             f.write("".join(str(k).strip() + "\n" for k in authorized))
+        if not self.hostkey_rotation:
+            # What the client's `sudo -n` gets on an image without passwordless sudo.
+            with open(os.path.join(d, "refused"), "w") as f:
+                f.write('echo "sudo: a password is required" >&2\nexit 1\n')
 
         last_err = "sshd did not start"
         for _attempt in range(3):
@@ -876,7 +893,8 @@ class BoxSim:
             direct = f"{box.public_ip}:{self.direct_port}" if box.public_ip else None
             private = f"{box.private_alias}:{self.direct_port}" if box.private_alias else None
             with open(conf, "w") as f:
-                f.write(_sshd_config(d, port, box.iid, direct or private, box.resume_port, self.sftp))
+                f.write(_sshd_config(d, port, box.iid, direct or private, box.resume_port, self.sftp,
+                                     self.hostkey_rotation))
             # The box's user starts with an empty home, like on a fresh instance: this machine's
             # own ~/.bashrc (pyenv init and its rehash lock) has no business in a box's login.
             os.makedirs(os.path.join(d, "home"), mode=0o700, exist_ok=True)
@@ -1213,8 +1231,11 @@ class BoxSim:
                 if data["sftp"] not in ("internal", "hostile"):
                     return 400, {"error": "sftp: internal or hostile"}
                 self.sftp = data["sftp"]
+            if method in ("PUT", "POST") and "hostkey_rotation" in data:
+                self.hostkey_rotation = bool(data["hostkey_rotation"])
             return 200, {"boot_seconds": self.boot_seconds, "ssh_port": self.direct_port,
                          "watchdog": self.watchdog, "resume_relay": self.resume_relay, "sftp": self.sftp,
+                         "hostkey_rotation": self.hostkey_rotation,
                          "drop_syns_while_booting": self.drop_syns_while_booting,
                          "real_vm": self.real_vm, "vm_kernel_args": self.vm_kernel_args}
         if path == "/_localcloud/box-reset" and method == "POST":
@@ -1320,7 +1341,7 @@ def _sshd_version():
     return _SSHD_VERSION
 
 
-def _sshd_config(d, port, iid, direct=None, resume_port=None, sftp="internal"):
+def _sshd_config(d, port, iid, direct=None, resume_port=None, sftp="internal", hostkey_rotation=True):
     # The box's home is {d}/home (HOME below): SFTP starts there too, as it would in the login
     # user's home on a real box.
     # OpenSSH >= 9.8 penalises sources whose connections fail or close early; every
@@ -1336,6 +1357,13 @@ def _sshd_config(d, port, iid, direct=None, resume_port=None, sftp="internal"):
     if sftp == "hostile":
         here = os.path.dirname(os.path.abspath(__file__))
         subsystem = f"{sys.executable} -S {os.path.join(here, 'hostile_sftp.py')}"
+    # The host-key rotation the client runs over its first connection (on a real box as root via
+    # sudo, on /etc/ssh and sshd's unit): here this box's copy of the script, on this box's key
+    # file (HostKey below), a SIGHUP to this box's sshd (it re-executes itself with the new key;
+    # open connections stay). The box's processes all run as this machine's user, as its root.
+    script = f"{d}/files/usr/local/sbin/ephemeral-admin-hostkey" if hostkey_rotation else f"{d}/refused"
+    hostkey = (f"EA_HOSTKEY_SCRIPT={script}"
+               f" EA_SSH_DIR={d} EA_SSHD_PIDFILE={d}/sshd.pid EA_SSH_PORT={port}")
     return extra + f"""# boxsim: one box's sshd
 ListenAddress 127.0.0.1:{port}
 HostKey {d}/ssh_host_ed25519_key
@@ -1351,7 +1379,7 @@ AllowTcpForwarding yes
 PrintMotd no
 Subsystem sftp {subsystem}
 LogLevel VERBOSE
-SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup{resume}
+SetEnv {MARK}={iid} HOME={d}/home EA_SETUP_DIR={d}/setup{resume} {hostkey}
 """
 
 
