@@ -216,7 +216,7 @@ fn purge_removes_the_shared_resources_only_when_nothing_uses_them() {
     // Purging the standing IAM is an account admin's: the daily and the bootstrap policy.
     cloud.enforce(&crate::support::cloud::admin_policy());
     // A Session Manager box: the one kind that runs with the tool's instance profile.
-    let kept = ssm_box(&user);
+    let kept = crate::session::ssm_box(&cloud, &user);
     let kept_id = kept["session_id"].as_str().unwrap();
     let run = user.run(&["cleanup", "--purge"]);
     assert_eq!(run.code, 1, "refuses while an instance uses them: {}", run.stdout);
@@ -239,17 +239,12 @@ fn purge_removes_the_shared_resources_only_when_nothing_uses_them() {
     assert!(cloud.denials().is_empty(), "{:#?}", cloud.denials());
 }
 
-/// A detached Session Manager session (no SSH from here).
-fn ssm_box(user: &User) -> serde_json::Value {
-    user.run(&["launch", "--detach", "--connect", "ssm", "--output", "json"]).success().json()
-}
-
 #[test]
 fn purge_in_another_region_keeps_the_global_roles_a_box_elsewhere_still_uses() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
     cloud.enforce(&crate::support::cloud::admin_policy());
-    let kept = ssm_box(&user);
+    let kept = crate::session::ssm_box(&cloud, &user);
     let kept_id = kept["session_id"].as_str().unwrap();
     let instance = kept["instance_id"].as_str().unwrap();
     // IAM is global: a purge run from us-west-2 must see the box (and its schedules) in us-east-1.

@@ -136,7 +136,7 @@ fn a_team_admin_ends_a_teammates_box_with_force() {
 fn session_manager_reaches_only_ones_own_boxes() {
     let cloud = LocalCloud::start();
     let alice = User::new(&cloud);
-    let out = alice.run(&["launch", "--detach", "--connect", "ssm", "--output", "json"]).success().json();
+    let out = crate::session::ssm_box(&cloud, &alice);
     let box_id = out["instance_id"].as_str().unwrap();
     cloud.enforce_narrower(&printed(&[]));
     let start = format!(
@@ -150,5 +150,5 @@ fn session_manager_reaches_only_ones_own_boxes() {
     // The owner's own start is not denied (whatever moto answers after).
     cloud.as_principal("testing", &start);
     assert_eq!(cloud.denials().len(), 1, "{:#?}", cloud.denials());
-    alice.run(&["terminate", "last"]).success();
+    alice.run(&["terminate", out["session_id"].as_str().unwrap()]).success();
 }

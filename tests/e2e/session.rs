@@ -24,6 +24,22 @@ pub fn attached_args<'a>(cloud_proxy: &'a str, extra: &[&'a str]) -> Vec<&'a str
     args
 }
 
+/// A detached Session Manager box: `{session_id, instance_id}`. Every launch connects once (the
+/// box makes its own host key) and the local cloud has no Session Manager to connect through, so
+/// the launch is killed just before that connection, with the box, its group and its record made.
+pub fn ssm_box(cloud: &LocalCloud, user: &User) -> Value {
+    let killed = user
+        .command(&["launch", "--detach", "--connect", "ssm"])
+        .env("EPHEMERAL_ADMIN_ABORT_AFTER", "connecting")
+        .output()
+        .unwrap();
+    assert_eq!(killed.status.code(), None, "killed: {}", String::from_utf8_lossy(&killed.stderr));
+    let state = cloud.state();
+    let box_ =
+        state["instances"].as_array().unwrap().iter().rev().find(|i| i["state"] != "terminated").unwrap();
+    serde_json::json!({"session_id": box_["tags"]["ephemeral-admin:session"], "instance_id": box_["id"]})
+}
+
 /// `launch --detach --output json` through the box simulator's proxy; returns the session.
 pub fn launch_detached(user: &User, proxy: &str, extra: &[&str]) -> Value {
     let args = attached_args(proxy, &[&["--detach", "--output", "json"][..], extra].concat());
@@ -536,7 +552,7 @@ fn connect_pipes_megabytes_through_a_proxy_command_both_ways() {
 fn a_hostile_aws_profile_runs_nothing_on_the_ssm_route_or_in_ssh_config() {
     let cloud = LocalCloud::start();
     let user = User::new(&cloud);
-    let out = user.run(&["launch", "--connect", "ssm", "--detach", "--output", "json"]).success().json();
+    let out = ssm_box(&cloud, &user);
     let session = out["session_id"].as_str().unwrap();
     let marker = user.home.join("profile-ran");
     let hostile = format!("x;touch${{IFS}}{};#", marker.display());
@@ -553,9 +569,9 @@ fn a_hostile_aws_profile_runs_nothing_on_the_ssm_route_or_in_ssh_config() {
         assert!(run.stderr.contains("invalid AWS profile"), "{}", run.stderr);
     }
     assert!(!marker.exists(), "the profile's command ran");
-    // The SSM route's ProxyCommand still names an ordinary profile as one word.
-    let config = user.run(&["ssh-config", session]).success().stdout;
-    assert!(config.contains("ProxyCommand aws ssm start-session --target i-"), "{config}");
+    // (An ordinary profile's ProxyCommand is the property tests' (`ssh::quote_props`): here the
+    // box's first connection, which gives it its own host key, would need Session Manager, which
+    // the local cloud does not have.)
     user.run(&["terminate", session]).success();
     assert_nothing_left(&cloud);
 }
