@@ -374,7 +374,8 @@ fn a_box_whose_watchdog_never_starts_powers_off_at_the_cap_whatever_the_tag_says
     // TCG, then the host-key rotation) to end before it.
     let user = user(&cloud, "boot_grace = \"10m\"\nidle_grace = \"10m\"\nmax_runtime_cap = \"120s\"\n");
     let launched = Instant::now();
-    let (_, instance) = launch_detached(&user, &["--max-runtime", "1m"]);
+    // The deadline is the cap itself: the scheduled deadline (1 min after it) must come second.
+    let (_, instance) = launch_detached(&user, &["--max-runtime", "2m"]);
     cloud.retag(&instance, "ephemeral-admin:expires-at", &rfc3339_in(3600));
     wait_terminated(&cloud, &instance, Duration::from_secs(120 + 180));
     let at = launched.elapsed();
