@@ -27,20 +27,30 @@ def section_scale(h, cfg, row):
     made = []
     # Each session gets its own /32: sessions from one address share one SSH rule and add a
     # reference tag each, which is not what this section measures.
+    # A launch connects once (the box makes its own host key) and these boxes never boot: each is
+    # killed right before that connection, with its instance, group and record made.
     def launch_one(index):
         ip = f"198.51.100.{10 + index}"
-        cp, _ = h.run(["launch", "--detach", "--my-ip", ip, "--user", h.user, "--proxy-command", h.proxy,
-                       "--output", "json", "-q"], timeout=120)
-        doc = json.loads(cp.stdout)
-        h.sessions.add(doc["session_id"])
-        return doc["session_id"]
+        before = set(os.listdir(os.path.join(h.home, "state/ephemeral-admin/sessions"))) \
+            if os.path.isdir(os.path.join(h.home, "state/ephemeral-admin/sessions")) else set()
+        env = dict(h.env, EPHEMERAL_ADMIN_ABORT_AFTER="connecting")
+        p = h.popen([h.bin, "launch", "--detach", "--my-ip", ip, "--user", h.user, "--proxy-command", h.proxy,
+                     "-q"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+        p.wait(timeout=120)
+        made_now = set(os.listdir(os.path.join(h.home, "state/ephemeral-admin/sessions"))) - before
+        if len(made_now) != 1:
+            raise RuntimeError(f"launch {index} left {len(made_now)} new session record(s)")
+        session = made_now.pop()
+        h.sessions.add(session)
+        return session
 
     try:
         for n in sizes:
             want = n - len(made)
             t0 = time.monotonic()
             log(f"scale: launching {want} detached session(s) (total {n})")
-            got = bounded_parallel(launch_one, list(range(len(made), n)), 1 if want < 3 else 3)
+            got = bounded_parallel(launch_one, list(range(len(made), n)), 1)  # one at a time: records tell them apart
             failures = [g for g in got if isinstance(g, Exception)]
             made += [g for g in got if isinstance(g, str)]
             if failures:
